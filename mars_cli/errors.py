@@ -1,0 +1,30 @@
+"""The error types every command turns into `mars CMD: message` + exit 1."""
+
+from __future__ import annotations
+
+
+class MarsError(Exception):
+    """A user-facing failure: bad data, a missing file, a failed run.
+
+    The message is printed as `mars CMD: message` and the process exits 1.
+    Keep it lowercase and specific: say which file/line/field and what was wrong.
+    """
+
+    exit_code = 1
+
+
+class RecordError(MarsError):
+    """A bad input record, located by file and line."""
+
+    def __init__(self, source: str, line: int | None, message: str):
+        self.source = source
+        self.line = line
+        self.detail = message
+        where = f"{source}:{line}" if line is not None else source
+        super().__init__(f"{where}: {message}")
+
+
+class UsageError(MarsError):
+    """Wrong flags or arguments: exit 2, like click's own usage errors."""
+
+    exit_code = 2

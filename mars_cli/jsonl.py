@@ -1,0 +1,224 @@
+"""Streaming JSONL in and out, with file:line errors and atomic output files.
+
+Reading rules (each has a test):
+- no file or `-` means stdin; several files are read in order;
+- a UTF-8 byte-order mark at the start of a file is dropped;
+- blank (whitespace-only) lines are skipped;
+- a last line without a final newline is accepted when it parses; when it does not, it is
+  reported as a truncated last line (a producer that was killed mid-write);
+- anything that is not a JSON object is an error naming file and line. With `skip_bad`
+  the line is skipped with a warning instead, and a count is printed at the end.
+
+Writing: one object per line, flushed per record so pipes stream; NaN/Inf are refused
+(orjson would silently write `null`); `-o FILE` goes to a temporary name beside FILE and
+is renamed over it only when the whole stream was written.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Iterable, Iterator
+
+import orjson
+
+from mars_cli import streams
+from mars_cli.errors import MarsError, RecordError
+
+BOM = b"\xef\xbb\xbf"
+
+
+@dataclass(frozen=True)
+class Where:
+    """A record's origin, for error messages: `batch.jsonl:17`."""
+
+    source: str
+    line: int
+
+    def __str__(self) -> str:
+        return f"{self.source}:{self.line}"
+
+    def error(self, message: str) -> RecordError:
+        return RecordError(self.source, self.line, message)
+
+
+class SkipCounter:
+    """Counts lines skipped under --skip-bad and reports them once at the end."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def report(self) -> None:
+        if self.count:
+            streams.warn(f"skipped {self.count} bad line{'s' if self.count != 1 else ''}")
+
+
+def _open_sources(paths: Iterable[str | os.PathLike] | None) -> Iterator[tuple[str, IO[bytes]]]:
+    paths = list(paths or [])
+    if not paths:
+        paths = ["-"]
+    for p in paths:
+        p = str(p)
+        if p == "-":
+            yield "<stdin>", sys.stdin.buffer
+            continue
+        try:
+            f = open(p, "rb")
+        except FileNotFoundError:
+            raise MarsError(f"{p}: no such file") from None
+        except IsADirectoryError:
+            raise MarsError(f"{p}: is a directory, expected a JSONL file") from None
+        except PermissionError:
+            raise MarsError(f"{p}: permission denied") from None
+        with f:
+            yield p, f
+
+
+def read_located(
+    paths: Iterable[str | os.PathLike] | None = None,
+    *,
+    skip_bad: bool = False,
+    skipped: SkipCounter | None = None,
+) -> Iterator[tuple[Where, dict]]:
+    """Yield (where, record) for every record of the named files (or stdin)."""
+    counter = skipped if skipped is not None else SkipCounter()
+    for source, f in _open_sources(paths):
+        lineno = 0
+        for raw in f:
+            lineno += 1
+            if lineno == 1 and raw.startswith(BOM):
+                raw = raw[len(BOM):]
+            terminated = raw.endswith(b"\n")
+            text = raw.strip()
+            if not text:
+                continue
+            try:
+                obj = orjson.loads(text)
+            except orjson.JSONDecodeError as e:
+                if terminated:
+                    msg = f"invalid JSON: {e}"
+                else:
+                    msg = "truncated last line (no final newline and not valid JSON; was the producer killed?)"
+                if skip_bad:
+                    counter.count += 1
+                    streams.warn(f"{source}:{lineno}: skipped: {msg}")
+                    continue
+                raise RecordError(source, lineno, msg) from None
+            if not isinstance(obj, dict):
+                msg = f"expected a JSON object, got {type(obj).__name__}"
+                if skip_bad:
+                    counter.count += 1
+                    streams.warn(f"{source}:{lineno}: skipped: {msg}")
+                    continue
+                raise RecordError(source, lineno, msg)
+            yield Where(source, lineno), obj
+    if skipped is None:
+        counter.report()
+
+
+def read_records(paths: Iterable[str | os.PathLike] | None = None, *, skip_bad: bool = False) -> Iterator[dict]:
+    """Yield the records of the named files (or stdin), see the module rules."""
+    for _, rec in read_located(paths, skip_bad=skip_bad):
+        yield rec
+
+
+def read_file(path: str | os.PathLike) -> list[dict]:
+    """All records of one file (small files: manifests, tests)."""
+    return list(read_records([path]))
+
+
+def check_finite(value, path: str = "") -> None:
+    """Raise if a float anywhere inside `value` is NaN or infinite."""
+    t = type(value)
+    if t is float:
+        if not math.isfinite(value):
+            raise MarsError(f"refusing to write non-finite number {value} at {path or 'top level'}")
+    elif t is dict:
+        for k, v in value.items():
+            if type(v) in (float, dict, list, tuple):
+                check_finite(v, f"{path}.{k}" if path else str(k))
+    elif t is list or t is tuple:
+        for i, v in enumerate(value):
+            tv = type(v)
+            if tv is int or tv is str or tv is bool:
+                continue
+            check_finite(v, f"{path}[{i}]")
+    elif isinstance(value, float):  # numpy floats and other subclasses
+        if not math.isfinite(value):
+            raise MarsError(f"refusing to write non-finite number {value} at {path or 'top level'}")
+
+
+def dumps(record: dict) -> bytes:
+    """One record as a JSON line (with the trailing newline)."""
+    return orjson.dumps(record, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE)
+
+
+class RecordWriter:
+    """Write records to stdout or atomically to a file.
+
+    `fresh` names the fields a stage added: only those are checked for NaN/Inf, since
+    everything parsed from JSON is finite already. Without it the whole record is checked.
+    """
+
+    def __init__(self, out: str | os.PathLike | None = None, *, flush_each: bool = True):
+        self.out = None if out in (None, "-") else Path(out)
+        self.flush_each = flush_each
+        self.count = 0
+        self._tmp: Path | None = None
+        if self.out is None:
+            self._f = streams.records_out()
+        else:
+            parent = self.out.parent
+            if not parent.exists():
+                raise MarsError(f"{self.out}: directory {parent} does not exist")
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.out.name}.", suffix=".tmp", dir=parent)
+            self._tmp = Path(tmp)
+            self._f = os.fdopen(fd, "wb", buffering=1 << 16)
+
+    def write(self, record: dict, fresh: Iterable[str] | None = None) -> None:
+        if fresh is None:
+            check_finite(record)
+        else:
+            for k in fresh:
+                if k in record:
+                    check_finite(record[k], k)
+        if "schema_version" not in record:
+            from mars_cli.records import SCHEMA_VERSION
+
+            record = {"schema_version": SCHEMA_VERSION, **record}
+        self._f.write(dumps(record))
+        if self.flush_each and self.out is None:
+            self._f.flush()
+        self.count += 1
+
+    def close(self, ok: bool = True) -> None:
+        if self._tmp is None:
+            if ok:
+                self._f.flush()
+            return
+        try:
+            self._f.close()
+            if ok:
+                os.replace(self._tmp, self.out)
+        finally:
+            if self._tmp.exists():
+                self._tmp.unlink()
+            self._tmp = None
+
+    def __enter__(self) -> "RecordWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(ok=exc_type is None)
+
+
+def write_records(records: Iterable[dict], out: str | os.PathLike | None = None) -> int:
+    """Write every record; return how many."""
+    with RecordWriter(out) as w:
+        for r in records:
+            w.write(r)
+    return w.count

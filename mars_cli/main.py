@@ -1,0 +1,146 @@
+"""The `mars` entry point: the typer app, command table and the stdout/exit-code guard.
+
+Exit status: 0 ok, 1 bad data or runtime error, 2 usage error, 130 interrupted.
+A reader that goes away (`mars … | head -1`) ends the program quietly.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+
+import click
+import typer
+from typer.core import TyperGroup
+
+from mars_cli import __version__, streams
+from mars_cli.errors import MarsError
+
+# name -> module under mars_cli.commands. Each module is light to import (heavy libraries
+# are imported inside the command body) and exposes either `main` (one command) or
+# `app` (a typer group such as `mars index text`).
+COMMANDS = {
+    "crop": "crop",
+    "search": "search",
+    "image-search": "image_search",
+    "index": "index",
+    "data": "data",
+    "tiny-model": "tiny_model",
+    "rollout": "rollout",
+    "ask": "ask",
+    "judge": "judge",
+    "advantage": "advantage",
+    "update": "update",
+    "sft": "sft",
+    "eval": "eval",
+    "show": "show",
+}
+
+
+class CommandFailed(click.ClickException):
+    """A MarsError on its way out: `mars CMD: message`, with the error's exit code."""
+
+    def __init__(self, prog: str, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.prog = prog
+        self.exit_code = exit_code
+
+    def show(self, file=None) -> None:
+        click.echo(f"{self.prog}: {self.message}", err=True)
+
+
+class MarsGroup(TyperGroup):
+    """Turns MarsError into `mars CMD: message` and names the program for warnings."""
+
+    def invoke(self, ctx: click.Context):
+        sub = ctx.protected_args[0] if getattr(ctx, "protected_args", None) else (ctx.args[0] if ctx.args else None)
+        prog = f"mars {sub}" if sub in COMMANDS else "mars"
+        token = streams.program.set(prog)
+        try:
+            return super().invoke(ctx)
+        except MarsError as e:
+            raise CommandFailed(prog, str(e), e.exit_code) from e
+        finally:
+            streams.program.reset(token)
+
+    def list_commands(self, ctx):
+        # Keep the table's order (the pipeline's order), not alphabetical.
+        return list(self.commands)
+
+
+app = typer.Typer(
+    cls=MarsGroup,
+    name="mars",
+    help="Train and run multimodal search agents as small Unix commands over JSONL.\n\n"
+    "  mars rollout --policy ckpt/ < tasks.jsonl | mars judge | mars advantage > batch.jsonl\n\n"
+    "  mars update batch.jsonl --policy ckpt/ --out ckpt-next/",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"mars {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="More log output on stderr (-vv for debug)."),
+) -> None:
+    level = os.environ.get("MARS_LOG_LEVEL") or ("DEBUG" if verbose > 1 else "INFO" if verbose else "WARNING")
+    logging.basicConfig(level=level.upper(), stream=sys.stderr, format="%(name)s: %(message)s", force=True)
+
+
+def _register() -> None:
+    for name, modname in COMMANDS.items():
+        try:
+            mod = importlib.import_module(f"mars_cli.commands.{modname}")
+        except ModuleNotFoundError as e:
+            if e.name == f"mars_cli.commands.{modname}":
+                continue  # command not built in this tree
+            raise
+        if hasattr(mod, "app"):
+            app.add_typer(mod.app, name=name)
+        else:
+            doc = (mod.main.__doc__ or "").strip()
+            app.command(name, help=doc, short_help=doc.splitlines()[0] if doc else None)(mod.main)
+
+
+_register()
+
+
+def run(argv: list[str] | None = None) -> None:
+    """Console entry: guard stdout, run the app, map failures to exit codes."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # Help and version are text for a person: leave them on stdout.
+    if not any(a in ("-h", "--help", "--version") for a in argv) and argv:
+        streams.guard_stdout()
+    command = typer.main.get_command(app)
+    code = 0
+    try:
+        rv = command.main(args=argv, prog_name="mars", standalone_mode=False)
+        code = rv if isinstance(rv, int) else 0
+    except click.exceptions.ClickException as e:
+        e.show()
+        code = e.exit_code
+    except click.exceptions.Exit as e:
+        code = e.exit_code
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        sys.stderr.write(f"{streams.program.get()}: interrupted\n")
+        code = 130
+    except BrokenPipeError:
+        streams.silence_broken_pipe()
+        code = 0
+    try:
+        streams.close_records()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        streams.silence_broken_pipe()
+    sys.exit(code)
