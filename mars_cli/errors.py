@@ -28,3 +28,11 @@ class UsageError(MarsError):
     """Wrong flags or arguments: exit 2, like click's own usage errors."""
 
     exit_code = 2
+
+
+class ToolError(Exception):
+    """A tool call that failed (timeout, bad arguments, backend error).
+
+    Not fatal: the agent loop renders the message as the tool's result so the model can
+    read it and go on. `mars search` and friends turn it into a MarsError.
+    """
