@@ -1,0 +1,438 @@
+"""The agent protocol: prompt, tool schemas, parsing, answer extraction, chat rendering.
+
+One owner for everything the model reads or writes, so rollout, SFT, judge and eval can
+never disagree. The format is compatible with the released SenseNova-MARS checkpoints
+(Qwen-VL hermes-style calls): each assistant turn is
+
+    <thinking>…</thinking>
+    <tool_call>
+    {"name": "image_zoom_in_tool", "arguments": {"bbox_2d": [x1, y1, x2, y2], "label": "…"}}
+    </tool_call>
+
+or `<thinking>…</thinking>\n<answer>…</answer>`. Tool results come back as `role: "tool"`
+messages, rendered (as Qwen's template does) inside a user turn in `<tool_response>` tags.
+
+Parsing never raises: whatever the model wrote becomes a `Turn` with either one call, an
+answer, an error the model can read, or nothing (no action).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+ZOOM, TEXT_SEARCH, IMAGE_SEARCH = "image_zoom_in_tool", "text_search_tool", "image_search_tool"
+TOOL_NAMES = (ZOOM, TEXT_SEARCH, IMAGE_SEARCH)
+BBOX_SCALE = 1000  # bbox_2d is in 0–1000 relative units of the image it refers to
+
+TOOL_SCHEMAS: list[dict] = [
+    {
+        "type": "function",
+        "function": {
+            "name": ZOOM,
+            "description": "Zoom in on a region of an image of this conversation to see its details "
+            "at full resolution. The region is a bounding box [x1, y1, x2, y2] in relative "
+            "coordinates from 0 to 1000 (top-left origin) of the image chosen by img_idx.",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "bbox_2d": {
+                        "type": "array",
+                        "items": {"type": "number"},
+                        "minItems": 4,
+                        "maxItems": 4,
+                        "description": "[x1, y1, x2, y2], 0–1000, x1 < x2 and y1 < y2",
+                    },
+                    "label": {"type": "string", "description": "what you expect to find in the region"},
+                    "img_idx": {
+                        "type": "integer",
+                        "description": "index of the image among all images of the conversation "
+                        "(0 = the first image of the question; zoomed images and thumbnails count too)",
+                    },
+                },
+                "required": ["bbox_2d"],
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": TEXT_SEARCH,
+            "description": "Search the web (or the local knowledge base) for text about a query. "
+            "Returns a summary of the most relevant pages.",
+            "parameters": {
+                "type": "object",
+                "properties": {"query": {"type": "string", "description": "a specific search query"}},
+                "required": ["query"],
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": IMAGE_SEARCH,
+            "description": "Reverse image search: find pages showing an image of this conversation "
+            "and return their titles and thumbnails. Use it to identify an unknown entity.",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "img_idx": {"type": "integer", "description": "index of the image to search (default 0)"},
+                },
+                "required": [],
+            },
+        },
+    },
+]
+
+SYSTEM_PROMPT = """You are a visual research agent. You answer questions about images, which may be very large, by reasoning step by step and using tools.
+
+Each of your turns has two parts. First think inside <thinking> and </thinking>: what you know, what is missing, and what to do next. Then take exactly one action:
+- call one tool: <tool_call>
+{"name": <tool name>, "arguments": <arguments object>}
+</tool_call>
+- or give the final answer: <answer>your concise answer</answer>
+
+Zoom in when a detail is too small to read, search images to identify what you see, and search text for facts you do not know. Tool results arrive in the next message. Answer as soon as you are confident; keep the final answer short (a name, a number, a phrase, or an option letter).
+
+# Tools
+
+You may call one of these functions per turn:
+<tools>
+{tools}
+</tools>"""
+
+
+def build_system_prompt(custom: str | None = None) -> str:
+    """The system prompt with the tool schemas filled in (a custom text may use {tools})."""
+    text = SYSTEM_PROMPT if custom is None else custom
+    tools = "\n".join(json.dumps(t, ensure_ascii=False) for t in TOOL_SCHEMAS)
+    return text.replace("{tools}", tools)
+
+
+def question_text(task: dict) -> str:
+    """The user's text for a task: the question, and its options when it has any."""
+    q = task["question"].strip()
+    choices = task.get("choices")
+    if choices:
+        letters = "ABCDEFGHIJ"
+        opts = "\n".join(f"{letters[i]}. {c}" for i, c in enumerate(choices))
+        q = f"{q}\nOptions:\n{opts}\nAnswer with the option's letter."
+    return q
+
+
+def initial_messages(task: dict, *, system_prompt: str | None = None) -> list[dict]:
+    """The conversation an episode starts from: system prompt, then images and question."""
+    content: list[dict] = [{"type": "image", "image": str(p)} for p in task.get("images") or []]
+    content.append({"type": "text", "text": question_text(task)})
+    return [{"role": "system", "content": build_system_prompt(system_prompt)}, {"role": "user", "content": content}]
+
+
+# --- parsing -------------------------------------------------------------------------
+
+@dataclass
+class ToolCall:
+    name: str
+    arguments: dict
+
+
+@dataclass
+class Turn:
+    """What one assistant turn amounts to."""
+
+    thinking: str | None = None
+    call: ToolCall | None = None
+    answer: str | None = None
+    error: str | None = None  # a malformed call: tell the model, go on
+    extra_calls: int = 0  # calls after the first, ignored
+    raw_call: Any = field(default=None, repr=False)  # what was inside <tool_call>, for records
+
+    @property
+    def action(self) -> str:
+        if self.answer is not None:
+            return "answer"
+        if self.call is not None:
+            return "call"
+        if self.error is not None:
+            return "error"
+        return "none"
+
+
+_THINK_END = re.compile(r"</think(?:ing)?>", re.IGNORECASE)
+_THINK = re.compile(r"<think(?:ing)?>(.*?)(?:</think(?:ing)?>|$)", re.DOTALL | re.IGNORECASE)
+_CALL = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)
+_ANSWER = re.compile(r"<answer>(.*?)(?:</answer>|$)", re.DOTALL)
+
+
+def _after_thinking(text: str) -> str:
+    """The text after the last end-of-thinking tag (actions inside thinking don't count)."""
+    ends = list(_THINK_END.finditer(text))
+    return text[ends[-1].end():] if ends else text
+
+
+def extract_answer(text: str) -> str | None:
+    """The last <answer> of a turn, after any </think>/</thinking>; None when absent or empty."""
+    found = _ANSWER.findall(_after_thinking(text))
+    if not found:
+        return None
+    ans = found[-1].strip()
+    return ans or None
+
+
+def _loads_call(body: str) -> Any:
+    body = body.strip()
+    # Some models wrap the JSON in a code fence.
+    if body.startswith("```"):
+        body = re.sub(r"^```[a-zA-Z]*\s*|\s*```$", "", body)
+    return json.loads(body)
+
+
+def validate_call(obj: Any) -> tuple[ToolCall | None, str | None]:
+    """A parsed <tool_call> body → (call, None) or (None, message for the model)."""
+    if not isinstance(obj, dict):
+        return None, "the tool call must be a JSON object with \"name\" and \"arguments\""
+    name = obj.get("name")
+    if not isinstance(name, str):
+        return None, "the tool call has no \"name\" string"
+    if name not in TOOL_NAMES:
+        return None, f"unknown tool {name!r}; the tools are {', '.join(TOOL_NAMES)}"
+    args = obj.get("arguments", {})
+    if isinstance(args, str):  # some chat templates emit the arguments as a JSON string
+        try:
+            args = json.loads(args)
+        except json.JSONDecodeError:
+            return None, f"the arguments of {name} are not valid JSON"
+    if not isinstance(args, dict):
+        return None, f"the arguments of {name} must be a JSON object"
+    problem = _check_arguments(name, args)
+    if problem:
+        return None, f"{name}: {problem}"
+    return ToolCall(name, args), None
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_arguments(name: str, args: dict) -> str | None:
+    if "img_idx" in args and not (_is_int(args["img_idx"]) and args["img_idx"] >= 0):
+        return "img_idx must be a non-negative integer"
+    if name == ZOOM:
+        box = args.get("bbox_2d")
+        if not (isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)):
+            return "bbox_2d must be a list of four numbers [x1, y1, x2, y2]"
+        x1, y1, x2, y2 = box
+        if not all(0 <= v <= BBOX_SCALE for v in box):
+            return f"bbox_2d values must be between 0 and {BBOX_SCALE}"
+        if not (x1 < x2 and y1 < y2):
+            return "bbox_2d must have x1 < x2 and y1 < y2"
+        if "label" in args and not isinstance(args["label"], str):
+            return "label must be a string"
+    elif name == TEXT_SEARCH:
+        q = args.get("query")
+        if not isinstance(q, str) or not q.strip():
+            return "query must be a non-empty string"
+    return None
+
+
+def parse_turn(text: str) -> Turn:
+    """Read one assistant turn. Never raises."""
+    turn = Turn()
+    m = _THINK.search(text)
+    if m:
+        turn.thinking = m.group(1).strip() or None
+    rest = _after_thinking(text)
+    calls = list(_CALL.finditer(rest))
+    answers = list(_ANSWER.finditer(rest))
+    # One action per turn: whichever the model wrote first wins.
+    first_call = calls[0].start() if calls else None
+    first_answer = answers[0].start() if answers else None
+    if first_answer is not None and (first_call is None or first_answer < first_call):
+        turn.answer = extract_answer(text)
+        if turn.answer is None:
+            turn.error = "the answer is empty; write the answer inside <answer></answer>"
+        return turn
+    if not calls:
+        return turn
+    turn.extra_calls = len(calls) - 1
+    body = calls[0].group(1)
+    try:
+        obj = _loads_call(body)
+    except (json.JSONDecodeError, ValueError) as e:
+        turn.raw_call = body.strip()
+        turn.error = f"the tool call is not valid JSON ({e.msg} at position {e.pos})" if isinstance(e, json.JSONDecodeError) else "the tool call is not valid JSON"
+        return turn
+    turn.raw_call = obj
+    turn.call, turn.error = validate_call(obj)
+    return turn
+
+
+# --- writing the model's side (reference and teacher trajectories) --------------------
+
+def format_call(name: str, arguments: dict) -> str:
+    return "<tool_call>\n" + json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False) + "\n</tool_call>"
+
+
+def format_assistant(thinking: str, *, call: tuple[str, dict] | None = None, answer: str | None = None) -> str:
+    """An assistant turn in the protocol's format: thinking, then one call or the answer."""
+    if (call is None) == (answer is None):
+        raise ValueError("an assistant turn has exactly one action: a call or an answer")
+    head = f"<thinking>{thinking.strip()}</thinking>\n"
+    if call is not None:
+        return head + format_call(*call)
+    return head + f"<answer>{answer}</answer>"
+
+
+# --- tool results ----------------------------------------------------------------------
+
+ZOOM_HEADER = "Here is the zoomed image:"
+IMAGE_SEARCH_HEADER = "Reverse Image Search Results:"
+SUMMARY_HEADER = "Final summary generated for query: "
+
+
+def tool_message(name: str | None, text: str, images: Iterable[str] = ()) -> dict:
+    """A tool result: the text, then its images."""
+    content = [{"type": "text", "text": text}]
+    content.extend({"type": "image", "image": str(p)} for p in images)
+    return {"role": "tool", "name": name, "content": content}
+
+
+def tool_message_parts(name: str | None, parts: list[dict]) -> dict:
+    """A tool result with text and images interleaved (image search: title, thumbnail, …)."""
+    return {"role": "tool", "name": name, "content": parts}
+
+
+def error_message(text: str, name: str | None = None) -> dict:
+    """The tool message a malformed or failed call gets: the model reads it and goes on."""
+    return tool_message(name, f"Error: {text}")
+
+
+def ignored_calls_note(n: int) -> str:
+    return f"\n(Note: only the first tool call of a turn runs; {n} more call{'s were' if n > 1 else ' was'} ignored.)"
+
+
+def message_images(messages: Sequence[dict]) -> list[str]:
+    """Every image of the conversation in order: img_idx indexes this list."""
+    out = []
+    for m in messages:
+        c = m.get("content")
+        if isinstance(c, list):
+            out.extend(p["image"] for p in c if p.get("type") == "image")
+    return out
+
+
+# --- rendering to tokens ----------------------------------------------------------------
+
+SPECIAL_NAMES = ("im_start", "im_end", "vision_start", "vision_end", "image_pad")
+
+
+class Renderer:
+    """Qwen ChatML rendering straight to token ids, with the policy mask.
+
+    Text between special tokens is encoded as one piece, and the pieces are the same
+    whether a conversation is rendered whole or turn by turn, so the ids a rollout builds
+    incrementally equal the ids of rendering the finished conversation.
+    """
+
+    def __init__(self, tokenizer, special: dict):
+        missing = [k for k in SPECIAL_NAMES if k not in special]
+        if missing:
+            raise ValueError(f"special token ids missing: {', '.join(missing)}")
+        self.tok = tokenizer
+        self.sp = special
+        self._cache: dict[str, list[int]] = {}
+
+    def text(self, s: str) -> list[int]:
+        if not s:
+            return []
+        ids = self._cache.get(s) if len(s) < 64 else None
+        if ids is None:
+            ids = list(self.tok.encode(s, add_special_tokens=False))
+            if len(s) < 64:
+                self._cache[s] = ids
+        return ids
+
+    def _content(self, content, ids: list[int], images: list[str], wrap: tuple[str, str] = ("", "")) -> None:
+        """Append a message body: text pieces and one placeholder per image."""
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else list(content or [])
+        buf = wrap[0]
+        for p in parts:
+            if p.get("type") == "image":
+                ids += self.text(buf)
+                buf = ""
+                ids += [self.sp["vision_start"], self.sp["image_pad"], self.sp["vision_end"]]
+                images.append(str(p["image"]))
+            else:
+                buf += p.get("text", "")
+        ids += self.text(buf + wrap[1])
+
+    def message(self, m: dict) -> tuple[list[int], list[int], list[str]]:
+        """One message with its header and <|im_end|>\\n; assistant content is mask 1."""
+        role = m["role"]
+        ids: list[int] = []
+        images: list[str] = []
+        if role == "tool":
+            ids.append(self.sp["im_start"])
+            self._content(m.get("content"), ids, images, wrap=("user\n<tool_response>\n", "\n</tool_response>"))
+            ids += [self.sp["im_end"]] + self.text("\n")
+            return ids, [0] * len(ids), images
+        head = [self.sp["im_start"]] + self.text(f"{role}\n")
+        body: list[int] = []
+        self._content(m.get("content"), body, images)
+        tail = self.text("\n")
+        if role == "assistant":
+            mask = [0] * len(head) + [1] * (len(body) + 1) + [0] * len(tail)
+        else:
+            mask = [0] * (len(head) + len(body) + 1 + len(tail))
+        return head + body + [self.sp["im_end"]] + tail, mask, images
+
+    def generation_prompt(self) -> list[int]:
+        return [self.sp["im_start"]] + self.text("assistant\n")
+
+    def render(self, messages: Sequence[dict], *, add_generation_prompt: bool = True) -> tuple[list[int], list[int], list[str]]:
+        ids: list[int] = []
+        mask: list[int] = []
+        images: list[str] = []
+        for m in messages:
+            i, k, im = self.message(m)
+            ids += i
+            mask += k
+            images += im
+        if add_generation_prompt:
+            g = self.generation_prompt()
+            ids += g
+            mask += [0] * len(g)
+        return ids, mask, images
+
+    def continuation(self, tail: Sequence[dict], *, ended_with_eos: bool = True) -> tuple[list[int], list[int], list[str]]:
+        """Template tokens after a generated assistant turn: its end, tool results, next header.
+
+        The generated ids of a turn end with <|im_end|> when the model stopped by itself;
+        if generation stopped elsewhere (a stop string, the token budget) the end tag is
+        added here as template (mask 0).
+        """
+        ids = ([] if ended_with_eos else [self.sp["im_end"]]) + self.text("\n")
+        images: list[str] = []
+        for m in tail:
+            i, _, im = self.message(m)
+            ids += i
+            images += im
+        ids += self.generation_prompt()
+        return ids, [0] * len(ids), images
+
+
+def render(messages, tokenizer, special: dict, *, add_generation_prompt: bool = True):
+    """Messages → (ids, mask, images in placeholder order); see Renderer."""
+    return Renderer(tokenizer, special).render(messages, add_generation_prompt=add_generation_prompt)
+
+
+def render_continuation(messages_tail, tokenizer, special: dict, *, ended_with_eos: bool = True):
+    """Template tokens appended after a generated assistant turn; all mask 0."""
+    return Renderer(tokenizer, special).continuation(messages_tail, ended_with_eos=ended_with_eos)
+
+
+def bbox_to_unit(bbox_2d: Sequence[float]) -> tuple[float, float, float, float]:
+    """bbox_2d in 0–1000 units → a normalized [0, 1] box for the crop function."""
+    x1, y1, x2, y2 = (float(v) / BBOX_SCALE for v in bbox_2d)
+    return x1, y1, x2, y2
