@@ -1,0 +1,137 @@
+"""Record streams: the reading rules, atomic writes, NaN refusal."""
+
+import io
+import math
+import sys
+
+import orjson
+import pytest
+
+from mars_cli import jsonl
+from mars_cli.errors import MarsError, RecordError
+
+
+def write(tmp_path, data: bytes, name="in.jsonl"):
+    p = tmp_path / name
+    p.write_bytes(data)
+    return p
+
+
+def test_reads_objects_with_locations(tmp_path):
+    p = write(tmp_path, b'{"a": 1}\n{"a": 2}\n')
+    got = list(jsonl.read_located([p]))
+    assert [r["a"] for _, r in got] == [1, 2]
+    assert [str(w) for w, _ in got] == [f"{p}:1", f"{p}:2"]
+
+
+def test_blank_lines_are_skipped_but_counted_for_line_numbers(tmp_path):
+    p = write(tmp_path, b'{"a": 1}\n\n   \n{"a": 2}\n')
+    got = list(jsonl.read_located([p]))
+    assert [w.line for w, _ in got] == [1, 4]
+
+
+def test_bom_is_dropped(tmp_path):
+    p = write(tmp_path, b'\xef\xbb\xbf{"a": 1}\n')
+    assert list(jsonl.read_records([p])) == [{"a": 1}]
+
+
+def test_missing_final_newline_is_fine(tmp_path):
+    p = write(tmp_path, b'{"a": 1}\n{"a": 2}')
+    assert [r["a"] for r in jsonl.read_records([p])] == [1, 2]
+
+
+def test_truncated_last_line_is_named(tmp_path):
+    p = write(tmp_path, b'{"a": 1}\n{"a": 2, "b": [1, 2')
+    with pytest.raises(RecordError) as e:
+        list(jsonl.read_records([p]))
+    assert e.value.line == 2
+    assert "truncated last line" in str(e.value)
+    assert str(p) in str(e.value)
+
+
+def test_invalid_json_in_the_middle(tmp_path):
+    p = write(tmp_path, b'{"a": 1}\n{nope}\n{"a": 3}\n')
+    with pytest.raises(RecordError) as e:
+        list(jsonl.read_records([p]))
+    assert e.value.line == 2 and "invalid JSON" in str(e.value)
+
+
+def test_non_object_is_an_error(tmp_path):
+    p = write(tmp_path, b'[1, 2]\n')
+    with pytest.raises(RecordError, match="expected a JSON object, got list"):
+        list(jsonl.read_records([p]))
+
+
+def test_nan_literal_in_input_is_invalid(tmp_path):
+    p = write(tmp_path, b'{"a": NaN}\n')
+    with pytest.raises(RecordError, match="invalid JSON"):
+        list(jsonl.read_records([p]))
+
+
+def test_skip_bad_warns_and_counts(tmp_path, capsys):
+    p = write(tmp_path, b'{"a": 1}\n{bad\n7\n{"a": 4}\n{"a": 5}')
+    got = list(jsonl.read_records([p], skip_bad=True))
+    assert [r["a"] for r in got] == [1, 4, 5]
+    err = capsys.readouterr().err
+    assert f"{p}:2: skipped: invalid JSON" in err
+    assert f"{p}:3: skipped: expected a JSON object" in err
+    assert "skipped 2 bad lines" in err
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(MarsError, match="no such file"):
+        list(jsonl.read_records([tmp_path / "nope.jsonl"]))
+
+
+def test_several_files_in_order(tmp_path):
+    a = write(tmp_path, b'{"n": 1}\n', "a.jsonl")
+    b = write(tmp_path, b'{"n": 2}\n', "b.jsonl")
+    assert [r["n"] for r in jsonl.read_records([a, b])] == [1, 2]
+
+
+def test_writer_refuses_nan_and_inf(tmp_path):
+    out = tmp_path / "out.jsonl"
+    with pytest.raises(MarsError, match="non-finite"):
+        with jsonl.RecordWriter(out) as w:
+            w.write({"ok": 1.0})
+            w.write({"x": {"y": [1.0, math.inf]}})
+    assert not out.exists()  # nothing half-written
+    assert list(tmp_path.iterdir()) == []  # and no temp file left
+
+
+def test_writer_checks_only_fresh_fields(tmp_path):
+    out = tmp_path / "out.jsonl"
+    with jsonl.RecordWriter(out) as w:
+        w.write({"old": [0.5] * 3, "new": 1.0}, fresh=["new"])
+        with pytest.raises(MarsError, match="new"):
+            w.write({"new": float("nan")}, fresh=["new"])
+    assert orjson.loads(out.read_bytes().splitlines()[0])["new"] == 1.0
+
+
+def test_writer_atomic_replace_and_schema_version(tmp_path):
+    out = tmp_path / "out.jsonl"
+    out.write_text("old\n")
+    with jsonl.RecordWriter(out) as w:
+        w.write({"a": 1})
+        assert out.read_text() == "old\n"  # not replaced until complete
+    lines = out.read_bytes().splitlines()
+    assert orjson.loads(lines[0]) == {"schema_version": 1, "a": 1}
+
+
+def test_writer_keeps_field_order_and_unknown_fields(tmp_path):
+    out = tmp_path / "out.jsonl"
+    rec = {"schema_version": 1, "z": 1, "unknown": {"deep": [1, 2]}, "a": "x"}
+    with jsonl.RecordWriter(out) as w:
+        w.write(rec)
+    assert out.read_bytes() == orjson.dumps(rec) + b"\n"
+
+
+def test_writer_to_missing_directory(tmp_path):
+    with pytest.raises(MarsError, match="does not exist"):
+        jsonl.RecordWriter(tmp_path / "no" / "out.jsonl")
+
+
+def test_stdin_is_read_when_no_file(monkeypatch):
+    fake = io.TextIOWrapper(io.BytesIO(b'{"a": 1}\n'))
+    monkeypatch.setattr(sys, "stdin", fake)
+    assert list(jsonl.read_records(None)) == [{"a": 1}]
