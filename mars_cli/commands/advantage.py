@@ -1,0 +1,51 @@
+"""`mars advantage`: group-relative advantages (BN-GSPO, GRPO, Dr.GRPO, RLOO)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+
+def main(
+    files: Optional[List[Path]] = typer.Argument(None, help="Judged trajectory JSONL files [default: stdin]."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write here (atomically) instead of stdout."),
+    algo: str = typer.Option("bn-gspo", "--algo", envvar="MARS_ADVANTAGE_ALGO", help="bn-gspo, grpo, dr-grpo or rloo."),
+    ddof: int = typer.Option(1, "--ddof", min=0, help="Delta degrees of freedom of the group std (1: unbiased)."),
+    eps: float = typer.Option(1e-6, "--eps", help="Added to the group std before dividing."),
+    batch_norm: Optional[bool] = typer.Option(None, "--batch-norm/--no-batch-norm", help="The batch step [default: on for bn-gspo only]."),
+    batch_ddof: int = typer.Option(0, "--batch-ddof", min=0, help="Delta degrees of freedom of the batch std (0: population)."),
+    batch_eps: float = typer.Option(1e-9, "--batch-eps", help="Added to the batch std before dividing."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Normalize per chunk of N groups [default: the whole input]."),
+    drop_constant: bool = typer.Option(False, "--drop-constant-groups", help="Drop groups whose rewards are all equal (dynamic sampling)."),
+    strict: bool = typer.Option(False, "--strict", help="A null reward is an error, not a dropped group."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unparsable lines with a warning."),
+) -> None:
+    """Add advantages to judged trajectories, group by group.
+
+    Trajectories are grouped by their `group` field (groups need not be contiguous). grpo: A = (r − mean_g)/(std_g + eps), std with --ddof (unbiased by default), a group of equal rewards gets 0. bn-gspo (the default, SenseNova-MARS): grpo, then A ← (A − mean_B)/(std_B + batch_eps) over all trajectories of the scope, population std. dr-grpo: A = r − mean_g. rloo: A = r − mean of the other rewards of the group.
+
+    The batch statistics need the whole scope, so the command BUFFERS it before writing anything: the whole input by default, or one chunk of --batch-size groups (match the training step; chunks stream one after another while the records of each group are contiguous, and a group that comes back after its chunk is an error).
+
+    A group with a null reward is dropped with a warning (--strict: an error). Each record gets `advantage` and `advantage_stats` {algo, group_mean, group_std, group_size, batch_mean, batch_std, ddof, eps, scope, scope_size}.
+    """
+    import logging
+
+    from mars_cli.errors import UsageError
+    from mars_cli.jsonl import RecordWriter, SkipCounter, read_located
+    from mars_cli.rl.advantage import ESTIMATORS, FIELDS, AdvantageConfig, AdvantageStats, advantage_records
+
+    if algo not in ESTIMATORS:
+        raise UsageError(f"--algo must be one of {', '.join(ESTIMATORS)}, got {algo!r}")
+    cfg = AdvantageConfig(algo=algo, ddof=ddof, eps=eps, batch_norm=batch_norm, batch_ddof=batch_ddof, batch_eps=batch_eps)
+    stats, skipped = AdvantageStats(), SkipCounter()
+    located = read_located(files, skip_bad=skip_bad, skipped=skipped)
+    with RecordWriter(output) as w:
+        for rec in advantage_records(located, cfg, batch_size=batch_size, drop_constant=drop_constant, strict=strict, stats=stats):
+            w.write(rec, fresh=FIELDS)
+    skipped.report()
+    logging.getLogger("mars.advantage").info(
+        f"{stats.written} of {stats.records} records written; dropped groups: {stats.dropped_null} with a null reward, "
+        f"{stats.dropped_constant} constant"
+    )

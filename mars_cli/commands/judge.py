@@ -1,0 +1,60 @@
+"""`mars judge`: score trajectories — accuracy, format reward, their weighted sum."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+
+def main(
+    files: Optional[List[Path]] = typer.Argument(None, help="Trajectory JSONL files [default: stdin]."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write here (atomically) instead of stdout."),
+    scorer: Optional[str] = typer.Option(None, "--scorer", help="Override every record's scorer: em, substring, f1, mcq, llm, simpleqa."),
+    format_weight: float = typer.Option(0.5, "--format-weight", envvar="MARS_FORMAT_WEIGHT", help="w in reward = accuracy + w·format − tool cost."),
+    tool_cost: float = typer.Option(0.0, "--tool-cost", help="Subtract this per tool call (recorded as rewards.tool_cost)."),
+    base_url: Optional[str] = typer.Option(None, "--judge-base-url", envvar="MARS_JUDGE_BASE_URL", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 [default: none: rule judge]."),
+    model: Optional[str] = typer.Option(None, "--judge-model", envvar="MARS_JUDGE_MODEL", help="Judge model name (needed with an endpoint)."),
+    rubric: str = typer.Option("binary", "--rubric", help="LLM rubric for llm-scored records: binary (yes/no) or simpleqa."),
+    judge_image: bool = typer.Option(False, "--judge-image", help="Send the question's first image to the judge (as a data URL)."),
+    concurrency: int = typer.Option(32, "--concurrency", min=1, envvar="MARS_JUDGE_CONCURRENCY", help="Judge requests in flight."),
+    timeout: float = typer.Option(60.0, "--timeout", help="Seconds per judge request."),
+    retries: int = typer.Option(3, "--retries", min=0, help="Retries of a failed request (exponential backoff)."),
+    cache: Optional[Path] = typer.Option(None, "--cache", envvar="MARS_CACHE", help="Cache verdicts in DIR/judge.sqlite [default: off]."),
+    allow_missing: bool = typer.Option(False, "--allow-missing", help="Exit 0 even when some records could not be judged."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unparsable lines with a warning."),
+) -> None:
+    """Add rewards to trajectories: accuracy, format and their sum.
+
+    Accuracy comes from each record's `scorer` (or --scorer): em and substring after SQuAD normalization, f1 (SQuAD token F1, max over golds), mcq (option letter cascade, or the option's text), llm / simpleqa (an LLM judge over an OpenAI-compatible API; key from MARS_JUDGE_API_KEY or OPENAI_API_KEY; an exact match skips the call). With several golds any one counts.
+
+    Without --judge-base-url (the offline default) llm-scored records use the rule judge: exact match, then a short gold (at most 5 words, not yes/no) contained in the prediction; judge.method then says "rule-fallback:…".
+
+    Format is 1 when the episode ended in a non-empty answer and every tool call was valid. reward = accuracy + w·format − tool_cost. A record the judge could not score gets accuracy and reward null with judge.error, and the exit status is 1 unless --allow-missing. Output keeps the input order; re-judging replaces only rewards, reward and judge.
+    """
+    from mars_cli import streams
+    from mars_cli.errors import MarsError, UsageError
+    from mars_cli.jsonl import RecordWriter, SkipCounter, read_located
+    from mars_cli.records import SCORERS
+    from mars_cli.rl.judge import FIELDS, JudgeConfig, JudgeStats, judge_records
+
+    if scorer is not None and scorer not in SCORERS:
+        raise UsageError(f"--scorer must be one of {', '.join(SCORERS)}, got {scorer!r}")
+    if rubric not in ("binary", "simpleqa"):
+        raise UsageError(f"--rubric must be binary or simpleqa, got {rubric!r}")
+    api_key = os.environ.get("MARS_JUDGE_API_KEY") or os.environ.get("OPENAI_API_KEY")
+    cfg = JudgeConfig(scorer=scorer, format_weight=format_weight, tool_cost=tool_cost, base_url=base_url or None,
+                      model=model, api_key=api_key, rubric=rubric, judge_image=judge_image, concurrency=concurrency,
+                      timeout=timeout, retries=retries, cache_dir=str(cache) if cache else None)
+    stats, skipped = JudgeStats(), SkipCounter()
+    located = read_located(files, skip_bad=skip_bad, skipped=skipped)
+    with RecordWriter(output) as w:
+        for rec in streams.progress(judge_records(located, cfg, stats), desc="judge", unit="rec"):
+            w.write(rec, fresh=FIELDS)
+    skipped.report()
+    logging.getLogger("mars.judge").info(stats.summary())
+    if stats.missing and not allow_missing:
+        raise MarsError(f"{stats.missing} record(s) could not be judged (see judge.error); --allow-missing accepts that")

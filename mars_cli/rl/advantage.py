@@ -1,0 +1,206 @@
+"""Advantage estimators (pure numpy) and the `mars advantage` stage around them.
+
+Every estimator has ONE contract:
+
+    estimator(rewards: float64[n], groups: int64[n] codes 0..G-1, cfg) -> GroupResult
+
+with per-trajectory advantages and per-group mean/std/size. The registry maps names to an
+estimator plus whether the batch step follows by default:
+
+    grpo      A = (r − mean_g) / (std_g + eps), std with `ddof` (1: unbiased)
+    bn-gspo   grpo, then A ← (A − mean_B) / (std_B + batch_eps) over the whole scope,
+              std_B with `batch_ddof` (0: population) — SenseNova-MARS's second step
+    dr-grpo   A = r − mean_g (no std division)
+    rloo      A = r_i − mean_{j≠i} r_j (leave-one-out baseline)
+
+A group whose rewards are all equal gets exactly 0 (not a float residue / eps). A group of
+one has std 0 and gets 0. The batch step needs the statistics of the whole scope, so the
+stage buffers it: the whole input by default, or chunks of `batch_size` groups (streamed
+chunk by chunk while groups are contiguous).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+
+from mars_cli import streams
+from mars_cli.records import validate
+
+FIELDS = ("advantage", "advantage_stats")
+
+
+@dataclass(frozen=True)
+class AdvantageConfig:
+    algo: str = "bn-gspo"
+    ddof: int = 1
+    eps: float = 1e-6
+    batch_norm: bool | None = None  # None: the algorithm's default
+    batch_ddof: int = 0
+    batch_eps: float = 1e-9
+
+    def use_batch_norm(self) -> bool:
+        return ESTIMATORS[self.algo][1] if self.batch_norm is None else self.batch_norm
+
+
+@dataclass
+class GroupResult:
+    advantage: np.ndarray  # per trajectory
+    mean: np.ndarray  # per group
+    std: np.ndarray  # per group, with cfg.ddof (0 for groups too small for it)
+    size: np.ndarray  # per group
+    constant: np.ndarray  # per group: all rewards equal
+
+
+def group_moments(r: np.ndarray, g: np.ndarray, ddof: int):
+    """Per-group size, mean, std (ddof) and constancy, vectorized with bincount."""
+    n_groups = int(g.max()) + 1 if len(g) else 0
+    size = np.bincount(g, minlength=n_groups).astype(np.float64)
+    mean = np.bincount(g, weights=r, minlength=n_groups) / np.maximum(size, 1)
+    dev = r - mean[g]
+    ss = np.bincount(g, weights=dev * dev, minlength=n_groups)
+    dof = size - ddof
+    std = np.sqrt(np.divide(ss, dof, out=np.zeros_like(ss), where=dof > 0))
+    lo = np.full(n_groups, np.inf)
+    hi = np.full(n_groups, -np.inf)
+    np.minimum.at(lo, g, r)
+    np.maximum.at(hi, g, r)
+    return size, mean, std, lo == hi
+
+
+def group_zscore(r: np.ndarray, g: np.ndarray, cfg: AdvantageConfig) -> GroupResult:
+    size, mean, std, const = group_moments(r, g, cfg.ddof)
+    adv = (r - mean[g]) / (std[g] + cfg.eps)
+    adv[const[g]] = 0.0
+    return GroupResult(adv, mean, std, size, const)
+
+
+def group_center(r: np.ndarray, g: np.ndarray, cfg: AdvantageConfig) -> GroupResult:
+    size, mean, std, const = group_moments(r, g, cfg.ddof)
+    adv = r - mean[g]
+    adv[const[g]] = 0.0
+    return GroupResult(adv, mean, std, size, const)
+
+
+def leave_one_out(r: np.ndarray, g: np.ndarray, cfg: AdvantageConfig) -> GroupResult:
+    size, mean, std, const = group_moments(r, g, cfg.ddof)
+    total = np.bincount(g, weights=r, minlength=len(size))
+    others = size[g] - 1
+    baseline = np.divide(total[g] - r, others, out=r.copy(), where=others > 0)
+    adv = r - baseline
+    adv[const[g]] = 0.0
+    return GroupResult(adv, mean, std, size, const)
+
+
+def batch_normalize(adv: np.ndarray, ddof: int, eps: float) -> tuple[np.ndarray, float, float]:
+    """BN-GSPO's second step over every trajectory of the scope."""
+    if len(adv) == 0:
+        return adv, 0.0, 0.0
+    mean = float(adv.mean())
+    std = float(adv.std(ddof=ddof)) if len(adv) > ddof else 0.0
+    return (adv - mean) / (std + eps), mean, std
+
+
+# name -> (estimator, batch step on by default)
+ESTIMATORS: dict[str, tuple[Callable[[np.ndarray, np.ndarray, AdvantageConfig], GroupResult], bool]] = {
+    "grpo": (group_zscore, False),
+    "bn-gspo": (group_zscore, True),
+    "dr-grpo": (group_center, False),
+    "rloo": (leave_one_out, False),
+}
+
+
+def compute(rewards, groups, cfg: AdvantageConfig):
+    """Advantages for one normalization scope; `groups` are any hashable keys.
+
+    Returns (advantages float64[n], per-record stats dicts).
+    """
+    r = np.asarray(rewards, dtype=np.float64)
+    keys: dict = {}
+    g = np.fromiter((keys.setdefault(k, len(keys)) for k in groups), dtype=np.int64, count=len(r))
+    res = ESTIMATORS[cfg.algo][0](r, g, cfg)
+    adv, b_mean, b_std = res.advantage, None, None
+    if cfg.use_batch_norm():
+        adv, b_mean, b_std = batch_normalize(adv, cfg.batch_ddof, cfg.batch_eps)
+    mean, std, size = res.mean.tolist(), res.std.tolist(), res.size.astype(np.int64).tolist()
+    common = {"algo": cfg.algo, "ddof": cfg.ddof, "eps": cfg.eps, "batch_mean": b_mean, "batch_std": b_std}
+    if b_mean is not None:
+        common.update(batch_ddof=cfg.batch_ddof, batch_eps=cfg.batch_eps)
+    stats = [{**common, "group_mean": mean[i], "group_std": std[i], "group_size": size[i]} for i in g.tolist()]
+    return adv, stats
+
+
+@dataclass
+class AdvantageStats:
+    records: int = 0
+    written: int = 0
+    dropped_null: int = 0  # groups dropped for a null reward
+    dropped_constant: int = 0  # groups dropped by --drop-constant-groups
+
+
+def _scope(items: list, cfg: AdvantageConfig, scope: str, *, drop_constant: bool, strict: bool, stats: AdvantageStats):
+    """Compute one scope's advantages and yield its records in input order."""
+    null_at: dict = {}
+    for where, rec in items:
+        if rec["reward"] is None:
+            if strict:
+                raise where.error(f"null reward in group {rec['group']!r} (judge it again, or drop --strict to skip the group)")
+            null_at.setdefault(rec["group"], where)
+    if null_at:
+        stats.dropped_null += len(null_at)
+        first = next(iter(null_at.items()))
+        streams.warn(f"dropped {len(null_at)} group(s) with a null reward (first: {first[0]!r} at {first[1]})")
+        items = [it for it in items if it[1]["group"] not in null_at]
+    if drop_constant and items:
+        by_group: dict = {}
+        for _, rec in items:
+            by_group.setdefault(rec["group"], set()).add(rec["reward"])
+        flat = {k for k, v in by_group.items() if len(v) == 1}
+        stats.dropped_constant += len(flat)
+        items = [it for it in items if it[1]["group"] not in flat]
+    if not items:
+        return
+    adv, per = compute([rec["reward"] for _, rec in items], [rec["group"] for _, rec in items], cfg)
+    for (_, rec), a, st in zip(items, adv.tolist(), per):
+        st["scope"] = scope
+        st["scope_size"] = len(items)
+        rec["advantage"] = a
+        rec["advantage_stats"] = st
+        stats.written += 1
+        yield rec
+
+
+def advantage_records(
+    located: Iterable,
+    cfg: AdvantageConfig,
+    *,
+    batch_size: int | None = None,
+    drop_constant: bool = False,
+    strict: bool = False,
+    stats: AdvantageStats | None = None,
+) -> Iterator[dict]:
+    """Add `advantage` and `advantage_stats` to judged (where, record) pairs."""
+    stats = stats if stats is not None else AdvantageStats()
+    kw = dict(drop_constant=drop_constant, strict=strict, stats=stats)
+    chunk: list = []
+    groups_in_chunk: dict = {}
+    closed: set = set()
+    n_chunk = 0
+    for where, rec in located:
+        rec = validate(rec, "judged", where, only=("group", "reward"))
+        stats.records += 1
+        key = rec["group"]
+        if batch_size is not None:
+            if key in closed:
+                raise where.error(f"group {key!r} reappears after its chunk was written: with --batch-size the "
+                                  "records of a group must be contiguous (sort by group, or drop --batch-size)")
+            if key not in groups_in_chunk and len(groups_in_chunk) == batch_size:
+                yield from _scope(chunk, cfg, f"chunk:{n_chunk}", **kw)
+                closed.update(groups_in_chunk)
+                chunk, groups_in_chunk, n_chunk = [], {}, n_chunk + 1
+            groups_in_chunk[key] = True
+        chunk.append((where, rec))
+    if chunk:
+        yield from _scope(chunk, cfg, "input" if batch_size is None else f"chunk:{n_chunk}", **kw)

@@ -1,0 +1,251 @@
+"""The LLM judge: rubric prompts, verdict parsing, an async client and a SQLite cache.
+
+Any OpenAI-compatible server works (a vLLM server, a hosted API): we POST to
+`{base_url}/chat/completions` with httpx.AsyncClient, at most `concurrency` requests in
+flight, each with a timeout and retried with exponential backoff on connection errors,
+timeouts, 429 and 5xx. The API key is only sent as a header: it never reaches a record,
+a log line or a cache key.
+
+Two rubrics, each with its own prompt version (recorded in every judged record, and part
+of the cache key, so editing a prompt never reuses stale verdicts):
+- `binary`: a strict yes/no equivalence check, answered as `<verdict>yes</verdict>`;
+- `simpleqa`: correct / incorrect / not attempted, answered as `<grade>…</grade>`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import io
+import json
+import random
+import re
+import sqlite3
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from mars_cli.errors import MarsError
+
+BINARY_VERSION = "binary-v1"
+SIMPLEQA_VERSION = "simpleqa-v1"
+
+BINARY_RUBRIC = """You grade answers to questions about images. Decide whether the candidate answer means the same as one of the reference answers. Be strict.
+
+Rules:
+- The candidate must name the same thing as a reference, at least as specifically: "a bird" does not match "a kingfisher", and a vaguer or partial answer is wrong.
+- Extra details are fine only if they are correct and do not change what is answered; extra claims that contradict a reference, or a list of several candidates, make the answer wrong.
+- Numbers must agree in value; a missing unit is fine when the reference's unit is obvious, a different unit must convert to the same quantity; rounding is fine only to the precision the question asks for.
+- Names of people, places, works and organisations must refer to the same entity; spelling variants, aliases and translations of the same name are fine.
+- Dates must agree to the precision the reference gives.
+- For yes/no questions the candidate must give the same polarity as the reference.
+- For multiple-choice questions the candidate must pick the same option (by its letter or its text).
+- Judge only the candidate's final answer, not its reasoning. Ignore formatting, case and punctuation.
+
+Reply with one word inside the tag, and nothing else: <verdict>yes</verdict> if the candidate is correct, <verdict>no</verdict> otherwise."""
+
+SIMPLEQA_RUBRIC = """You grade answers to factual questions against reference answers. Put the candidate answer into one of three grades.
+
+- correct: it contains the information of a reference answer fully and does not contradict it. Hedging is fine if one definite answer is given and it is right. Small spelling differences in names are fine; numbers must match to the precision of the reference.
+- incorrect: it states an answer that contradicts the references or is not fully right, including answers that list several candidates, one of them right.
+- not_attempted: it gives no definite answer (it refuses, says it does not know, or asks for more information) and does not contradict the references.
+
+Reply with the grade inside the tag and nothing else: <grade>correct</grade>, <grade>incorrect</grade> or <grade>not_attempted</grade>."""
+
+RUBRICS = {"binary": (BINARY_VERSION, BINARY_RUBRIC), "simpleqa": (SIMPLEQA_VERSION, SIMPLEQA_RUBRIC)}
+_VERDICT = re.compile(r"<verdict>\s*(yes|no)\s*</verdict>", re.IGNORECASE)
+_GRADE = re.compile(r"<grade>\s*(correct|incorrect|not[ _]attempted)\s*</grade>", re.IGNORECASE)
+# The image is shrunk before it is sent: a judge needs the gist, not 8k pixels.
+JUDGE_IMAGE_SIDE = 1024
+
+
+def prompt_version(rubric: str) -> str:
+    if rubric not in RUBRICS:
+        raise MarsError(f"unknown rubric {rubric!r} (choose {', '.join(RUBRICS)})")
+    return RUBRICS[rubric][0]
+
+
+def build_messages(question: str, golds: list[str], prediction: str, *, rubric: str = "binary", image_url: str | None = None) -> list[dict]:
+    """The chat sent to the judge: the rubric as system text, the case as user text."""
+    prompt_version(rubric)
+    refs = "\n".join(f"- {g}" for g in golds)
+    case = f"Question:\n{question}\n\nReference answers (any one is correct):\n{refs}\n\nCandidate answer:\n{prediction}"
+    user: list[dict] | str = case
+    if image_url:
+        user = [{"type": "image_url", "image_url": {"url": image_url}}, {"type": "text", "text": case}]
+    return [{"role": "system", "content": RUBRICS[rubric][1]}, {"role": "user", "content": user}]
+
+
+def parse_verdict(raw: str, rubric: str = "binary") -> tuple[str | None, float | None]:
+    """(verdict, accuracy) from the judge's text; (None, None) when no tag is found.
+
+    The LAST tag counts: a reasoning model may quote the format before answering.
+    """
+    rx = _VERDICT if rubric == "binary" else _GRADE
+    found = rx.findall(raw or "")
+    if not found:
+        return None, None
+    v = found[-1].lower().replace(" ", "_")
+    return v, float(v in ("yes", "correct"))
+
+
+def image_data_url(path: str) -> str:
+    """A JPEG data URL of an image, its long side at most JUDGE_IMAGE_SIDE pixels."""
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im).convert("RGB")
+            im.thumbnail((JUDGE_IMAGE_SIDE, JUDGE_IMAGE_SIDE))
+            buf = io.BytesIO()
+            im.save(buf, "JPEG", quality=85)
+    except (OSError, ValueError) as e:
+        raise MarsError(f"{path}: cannot read image for the judge: {e}") from None
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def cache_key(model: str, version: str, question: str, golds: list[str], prediction: str, image: str | None = None) -> str:
+    blob = json.dumps([model, version, question, list(golds), prediction, image], ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+class VerdictCache:
+    """Judge verdicts in SQLite (`DIR/judge.sqlite`): re-judging the same case is free."""
+
+    def __init__(self, directory: str | Path):
+        d = Path(directory).expanduser()
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(d / "judge.sqlite", check_same_thread=False, isolation_level=None)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("CREATE TABLE IF NOT EXISTS verdicts (key TEXT PRIMARY KEY, verdict TEXT, raw TEXT)")
+        except (OSError, sqlite3.Error) as e:
+            raise MarsError(f"{d}: cannot open judge cache: {e}") from None
+        self._lock = threading.Lock()
+        self.hits = 0
+
+    def get(self, key: str) -> tuple[str, str] | None:
+        with self._lock:
+            row = self._db.execute("SELECT verdict, raw FROM verdicts WHERE key = ?", (key,)).fetchone()
+        if row:
+            self.hits += 1
+        return row
+
+    def put(self, key: str, verdict: str, raw: str) -> None:
+        with self._lock:
+            self._db.execute("INSERT OR REPLACE INTO verdicts VALUES (?, ?, ?)", (key, verdict, raw))
+
+    def close(self) -> None:
+        self._db.close()
+
+
+@dataclass
+class Verdict:
+    """One judge result: `accuracy` is None when the judge could not be asked or read."""
+
+    accuracy: float | None
+    verdict: str | None
+    raw: str | None
+    error: str | None = None
+    cached: bool = False
+
+
+class AsyncJudge:
+    """An OpenAI-compatible chat endpoint used as a grader; call `judge` from a running loop."""
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        *,
+        api_key: str | None = None,
+        rubric: str = "binary",
+        concurrency: int = 32,
+        timeout: float = 60.0,
+        retries: int = 3,
+        backoff: float = 0.5,
+        max_tokens: int = 512,
+        cache: VerdictCache | None = None,
+    ):
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.model = model
+        self.rubric = rubric
+        prompt_version(rubric)  # an unknown rubric fails here, before any call
+        self.timeout, self.retries, self.backoff = timeout, retries, backoff
+        self.max_tokens = max_tokens
+        self.cache = cache
+        self.concurrency = concurrency
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._client = None
+        self._slots: asyncio.Semaphore | None = None
+
+    async def __aenter__(self) -> "AsyncJudge":
+        import httpx
+
+        limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
+        self._client = httpx.AsyncClient(timeout=self.timeout, limits=limits, headers=self._headers)
+        self._slots = asyncio.Semaphore(self.concurrency)
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self._client.aclose()
+
+    async def judge(self, question: str, golds: list[str], prediction: str, *, image: str | None = None,
+                    rubric: str | None = None) -> Verdict:
+        """Grade one answer; never raises for a failed call (the Verdict carries the error)."""
+        rubric = rubric or self.rubric
+        key = cache_key(self.model, prompt_version(rubric), question, golds, prediction, image)
+        if self.cache is not None and (hit := self.cache.get(key)):
+            _, acc = parse_verdict(hit[1], rubric)
+            return Verdict(acc, hit[0], hit[1], cached=True)
+        url = image
+        if image and not image.startswith(("http://", "https://", "data:")):
+            try:
+                url = await asyncio.to_thread(image_data_url, image)
+            except MarsError as e:
+                return Verdict(None, None, None, error=str(e))
+        body = {
+            "model": self.model,
+            "messages": build_messages(question, golds, prediction, rubric=rubric, image_url=url),
+            "temperature": 0.0,
+            "max_tokens": self.max_tokens,
+        }
+        async with self._slots:
+            raw, error = await self._post(body)
+        if raw is None:
+            return Verdict(None, None, None, error=error)
+        verdict, acc = parse_verdict(raw, rubric)
+        if verdict is None:
+            return Verdict(None, None, raw, error="judge reply has no verdict tag")
+        if self.cache is not None:
+            self.cache.put(key, verdict, raw)
+        return Verdict(acc, verdict, raw)
+
+    async def _post(self, body: dict) -> tuple[str | None, str | None]:
+        import httpx
+
+        error = "no attempt"
+        for attempt in range(self.retries + 1):
+            if attempt:
+                # Full jitter: many concurrent retries should not hit the server in step.
+                await asyncio.sleep(random.uniform(0, self.backoff * 2 ** (attempt - 1)))
+            try:
+                resp = await self._client.post(self.url, json=body)
+            except httpx.TimeoutException:
+                error = f"judge timed out after {self.timeout:g}s"
+                continue
+            except httpx.HTTPError as e:
+                error = f"judge request failed: {type(e).__name__}: {e}"
+                continue
+            if resp.status_code == 429 or resp.status_code >= 500:
+                error = f"judge returned HTTP {resp.status_code}"
+                continue
+            if resp.status_code != 200:
+                return None, f"judge returned HTTP {resp.status_code}: {resp.text[:200]}"
+            try:
+                content = resp.json()["choices"][0]["message"]["content"]
+            except (ValueError, KeyError, IndexError, TypeError):
+                return None, "judge reply is not an OpenAI chat completion"
+            return (content or ""), None
+        return None, f"{error} ({self.retries + 1} attempts)"
