@@ -1,0 +1,272 @@
+"""Text search for the agent and `mars search`: one interface over four backends.
+
+    ts = open_text_search("local", index="wiki-index/")
+    results = ts.search("who painted the ceiling", k=5)   # ranked dicts
+    block = render_text_results(query, results)          # what the agent reads
+
+Backends: `local` (our BM25/dense index), `serper` (Google via serper.dev, then the top
+pages fetched and reduced to text), `searxng` (a self-hosted SearXNG JSON API) and
+`retriever` (the Search-R1 retrieval-server protocol). Each result is
+{rank, title, text, url or doc_id, score, backend}. Every call goes through the
+record/replay cache when one is configured; failures raise ToolError.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+from mars_cli.errors import MarsError, ToolError
+from mars_cli.tools.cache import ToolCache, open_cache
+
+BACKENDS = ("local", "serper", "searxng", "retriever")
+MAX_K = 50
+
+
+def _http(opts: dict):
+    from mars_cli.tools.web import HttpClient
+
+    keys = ("timeout", "retries", "backoff", "max_wait", "max_bytes", "rate_limit", "allow_private")
+    return HttpClient(**{k: opts[k] for k in keys if opts.get(k) is not None})
+
+
+def _url(opts: dict, name: str, env: str, default: str | None = None) -> str:
+    url = opts.get(name) or os.environ.get(env) or default
+    if not url:
+        flag = "--" + name.replace("_", "-")
+        raise MarsError(f"this backend needs {flag} (or {env})")
+    return url.rstrip("/")
+
+
+class LocalBackend:
+    name = "local"
+
+    def __init__(self, index: str | None, opts: dict):
+        from mars_cli.tools.index_text import SentenceEmbedder, TextIndex
+
+        index = index or os.environ.get("MARS_INDEX")
+        if not index:
+            raise MarsError("the local backend needs an index: --index DIR (or MARS_INDEX); build one with `mars index text`")
+        embedder = opts.get("embedder")
+        if embedder is None and opts.get("dense_model"):
+            embedder = SentenceEmbedder(opts["dense_model"])
+        self.index = TextIndex(index, embedder=embedder)
+        self.method = opts.get("method")
+        # The corpus hash (not the path) keys the cache: a rebuilt index is a new corpus.
+        self.params = {"index": self.index.manifest["passages_sha256"], "method": self.method,
+                       "dense": getattr(embedder, "name", None)}
+
+    def search(self, query: str, k: int) -> list[dict]:
+        out = []
+        for rank, (i, score) in enumerate(self.index.search(query, k, method=self.method), 1):
+            p = self.index.passage(i)
+            r = {"rank": rank, "title": p["title"], "text": p["text"], "doc_id": p["id"], "score": round(score, 6), "backend": "local"}
+            if "url" in p:
+                r["url"] = p["url"]
+            out.append(r)
+        return out
+
+
+class _WebBackend:
+    """Shared by serper and searxng: optional fetch of each result page's text."""
+
+    def __init__(self, opts: dict):
+        self.http = _http(opts)
+        self.fetch = opts.get("fetch", True)
+        self.page_chars = int(opts.get("page_chars") or 4000)
+        self.workers = int(opts.get("workers") or 4)
+
+    def _finish(self, hits: list[dict], k: int) -> list[dict]:
+        """hits: {title, url, snippet}; adds rank, text (the page or the snippet), score."""
+        hits = hits[:k]
+        pages: list = [None] * len(hits)
+        if self.fetch and hits:
+            def one(h):
+                try:
+                    return self.http.fetch_text(h["url"], max_chars=self.page_chars), None
+                except ToolError as e:
+                    return None, str(e)
+
+            with ThreadPoolExecutor(max_workers=self.workers) as pool:
+                pages = list(pool.map(one, hits))
+        out = []
+        for rank, (h, page) in enumerate(zip(hits, pages), 1):
+            r = {"rank": rank, "title": h["title"], "text": h["snippet"], "url": h["url"],
+                 "score": round(1.0 / rank, 6), "backend": self.name, "snippet": h["snippet"]}
+            if page is not None:
+                text, err = page
+                if text:
+                    r["text"] = text
+                else:
+                    r["fetch_error"] = err
+            out.append(r)
+        return out
+
+
+class SerperBackend(_WebBackend):
+    name = "serper"
+
+    def __init__(self, opts: dict):
+        super().__init__(opts)
+        self.url = _url(opts, "serper_url", "MARS_SERPER_URL", "https://google.serper.dev")
+        self._key = os.environ.get("SERPER_API_KEY")
+        if not self._key:
+            raise MarsError("the serper backend needs SERPER_API_KEY in the environment")
+        self.params = {"url": self.url, "fetch": self.fetch, "page_chars": self.page_chars}
+
+    def search(self, query: str, k: int) -> list[dict]:
+        data = self.http.request_json("POST", f"{self.url}/search", json={"q": query, "num": k},
+                                      headers={"X-API-KEY": self._key}, what="serper search")
+        organic = data.get("organic") if isinstance(data, dict) else None
+        if not isinstance(organic, list):
+            raise ToolError("serper search: unexpected response (no 'organic' list)")
+        hits = [{"title": str(o.get("title") or ""), "url": o["link"], "snippet": str(o.get("snippet") or "")}
+                for o in organic if isinstance(o, dict) and isinstance(o.get("link"), str)]
+        return self._finish(hits, k)
+
+
+class SearxngBackend(_WebBackend):
+    name = "searxng"
+
+    def __init__(self, opts: dict):
+        opts = {"fetch": False, **opts}  # SearXNG snippets are usually enough; fetch is opt-in
+        super().__init__(opts)
+        self.url = _url(opts, "searxng_url", "MARS_SEARXNG_URL")
+        self.params = {"url": self.url, "fetch": self.fetch, "page_chars": self.page_chars}
+
+    def search(self, query: str, k: int) -> list[dict]:
+        data = self.http.request_json("GET", f"{self.url}/search", params={"q": query, "format": "json"}, what="searxng search")
+        results = data.get("results") if isinstance(data, dict) else None
+        if not isinstance(results, list):
+            raise ToolError("searxng search: unexpected response (no 'results' list)")
+        hits = [{"title": str(o.get("title") or ""), "url": o["url"], "snippet": str(o.get("content") or "")}
+                for o in results if isinstance(o, dict) and isinstance(o.get("url"), str)]
+        return self._finish(hits, k)
+
+
+class RetrieverBackend:
+    name = "retriever"
+
+    def __init__(self, opts: dict):
+        self.http = _http(opts)
+        self.url = _url(opts, "retriever_url", "MARS_RETRIEVER_URL")
+        self.params = {"url": self.url}
+
+    def search(self, query: str, k: int) -> list[dict]:
+        data = self.http.request_json("POST", f"{self.url}/retrieve", json={"queries": [query], "topk": k, "return_scores": True},
+                                      what="retriever")
+        try:
+            items = data["result"][0]
+        except (KeyError, IndexError, TypeError):
+            raise ToolError("retriever: unexpected response (no result[0] list)") from None
+        if not isinstance(items, list):
+            raise ToolError("retriever: unexpected response (result[0] is not a list)")
+        out = []
+        for rank, item in enumerate(items[:k], 1):
+            doc = item.get("document", item) if isinstance(item, dict) else None
+            if not isinstance(doc, dict) or not isinstance(doc.get("contents", doc.get("text")), str):
+                raise ToolError(f"retriever: result {rank} has no document contents")
+            contents = doc.get("contents", doc.get("text"))
+            head, _, body = contents.partition("\n")
+            title, text = (head.strip().strip('"'), body.strip()) if body else (str(doc.get("title") or ""), contents)
+            score = item.get("score", 1.0 / rank)
+            out.append({"rank": rank, "title": title, "text": text, "doc_id": str(doc.get("id", rank)),
+                        "score": float(score) if isinstance(score, (int, float)) else 1.0 / rank, "backend": "retriever"})
+        return out
+
+
+class TextSearch:
+    """A configured text search: backend + optional summarizer + optional cache. Thread-safe."""
+
+    def __init__(self, backend, *, cache: ToolCache | None = None, summarizer=None):
+        self.backend = backend
+        self.cache = cache
+        self.summarizer = summarizer
+
+    @property
+    def params(self) -> dict:
+        p = {"backend": self.backend.name, **self.backend.params}
+        if self.summarizer is not None:
+            p["summary"] = self.summarizer.params
+        return p
+
+    def _run(self, query: str, k: int) -> list[dict]:
+        results = self.backend.search(query, k)
+        if self.summarizer is not None and results:
+            pages, overall = self.summarizer.summarize(query, results)
+            for r, s in zip(results, pages):
+                r["summary"] = s
+                r["query_summary"] = overall
+        return results
+
+    def search(self, query: str, k: int = 5) -> list[dict]:
+        """Ranked results for `query`; ToolError when the call fails or finds nothing."""
+        if not isinstance(query, str) or not query.strip():
+            raise ToolError("text search needs a non-empty query string")
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_K:
+            raise ToolError(f"k must be an integer from 1 to {MAX_K}, got {k!r}")
+        query = " ".join(query.split())
+        if self.cache is None:
+            results = self._run(query, k)
+        else:
+            results = self.cache.wrap("text_search", lambda: self._run(query, k), {"query": query, "k": k}, self.params)
+        if not results:
+            raise ToolError(f"no results for {query!r}")
+        return results
+
+
+def open_text_search(backend: str = "local", *, index: str | None = None, cache=None, replay: bool = False,
+                     summarize: bool = False, **opts) -> TextSearch:
+    """A TextSearch for `backend`; `cache` is a directory (or a ToolCache to share)."""
+    backend = backend or os.environ.get("MARS_SEARCH_BACKEND") or "local"
+    if backend == "local":
+        impl = LocalBackend(index, opts)
+    elif backend == "serper":
+        impl = SerperBackend(opts)
+    elif backend == "searxng":
+        impl = SearxngBackend(opts)
+    elif backend == "retriever":
+        impl = RetrieverBackend(opts)
+    else:
+        raise MarsError(f"unknown text search backend {backend!r} (choose from {', '.join(BACKENDS)})")
+    summarizer = None
+    if summarize:
+        from mars_cli.tools.summarize import Summarizer
+
+        summarizer = Summarizer(opts.get("llm_base_url"), opts.get("llm_model"), http=_http({**opts, "timeout": opts.get("llm_timeout", 60)}))
+    tool_cache = cache if isinstance(cache, ToolCache) else open_cache(cache, replay=replay)
+    return TextSearch(impl, cache=tool_cache, summarizer=summarizer)
+
+
+def _clip(text: str, n: int) -> str:
+    text = " ".join(text.split())
+    if len(text) <= n:
+        return text
+    return text[: max(0, n - 1)].rstrip() + "…"
+
+
+def render_text_results(query: str, results: list[dict], *, budget_chars: int = 3000) -> str:
+    """The block the agent reads: a fixed layout, never longer than budget_chars.
+
+    Each result gets a header line `[n] Title (url or doc id)` and an equal share of the
+    remaining budget for its text (the page summary when there is one). With a
+    summarizer, the overall summary comes first and takes half the budget.
+    """
+    head = f'Search results for "{_clip(query, 200)}":'
+    if not results:
+        return _clip(head + "\nNo results.", budget_chars)
+    lines = [head]
+    overall = results[0].get("query_summary")
+    if overall:
+        lines.append("Summary: " + _clip(overall, max(0, budget_chars // 2 - len(head))))
+    used = sum(len(x) + 1 for x in lines)
+    share = max(0, (budget_chars - used) // len(results))
+    for r in results:
+        where = r.get("url") or (f"doc {r['doc_id']}" if r.get("doc_id") is not None else "")
+        title = f"[{r.get('rank', '?')}] {_clip(r.get('title') or 'untitled', 120)}" + (f" ({_clip(where, 120)})" if where else "")
+        title = _clip(title, max(0, share - 1))
+        body = _clip(r.get("summary") or r.get("text") or "", max(0, share - len(title) - 2))
+        block = title + ("\n" + body if body else "")
+        if block:
+            lines.append(block)
+    return "\n".join(lines)[:budget_chars]
