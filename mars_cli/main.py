@@ -11,9 +11,15 @@ import logging
 import os
 import sys
 
-import click
 import typer
 from typer.core import TyperGroup
+
+try:  # typer ≥ 0.29 vendors its own click; older typer uses the click package
+    from typer._click import exceptions as click_exc
+    from typer._click.utils import echo
+except ImportError:  # pragma: no cover - depends on the installed typer
+    from click import exceptions as click_exc
+    from click.utils import echo
 
 from mars_cli import __version__, streams
 from mars_cli.errors import MarsError
@@ -39,7 +45,7 @@ COMMANDS = {
 }
 
 
-class CommandFailed(click.ClickException):
+class CommandFailed(click_exc.ClickException):
     """A MarsError on its way out: `mars CMD: message`, with the error's exit code."""
 
     def __init__(self, prog: str, message: str, exit_code: int = 1):
@@ -48,20 +54,28 @@ class CommandFailed(click.ClickException):
         self.exit_code = exit_code
 
     def show(self, file=None) -> None:
-        click.echo(f"{self.prog}: {self.message}", err=True)
+        echo(f"{self.prog}: {self.message}", err=True)
 
 
 class MarsGroup(TyperGroup):
     """Turns MarsError into `mars CMD: message` and names the program for warnings."""
 
-    def invoke(self, ctx: click.Context):
-        sub = ctx.protected_args[0] if getattr(ctx, "protected_args", None) else (ctx.args[0] if ctx.args else None)
-        prog = f"mars {sub}" if sub in COMMANDS else "mars"
+    def invoke(self, ctx):
+        pending = list(getattr(ctx, "_protected_args", None) or getattr(ctx, "protected_args", None) or []) + list(ctx.args)
+        sub = pending[0] if pending else None
+        prog = f"mars {sub}" if sub in self.commands else "mars"
         token = streams.program.set(prog)
         try:
             return super().invoke(ctx)
         except MarsError as e:
             raise CommandFailed(prog, str(e), e.exit_code) from e
+        except KeyboardInterrupt:
+            sys.stderr.write(f"{prog}: interrupted\n")
+            raise typer.Exit(130) from None
+        except BrokenPipeError:
+            # The reader went away (`| head -1`): that is how pipelines end, not an error.
+            streams.silence_broken_pipe()
+            raise typer.Exit(0) from None
         finally:
             streams.program.reset(token)
 
@@ -127,17 +141,14 @@ def run(argv: list[str] | None = None) -> None:
     try:
         rv = command.main(args=argv, prog_name="mars", standalone_mode=False)
         code = rv if isinstance(rv, int) else 0
-    except click.exceptions.ClickException as e:
+    except click_exc.ClickException as e:
         e.show()
         code = e.exit_code
-    except click.exceptions.Exit as e:
+    except typer.Exit as e:
         code = e.exit_code
-    except (click.exceptions.Abort, KeyboardInterrupt):
-        sys.stderr.write(f"{streams.program.get()}: interrupted\n")
+    except (typer.Abort, KeyboardInterrupt):
+        sys.stderr.write("mars: interrupted\n")
         code = 130
-    except BrokenPipeError:
-        streams.silence_broken_pipe()
-        code = 0
     try:
         streams.close_records()
         sys.stdout.flush()
