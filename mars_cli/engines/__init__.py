@@ -1,1 +1,121 @@
-"""engines"""
+"""Policy engines behind one interface: `Engine.generate(requests) -> results`.
+
+An engine turns a batch of prompts into one assistant turn each. Token engines (`hf`,
+`vllm`) take the prompt as token ids with ONE <|image_pad|> per image (the engine expands
+placeholders to the processor's patch count itself) and return the exact ids they sampled
+with the log-prob of each under the policy; the agent loop never re-tokenizes text. Chat
+engines (`openai`) take the messages instead and return text only (not trainable).
+
+Which distribution the stored log-probs are of: log softmax(logits / T) over the whole
+vocabulary, T the sampling temperature (T = 1 when sampling greedily), taken before
+top-k/top-p truncation and before the presence penalty. At T = 1 with top-p = 1 and no
+top-k this is exactly log π(token | prefix), what `update` recomputes by a forward pass.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from mars_cli.errors import MarsError, UsageError
+
+ENGINES = {"hf": "mars_cli.engines.hf:HFEngine", "vllm": "mars_cli.engines.vllm_engine:VLLMEngine",
+           "openai": "mars_cli.engines.openai_engine:OpenAIEngine"}
+
+
+@dataclass
+class Sampling:
+    """How tokens are drawn; the same fields for every engine (recorded in `policy`)."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    presence_penalty: float = 0.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not (self.temperature >= 0):
+            raise UsageError(f"--temperature must be >= 0, got {self.temperature}")
+        if not (0 < self.top_p <= 1):
+            raise UsageError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise UsageError(f"--top-k must be >= 0 (0 = off), got {self.top_k}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class GenRequest:
+    """One prompt to continue by one assistant turn."""
+
+    ids: list[int] | None = None  # token engines: prompt ids, one image_pad per image
+    images: list[str] = field(default_factory=list)  # image paths in placeholder order
+    messages: list[dict] | None = None  # chat engines: the conversation so far
+    max_new_tokens: int = 1024
+
+
+@dataclass
+class GenResult:
+    """One generated turn. `ids`/`logprobs` are None for chat engines."""
+
+    text: str
+    ids: list[int] | None = None
+    logprobs: list[float] | None = None
+    finish: str = "stop"  # "stop": ended by itself (<|im_end|>) ; "length": hit max_new_tokens
+    error: str | None = None  # an engine failure for this request; the episode ends with "error"
+    usage: int | None = None  # chat engines: tokens the request consumed (prompt + completion)
+
+
+class Engine:
+    """The interface the agent loop drives. Subclasses set the attributes below."""
+
+    name: str = "engine"
+    tokens: bool = True  # works on token ids; False for chat APIs (records get tokens=null)
+    path: str = ""
+    fingerprint: str | None = None
+    sampling: Sampling
+    renderer: Any = None  # protocol.Renderer for token engines
+    special: dict | None = None
+
+    def generate(self, requests: list[GenRequest]) -> list[GenResult]:
+        raise NotImplementedError
+
+    def image_tokens(self, image: str) -> int:
+        """How many tokens an image expands to in the model's input (for the budget)."""
+        raise NotImplementedError
+
+    def decode(self, ids: list[int]) -> str:
+        return self.renderer.tok.decode(ids, skip_special_tokens=False)
+
+    def describe(self) -> dict:
+        """The `policy` field of a trajectory record."""
+        return {"path": self.path, "fingerprint": self.fingerprint, "engine": self.name,
+                "sampling": self.sampling.to_dict(), "trainable": self.tokens}
+
+    def close(self) -> None:
+        pass
+
+
+def strip_eos(ids: list[int], eos: int) -> tuple[list[int], bool]:
+    """The ids of a turn without its final end-of-turn token, and whether it was there."""
+    if ids and ids[-1] == eos:
+        return ids[:-1], True
+    return ids, False
+
+
+def open_engine(name: str, *, policy: str | None = None, sampling: Sampling | None = None, **opts) -> Engine:
+    """An engine by name: "hf", "vllm" or "openai"; `opts` go to its constructor."""
+    if name not in ENGINES:
+        raise UsageError(f"unknown engine {name!r} (choose from {', '.join(ENGINES)})")
+    modname, clsname = ENGINES[name].split(":")
+    try:
+        mod = importlib.import_module(modname)
+    except ImportError as e:
+        raise MarsError(f"engine {name}: cannot import {e.name or e}: {e}") from None
+    return getattr(mod, clsname)(policy, sampling=sampling or Sampling(), **opts)

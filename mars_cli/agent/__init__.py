@@ -1,0 +1,1 @@
+"""The agent: the multi-turn loop, the toolbox that runs its calls, readable traces."""

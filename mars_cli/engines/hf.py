@@ -1,0 +1,106 @@
+"""The `hf` engine: transformers `generate`, batched with left padding, on CPU or GPU.
+
+Inputs are built by the model layer (models.inputs.build_inputs), which expands each
+image's single placeholder to the processor's patch count. Generation stops at
+<|im_end|> or max_new_tokens. Log-probs come from the raw logits of each step
+(`output_logits=True`, not `output_scores`, which are already warped by top-k/top-p and
+penalties): log softmax(logits / T)[sampled token], T the sampling temperature (T = 1
+when greedy). That is the distribution defined in mars_cli.engines: at T = 1 it equals a
+forward pass's log π(token | prefix).
+"""
+
+from __future__ import annotations
+
+from mars_cli.engines import Engine, GenRequest, GenResult, Sampling, strip_eos
+from mars_cli.errors import MarsError
+
+
+def _presence_processor(penalty: float, prompt_len: int):
+    """Subtract `penalty` from the logits of tokens already generated (vLLM's presence penalty)."""
+    import torch
+    from transformers import LogitsProcessor
+
+    class PresencePenalty(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            gen = input_ids[:, prompt_len:]
+            if gen.shape[1] == 0:
+                return scores
+            seen = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, gen, True)
+            return scores - penalty * seen.to(scores.dtype)
+
+    return PresencePenalty()
+
+
+class HFEngine(Engine):
+    name = "hf"
+    tokens = True
+
+    def __init__(self, policy, *, sampling: Sampling, device: str = "cpu", dtype=None, max_batch: int = 16,
+                 min_pixels: int | None = None, max_pixels: int | None = None, loaded=None):
+        from mars_cli.models.load import load_policy
+        from mars_cli.protocol import Renderer
+
+        if loaded is None:
+            if not policy:
+                raise MarsError("the hf engine needs --policy (a model directory)")
+            loaded = load_policy(policy, device=device, dtype=dtype, min_pixels=min_pixels, max_pixels=max_pixels)
+        self.policy = loaded
+        self.path = str(loaded.path)
+        self.fingerprint = loaded.fingerprint
+        self.sampling = sampling
+        self.special = loaded.special
+        self.renderer = Renderer(loaded.tokenizer, loaded.special)
+        self.max_batch = max(1, max_batch)
+        if sampling.seed is not None:
+            import torch
+
+            torch.manual_seed(sampling.seed)
+
+    def image_tokens(self, image: str) -> int:
+        from mars_cli.models.inputs import image_tokens
+
+        return int(image_tokens(self.policy, image))
+
+    def generate(self, requests: list[GenRequest]) -> list[GenResult]:
+        out: list[GenResult] = []
+        for i in range(0, len(requests), self.max_batch):
+            out.extend(self._generate(requests[i:i + self.max_batch]))
+        return out
+
+    def _generate(self, requests: list[GenRequest]) -> list[GenResult]:
+        import torch
+        from transformers import LogitsProcessorList
+
+        from mars_cli.models.inputs import build_inputs
+
+        batch = build_inputs(self.policy, [(r.ids, r.images) for r in requests], pad_side="left")
+        tensors = {k: (v.to(self.policy.device) if hasattr(v, "to") else v) for k, v in batch.tensors.items()}
+        prompt_len = tensors["input_ids"].shape[1]
+        s = self.sampling
+        max_new = max(r.max_new_tokens for r in requests)
+        kwargs = dict(max_new_tokens=max_new, do_sample=not s.greedy, output_logits=True,
+                      return_dict_in_generate=True, eos_token_id=self.special["im_end"],
+                      pad_token_id=self.special["pad"])
+        if not s.greedy:
+            kwargs.update(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k or 0)
+        if s.presence_penalty:
+            kwargs["logits_processor"] = LogitsProcessorList([_presence_processor(s.presence_penalty, prompt_len)])
+        with torch.inference_mode():
+            gen = self.policy.model.generate(**tensors, **kwargs)
+        new = gen.sequences[:, prompt_len:]
+        # (steps, batch, vocab) → log-probs of the sampled ids under softmax(logits / T)
+        logits = torch.stack(gen.logits, dim=0).float()
+        temp = s.temperature if not s.greedy else 1.0
+        logp = torch.log_softmax(logits / temp, dim=-1)
+        picked = logp.gather(-1, new.T.unsqueeze(-1)).squeeze(-1).T  # (batch, steps)
+        results = []
+        eos = self.special["im_end"]
+        for b, req in enumerate(requests):
+            ids = new[b].tolist()
+            stop = ids.index(eos) + 1 if eos in ids else len(ids)
+            stop = min(stop, req.max_new_tokens)
+            ids = ids[:stop]
+            finish = "stop" if ids and ids[-1] == eos else "length"
+            body, _ = strip_eos(ids, eos)
+            results.append(GenResult(text=self.decode(body), ids=ids, logprobs=picked[b, :stop].tolist(), finish=finish))
+        return results

@@ -1,0 +1,145 @@
+"""Fakes for the agent-loop tests: a byte tokenizer, a scripted engine, fake search tools.
+
+The scripted engine is a real Engine (token ids, log-probs, stop/length finishes) whose
+"model" is a function from the conversation to the next assistant text, so every tool
+path, limit and finish reason can be driven deliberately.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+from mars_cli import protocol
+from mars_cli.engines import Engine, GenRequest, GenResult, Sampling, strip_eos
+from mars_cli.errors import ToolError
+
+SPECIAL = {"im_start": 1, "im_end": 2, "vision_start": 3, "vision_end": 4, "image_pad": 5, "eos": 2, "pad": 0}
+_NAMES = {v: f"<|{k}|>" for k, v in SPECIAL.items() if k not in ("eos",)}
+OFFSET = 16  # byte b is token OFFSET + b
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens; the special ids decode to their <|name|> strings."""
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return [OFFSET + b for b in text.encode("utf-8")]
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        out, buf = [], bytearray()
+        for i in ids:
+            if i >= OFFSET:
+                buf.append(i - OFFSET)
+                continue
+            out.append(buf.decode("utf-8", errors="replace"))
+            buf = bytearray()
+            if not skip_special_tokens:
+                out.append(_NAMES.get(i, f"<{i}>"))
+        out.append(buf.decode("utf-8", errors="replace"))
+        return "".join(out)
+
+
+class ScriptedEngine(Engine):
+    """Answers each request with `script(messages)`, as ids of a byte tokenizer."""
+
+    name = "scripted"
+
+    def __init__(self, script, *, image_cost: int = 10, fail_when=None, delay: float = 0.0):
+        self.script = script
+        self.sampling = Sampling()
+        self.special = dict(SPECIAL)
+        self.renderer = protocol.Renderer(ByteTokenizer(), self.special)
+        self.path = "scripted"
+        self.fingerprint = "scripted-0"
+        self.image_cost = image_cost
+        self.fail_when = fail_when
+        self.delay = delay
+        self.calls = 0
+        self.batch_sizes: list[int] = []
+
+    def image_tokens(self, image: str) -> int:
+        return self.image_cost
+
+    def generate(self, requests: list[GenRequest]) -> list[GenResult]:
+        self.calls += 1
+        self.batch_sizes.append(len(requests))
+        if self.delay:
+            time.sleep(self.delay)
+        out = []
+        for r in requests:
+            if self.fail_when is not None and self.fail_when(r.messages):
+                raise RuntimeError("scripted engine failure")
+            text = self.script(r.messages)
+            ids = self.renderer.tok.encode(text) + [SPECIAL["im_end"]]
+            finish = "stop"
+            if len(ids) > r.max_new_tokens:
+                ids, finish = ids[: r.max_new_tokens], "length"
+            body, _ = strip_eos(ids, SPECIAL["im_end"])
+            out.append(GenResult(text=self.decode(body), ids=ids, logprobs=[-0.5] * len(ids), finish=finish))
+        return out
+
+
+def turn_script(turns):
+    """A script that plays `turns` in order, by how many assistant turns the chat has."""
+    def script(messages):
+        k = sum(1 for m in messages if m["role"] == "assistant")
+        return turns[min(k, len(turns) - 1)]
+    return script
+
+
+def call(name, **args) -> str:
+    return protocol.format_assistant(f"I use {name}.", call=(name, args))
+
+
+def answer(text) -> str:
+    return protocol.format_assistant("I know it.", answer=text)
+
+
+class FakeTextSearch:
+    """The TextSearch interface over a few fixed passages (word overlap ranking)."""
+
+    def __init__(self, passages: dict[str, str], latency: float = 0.0):
+        self.passages = passages
+        self.latency = latency
+        self.queries: list[str] = []
+        self._lock = threading.Lock()
+
+    def search(self, query: str, k: int = 5) -> list[dict]:
+        with self._lock:
+            self.queries.append(query)
+        if self.latency:
+            time.sleep(self.latency)
+        words = set(query.lower().split())
+        scored = sorted(((len(words & set(t.lower().split())), title, t) for title, t in self.passages.items()), reverse=True)
+        hits = [(s, ti, t) for s, ti, t in scored if s > 0][:k]
+        if not hits:
+            raise ToolError(f"no results for {query!r}")
+        return [{"rank": i + 1, "title": ti, "text": t, "doc_id": str(i), "score": float(s), "backend": "fake"}
+                for i, (s, ti, t) in enumerate(hits)]
+
+
+class FakeImageSearch:
+    """The ImageSearch interface returning fixed thumbnails."""
+
+    def __init__(self, thumbs: list[tuple[str, str]]):
+        self.thumbs = thumbs
+        self.seen: list[str] = []
+
+    def search(self, image: str, k: int = 5, *, task=None) -> list[dict]:
+        self.seen.append(image)
+        return [{"rank": i + 1, "title": t, "thumbnail": p, "score": 1.0 / (i + 1), "backend": "fake"}
+                for i, (t, p) in enumerate(self.thumbs[:k])]
+
+
+def make_image(path: Path, size=(400, 300), color=(200, 30, 30)) -> str:
+    """A small JPEG with a gradient (so crops of different regions differ)."""
+    import numpy as np
+    from PIL import Image
+
+    w, h = size
+    x = np.linspace(0, 255, w, dtype=np.uint8)[None, :].repeat(h, 0)
+    y = np.linspace(0, 255, h, dtype=np.uint8)[:, None].repeat(w, 1)
+    arr = np.stack([x, y, np.full((h, w), color[2], np.uint8)], axis=-1)
+    Image.fromarray(arr).save(path, quality=95)
+    return str(path)
