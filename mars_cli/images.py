@@ -1,0 +1,400 @@
+"""Decoding images safely and fast, with a small shared cache of decoded pixels.
+
+Every image mars looks at (task images, crops, thumbnails) goes through `load_array` /
+`load_image`, so the rules live in one place:
+
+- the result is always 8-bit RGB as displayed: EXIF orientation applied, CMYK and 16-bit
+  converted, transparency composited on white (a black background would hide dark text);
+- JPEGs in YCbCr or grey are decoded by libjpeg-turbo through simplejpeg (about 1.5× faster
+  than Pillow on a 4K photo), everything else (PNG, WebP, TIFF, GIF, CMYK JPEG) by Pillow;
+- a non-image, a truncated file or an image over the pixel limit (a decompression bomb)
+  is refused with a MarsError naming the file; the limit is `max_image_pixels`, else
+  MARS_MAX_IMAGE_PIXELS, else 200 MP, and it is checked from the header before decoding;
+- decoded pixels are kept in an LRU cache keyed on (path, inode, size, mtime), bounded by
+  total pixels (MARS_IMAGE_CACHE_PIXELS, default 150 MP ≈ 450 MB), so the ten crops an
+  episode takes of one 4K image decode it once. Cached arrays are shared and read-only.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import threading
+import warnings
+from collections import OrderedDict
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from mars_cli.errors import MarsError
+
+DEFAULT_MAX_IMAGE_PIXELS = 200_000_000
+DEFAULT_CACHE_PIXELS = 150_000_000
+JPEG_MAGIC = b"\xff\xd8\xff"
+# Output formats by file extension (what `mars crop -o NAME.EXT` writes).
+FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP", ".tif": "TIFF", ".tiff": "TIFF", ".bmp": "BMP"}
+EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "TIFF": ".tif", "BMP": ".bmp"}
+
+# We check the pixel count ourselves (from the header, with our own limit and message).
+# Pillow's built-in check would refuse at 2× its 89 MP default, below our 200 MP, so it is
+# raised to at least our limit; its warning between 1× and 2× is noise for us.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(float(raw))
+    except ValueError:
+        raise MarsError(f"{name} must be a positive integer, got {raw!r}") from None
+    if value <= 0:
+        raise MarsError(f"{name} must be a positive integer, got {raw!r}")
+    return value
+
+
+def pixel_limit(value: int | None = None) -> int:
+    """The decompression-bomb limit: `value`, else MARS_MAX_IMAGE_PIXELS, else 200 MP."""
+    if value is not None:
+        if value <= 0:
+            raise MarsError(f"the image pixel limit must be positive, got {value}")
+        return int(value)
+    return _env_int("MARS_MAX_IMAGE_PIXELS", DEFAULT_MAX_IMAGE_PIXELS)
+
+
+class _PixelLRU:
+    """A thread-safe LRU of decoded arrays, bounded by their total pixel count.
+
+    Two threads asking for the same missing image do not both decode it: the second waits
+    for the first (and decodes itself only if the first failed).
+    """
+
+    def __init__(self, budget: int):
+        self.budget = budget
+        self._items: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self._pixels = 0
+        self._lock = threading.Lock()
+        self._inflight: dict[tuple, threading.Event] = {}
+        self.hits = self.misses = self.decodes = 0
+
+    def get(self, key: tuple, decode: Callable[[], np.ndarray]) -> np.ndarray:
+        while True:
+            with self._lock:
+                arr = self._items.get(key)
+                if arr is not None:
+                    self._items.move_to_end(key)
+                    self.hits += 1
+                    return arr
+                pending = self._inflight.get(key)
+                if pending is None:
+                    self._inflight[key] = threading.Event()
+                    self.misses += 1
+                    break
+            pending.wait()
+        try:
+            arr = decode()
+            with self._lock:
+                self.decodes += 1
+                self._put(key, arr)
+            return arr
+        finally:
+            with self._lock:
+                self._inflight.pop(key).set()
+
+    def _put(self, key: tuple, arr: np.ndarray) -> None:
+        n = arr.shape[0] * arr.shape[1]
+        if n > self.budget:
+            return  # bigger than the whole cache: decoding it again is cheaper than evicting all
+        # An older version of the same file (same path, other mtime) will never be asked for again.
+        for old in [k for k in self._items if k[0] == key[0]]:
+            self._drop(old)
+        self._items[key] = arr
+        self._pixels += n
+        while self._pixels > self.budget:
+            self._drop(next(iter(self._items)))
+
+    def _drop(self, key: tuple) -> None:
+        arr = self._items.pop(key)
+        self._pixels -= arr.shape[0] * arr.shape[1]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self._pixels = 0
+            self.hits = self.misses = self.decodes = 0
+
+    def info(self) -> dict:
+        with self._lock:
+            return {"hits": self.hits, "misses": self.misses, "decodes": self.decodes,
+                    "entries": len(self._items), "pixels": self._pixels, "budget": self.budget}
+
+
+_cache = _PixelLRU(_env_int("MARS_IMAGE_CACHE_PIXELS", DEFAULT_CACHE_PIXELS))
+
+
+def cache_info() -> dict:
+    """Counters of the decoded-image cache: hits, misses, decodes, entries, pixels, budget."""
+    return _cache.info()
+
+
+def clear_cache() -> None:
+    """Forget every decoded image (and reset the counters)."""
+    _cache.clear()
+
+
+def set_cache_budget(pixels: int) -> None:
+    """Bound the cache to `pixels` decoded pixels in total (0 disables caching)."""
+    with _cache._lock:
+        _cache.budget = max(0, int(pixels))
+        while _cache._pixels > _cache.budget and _cache._items:
+            _cache._drop(next(iter(_cache._items)))
+
+
+def _local_path(src: str | os.PathLike) -> Path:
+    s = os.fspath(src)
+    if s.startswith("file://"):
+        s = s[len("file://"):]
+    elif "://" in s:
+        raise MarsError(f"{s}: only local image files can be opened (download URLs first)")
+    return Path(s)
+
+
+def _stat_key(path: Path) -> tuple:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise MarsError(f"{path}: no such file") from None
+    except PermissionError:
+        raise MarsError(f"{path}: permission denied") from None
+    if path.is_dir():
+        raise MarsError(f"{path}: is a directory, expected an image")
+    return (os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def load_array(src: str | os.PathLike, *, max_image_pixels: int | None = None) -> np.ndarray:
+    """The image as an (H, W, 3) uint8 RGB array, as displayed; shared and read-only.
+
+    Decoded once per file version and kept in the cache; do not write to the result
+    (numpy refuses: the array is flagged read-only). Copy it if you need to.
+    """
+    path = _local_path(src)
+    limit = pixel_limit(max_image_pixels)
+    key = _stat_key(path)
+    arr = _cache.get(key, lambda: _decode_file(path, limit))
+    # A cached image was checked against the limit it was decoded under; check this one's.
+    _check_pixels(path, arr.shape[1], arr.shape[0], limit)
+    return arr
+
+
+def load_image(
+    src: str | os.PathLike, *, max_pixels: int | None = None, max_image_pixels: int | None = None
+) -> Image.Image:
+    """The image as a new RGB PIL image, as displayed (EXIF orientation applied).
+
+    `max_pixels` shrinks it, keeping the aspect ratio, to at most that many pixels (for a
+    model input or a preview); `max_image_pixels` is the decompression-bomb limit.
+    """
+    arr = load_array(src, max_image_pixels=max_image_pixels)
+    img = Image.fromarray(arr)
+    h, w = arr.shape[:2]
+    if max_pixels is not None and w * h > max_pixels:
+        scale = math.sqrt(max_pixels / (w * h))
+        size = (max(1, math.floor(w * scale)), max(1, math.floor(h * scale)))
+        img = img.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+    return img
+
+
+def image_size(src: str | os.PathLike, *, max_image_pixels: int | None = None) -> tuple[int, int]:
+    """(width, height) as displayed, from the cache or the file header (no decode)."""
+    path = _local_path(src)
+    key = _stat_key(path)
+    with _cache._lock:
+        arr = _cache._items.get(key)
+    if arr is not None:
+        return arr.shape[1], arr.shape[0]
+    data = _read(path)
+    with _open_pillow(path, data, pixel_limit(max_image_pixels)) as im:
+        w, h = im.size
+        if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):
+            w, h = h, w
+    return w, h
+
+
+def _read(path: Path) -> bytes:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise MarsError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise MarsError(f"{path}: is a directory, expected an image") from None
+    except PermissionError:
+        raise MarsError(f"{path}: permission denied") from None
+    if not data:
+        raise MarsError(f"{path}: empty file, not an image")
+    return data
+
+
+def _check_pixels(path: Path, w: int, h: int, limit: int) -> None:
+    if w * h > limit:
+        raise MarsError(
+            f"{path}: image is {w}x{h} = {w * h / 1e6:.1f} MP, over the limit of {limit / 1e6:.1f} MP "
+            "(a decompression bomb?); raise --max-image-pixels or MARS_MAX_IMAGE_PIXELS to allow it"
+        )
+
+
+def _open_pillow(path: Path, data: bytes, limit: int) -> Image.Image:
+    if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < limit:
+        Image.MAX_IMAGE_PIXELS = limit
+    try:
+        im = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise MarsError(f"{path}: not an image (unrecognized format)") from None
+    except Image.DecompressionBombError as e:
+        raise MarsError(f"{path}: refused as a decompression bomb: {e}") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise MarsError(f"{path}: corrupt image header: {e}") from None
+    _check_pixels(path, im.size[0], im.size[1], limit)
+    return im
+
+
+def _decode_file(path: Path, limit: int) -> np.ndarray:
+    data = _read(path)
+    arr = _decode_jpeg_fast(path, data, limit) if data.startswith(JPEG_MAGIC) else None
+    if arr is None:
+        arr = _decode_pillow(path, data, limit)
+    arr.flags.writeable = False
+    return arr
+
+
+def _decode_jpeg_fast(path: Path, data: bytes, limit: int) -> np.ndarray | None:
+    """simplejpeg for YCbCr/grey JPEGs; None means "let Pillow do it" (CMYK, odd files)."""
+    import simplejpeg
+
+    try:
+        h, w, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError:
+        return None  # Pillow gives the better message for a broken header
+    _check_pixels(path, w, h, limit)
+    if colorspace not in ("YCbCr", "Gray"):
+        return None
+    with _open_pillow(path, data, limit) as im:
+        orientation = im.getexif().get(0x0112, 1)
+    try:
+        arr = simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)
+    except ValueError as e:
+        raise MarsError(f"{path}: truncated or corrupt JPEG ({str(e).strip().lower()})") from None
+    return _orient(arr, orientation)
+
+
+def _orient(arr: np.ndarray, orientation: int) -> np.ndarray:
+    """Apply an EXIF orientation (1–8) to an (H, W, C) array, as Pillow's exif_transpose does."""
+    if orientation == 2:
+        arr = arr[:, ::-1]
+    elif orientation == 3:
+        arr = arr[::-1, ::-1]
+    elif orientation == 4:
+        arr = arr[::-1]
+    elif orientation == 5:
+        arr = arr.transpose(1, 0, 2)
+    elif orientation == 6:
+        arr = np.rot90(arr, -1)
+    elif orientation == 7:
+        arr = arr.transpose(1, 0, 2)[::-1, ::-1]
+    elif orientation == 8:
+        arr = np.rot90(arr, 1)
+    else:
+        return arr
+    return np.ascontiguousarray(arr)
+
+
+def _decode_pillow(path: Path, data: bytes, limit: int) -> np.ndarray:
+    with _open_pillow(path, data, limit) as im:
+        try:
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            rgb = _to_rgb(im)
+            return np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8))
+        except MarsError:
+            raise
+        except (OSError, SyntaxError, ValueError, EOFError) as e:
+            raise MarsError(f"{path}: truncated or corrupt image ({str(e).strip().lower()})") from None
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Any Pillow mode → 8-bit RGB; alpha is composited on white."""
+    mode = im.mode
+    if mode == "RGB":
+        return im
+    if mode == "P" and "transparency" not in im.info:
+        return im.convert("RGB")
+    if mode in ("RGBA", "LA", "PA", "La", "RGBa", "P") or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if mode.startswith("I;16") or mode == "I":
+        # 16-bit (PNG/TIFF): keep the top 8 bits instead of clipping everything above 255.
+        a = np.asarray(im).astype(np.float64)
+        return Image.fromarray(np.clip(np.round(a / 257.0), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if mode == "F":
+        a = np.nan_to_num(np.asarray(im, dtype=np.float64))
+        top = a.max() if a.size and a.max() > 255 else 255.0
+        return Image.fromarray(np.clip(np.round(a * 255.0 / top), 0, 255).astype(np.uint8), "L").convert("RGB")
+    return im.convert("RGB")
+
+
+def smart_resize(
+    height: int, width: int, *, factor: int = 28, min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 1280
+) -> tuple[int, int]:
+    """(height, width) rounded to multiples of `factor` with the area in [min_pixels, max_pixels].
+
+    The Qwen-VL rule: round each side to the nearest multiple of the patch factor, then
+    scale both sides by one factor (keeping the aspect ratio) when the area falls outside
+    the bounds, rounding down when shrinking and up when growing.
+    """
+    if height <= 0 or width <= 0:
+        raise MarsError(f"cannot resize an empty image ({width}x{height})")
+    if min_pixels > max_pixels:
+        raise MarsError(f"min_pixels ({min_pixels}) is larger than max_pixels ({max_pixels})")
+    if max(height, width) / min(height, width) > 200:
+        raise MarsError(f"aspect ratio of {width}x{height} is over 200, too extreme to resize")
+    h = max(factor, round(height / factor) * factor)
+    w = max(factor, round(width / factor) * factor)
+    if h * w > max_pixels:
+        shrink = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / shrink / factor) * factor)
+        w = max(factor, math.floor(width / shrink / factor) * factor)
+    elif h * w < min_pixels:
+        grow = math.sqrt(min_pixels / (height * width))
+        h = math.ceil(height * grow / factor) * factor
+        w = math.ceil(width * grow / factor) * factor
+    return h, w
+
+
+def encode(arr: np.ndarray, fmt: str, *, quality: int = 90) -> bytes:
+    """An (H, W, 3) uint8 RGB array as file bytes in `fmt` (JPEG via libjpeg-turbo)."""
+    fmt = fmt.upper()
+    if fmt == "JPEG":
+        import simplejpeg
+
+        # 4:2:0 like Pillow's default: text stays sharp (it lives in luma) and files are smaller.
+        return simplejpeg.encode_jpeg(np.ascontiguousarray(arr), quality=quality, colorspace="RGB",
+                                      colorsubsampling="420")
+    buf = io.BytesIO()
+    opts = {"quality": quality} if fmt == "WEBP" else {}
+    if fmt == "PNG":
+        opts["compress_level"] = 1  # crops are transient artifacts: speed over a few % of size
+    Image.fromarray(np.ascontiguousarray(arr)).save(buf, fmt, **opts)
+    return buf.getvalue()
+
+
+def format_for(path: str | os.PathLike) -> str:
+    """The output format for a file name, from its extension."""
+    ext = Path(path).suffix.lower()
+    if ext not in FORMATS:
+        known = ", ".join(sorted(FORMATS))
+        raise MarsError(f"{path}: unknown image extension {ext or '(none)'!r}; use one of {known}")
+    return FORMATS[ext]
