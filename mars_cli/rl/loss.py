@@ -1,0 +1,145 @@
+"""Policy objectives as pure torch: GSPO (sequence level), GRPO/PPO (token level), k3 KL, NLL.
+
+Every objective has one contract (a registry by name, as in `OBJECTIVES`):
+
+    fn(logp, old, adv, mask, *, ref=None, beta=0.0, eps_low, eps_high, denom) -> LossOut
+
+`logp`, `old`, `ref` and `mask` are [B, T] tensors of per-token log-probabilities (padding
+anywhere mask is 0), `adv` is [B] (one advantage per trajectory). The returned loss is a
+*sum* over the micro-batch divided by `denom`, the size of the whole mini-batch (trajectories
+for sequence-level objectives, mask tokens for token-level ones), so that summing the
+micro-batch losses of a mini-batch gives the same value and gradient however the
+trajectories were packed into micro-batches. `stats` holds sums (not means) for the same
+reason; `reduce_stats` turns accumulated sums into the reported metrics.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+# GSPO's ranges are tiny because a sequence ratio averages hundreds of token ratios.
+GSPO_EPS = (3e-4, 4e-4)
+GRPO_EPS = (0.2, 0.28)
+
+
+@dataclass
+class LossOut:
+    loss: torch.Tensor
+    stats: dict = field(default_factory=dict)  # name -> float sums, see reduce_stats
+
+
+def _masked_mean_per_seq(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over the mask tokens of each row; 0 for a row without any."""
+    n = mask.sum(dim=1)
+    return (x * mask).sum(dim=1) / n.clamp(min=1)
+
+
+def k3(logp: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimate of KL(π_θ‖π_ref): exp(r) − r − 1 with r = log π_ref − log π_θ.
+
+    Unbiased for the KL and never negative; the gradient flows through logp only.
+    """
+    r = (ref - logp).clamp(-20.0, 20.0)  # an exp overflow would make one token dominate
+    return torch.exp(r) - r - 1.0
+
+
+def _seq_stats(ratio: torch.Tensor, clipped: torch.Tensor, kl_seq: torch.Tensor | None, has_tokens: torch.Tensor) -> dict:
+    r = ratio.detach()[has_tokens]
+    return {
+        "n": float(has_tokens.sum()),
+        "clipped": float(clipped.detach()[has_tokens].sum()),
+        "ratio_sum": float(r.sum()),
+        "ratio_min": float(r.min()) if r.numel() else None,
+        "ratio_max": float(r.max()) if r.numel() else None,
+        "kl_sum": float(kl_seq.detach()[has_tokens].sum()) if kl_seq is not None else 0.0,
+    }
+
+
+def gspo(logp, old, adv, mask, *, ref=None, beta: float = 0.0, eps_low: float = GSPO_EPS[0],
+         eps_high: float = GSPO_EPS[1], denom: float = 1.0) -> LossOut:
+    """GSPO: clip the length-normalised sequence ratio s = exp(mean_t(log π_θ − log π_old)).
+
+    The gradient of s is s · mean_t ∇log π_θ(y_t), exactly the paper's (equal to its
+    GSPO-token form sg[s]·π_θ(y_t)/sg[π_θ(y_t)] averaged over t when A is per sequence).
+    """
+    mask = mask.to(logp.dtype)
+    has = mask.sum(dim=1) > 0
+    log_s = _masked_mean_per_seq(logp - old, mask)
+    s = torch.exp(log_s)
+    surr = s * adv
+    surr_clip = torch.clamp(s, 1.0 - eps_low, 1.0 + eps_high) * adv
+    per_seq = -torch.minimum(surr, surr_clip)
+    clipped = surr_clip < surr  # the clipped side was taken: no gradient from this sequence
+    kl_seq = None
+    if ref is not None and beta:
+        kl_seq = _masked_mean_per_seq(k3(logp, ref), mask)
+        per_seq = per_seq + beta * kl_seq
+    per_seq = torch.where(has, per_seq, torch.zeros_like(per_seq))
+    return LossOut(per_seq.sum() / denom, _seq_stats(s, clipped, kl_seq, has))
+
+
+def grpo(logp, old, adv, mask, *, ref=None, beta: float = 0.0, eps_low: float = GRPO_EPS[0],
+         eps_high: float = GRPO_EPS[1], denom: float = 1.0) -> LossOut:
+    """Token-level PPO/GRPO clip (DAPO's asymmetric range), averaged over all mask tokens."""
+    mask = mask.to(logp.dtype)
+    ratio = torch.exp((logp - old).clamp(-20.0, 20.0))
+    a = adv.unsqueeze(1)
+    surr = ratio * a
+    surr_clip = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * a
+    per_tok = -torch.minimum(surr, surr_clip)
+    kl_tok = None
+    if ref is not None and beta:
+        kl_tok = k3(logp, ref)
+        per_tok = per_tok + beta * kl_tok
+    on = mask > 0
+    r = ratio.detach()[on]
+    stats = {
+        "n": float(on.sum()),
+        "clipped": float((surr_clip < surr).detach()[on].sum()),
+        "ratio_sum": float(r.sum()),
+        "ratio_min": float(r.min()) if r.numel() else None,
+        "ratio_max": float(r.max()) if r.numel() else None,
+        "kl_sum": float(kl_tok.detach()[on].sum()) if kl_tok is not None else 0.0,
+    }
+    return LossOut((per_tok * mask).sum() / denom, stats)
+
+
+def nll(logp, mask, *, denom: float = 1.0) -> LossOut:
+    """Negative log-likelihood of the mask tokens (SFT), summed then divided by `denom`."""
+    mask = mask.to(logp.dtype)
+    total = -(logp * mask).sum()
+    return LossOut(total / denom, {"n": float(mask.sum()), "nll_sum": float(total.detach())})
+
+
+OBJECTIVES = {"gspo": gspo, "grpo": grpo}
+# What `denom` counts for each objective: trajectories or mask tokens of the mini-batch.
+LEVEL = {"gspo": "sequence", "grpo": "token"}
+DEFAULT_EPS = {"gspo": GSPO_EPS, "grpo": GRPO_EPS}
+
+
+def merge_stats(acc: dict, new: dict) -> dict:
+    """Add one micro-batch's stats sums into `acc` (min/max kept as min/max)."""
+    for k, v in new.items():
+        if v is None:
+            continue
+        if k.endswith("_min"):
+            acc[k] = v if acc.get(k) is None else min(acc[k], v)
+        elif k.endswith("_max"):
+            acc[k] = v if acc.get(k) is None else max(acc[k], v)
+        else:
+            acc[k] = acc.get(k, 0.0) + v
+    return acc
+
+
+def reduce_stats(acc: dict) -> dict:
+    """Accumulated sums → clip fraction, mean KL and ratio mean/min/max."""
+    n = acc.get("n", 0.0)
+    return {
+        "clip_fraction": acc.get("clipped", 0.0) / n if n else 0.0,
+        "kl": acc.get("kl_sum", 0.0) / n if n else 0.0,
+        "ratio_mean": acc.get("ratio_sum", 0.0) / n if n else 1.0,
+        "ratio_min": acc.get("ratio_min") if acc.get("ratio_min") is not None else 1.0,
+        "ratio_max": acc.get("ratio_max") if acc.get("ratio_max") is not None else 1.0,
+    }
