@@ -72,7 +72,8 @@ def group_moments(r: np.ndarray, g: np.ndarray, ddof: int):
 
 def group_zscore(r: np.ndarray, g: np.ndarray, cfg: AdvantageConfig) -> GroupResult:
     size, mean, std, const = group_moments(r, g, cfg.ddof)
-    adv = (r - mean[g]) / (std[g] + cfg.eps)
+    with np.errstate(divide="ignore", invalid="ignore"):  # eps may be 0: constant groups are zeroed next
+        adv = (r - mean[g]) / (std[g] + cfg.eps)
     adv[const[g]] = 0.0
     return GroupResult(adv, mean, std, size, const)
 
