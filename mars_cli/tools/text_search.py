@@ -254,7 +254,7 @@ def render_text_results(query: str, results: list[dict], *, budget_chars: int = 
     """
     head = f'Search results for "{_clip(query, 200)}":'
     if not results:
-        return _clip(head + "\nNo results.", budget_chars)
+        return (head + "\nNo results.")[:budget_chars]
     lines = [head]
     overall = results[0].get("query_summary")
     if overall:
@@ -270,3 +270,34 @@ def render_text_results(query: str, results: list[dict], *, budget_chars: int = 
         if block:
             lines.append(block)
     return "\n".join(lines)[:budget_chars]
+
+
+def search_records(items, ts: TextSearch, *, k: int = 5, group: bool = False, budget_chars: int = 3000, failures: list | None = None,
+                   warn: bool = True):
+    """For `mars search`: (where, record with "query") → result records.
+
+    One record per result (the input's fields, then "query" and the result's fields), or
+    with group=True one per query with "results" and "context" (the rendered block).
+    A failed query is warned about and appended to `failures`; the stream goes on.
+    """
+    from mars_cli import streams
+
+    for where, rec in items:
+        query = rec.get("query")
+        if not isinstance(query, str):
+            raise where.error("a query record needs a string field 'query'")
+        try:
+            results = ts.search(query, k)
+        except ToolError as e:
+            if warn:
+                streams.warn(f"{where}: {e}")
+            if failures is not None:
+                failures.append(str(e))
+            if group:
+                yield {**rec, "results": [], "context": render_text_results(query, [], budget_chars=budget_chars), "error": str(e)}
+            continue
+        if group:
+            yield {**rec, "results": results, "context": render_text_results(query, results, budget_chars=budget_chars)}
+        else:
+            for r in results:
+                yield {**rec, **r}
