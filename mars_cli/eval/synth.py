@@ -1,0 +1,267 @@
+"""The offline synthetic benchmark: 4K scenes, a made-up knowledge base, reference answers.
+
+`make_synth(out_dir, n=64, seed=0)` writes
+
+    DIR/tasks.jsonl       task records (benchmark "synth", meta.type says which kind)
+    DIR/corpus.jsonl      {"id", "title", "text"} passages for `mars index text`
+    DIR/reference.jsonl   one reference trajectory per task (cold-start data for `mars sft`)
+    DIR/images/           the 3840×2160 scenes (JPEG)
+    DIR/artifacts/        the crops the reference trajectories show
+    DIR/train/, DIR/test/ tasks.jsonl + reference.jsonl of each split (with test_fraction > 0)
+
+Three kinds of task, in a fixed rotation by index:
+- "crop+search": a scene with one small yellow sign naming a made-up place; the question
+  asks a fact about it, so the agent must zoom to read the name, then search the corpus;
+- "perception": which name is on the sign, four options (`scorer: mcq`);
+- "search": the question names the place outright; only a text search is needed.
+
+Everything about task i follows from (seed, i) alone, so `--n 128` extends `--n 64`.
+The reference trajectories are written with the protocol's own functions and real crop
+files, so they are exactly what the agent would produce and see.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from mars_cli.errors import MarsError
+
+KINDS = ("lighthouse", "observatory", "brewery", "bridge", "museum", "ferry terminal", "library", "mill")
+_ONSETS = ("b", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z", "br", "dr", "kr", "st", "th", "tr")
+_VOWELS = ("a", "e", "i", "o", "u", "ai", "ou", "ea")
+_CODAS = ("", "", "n", "r", "l", "s", "th", "nd", "x")
+_PLACE_WORDS = ("Quay", "Point", "Hall", "Works", "Gate", "Crossing", "Yard", "Tower", "Row", "Landing")
+TASK_TYPES = ("crop+search", "crop+search", "crop+search", "perception", "search")
+ATTRIBUTES = ("year", "founder", "city")
+BENCHMARK = "synth"
+
+
+def _word(rng: np.random.Generator, syllables: int) -> str:
+    parts = [str(rng.choice(_ONSETS)) + str(rng.choice(_VOWELS)) + str(rng.choice(_CODAS)) for _ in range(syllables)]
+    return "".join(parts).capitalize()
+
+
+def _place_name(rng: np.random.Generator) -> str:
+    return f"{_word(rng, int(rng.integers(2, 4)))} {rng.choice(_PLACE_WORDS)}"
+
+
+def _entity(rng: np.random.Generator, name: str) -> dict:
+    return {
+        "name": name,
+        "kind": str(rng.choice(KINDS)),
+        "year": str(int(rng.integers(1650, 1990))),
+        "founder": f"{_word(rng, 2)} {_word(rng, int(rng.integers(2, 4)))}",
+        "city": _word(rng, int(rng.integers(2, 4))),
+    }
+
+
+def passage(e: dict) -> str:
+    return (
+        f"{e['name']} is a {e['kind']} in the city of {e['city']}. It was founded in {e['year']} "
+        f"by {e['founder']}, and it is known locally for its yellow signboard."
+    )
+
+
+QUESTIONS = {
+    "year": ("In which year was the {kind} named on the yellow sign founded?", "In which year was {name}, a {kind}, founded?"),
+    "founder": ("Who founded the {kind} named on the yellow sign?", "Who founded {name}, a {kind}?"),
+    "city": ("In which city is the {kind} named on the yellow sign?", "In which city is {name}, a {kind}?"),
+}
+
+
+def plan_task(seed: int, i: int, taken: set[str]) -> dict:
+    """Everything about task i except pixels: entity, near-miss distractors, question."""
+    rng = np.random.default_rng([seed, i])
+    name = _place_name(rng)
+    while name in taken:
+        name = _place_name(rng)
+    taken.add(name)
+    ent = _entity(rng, name)
+    # A near namesake (same place word, other facts) makes the search need the exact name.
+    near = _entity(rng, f"{_word(rng, 2)} {name.split()[-1]}")
+    decoys = [_place_name(rng) for _ in range(int(rng.integers(8, 16)))]
+    ttype = TASK_TYPES[i % len(TASK_TYPES)]
+    attr = ATTRIBUTES[int(rng.integers(0, len(ATTRIBUTES)))]
+    plan = {"index": i, "id": f"synth-{seed}-{i:05d}", "type": ttype, "entity": ent, "near": near,
+            "decoys": decoys, "attribute": attr, "scene_seed": [seed, i, 1]}
+    if ttype == "perception":
+        options = [name] + [_place_name(rng) for _ in range(3)]
+        order = rng.permutation(len(options))
+        plan["choices"] = [options[j] for j in order]
+        plan["answer"] = "ABCD"[int(np.flatnonzero(order == 0)[0])]
+        plan["question"] = "What name is written on the yellow sign?"
+    else:
+        q_crop, q_text = QUESTIONS[attr]
+        plan["question"] = (q_crop if ttype == "crop+search" else q_text).format(**ent)
+        plan["answer"] = ent[attr]
+    return plan
+
+
+def render_plan(args: tuple[dict, str]) -> tuple[list[int], int]:
+    """Draw task's scene to `path`; returns the plate's pixel box and the file size."""
+    from mars_cli.eval.render_synth import draw_scene, encode_jpeg
+
+    plan, path = args
+    rng = np.random.default_rng(plan["scene_seed"])
+    img, box = draw_scene(rng, plan["entity"]["name"], plan["decoys"])
+    data = encode_jpeg(img)
+    with open(path, "wb") as f:
+        f.write(data)
+    return list(box), len(data)
+
+
+def _split_of(plan: dict, seed: int, test_fraction: float) -> str:
+    if test_fraction <= 0:
+        return "train"
+    u = np.random.default_rng([seed, plan["index"], 7]).random()
+    return "test" if u < test_fraction else "train"
+
+
+def make_synth(out_dir: str | os.PathLike, *, n: int = 64, seed: int = 0, test_fraction: float = 0.0,
+               distractors: int = 2, workers: int | None = None) -> dict:
+    """Generate the benchmark into `out_dir` (replaced atomically); returns a summary."""
+    from mars_cli.fsutil import atomic_dir
+    from mars_cli.jsonl import RecordWriter
+    from mars_cli.records import make_task
+
+    if n < 1:
+        raise MarsError(f"--n must be at least 1, got {n}")
+    if not 0.0 <= test_fraction < 1.0:
+        raise MarsError(f"--test-fraction must be in [0, 1), got {test_fraction}")
+    out_dir = Path(out_dir)
+    taken: set[str] = set()
+    plans = [plan_task(seed, i, taken) for i in range(n)]
+    rng = np.random.default_rng([seed, 1 << 20])
+    extra = [_entity(rng, _place_name(rng)) for _ in range(distractors * n)]
+    extra = [e for e in extra if e["name"] not in taken]
+
+    with atomic_dir(out_dir) as tmp:
+        for sub in ("images", "artifacts"):
+            (tmp / sub).mkdir()
+        drawn = [p for p in plans if p["type"] != "search"]
+        jobs = [(p, str(tmp / "images" / f"{p['id']}.jpg")) for p in drawn]
+        workers = workers if workers is not None else min(len(jobs), os.cpu_count() or 1)
+        if workers > 1 and len(jobs) > 4:
+            with ProcessPoolExecutor(workers) as pool:
+                boxes = list(pool.map(render_plan, jobs, chunksize=4))
+        else:
+            boxes = [render_plan(j) for j in jobs]
+        for p, (box, _) in zip(drawn, boxes):
+            p["box"] = box
+
+        corpus = []
+        for p in plans:
+            for key in ("entity", "near"):
+                e = p[key]
+                corpus.append({"id": f"{p['id']}-{key}", "title": e["name"], "text": passage(e)})
+        corpus += [{"id": f"synth-{seed}-extra-{j:05d}", "title": e["name"], "text": passage(e)} for j, e in enumerate(extra)]
+
+        tasks, refs = [], []
+        for p in plans:
+            images = [str(out_dir / "images" / f"{p['id']}.jpg")] if p["type"] != "search" else []
+            meta = {"type": p["type"], "split": _split_of(p, seed, test_fraction), "seed": seed}
+            if p["type"] != "perception":
+                meta["attribute"] = p["attribute"]
+            if "box" in p:
+                meta["target_box_px"] = p["box"]
+                meta["target_label"] = p["entity"]["name"]
+            task = make_task(p["id"], p["question"], images=images, answers=[p["answer"]],
+                             choices=p.get("choices"), benchmark=BENCHMARK,
+                             scorer="mcq" if p["type"] == "perception" else "em", meta=meta)
+            tasks.append(task)
+            refs.append(reference_trajectory(task, p, search_results(p, corpus), tmp, out_dir))
+
+        _write(tmp / "tasks.jsonl", tasks)
+        _write(tmp / "reference.jsonl", refs)
+        _write(tmp / "corpus.jsonl", corpus)
+        if test_fraction > 0:
+            for split in ("train", "test"):
+                (tmp / split).mkdir()
+                _write(tmp / split / "tasks.jsonl", [t for t in tasks if t["meta"]["split"] == split])
+                _write(tmp / split / "reference.jsonl", [r for r in refs if r["meta"]["split"] == split])
+    counts = {t: sum(1 for p in plans if p["type"] == t) for t in dict.fromkeys(TASK_TYPES)}
+    return {"out": str(out_dir), "tasks": n, "passages": len(corpus), "images": len(drawn), "types": counts,
+            "test": sum(1 for t in tasks if t["meta"]["split"] == "test") if test_fraction > 0 else 0}
+
+
+# --- reference trajectories ------------------------------------------------------------
+
+FACTS = {
+    "year": "{name} was founded in {year}",
+    "founder": "{name} was founded by {founder}",
+    "city": "{name} is in the city of {city}",
+}
+
+
+def search_results(plan: dict, corpus: list[dict]) -> list[dict]:
+    """What a search for the name returns in the reference: the gold passage, then the namesake."""
+    if plan["type"] == "perception":
+        return []
+    by_id = {c["id"]: c for c in corpus}
+    out = []
+    for rank, key in enumerate(("entity", "near"), 1):
+        c = by_id[f"{plan['id']}-{key}"]
+        out.append({"rank": rank, "title": c["title"], "text": c["text"], "doc_id": c["id"], "score": None, "backend": "reference"})
+    return out
+
+
+def padded_bbox(box_px: list[int], size: tuple[int, int], pad: float = 0.3) -> list[int]:
+    """The plate's box grown by `pad` of its size (at least 24 px) in 0–1000 units."""
+    w, h = size
+    l, t, r, b = box_px
+    dx, dy = max(24, (r - l) * pad), max(24, (b - t) * pad)
+    l, t, r, b = max(0, l - dx), max(0, t - dy), min(w, r + dx), min(h, b + dy)
+    return [int(l * 1000 // w), int(t * 1000 // h), -int(-r * 1000 // w), -int(-b * 1000 // h)]
+
+
+def reference_trajectory(task: dict, plan: dict, results: list[dict], tmp: Path, final: Path) -> dict:
+    """The episode a perfect agent has on this task, in the protocol's exact format."""
+    from mars_cli import protocol as P
+    from mars_cli.eval.render_synth import CANVAS
+    from mars_cli.tools.crop import crop_image
+    from mars_cli.tools.text_search import render_text_results
+
+    ent = plan["entity"]
+    messages = P.initial_messages(task)
+    calls: list[dict] = []
+
+    def act(thinking: str, *, call=None, answer=None, result=None):
+        messages.append({"role": "assistant", "content": P.format_assistant(thinking, call=call, answer=answer)})
+        if call is not None:
+            calls.append({"turn": len(calls), "name": call[0], "arguments": call[1], "ok": True, "error": None, "latency": 0.0})
+            messages.append(result)
+
+    if plan["type"] != "search":
+        bbox = padded_bbox(plan["box"], CANVAS)
+        crop = crop_image(tmp / "images" / f"{plan['id']}.jpg", P.bbox_to_unit(bbox), out_dir=tmp / "artifacts")
+        shown = str(final / "artifacts" / Path(crop["path"]).name)
+        cx, cy = (bbox[0] + bbox[2]) // 2, (bbox[1] + bbox[3]) // 2
+        act(f"The question is about the small yellow sign in the image, around ({cx}, {cy}) in 0-1000 "
+            "coordinates, but at this scale its text is too small to read. I will zoom in on it.",
+            call=(P.ZOOM, {"bbox_2d": bbox, "label": "yellow sign"}),
+            result=P.tool_message(P.ZOOM, P.ZOOM_HEADER, [shown]))
+    if plan["type"] == "perception":
+        act(f'The zoomed sign reads "{ent["name"]}", which is option {plan["answer"]}.', answer=plan["answer"])
+    else:
+        lead = (f'The sign reads "{ent["name"]}".' if plan["type"] == "crop+search"
+                else f'The question is about {ent["name"]}.')
+        act(f"{lead} I do not know this {ent['kind']}, so I will search for it by its exact name.",
+            call=(P.TEXT_SEARCH, {"query": ent["name"]}),
+            result=P.tool_message(P.TEXT_SEARCH, render_text_results(ent["name"], results)))
+        fact = FACTS[plan["attribute"]].format(**ent)
+        act(f"The first result is about {ent['name']} itself (not its namesake {plan['near']['name']}): "
+            f"{fact}.", answer=plan["answer"])
+    return {**task, "group": task["id"], "sample": 0, "messages": messages, "tool_calls": calls,
+            "prediction": plan["answer"], "finish": "answer", "tokens": None, "policy": {"engine": "reference"}}
+
+
+def _write(path: Path, records: list[dict]) -> None:
+    from mars_cli.jsonl import RecordWriter
+
+    with RecordWriter(path) as w:
+        for r in records:
+            w.write(r)

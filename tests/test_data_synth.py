@@ -1,0 +1,157 @@
+"""`mars data synth`: determinism, the target and its crop, the reference trajectories, splits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from mars_cli import protocol as P
+from mars_cli.eval.synth import make_synth, padded_bbox
+from mars_cli.jsonl import read_file
+from mars_cli.main import app
+from mars_cli.records import validate
+from mars_cli.rl.scorers import RULE_SCORERS
+
+
+@pytest.fixture(autouse=True)
+def plain_errors(monkeypatch):
+    import typer.core
+
+    monkeypatch.setattr(typer.core, "HAS_RICH", False)
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("synth") / "bench"
+    r = CliRunner().invoke(app, ["data", "synth", "--n", "10", "--seed", "3", "--out", str(out), "--test-fraction", "0.4"])
+    assert r.exit_code == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["tasks"] == 10 and summary["types"] == {"crop+search": 6, "perception": 2, "search": 2}
+    return out
+
+
+def test_files_and_task_kinds(synth):
+    tasks = read_file(synth / "tasks.jsonl")
+    assert [t["meta"]["type"] for t in tasks[:5]] == ["crop+search"] * 3 + ["perception", "search"]
+    for t in tasks:
+        validate(t, "task")
+        assert t["benchmark"] == "synth"
+        if t["meta"]["type"] == "search":
+            assert t["images"] == [] and t["meta"]["attribute"] in ("year", "founder", "city")
+            continue
+        assert len(t["images"]) == 1 and Path(t["images"][0]).is_file()
+        with Image.open(t["images"][0]) as im:
+            assert im.size == (3840, 2160) and im.format == "JPEG"
+        l, tp, r, b = t["meta"]["target_box_px"]
+        assert 0 <= l < r <= 3840 and 0 <= tp < b <= 2160
+        assert (r - l) * (b - tp) < 0.05 * 3840 * 2160
+        if t["meta"]["type"] == "perception":
+            assert t["scorer"] == "mcq" and len(t["choices"]) == 4
+            assert t["choices"]["ABCD".index(t["answers"][0])] == t["meta"]["target_label"]
+        else:
+            assert t["scorer"] == "em"
+
+
+def test_target_is_the_yellow_plate(synth):
+    t = read_file(synth / "tasks.jsonl")[0]
+    arr = np.asarray(Image.open(t["images"][0]).convert("RGB")).astype(int)
+    l, tp, r, b = t["meta"]["target_box_px"]
+    plate = arr[tp + 4:b - 4, l + 4:r - 4]
+    yellow = (plate[..., 0] > 200) & (plate[..., 1] > 170) & (plate[..., 2] < 110)
+    assert yellow.mean() > 0.5
+    # Dark text on it: the label is drawn, not only the plate.
+    assert (plate.sum(-1) < 200).mean() > 0.03
+
+
+def test_corpus_is_ready_for_indexing_and_holds_the_answers(synth):
+    corpus = read_file(synth / "corpus.jsonl")
+    assert len({c["id"] for c in corpus}) == len(corpus)
+    assert all(set(c) >= {"id", "title", "text"} for c in corpus)
+    by_title = {c["title"]: c for c in corpus}
+    for t in read_file(synth / "tasks.jsonl"):
+        if t["meta"]["type"] == "crop+search":
+            assert t["answers"][0] in by_title[t["meta"]["target_label"]]["text"]
+            assert t["meta"]["target_label"] not in t["question"]
+
+
+def test_reference_trajectories_follow_the_protocol(synth):
+    tasks = {t["id"]: t for t in read_file(synth / "tasks.jsonl")}
+    refs = read_file(synth / "reference.jsonl")
+    assert [r["id"] for r in refs] == list(tasks)
+    for ref in refs:
+        validate(ref, "trajectory")
+        task = tasks[ref["id"]]
+        assert ref["group"] == ref["id"] and ref["sample"] == 0 and ref["finish"] == "answer"
+        assert ref["tokens"] is None and ref["policy"] == {"engine": "reference"}
+        assert ref["messages"][:2] == P.initial_messages(task)
+        turns = [P.parse_turn(m["content"]) for m in ref["messages"] if m["role"] == "assistant"]
+        calls = [(t.call.name, t.call.arguments) for t in turns if t.call]
+        assert all(t.error is None for t in turns)
+        assert calls == [(c["name"], c["arguments"]) for c in ref["tool_calls"]]
+        assert turns[-1].answer == ref["prediction"]
+        score = RULE_SCORERS[task["scorer"]](ref["prediction"], task["answers"], task.get("choices"))
+        assert score.accuracy == 1.0
+        kind = task["meta"]["type"]
+        names = [c[0] for c in calls]
+        assert names == {"crop+search": [P.ZOOM, P.TEXT_SEARCH], "perception": [P.ZOOM], "search": [P.TEXT_SEARCH]}[kind]
+        if P.ZOOM in names:
+            bbox = calls[0][1]["bbox_2d"]
+            l, t, r, b = task["meta"]["target_box_px"]
+            # The zoom covers the whole plate, with some margin, and little else.
+            x0, y0, x1, y1 = P.bbox_to_unit(bbox)
+            assert x0 * 3840 < l and y0 * 2160 < t and x1 * 3840 > r and y1 * 2160 > b
+            assert (x1 - x0) * (y1 - y0) < 0.1
+            tool = ref["messages"][3]
+            assert tool["role"] == "tool" and tool["name"] == P.ZOOM
+            assert tool["content"][0] == {"type": "text", "text": P.ZOOM_HEADER}
+            crop = Path(tool["content"][1]["image"])
+            assert crop.parent == synth / "artifacts" and crop.is_file()
+        if P.TEXT_SEARCH in names:
+            result = ref["messages"][-2]
+            assert result["name"] == P.TEXT_SEARCH and task["answers"][0] in result["content"][0]["text"]
+
+
+def test_splits_partition_the_tasks(synth):
+    all_ids = [t["id"] for t in read_file(synth / "tasks.jsonl")]
+    train = [t["id"] for t in read_file(synth / "train" / "tasks.jsonl")]
+    test = [t["id"] for t in read_file(synth / "test" / "tasks.jsonl")]
+    assert train and test and sorted(train + test) == sorted(all_ids) and not set(train) & set(test)
+    assert [r["id"] for r in read_file(synth / "test" / "reference.jsonl")] == test
+
+
+def test_same_seed_same_files_and_prefix_stability(tmp_path):
+    a = make_synth(tmp_path / "a", n=4, seed=11, workers=1)
+    b = make_synth(tmp_path / "b", n=4, seed=11, workers=2)
+    c = make_synth(tmp_path / "c", n=2, seed=12, workers=1)
+    assert a["tasks"] == b["tasks"] == 4 and c["tasks"] == 2
+
+    def text(d, name):
+        return (d / name).read_text().replace(str(d), "DIR")
+
+    for name in ("tasks.jsonl", "reference.jsonl"):
+        assert text(tmp_path / "a", name) == text(tmp_path / "b", name)
+    for img in (tmp_path / "a" / "images").iterdir():
+        assert img.read_bytes() == (tmp_path / "b" / "images" / img.name).read_bytes()
+    assert text(tmp_path / "a", "tasks.jsonl") != text(tmp_path / "c", "tasks.jsonl")
+    # Task i depends only on (seed, i): a shorter run is a prefix of a longer one.
+    d = make_synth(tmp_path / "d", n=2, seed=11, workers=1)
+    assert d["tasks"] == 2
+    assert text(tmp_path / "a", "tasks.jsonl").splitlines()[:2] == text(tmp_path / "d", "tasks.jsonl").splitlines()
+
+
+def test_padded_bbox_units():
+    assert padded_bbox([100, 100, 200, 150], (1000, 1000), pad=0.0) == [76, 76, 224, 174]
+    assert padded_bbox([0, 0, 1000, 1000], (1000, 1000)) == [0, 0, 1000, 1000]
+
+
+def test_bad_arguments(tmp_path):
+    r = CliRunner().invoke(app, ["data", "synth", "--n", "0", "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2
+    with pytest.raises(Exception, match="test-fraction"):
+        make_synth(tmp_path / "y", n=1, test_fraction=1.5)
+    assert not (tmp_path / "y").exists()
