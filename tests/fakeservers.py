@@ -114,12 +114,12 @@ def serper_routes(hits: list[dict], lens: list[dict] | None = None) -> dict:
         organic = [{**h, "position": i + 1} for i, h in enumerate(hits[:n])]
         return _json({"searchParameters": req["json"], "organic": organic})
 
-    def lens(req):
+    def lens_search(req):
         if req.get("empty"):
             return _json({"organic": []})
         return _json({"searchParameters": req["json"], "organic": lens or []})
 
-    return {("POST", "/search"): search, ("POST", "/lens"): lens}
+    return {("POST", "/search"): search, ("POST", "/lens"): lens_search}
 
 
 def searxng_routes(results: list[dict]) -> dict:
