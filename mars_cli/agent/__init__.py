@@ -1,1 +1,1 @@
-"""The agent: the multi-turn loop, the toolbox that runs its calls, readable traces."""
+"""The agent: the multi-turn loop, the toolbox that runs its calls, run setup, traces."""

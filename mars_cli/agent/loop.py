@@ -81,9 +81,13 @@ class AgentLoop:
 
     # --- public ------------------------------------------------------------------------
 
-    def run(self, tasks: Iterable[dict], n: int = 1) -> Iterator[dict]:
-        """Yield one trajectory record per (task, sample), in the order episodes finish."""
-        pending = ((rec, s) for rec in tasks for s in range(n))
+    def run(self, tasks: Iterable[dict], n: int = 1, skip: set | None = None) -> Iterator[dict]:
+        """Yield one trajectory record per (task, sample), in the order episodes finish.
+
+        `skip` holds (str(task id), sample) pairs not to run (--resume).
+        """
+        skip = skip or set()
+        pending = ((rec, s) for rec in tasks for s in range(n) if (str(rec["id"]), s) not in skip)
         live: list[Episode] = []
         with ThreadPoolExecutor(self.tool_workers, thread_name_prefix="mars-tool") as pool:
             exhausted = False

@@ -126,23 +126,22 @@ _THUMB = re.compile(r"^Thumbnail (\d+):", re.MULTILINE)
 
 
 def interleave(text: str, thumbs: list[str]) -> list[dict]:
-    """Message parts with thumbnail i placed right after its `Thumbnail i:` line.
+    """Message parts with the k-th thumbnail placed right after the k-th `Thumbnail n:` line.
 
-    Thumbnails the text does not mention go at the end, so none is ever dropped.
+    (Results without a thumbnail have no such line, so the order, not n, pairs them.)
+    Thumbnails the text does not announce go at the end, so none is ever dropped.
     """
     parts: list[dict] = []
-    used: set[int] = set()
     pos = 0
+    k = 0
     for m in _THUMB.finditer(text):
-        i = int(m.group(1)) - 1
-        if not 0 <= i < len(thumbs) or i in used:
-            continue
-        end = m.end()
-        parts.append({"type": "text", "text": text[pos:end]})
-        parts.append({"type": "image", "image": str(thumbs[i])})
-        used.add(i)
-        pos = end
+        if k >= len(thumbs):
+            break
+        parts.append({"type": "text", "text": text[pos:m.end()]})
+        parts.append({"type": "image", "image": str(thumbs[k])})
+        k += 1
+        pos = m.end()
     if pos < len(text) or not parts:
         parts.append({"type": "text", "text": text[pos:]})
-    parts.extend({"type": "image", "image": str(t)} for i, t in enumerate(thumbs) if i not in used)
+    parts.extend({"type": "image", "image": str(t)} for t in thumbs[k:])
     return parts

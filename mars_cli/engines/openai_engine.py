@@ -1,0 +1,132 @@
+"""The `openai` engine: any OpenAI-compatible chat endpoint (GPT-4o, a vLLM server, …).
+
+For baselines and teacher trajectories. The conversation is sent as chat messages with
+images as data URLs (http(s) URLs pass through); tool results are sent as user turns
+wrapped in <tool_response>, as the Qwen template renders them, because the protocol's
+calls are plain text rather than the API's function-calling objects. The endpoint returns
+text only, so records carry tokens=null and are not trainable.
+
+The key comes from MARS_OPENAI_API_KEY or OPENAI_API_KEY only; it never reaches a record.
+Requests of a batch run concurrently (`concurrency` threads).
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import mimetypes
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+from mars_cli.engines import Engine, GenRequest, GenResult, Sampling
+from mars_cli.errors import MarsError
+
+MIME = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".webp": "image/webp", ".gif": "image/gif"}
+
+
+@functools.lru_cache(maxsize=256)
+def data_url(path: str) -> str:
+    """An image file as a data URL; remote URLs are passed through unchanged."""
+    if path.startswith(("http://", "https://", "data:")):
+        return path
+    ext = os.path.splitext(path)[1].lower()
+    mime = MIME.get(ext) or mimetypes.guess_type(path)[0] or "image/jpeg"
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise MarsError(f"{path}: cannot read image ({e.strerror or e})") from None
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def _parts(content) -> list[dict] | str:
+    if isinstance(content, str):
+        return content
+    out = []
+    for p in content or []:
+        if p.get("type") == "image":
+            out.append({"type": "image_url", "image_url": {"url": data_url(str(p["image"]))}})
+        else:
+            out.append({"type": "text", "text": p.get("text", "")})
+    return out
+
+
+def to_chat(messages: list[dict]) -> list[dict]:
+    """Our messages → OpenAI chat messages (tool results as <tool_response> user turns)."""
+    out = []
+    for m in messages:
+        if m["role"] == "tool":
+            parts = _parts(m.get("content"))
+            parts = [{"type": "text", "text": parts}] if isinstance(parts, str) else parts
+            body = [{"type": "text", "text": "<tool_response>\n"}, *parts, {"type": "text", "text": "\n</tool_response>"}]
+            out.append({"role": "user", "content": body})
+        elif m["role"] == "assistant":
+            c = m.get("content")
+            out.append({"role": "assistant", "content": c if isinstance(c, str) else "".join(p.get("text", "") for p in c or [])})
+        else:
+            out.append({"role": m["role"], "content": _parts(m.get("content"))})
+    return out
+
+
+class OpenAIEngine(Engine):
+    name = "openai"
+    tokens = False
+
+    def __init__(self, policy, *, sampling: Sampling, base_url: str | None = None, model: str | None = None,
+                 concurrency: int = 8, timeout: float = 120.0, max_retries: int = 3, client=None):
+        import openai
+
+        base_url = base_url or os.environ.get("MARS_OPENAI_BASE_URL") or os.environ.get("OPENAI_BASE_URL")
+        model = model or policy or os.environ.get("MARS_OPENAI_MODEL")
+        if not model:
+            raise MarsError("the openai engine needs --model (or --policy, or MARS_OPENAI_MODEL): the model name to ask for")
+        key = os.environ.get("MARS_OPENAI_API_KEY") or os.environ.get("OPENAI_API_KEY")
+        if not key:
+            if not base_url:
+                raise MarsError("the openai engine needs MARS_OPENAI_API_KEY (or OPENAI_API_KEY), or --base-url for a local server")
+            key = "EMPTY"  # local OpenAI-compatible servers accept any key
+        self.client = client or openai.OpenAI(base_url=base_url, api_key=key, timeout=timeout, max_retries=max_retries)
+        self.model = model
+        self.base_url = base_url
+        self.path = model
+        self.fingerprint = None
+        self.sampling = sampling
+        self.concurrency = max(1, concurrency)
+
+    def describe(self) -> dict:
+        d = super().describe()
+        d["base_url"] = self.base_url  # where it ran; never the key
+        return d
+
+    def image_tokens(self, image: str) -> int:
+        return 0  # the budget comes from the endpoint's usage counts instead
+
+    def generate(self, requests: list[GenRequest]) -> list[GenResult]:
+        if len(requests) == 1:
+            return [self._one(requests[0])]
+        with ThreadPoolExecutor(min(self.concurrency, len(requests))) as pool:
+            return list(pool.map(self._one, requests))
+
+    def _one(self, req: GenRequest) -> GenResult:
+        import openai
+
+        s = self.sampling
+        kwargs = dict(model=self.model, messages=to_chat(req.messages or []), max_tokens=req.max_new_tokens,
+                      temperature=s.temperature, top_p=s.top_p)
+        if s.presence_penalty:
+            kwargs["presence_penalty"] = s.presence_penalty
+        if s.seed is not None:
+            kwargs["seed"] = s.seed
+        if s.top_k:
+            kwargs["extra_body"] = {"top_k": s.top_k}  # vLLM and SGLang servers accept it
+        try:
+            resp = self.client.chat.completions.create(**kwargs)
+        except (openai.OpenAIError, MarsError) as e:
+            return GenResult(text="", error=f"openai: {type(e).__name__}: {e}")
+        if not resp.choices:
+            return GenResult(text="", error="openai: the response has no choices")
+        choice = resp.choices[0]
+        usage = getattr(resp, "usage", None)
+        total = getattr(usage, "total_tokens", None) if usage is not None else None
+        return GenResult(text=choice.message.content or "", finish="length" if choice.finish_reason == "length" else "stop",
+                         usage=int(total) if total is not None else None)

@@ -1,0 +1,99 @@
+"""The `vllm` engine: an in-process `vllm.LLM` on GPUs (tensor parallel), token in, token out.
+
+Coded to vLLM 0.33's documented offline API:
+- prompts are `TokensPrompt(prompt_token_ids=ids, multi_modal_data={"image": [PIL…]})`
+  with ONE <|image_pad|> per image: vLLM's Qwen-VL input processor expands each to the
+  image's patch count itself, exactly as models.inputs does for the hf engine;
+- `SamplingParams(logprobs=0, …)` returns the log-prob of the sampled token only, as
+  `CompletionOutput.logprobs[i][token_id].logprob`; the engine runs with
+  `logprobs_mode="processed_logprobs"` so the values are of the temperature-scaled
+  distribution (the definition in mars_cli.engines; top-k/top-p/penalties must be off for
+  them to equal a forward pass, which is the RL default);
+- one global seed (`LLM(seed=…)`): a per-request seed would make the n samples of a task
+  identical.
+vllm is imported only when this engine is opened.
+"""
+
+from __future__ import annotations
+
+from mars_cli.engines import Engine, GenRequest, GenResult, Sampling, strip_eos
+from mars_cli.errors import MarsError
+
+
+class VLLMEngine(Engine):
+    name = "vllm"
+    tokens = True
+
+    def __init__(self, policy, *, sampling: Sampling, tp: int = 1, gpu_memory_utilization: float = 0.85,
+                 max_model_len: int | None = None, dtype: str = "auto", max_images: int = 32,
+                 min_pixels: int | None = None, max_pixels: int | None = None, llm=None, **_):
+        from mars_cli.models.load import fingerprint, load_image_processor, load_tokenizer, special_ids
+        from mars_cli.protocol import Renderer
+
+        if not policy:
+            raise MarsError("the vllm engine needs --policy (a model directory)")
+        self.path = str(policy)
+        tokenizer = load_tokenizer(policy)
+        self.special = special_ids(tokenizer, policy)
+        self.renderer = Renderer(tokenizer, self.special)
+        self.image_processor = load_image_processor(policy, min_pixels=min_pixels, max_pixels=max_pixels)
+        self.fingerprint = fingerprint(policy)
+        self.sampling = sampling
+        if llm is None:
+            try:
+                from vllm import LLM
+            except ImportError:
+                raise MarsError("the vllm engine needs vLLM (pip install 'mars-cli[gpu]'); use --engine hf on a CPU") from None
+            size = self.image_processor.size
+            kwargs = dict(model=self.path, tensor_parallel_size=tp, gpu_memory_utilization=gpu_memory_utilization,
+                          dtype=dtype, seed=sampling.seed if sampling.seed is not None else 0,
+                          limit_mm_per_prompt={"image": max_images}, logprobs_mode="processed_logprobs",
+                          mm_processor_kwargs={"min_pixels": size["shortest_edge"], "max_pixels": size["longest_edge"]})
+            if max_model_len:
+                kwargs["max_model_len"] = max_model_len
+            llm = LLM(**kwargs)
+        self.llm = llm
+
+    def image_tokens(self, image: str) -> int:
+        from mars_cli import images
+
+        ip = self.image_processor
+        factor = int(ip.patch_size) * int(ip.merge_size)
+        w, h = images.image_size(image)
+        rh, rw = images.smart_resize(h, w, factor=factor, min_pixels=ip.size["shortest_edge"],
+                                     max_pixels=ip.size["longest_edge"])
+        return (rh // factor) * (rw // factor)
+
+    def _params(self, req: GenRequest):
+        from vllm import SamplingParams
+
+        s = self.sampling
+        return SamplingParams(n=1, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k or 0,
+                              presence_penalty=s.presence_penalty, max_tokens=req.max_new_tokens, logprobs=0,
+                              stop_token_ids=[self.special["im_end"]], detokenize=False)
+
+    def generate(self, requests: list[GenRequest]) -> list[GenResult]:
+        from vllm.inputs import TokensPrompt
+
+        from mars_cli.images import load_image
+
+        prompts = []
+        for r in requests:
+            p = TokensPrompt(prompt_token_ids=list(r.ids))
+            if r.images:
+                p["multi_modal_data"] = {"image": [load_image(x) for x in r.images]}
+            prompts.append(p)
+        outs = self.llm.generate(prompts, [self._params(r) for r in requests], use_tqdm=False)
+        eos = self.special["im_end"]
+        results = []
+        for out in outs:
+            c = out.outputs[0]
+            ids = [int(t) for t in c.token_ids]
+            if c.logprobs is None or len(c.logprobs) != len(ids):
+                results.append(GenResult(text="", error="vllm returned no log-probs for the sampled tokens"))
+                continue
+            lps = [float(step[t].logprob) for step, t in zip(c.logprobs, ids)]
+            body, ended = strip_eos(ids, eos)
+            finish = "length" if c.finish_reason == "length" and not ended else "stop"
+            results.append(GenResult(text=self.decode(body), ids=ids, logprobs=lps, finish=finish))
+        return results
