@@ -1,0 +1,37 @@
+"""`mars eval`: judged trajectories in, one metrics record per benchmark out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+
+def main(
+    files: Optional[List[Path]] = typer.Argument(None, help="Judged trajectory files (JSONL) [default: stdin]."),
+    by: Optional[List[str]] = typer.Option(None, "--by", help="Also per subset of this task or meta field (category, difficulty); repeatable."),
+    label: Optional[str] = typer.Option(None, "--label", "-l", envvar="MARS_EVAL_LABEL", help="Tag every record with this name (e.g. after-sft)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the records to this file instead of stdout."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unparsable lines with a warning instead of failing."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No table on stderr."),
+) -> None:
+    """Score judged trajectories: Pass@1, Avg@k, Pass@k, tool use.
+
+    One record per benchmark (and per --by subset): pass@1 (mean accuracy over samples),
+    with k samples per task avg@k and unbiased pass@k, missing (samples without an
+    accuracy, left out, not counted wrong), format rate, tool calls per episode and per
+    tool, invalid call rate, turns, finish reasons, tokens. A table goes to stderr.
+    """
+    import sys
+
+    from mars_cli.eval.metrics import compute_metrics, format_table
+    from mars_cli.jsonl import RecordWriter, read_located
+
+    items = read_located([str(f) for f in files or []], skip_bad=skip_bad)
+    records = compute_metrics(items, by=list(by or []), label=label)
+    with RecordWriter(out) as w:
+        for r in records:
+            w.write(r)
+    if not quiet and records:
+        sys.stderr.write(format_table(records) + "\n")
