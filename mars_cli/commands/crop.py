@@ -22,7 +22,7 @@ def main(
     ),
     out_dir: Optional[Path] = typer.Option(
         None, "--out-dir", envvar="MARS_ARTIFACTS",
-        help="Without -o: write the crop here under a content-hash name [default: current directory].",
+        help="Without -o: write the crop here under a content-hash name (default: the current directory).",
     ),
     fmt: str = typer.Option("jpg", "--format", help="Format of a content-hash named crop: jpg, png, webp, tif, bmp."),
     clamp: bool = typer.Option(False, "--clamp", help="Clamp coordinates into [0, 1] and order inverted pairs."),
@@ -32,7 +32,7 @@ def main(
     quality: int = typer.Option(90, "--quality", "-q", min=1, max=100, help="JPEG/WebP quality."),
     max_image_pixels: Optional[int] = typer.Option(
         None, "--max-image-pixels", envvar="MARS_MAX_IMAGE_PIXELS",
-        help="Refuse larger source images (decompression bombs) [default: 200000000].",
+        help="Refuse larger source images as decompression bombs (default: 200000000).",
     ),
 ) -> None:
     """Crop a normalized box out of an image.

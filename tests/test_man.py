@@ -1,0 +1,123 @@
+"""Man pages: committed pages match the command tree, every command has one, examples run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load_gen_man():
+    spec = importlib.util.spec_from_file_location("gen_man", ROOT / "scripts" / "gen_man.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+gen_man = load_gen_man()
+
+
+@pytest.fixture(scope="module")
+def generated() -> dict[str, str]:
+    return gen_man.pages()
+
+
+def test_committed_pages_are_up_to_date(generated):
+    problems = gen_man.check(generated, ROOT / "man")
+    assert not problems, "man pages out of date, run `python scripts/gen_man.py`: " + "; ".join(problems)
+
+
+def test_every_command_and_subcommand_has_a_page(generated):
+    root = gen_man.root_command()
+    ctx = gen_man.make_ctx(root, "mars")
+    paths = [p for p, _, _ in gen_man.walk(root, [], ctx)]
+    assert ["crop"] in paths
+    for path in paths:
+        name = f"mars-{'-'.join(path)}.1"
+        assert name in generated
+        text = generated[name]
+        for section in ("NAME", "SYNOPSIS", "DESCRIPTION", "OPTIONS", "EXIT STATUS"):
+            assert f".SH {section}" in text, (name, section)
+    for sub in (p for p in paths if len(p) > 1):  # groups (`mars index text`) list their subcommands
+        assert f"\\fB{gen_man.esc(sub[-1])}\\fR" in generated[f"mars-{'-'.join(sub[:-1])}.1"]
+    overview = generated["mars.1"]
+    for path in (p for p in paths if len(p) == 1):
+        assert f"\\fBmars {gen_man.esc(path[0])}\\fR" in overview
+    for code in ("0", "1", "2", "130"):
+        assert f"\\fB{code}\\fR" in overview
+
+
+def test_crop_page_documents_every_option(generated):
+    text = generated["mars-crop.1"]
+    for flag in ("--out", "--out-dir", "--clamp", "--min-side", "--max-pixels", "--min-pixels", "--quality",
+                 "--max-image-pixels", "--format"):
+        assert f"\\fB{gen_man.esc(flag)}\\fR" in text, flag
+    assert "[default: 28]" in text and "MARS_MAX_IMAGE_PIXELS" in text
+    assert "floor(X0*W)" in text  # the docstring, i.e. the pixel mapping, is the description
+
+
+def test_environment_lists_option_envvars_and_documented_ones(generated):
+    env = gen_man.environment(gen_man.root_command(), gen_man.make_ctx(gen_man.root_command(), "mars"))
+    assert "mars crop \\-\\-out\\-dir" in gen_man.inline(env["MARS_ARTIFACTS"]) or "--out-dir" in env["MARS_ARTIFACTS"]
+    for name in ("MARS_LOG_LEVEL", "MARS_PROGRESS", "MARS_MAX_IMAGE_PIXELS", "MARS_IMAGE_CACHE_PIXELS"):
+        assert name in env and f"\\fB{gen_man.esc(name)}\\fR" in generated["mars.1"]
+
+
+def test_records_page_has_every_field(generated):
+    from mars_cli import records
+
+    text = generated["mars-records.5"]
+    for table in (records.TASK_FIELDS, records.TRAJECTORY_FIELDS, records.JUDGED_FIELDS, records.SCORED_FIELDS):
+        for name in table:
+            assert f"\\fB{gen_man.esc(name)}\\fR (" in text, name
+
+
+def test_check_finds_stale_missing_and_extra(generated, tmp_path):
+    assert gen_man.main(["--dir", str(tmp_path)]) == 0
+    assert gen_man.check(generated, tmp_path) == []
+    (tmp_path / "mars-crop.1").write_text(generated["mars-crop.1"] + ".PP\nedited by hand\n")
+    (tmp_path / "mars-records.5").unlink()
+    (tmp_path / "mars-gone.1").write_text("old\n")
+    assert sorted(gen_man.check(generated, tmp_path)) == [
+        "mars-crop.1: stale", "mars-gone.1: no such command any more", "mars-records.5: missing"]
+    assert gen_man.main(["--check", "--dir", str(tmp_path)]) == 1
+    assert gen_man.main(["--dir", str(tmp_path)]) == 0  # regenerating repairs all three
+    assert gen_man.check(generated, tmp_path) == []
+
+
+def test_troff_escaping():
+    assert gen_man.esc(".starts with a dot\n'and a quote") == "\\&.starts with a dot\n\\&'and a quote"
+    assert gen_man.esc("a\\b --x σ") == "a\\eb \\-\\-x \\[u03C3]"
+    assert gen_man.inline("use `mars crop` now") == "use \\fBmars crop\\fR now"
+
+
+@pytest.mark.skipif(shutil.which("groff") is None, reason="groff not installed")
+def test_pages_render_without_warnings(generated, tmp_path):
+    for name, text in generated.items():
+        (tmp_path / name).write_text(text)
+        p = subprocess.run(["groff", "-man", "-Tutf8", "-ww", "-z", str(tmp_path / name)], capture_output=True, text=True)
+        assert p.returncode == 0 and p.stderr == "", (name, p.stderr)
+
+
+def test_crop_examples_run(tmp_path, monkeypatch):
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from mars_cli.main import app
+
+    monkeypatch.chdir(tmp_path)
+    Image.new("RGB", (320, 200), (30, 120, 200)).save(tmp_path / "photo.jpg")
+    for _, line in gen_man.EXAMPLES["crop"]:
+        argv = shlex.split(line)
+        assert argv[0] == "mars"
+        r = CliRunner().invoke(app, argv[1:])
+        assert r.exit_code == 0, (line, r.stderr)
+        rec = json.loads(r.stdout)
+        assert (tmp_path / rec["path"]).exists()
