@@ -61,7 +61,7 @@ def _entity(rng: np.random.Generator, name: str) -> dict:
 
 def passage(e: dict) -> str:
     return (
-        f"{e['name']} is a {e['kind']} in the city of {e['city']}. It was founded in {e['year']} "
+        f"{e['name']} is {'an' if e['kind'][0] in 'aeiou' else 'a'} {e['kind']} in the city of {e['city']}. It was founded in {e['year']} "
         f"by {e['founder']}, and it is known locally for its yellow signboard."
     )
 
