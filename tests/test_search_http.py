@@ -164,3 +164,20 @@ def test_rate_limiter_spaces_calls():
     for _ in range(6):
         rl.acquire()
     assert time.monotonic() - t0 >= 0.09  # 5 waits of 1/50 s after the first token
+
+
+def test_cut_body_is_a_tool_error():
+    with FakeServer(retriever_routes([])) as srv:
+        srv.faults.append("cut")
+        ts = open_text_search("retriever", retriever_url=srv.url, **{**FAST, "retries": 0})
+        with pytest.raises(ToolError, match="reading the response failed"):
+            ts.search("q")
+
+
+def test_credentials_in_urls_stay_out_of_cache_keys(tmp_path):
+    docs = [{"id": "1", "contents": '"A"\nalpha'}]
+    with FakeServer(retriever_routes(docs)) as srv:
+        url = srv.url.replace("http://", "http://user:hunter2@")
+        ts = open_text_search("retriever", retriever_url=url, cache=str(tmp_path), **FAST)
+        assert ts.search("alpha")[0]["text"] == "alpha"
+    assert "hunter2" not in str(ts.params) and b"hunter2" not in (tmp_path / "tools.sqlite").read_bytes()

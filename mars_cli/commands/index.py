@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-app = typer.Typer(help="Build a local search index (text: BM25 + optional dense; images: descriptors + thumbnails).",
+app = typer.Typer(help="Build local search indexes: text or images.",
                   no_args_is_help=True)
 
 

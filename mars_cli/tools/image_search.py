@@ -82,7 +82,7 @@ class SerperLensBackend:
     name = "serper"
 
     def __init__(self, opts: dict):
-        from mars_cli.tools.text_search import _http, _url
+        from mars_cli.tools.text_search import _http, _url, public_url
 
         self.http = _http(opts)
         self.url = _url(opts, "serper_url", "MARS_SERPER_URL", "https://google.serper.dev")
@@ -90,7 +90,7 @@ class SerperLensBackend:
         if not self._key:
             raise MarsError("the serper backend needs SERPER_API_KEY in the environment")
         self.out_dir = Path(opts.get("artifacts") or os.environ.get("MARS_ARTIFACTS") or "artifacts")
-        self.params = {"url": self.url}
+        self.params = {"url": public_url(self.url)}
 
     def search(self, image: str, k: int, task: dict | None) -> list[dict]:
         if not _is_url(image):

@@ -50,6 +50,29 @@ class Analyzer:
     def __call__(self, text: str) -> list[str]:
         return self._stem([t for t in _TOKEN.findall(text.lower()) if t not in self._stop])
 
+    def term_ids(self, texts: list[str], vocab: dict[str, int], memo: dict[str, int], memo_cap: int = 2_000_000):
+        """(term ids of all texts concatenated, number of terms per text), growing `vocab`.
+
+        The same terms as __call__. Stemming is the slow part of a build and word
+        frequencies are Zipfian, so each distinct surface word is stemmed once and kept in
+        `memo` (surface word → term id, -1 for a stop word), emptied past memo_cap entries.
+        """
+        words = [_TOKEN.findall(t.lower()) for t in texts]
+        counts = np.fromiter(map(len, words), dtype=np.int64, count=len(words))
+        flat = [w for ws in words for w in ws]
+        new = set(flat).difference(memo)
+        if len(memo) + len(new) > memo_cap:
+            memo.clear()
+            new = set(flat)
+        fresh = sorted(new.difference(self._stop))
+        for w, st in zip(fresh, self._stem(fresh)):
+            memo[w] = vocab.setdefault(st, len(vocab))
+        memo.update(dict.fromkeys(new.intersection(self._stop), -1))
+        ids = np.fromiter(map(memo.__getitem__, flat), dtype=np.int64, count=len(flat))
+        keep = ids >= 0
+        doc = np.repeat(np.arange(len(texts)), counts)
+        return ids[keep], np.bincount(doc[keep], minlength=len(texts)).astype(np.int64)
+
 
 def parse_passage(rec: dict, where) -> dict:
     """A corpus record (FlashRAG `contents` or `title`/`text`) as {"id","title","text"[,"url"]}."""
@@ -101,6 +124,7 @@ def build_text_index(
     analyzer = Analyzer()
     with atomic_dir(out) as tmp:
         vocab: dict[str, int] = {}
+        memo: dict[str, int] = {}
         df = np.zeros(1024, dtype=np.int64)
         n_docs = n_tokens = 0
         dense = None
@@ -122,16 +146,11 @@ def build_text_index(
             ends = pos + np.cumsum([len(x) for x in lines], dtype=np.int64)
             pos = int(ends[-1])
             offsets_f.write(ends.tobytes())
-            terms, docs, lens = [], [], []
-            for i, p in enumerate(batch):
-                ids = [vocab.setdefault(t, len(vocab)) for t in analyzer(f"{p['title']} {p['text']}")]
-                terms.extend(ids)
-                docs.extend([i] * len(ids))
-                lens.append(len(ids))
-            doclen_f.write(np.asarray(lens, dtype=np.int32).tobytes())
-            if terms:
+            terms, lens = analyzer.term_ids([f"{p['title']} {p['text']}" for p in batch], vocab, memo)
+            doclen_f.write(lens.astype(np.int32).tobytes())
+            if len(terms):
                 v = len(vocab)
-                key = np.asarray(docs, dtype=np.int64) * v + np.asarray(terms, dtype=np.int64)
+                key = np.repeat(np.arange(len(batch), dtype=np.int64), lens) * v + terms
                 uniq, tf = np.unique(key, return_counts=True)
                 t_ids, d_ids = uniq % v, uniq // v + n_docs
                 if v > len(df):

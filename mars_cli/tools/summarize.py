@@ -51,7 +51,9 @@ class Summarizer:
     @property
     def params(self) -> dict:
         """What changes a summary (a cache key part); never the key."""
-        return {"llm": self.base_url, "model": self.model, "page_chars": self.page_chars, "sentences": self.sentences}
+        from mars_cli.tools.text_search import public_url
+
+        return {"llm": public_url(self.base_url), "model": self.model, "page_chars": self.page_chars, "sentences": self.sentences}
 
     def chat(self, prompt: str, max_tokens: int = 400) -> str:
         headers = {"Authorization": f"Bearer {self._key}"} if self._key else {}

@@ -38,6 +38,16 @@ def _url(opts: dict, name: str, env: str, default: str | None = None) -> str:
     return url.rstrip("/")
 
 
+def public_url(url: str) -> str:
+    """The URL without user:password@ (what may go into cache keys, records and logs)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+
+
 class LocalBackend:
     name = "local"
 
@@ -112,7 +122,7 @@ class SerperBackend(_WebBackend):
         self._key = os.environ.get("SERPER_API_KEY")
         if not self._key:
             raise MarsError("the serper backend needs SERPER_API_KEY in the environment")
-        self.params = {"url": self.url, "fetch": self.fetch, "page_chars": self.page_chars}
+        self.params = {"url": public_url(self.url), "fetch": self.fetch, "page_chars": self.page_chars}
 
     def search(self, query: str, k: int) -> list[dict]:
         data = self.http.request_json("POST", f"{self.url}/search", json={"q": query, "num": k},
@@ -132,7 +142,7 @@ class SearxngBackend(_WebBackend):
         opts = {"fetch": False, **opts}  # SearXNG snippets are usually enough; fetch is opt-in
         super().__init__(opts)
         self.url = _url(opts, "searxng_url", "MARS_SEARXNG_URL")
-        self.params = {"url": self.url, "fetch": self.fetch, "page_chars": self.page_chars}
+        self.params = {"url": public_url(self.url), "fetch": self.fetch, "page_chars": self.page_chars}
 
     def search(self, query: str, k: int) -> list[dict]:
         data = self.http.request_json("GET", f"{self.url}/search", params={"q": query, "format": "json"}, what="searxng search")
@@ -150,7 +160,7 @@ class RetrieverBackend:
     def __init__(self, opts: dict):
         self.http = _http(opts)
         self.url = _url(opts, "retriever_url", "MARS_RETRIEVER_URL")
-        self.params = {"url": self.url}
+        self.params = {"url": public_url(self.url)}
 
     def search(self, query: str, k: int) -> list[dict]:
         data = self.http.request_json("POST", f"{self.url}/retrieve", json={"queries": [query], "topk": k, "return_scores": True},
