@@ -1,0 +1,36 @@
+"""`mars tiny-model OUT`: a tiny random-weight Qwen-VL checkpoint for tests and demos."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from mars_cli.errors import UsageError
+
+ARCH_CHOICES = ("qwen2.5-vl", "qwen3-vl")
+
+
+def main(
+    out: Path = typer.Argument(..., help="Directory to write the checkpoint to (replaced if it is a tiny model)."),
+    arch: str = typer.Option("qwen2.5-vl", "--arch", envvar="MARS_TINY_ARCH",
+                             help="Architecture: qwen2.5-vl or qwen3-vl."),
+    seed: int = typer.Option(0, "--seed", help="Weight initialisation seed (same seed, same weights)."),
+) -> None:
+    """Write a tiny random-weight VLM checkpoint.
+
+    A real Qwen2.5-VL or Qwen3-VL architecture shrunk to a 64-wide, 2-layer language model
+    and a 2-block vision tower, with the real Qwen vocabulary and special-token ids, a chat
+    template, an image-processor config and a generation config. It loads with the
+    transformers classes from the directory alone, offline, and runs the whole pipeline
+    (rollout, update, sft) on a CPU in seconds. Prints one JSON record: path, arch, seed,
+    params, vocab_size, fingerprint.
+    """
+    from mars_cli.jsonl import RecordWriter
+    from mars_cli.models.tiny import describe, make_tiny_model
+
+    if arch not in ARCH_CHOICES:
+        raise UsageError(f"--arch must be one of {', '.join(ARCH_CHOICES)}, got {arch!r}")
+    path = make_tiny_model(out, arch=arch, seed=seed)
+    with RecordWriter() as w:
+        w.write(describe(path))

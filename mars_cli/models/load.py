@@ -1,0 +1,243 @@
+"""Load a Qwen-VL policy directory: model, tokenizer, image processor, special ids.
+
+The stock Qwen-VL `*Processor` classes need torchvision (not installable here and not
+needed), so the tokenizer and the PIL image processor are loaded on their own. The same
+code path serves a tiny local model and a released Qwen2.5-VL-7B / Qwen3-VL-8B directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mars_cli.errors import MarsError
+
+# config.json model_type → (our arch name, transformers class name)
+ARCHITECTURES = {
+    "qwen2_vl": ("qwen2-vl", "Qwen2VLForConditionalGeneration"),
+    "qwen2_5_vl": ("qwen2.5-vl", "Qwen2_5_VLForConditionalGeneration"),
+    "qwen3_vl": ("qwen3-vl", "Qwen3VLForConditionalGeneration"),
+    "qwen3_vl_moe": ("qwen3-vl-moe", "Qwen3VLMoeForConditionalGeneration"),
+}
+SPECIAL_TOKENS = {
+    "im_start": "<|im_start|>", "im_end": "<|im_end|>", "vision_start": "<|vision_start|>",
+    "vision_end": "<|vision_end|>", "image_pad": "<|image_pad|>", "eos": "<|im_end|>", "pad": "<|endoftext|>",
+}
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
+
+
+@dataclass
+class Policy:
+    """A loaded policy: the model and everything needed to build its inputs."""
+
+    model: Any
+    tokenizer: Any
+    image_processor: Any
+    arch: str
+    path: str
+    fingerprint: str
+    special: dict = field(default_factory=dict)
+
+    @property
+    def merge_size(self) -> int:
+        return int(self.image_processor.merge_size)
+
+    @property
+    def device(self):
+        return next(self.model.parameters()).device
+
+
+def _short_hash(*parts: bytes) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(len(p).to_bytes(8, "little"))
+        h.update(p)
+    return h.hexdigest()[:16]
+
+
+def weight_files(model_dir: str | Path) -> list[Path]:
+    """The weights files of a checkpoint directory, sorted by name."""
+    return sorted(p for p in Path(model_dir).iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES)
+                  and not p.name.startswith(".") and p.name not in ("training_args.bin", "optimizer.pt"))
+
+
+def read_config(path: str | Path) -> dict:
+    """config.json of a model directory, with clear errors for what is not one."""
+    path = Path(path)
+    if not path.exists():
+        raise MarsError(f"{path}: no such model directory")
+    if not path.is_dir():
+        raise MarsError(f"{path}: not a directory (expected a model checkpoint directory)")
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise MarsError(f"{path}: not a model directory (no config.json)")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MarsError(f"{cfg_path}: invalid JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise MarsError(f"{cfg_path}: expected a JSON object")
+    return cfg
+
+
+def arch_of(cfg: dict, where: str | Path = "config.json") -> str:
+    """Our arch name for a config, or a MarsError naming the supported ones."""
+    mt = cfg.get("model_type")
+    if mt not in ARCHITECTURES:
+        supported = ", ".join(sorted(ARCHITECTURES))
+        raise MarsError(f"{where}: unsupported model_type {mt!r} (supported: {supported})")
+    return ARCHITECTURES[mt][0]
+
+
+def fingerprint(path: str | Path) -> str:
+    """A short id of a checkpoint's config and weights, cheap for multi-GB directories.
+
+    The content fingerprint recorded in mars_model.json is used while the weights files
+    still have the sizes and mtimes it recorded; otherwise the id hashes config.json and
+    each weights file's name, size and mtime (a copy without -p gets a new id: safe side).
+    """
+    path = Path(path)
+    config = read_config(path)  # validates the directory
+    files = weight_files(path)
+    stats = {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files}
+    meta_path = path / "mars_model.json"
+    if meta_path.is_file():
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            meta = {}
+        if isinstance(meta, dict) and meta.get("files") == stats and isinstance(meta.get("fingerprint"), str):
+            return meta["fingerprint"]
+    del config
+    return _short_hash((path / "config.json").read_bytes(), json.dumps(stats, sort_keys=True).encode())
+
+
+def quiet_transformers() -> None:
+    """No transformers progress bars ("Loading weights") unless mars shows progress."""
+    from mars_cli import streams
+
+    if not streams.progress_enabled():
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
+def _dtype(dtype, device: str):
+    import torch
+
+    if dtype is None:
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    if isinstance(dtype, str):
+        try:
+            return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+                    "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[dtype]
+        except KeyError:
+            raise MarsError(f"unknown dtype {dtype!r} (expected float32, bfloat16 or float16)") from None
+    return dtype
+
+
+_TOKENIZERS: dict[tuple, Any] = {}
+
+
+def load_tokenizer(path: str | Path):
+    """The fast tokenizer of a model directory (shared per process: do not mutate it).
+
+    Loading a 151k-token BPE costs seconds, and a process (a test session, an update that
+    reloads its policy) asks for the same tokenizer many times, so loaded tokenizers are
+    kept, keyed on the files' sizes and mtimes.
+    """
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    if not (path / "tokenizer.json").is_file() and not (path / "vocab.json").is_file():
+        raise MarsError(f"{path}: no tokenizer files (tokenizer.json or vocab.json + merges.txt)")
+    key = (str(path.resolve()),) + tuple(
+        (p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(path.iterdir())
+        if p.name.startswith(("tokenizer", "vocab", "merges", "special_tokens", "added_tokens", "chat_template")))
+    tok = _TOKENIZERS.get(key)
+    if tok is None:
+        try:
+            tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise MarsError(f"{path}: cannot load tokenizer: {e}") from None
+        if len(_TOKENIZERS) >= 8:
+            _TOKENIZERS.pop(next(iter(_TOKENIZERS)))
+        _TOKENIZERS[key] = tok
+    return tok
+
+
+def load_image_processor(path: str | Path, *, min_pixels: int | None = None, max_pixels: int | None = None):
+    """Qwen2VLImageProcessorPil from preprocessor_config.json (no torchvision needed)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    path = Path(path)
+    cfg_path = path / "preprocessor_config.json"
+    if not cfg_path.is_file():
+        raise MarsError(f"{path}: no preprocessor_config.json (the image processor settings)")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MarsError(f"{cfg_path}: invalid JSON: {e}") from None
+    # Released configs name the torchvision-backed "Fast" class; the PIL class reads the
+    # same fields, so build it from the dict rather than through the Auto class.
+    cfg = {k: v for k, v in cfg.items() if k not in ("image_processor_type", "processor_class")}
+    size = dict(cfg.pop("size", None) or {})
+    lo = cfg.pop("min_pixels", None)
+    hi = cfg.pop("max_pixels", None)
+    size.setdefault("shortest_edge", lo if lo is not None else 56 * 56)
+    size.setdefault("longest_edge", hi if hi is not None else 28 * 28 * 1280)
+    if min_pixels is not None:
+        size["shortest_edge"] = int(min_pixels)
+    if max_pixels is not None:
+        size["longest_edge"] = int(max_pixels)
+    allowed = {"do_resize", "resample", "do_rescale", "rescale_factor", "do_normalize", "image_mean", "image_std",
+               "do_convert_rgb", "patch_size", "temporal_patch_size", "merge_size"}
+    return Qwen2VLImageProcessorPil(size=size, **{k: v for k, v in cfg.items() if k in allowed})
+
+
+def special_ids(tokenizer, where: str | Path = "") -> dict[str, int]:
+    """The ids of the chat and vision special tokens, checked to exist."""
+    out = {}
+    unk = getattr(tokenizer, "unk_token_id", None)
+    for name, text in SPECIAL_TOKENS.items():
+        tid = tokenizer.convert_tokens_to_ids(text)
+        if tid is None or (unk is not None and tid == unk and text != tokenizer.unk_token):
+            raise MarsError(f"{where}: tokenizer has no {text} token (not a Qwen-VL tokenizer?)")
+        out[name] = int(tid)
+    return out
+
+
+def load_policy(path, *, device: str = "cpu", dtype=None, trainable: bool = False,
+                min_pixels: int | None = None, max_pixels: int | None = None,
+                attn_implementation: str | None = None) -> Policy:
+    """Load a Qwen-VL checkpoint directory as a Policy (eval mode unless trainable)."""
+    import transformers
+
+    quiet_transformers()
+    path = Path(path)
+    cfg = read_config(path)
+    arch = arch_of(cfg, path / "config.json")
+    if not weight_files(path):
+        raise MarsError(f"{path}: no weights files (*.safetensors) in the model directory")
+    cls = getattr(transformers, ARCHITECTURES[cfg["model_type"]][1], None)
+    if cls is None:
+        raise MarsError(f"{path}: this transformers version has no {ARCHITECTURES[cfg['model_type']][1]}")
+    tokenizer = load_tokenizer(path)
+    special = special_ids(tokenizer, path)
+    image_processor = load_image_processor(path, min_pixels=min_pixels, max_pixels=max_pixels)
+    kwargs = {"dtype": _dtype(dtype, device), "local_files_only": True}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        model = cls.from_pretrained(str(path), **kwargs)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise MarsError(f"{path}: cannot load model weights: {e}") from None
+    model.to(device)
+    model.train(trainable)
+    if not trainable:
+        model.requires_grad_(False)
+    return Policy(model=model, tokenizer=tokenizer, image_processor=image_processor, arch=arch,
+                  path=str(path), fingerprint=fingerprint(path), special=special)

