@@ -117,3 +117,19 @@ def test_replay_is_deterministic_and_offline(tmp_path):
 
     rows = sqlite3.connect(cache / "tools.sqlite").execute("SELECT tool, args FROM calls").fetchall()
     assert rows == [("text_search", orjson.dumps({"k": 5, "query": "highest alps"}).decode())]
+
+
+def test_real_pipeline_index_then_search_head(tmp_path):
+    import subprocess
+    import sys
+
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    mars = [sys.executable, "-m", "mars_cli"]
+    built = subprocess.run(mars + ["index", "text", str(corpus), "--out", str(tmp_path / "idx")], capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr
+    queries = "".join(json.dumps({"query": q}) + "\n" for q in ["great wall china", "river africa", "london clock bell"] * 50)
+    p = subprocess.run(" ".join(mars) + f" search --index {tmp_path / 'idx'} -k 1 | head -2", shell=True, input=queries,
+                       capture_output=True, text=True)
+    assert p.returncode == 0 and p.stderr == ""
+    assert [json.loads(x)["doc_id"] for x in p.stdout.splitlines()] == ["d1", "d2"]
