@@ -84,16 +84,29 @@ def bench(path: Path, box, out_dir: Path, reps: int) -> dict:
         d = (jitter % 50) * 1e-4
         crop_image(path, (box[0] + d, box[1] + d, box[2] + d, box[3] + d), out_dir=out_dir)
 
-    for _ in range(reps):  # interleaved: background load hits every variant alike
-        runs["decode"].append(timed(lambda: simplejpeg.decode_jpeg(path.read_bytes(), colorspace="RGB")))
-        runs["floor"].append(timed(lambda: images.encode(
-            simplejpeg.decode_jpeg(path.read_bytes(), colorspace="RGB")[px[1]:px[3], px[0]:px[2]], "JPEG", quality=90)))
-        runs["pil_decode"].append(timed(lambda: Image.open(path).convert("RGB").load()))
+    def cold():
         images.clear_cache()
-        runs["crop_cold"].append(timed(lambda: crop_image(path, box, out=out_dir / "cold.jpg")))
-        runs["naive_pil"].append(timed(lambda: Image.open(path).crop(px).save(out_dir / "naive.jpg", quality=90)))
-        warm_crop()  # make sure it is cached
-        runs["crop_warm"].append(timed(warm_crop))
+        return timed(lambda: crop_image(path, box, out=out_dir / "cold.jpg"))
+
+    def warm():
+        warm_crop()  # make sure the image is cached
+        return timed(warm_crop)
+
+    variants = {
+        "decode": lambda: timed(lambda: simplejpeg.decode_jpeg(path.read_bytes(), colorspace="RGB")),
+        "pil_decode": lambda: timed(lambda: Image.open(path).convert("RGB").load()),
+        "floor": lambda: timed(lambda: images.encode(
+            simplejpeg.decode_jpeg(path.read_bytes(), colorspace="RGB")[px[1]:px[3], px[0]:px[2]], "JPEG", quality=90)),
+        "crop_cold": cold,
+        "naive_pil": lambda: timed(lambda: Image.open(path).crop(px).save(out_dir / "naive.jpg", quality=90)),
+        "crop_warm": warm,
+    }
+    names = list(variants)
+    for rep in range(reps):
+        # Interleaved, in a rotating order: background load and allocator state hit every
+        # variant alike instead of always the one that runs first.
+        for name in names[rep % len(names):] + names[:rep % len(names)]:
+            runs[name].append(variants[name]())
     med = {k: statistics.median(v) * 1000 for k, v in runs.items()}
     med["cold_over_decode"] = med["crop_cold"] / med["decode"]
     med["cold_over_floor"] = med["crop_cold"] / med["floor"]

@@ -219,7 +219,7 @@ def image_size(src: str | os.PathLike, *, max_image_pixels: int | None = None) -
     data = _read(path)
     with _open_pillow(path, data, pixel_limit(max_image_pixels)) as im:
         w, h = im.size
-        if im.getexif().get(0x0112, 1) in (5, 6, 7, 8):
+        if _orientation(im) in (5, 6, 7, 8):
             w, h = h, w
     return w, h
 
@@ -282,12 +282,21 @@ def _decode_jpeg_fast(path: Path, data: bytes, limit: int) -> np.ndarray | None:
     if colorspace not in ("YCbCr", "Gray"):
         return None
     with _open_pillow(path, data, limit) as im:
-        orientation = im.getexif().get(0x0112, 1)
+        orientation = _orientation(im)
     try:
         arr = simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)
     except ValueError as e:
         raise MarsError(f"{path}: truncated or corrupt JPEG ({str(e).strip().lower()})") from None
     return _orient(arr, orientation)
+
+
+def _orientation(im: Image.Image) -> int:
+    """The EXIF orientation tag (1 = as stored); a broken EXIF block counts as 1."""
+    try:
+        value = im.getexif().get(0x0112, 1)
+    except Exception:  # EXIF parsers raise all sorts on damaged metadata; pixels still decode
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
 def _orient(arr: np.ndarray, orientation: int) -> np.ndarray:

@@ -259,8 +259,10 @@ def test_smart_resize_properties(h, w, max_pixels):
         return  # extreme strips: one side is pinned at one patch, the area bounds give way
     assert rh * rw <= max_pixels
     assert rh * rw >= 56 * 56
-    # The aspect ratio survives up to the rounding of each side to a multiple of 28.
-    assert abs(rw / rh - w / h) <= (w / h) * (28 / rh + 28 / rw) * 1.01
+    # The aspect ratio survives up to the rounding of each side to a multiple of 28 (a side
+    # rounded up to the single-patch minimum can be off by more than that).
+    if min(rh, rw) > 28:
+        assert abs(rw / rh - w / h) <= (w / h) * (28 / rh + 28 / rw) * 1.01
 
 
 def test_encode_and_format_for():
