@@ -155,3 +155,18 @@ def test_bad_arguments(tmp_path):
     with pytest.raises(Exception, match="test-fraction"):
         make_synth(tmp_path / "y", n=1, test_fraction=1.5)
     assert not (tmp_path / "y").exists()
+
+
+def test_the_local_text_index_finds_the_gold_passage_by_name(synth, tmp_path):
+    from mars_cli.tools.index_text import build_text_index, parse_passage
+    from mars_cli.tools.text_search import open_text_search
+
+    corpus = read_file(synth / "corpus.jsonl")
+    build_text_index((parse_passage(c, None) for c in corpus), tmp_path / "idx")
+    ts = open_text_search("local", index=str(tmp_path / "idx"))
+    for t in read_file(synth / "tasks.jsonl"):
+        if t["meta"]["type"] != "crop+search":
+            continue
+        hits = ts.search(t["meta"]["target_label"], k=3)
+        assert hits[0]["title"] == t["meta"]["target_label"]
+        assert t["answers"][0] in hits[0]["text"]

@@ -207,3 +207,15 @@ def test_headless_chromium_runs_the_filters(tmp_path):
     assert ["hidden" in a for a in hidden] == [True, False, True, False]
     assert "showing 1 of 4 episodes" in chromium_dom(out, tmp_path, "#outcome=wrong&benchmark=vstar")
     assert "showing 1 of 4 episodes" in chromium_dom(out, tmp_path, "#q=river")
+
+
+def test_base_resolves_relative_image_paths(tmp_path, monkeypatch):
+    rec = episode(tmp_path, 0, acc=1.0)
+    rec["messages"][1]["content"][0]["image"] = "images/scene0.png"
+    (tmp_path / "web").mkdir()
+    monkeypatch.chdir(tmp_path / "web")
+    out = tmp_path / "web" / "page.html"
+    assert show(write(tmp_path, [rec]), "-o", out).exit_code == 0
+    assert parse(out).find("img")[0]["src"] == "images/scene0.png"  # relative to cwd (web/)
+    assert show(write(tmp_path, [rec]), "-o", out, "--base", tmp_path).exit_code == 0
+    assert parse(out).find("img")[0]["src"] == "../images/scene0.png"

@@ -13,6 +13,7 @@ def main(
     out: Path = typer.Option(..., "--out", "-o", help="The HTML page to write."),
     embed: bool = typer.Option(False, "--embed", help="Inline downscaled images: one portable file (larger)."),
     title: str = typer.Option("mars episodes", "--title", help="Page title."),
+    base: Optional[Path] = typer.Option(None, "--base", help="Resolve relative image paths from here [default: current directory]."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Show at most this many episodes."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unparsable lines with a warning instead of failing."),
 ) -> None:
@@ -28,7 +29,7 @@ def main(
     from mars_cli.streams import warn
 
     items = read_located([str(f) for f in files or []], skip_bad=skip_bad)
-    summary = build_page(items, out, embed=embed, title=title, limit=limit)
+    summary = build_page(items, out, embed=embed, title=title, limit=limit, base=base)
     warn(f"wrote {summary['episodes']} episodes to {out}")
     with RecordWriter() as w:
         w.write(summary)

@@ -228,7 +228,7 @@ def episode_html(rec: dict, links: ImageLinks) -> str:
 
 
 def build_page(items: Iterable[tuple[object, dict]], out: str | os.PathLike, *, embed: bool = False,
-               title: str = "mars episodes", limit: int | None = None) -> dict:
+               title: str = "mars episodes", limit: int | None = None, base: str | os.PathLike | None = None) -> dict:
     """Write the page for (where, trajectory) pairs to `out` atomically; returns a summary."""
     from mars_cli.eval.show_assets import CSS, JS
     from mars_cli.fsutil import atomic_file
@@ -237,7 +237,7 @@ def build_page(items: Iterable[tuple[object, dict]], out: str | os.PathLike, *, 
     out = Path(out)
     if not out.parent.exists():
         raise MarsError(f"{out}: directory {out.parent} does not exist")
-    links = ImageLinks(out.parent, embed=embed)
+    links = ImageLinks(out.parent, embed=embed, base=Path(base).resolve() if base is not None else None)
     benches: dict[str, int] = {}
     count = 0
     with atomic_file(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
