@@ -56,6 +56,7 @@ Reply with the grade inside the tag and nothing else: <grade>correct</grade>, <g
 RUBRICS = {"binary": (BINARY_VERSION, BINARY_RUBRIC), "simpleqa": (SIMPLEQA_VERSION, SIMPLEQA_RUBRIC)}
 _VERDICT = re.compile(r"<verdict>\s*(yes|no)\s*</verdict>", re.IGNORECASE)
 _GRADE = re.compile(r"<grade>\s*(correct|incorrect|not[ _]attempted)\s*</grade>", re.IGNORECASE)
+_JSON = {"Content-Type": "application/json"}
 # The image is shrunk before it is sent: a judge needs the gist, not 8k pixels.
 JUDGE_IMAGE_SIDE = 1024
 
@@ -177,19 +178,30 @@ class AsyncJudge:
         self.cache = cache
         self.concurrency = concurrency
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._client = None
-        self._slots: asyncio.Semaphore | None = None
+        self._clients: list = []
+        self._free: asyncio.Queue | None = None
 
     async def __aenter__(self) -> "AsyncJudge":
+        import ssl
+
         import httpx
 
-        limits = httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency)
-        self._client = httpx.AsyncClient(timeout=self.timeout, limits=limits, headers=self._headers)
-        self._slots = asyncio.Semaphore(self.concurrency)
+        # One client per slot, each with a single keep-alive connection: httpcore scans its
+        # whole pool on every request event, which with one 32-connection pool cost ~3 ms
+        # of CPU per call — as much as the calls themselves at 150 calls/s. A free-list of
+        # clients is also the concurrency limit. The TLS context is built once and shared.
+        tls = ssl.create_default_context()
+        limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+        self._free = asyncio.Queue()
+        for _ in range(self.concurrency):
+            client = httpx.AsyncClient(timeout=self.timeout, limits=limits, headers=self._headers, verify=tls)
+            self._clients.append(client)
+            self._free.put_nowait(client)
         return self
 
     async def __aexit__(self, *exc) -> None:
-        await self._client.aclose()
+        for client in self._clients:
+            await client.aclose()
 
     async def judge(self, question: str, golds: list[str], prediction: str, *, image: str | None = None,
                     rubric: str | None = None) -> Verdict:
@@ -211,8 +223,11 @@ class AsyncJudge:
             "temperature": 0.0,
             "max_tokens": self.max_tokens,
         }
-        async with self._slots:
-            raw, error = await self._post(body)
+        client = await self._free.get()
+        try:
+            raw, error = await self._post(client, body)
+        finally:
+            self._free.put_nowait(client)
         if raw is None:
             return Verdict(None, None, None, error=error)
         verdict, acc = parse_verdict(raw, rubric)
@@ -222,16 +237,17 @@ class AsyncJudge:
             self.cache.put(key, verdict, raw)
         return Verdict(acc, verdict, raw)
 
-    async def _post(self, body: dict) -> tuple[str | None, str | None]:
+    async def _post(self, client, body: dict) -> tuple[str | None, str | None]:
         import httpx
 
+        payload = json.dumps(body, ensure_ascii=False).encode()
         error = "no attempt"
         for attempt in range(self.retries + 1):
             if attempt:
                 # Full jitter: many concurrent retries should not hit the server in step.
                 await asyncio.sleep(random.uniform(0, self.backoff * 2 ** (attempt - 1)))
             try:
-                resp = await self._client.post(self.url, json=body)
+                resp = await client.post(self.url, content=payload, headers=_JSON)
             except httpx.TimeoutException:
                 error = f"judge timed out after {self.timeout:g}s"
                 continue
