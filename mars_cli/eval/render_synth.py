@@ -29,9 +29,11 @@ def _texture(rng: np.random.Generator, size: tuple[int, int]) -> Image.Image:
     w, h = size
     coarse = rng.integers(40, 216, size=(9, 16, 3), dtype=np.uint8)
     fine = rng.integers(0, 256, size=(h // 24, w // 24, 3), dtype=np.uint8)
-    a = Image.fromarray(coarse).resize(size, Image.Resampling.BILINEAR)
-    b = Image.fromarray(fine).resize(size, Image.Resampling.BILINEAR)
-    return Image.blend(a, b, 0.35)
+    # Blend at a quarter of the size, then one upscale: a 4K resize is the costly step.
+    small = (w // 4, h // 4)
+    a = Image.fromarray(coarse).resize(small, Image.Resampling.BILINEAR)
+    b = Image.fromarray(fine).resize(small, Image.Resampling.BILINEAR)
+    return Image.blend(a, b, 0.35).resize(size, Image.Resampling.BILINEAR)
 
 
 def _color(rng: np.random.Generator) -> tuple[int, int, int]:
