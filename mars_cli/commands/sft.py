@@ -1,0 +1,60 @@
+"""`mars sft`: cold-start supervised fine-tuning on trajectory records."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+
+def main(
+    files: Optional[List[Path]] = typer.Argument(None, help="Trajectory JSONL (teacher or reference) [default: stdin]."),
+    policy: Path = typer.Option(..., "--policy", envvar="MARS_POLICY", help="The checkpoint directory to start from."),
+    out: Path = typer.Option(..., "--out", help="Where to write the fine-tuned checkpoint (atomically)."),
+    state: Optional[Path] = typer.Option(None, "--state", envvar="MARS_STATE", help="Optimizer state dir: resumed if present, then saved."),
+    epochs: int = typer.Option(1, "--epochs", min=1, help="Passes over the data."),
+    lr: float = typer.Option(1e-5, "--lr", envvar="MARS_SFT_LR", help="Peak AdamW learning rate."),
+    weight_decay: float = typer.Option(0.01, "--weight-decay", help="AdamW weight decay."),
+    grad_clip: float = typer.Option(1.0, "--grad-clip", help="Clip the global gradient norm to this."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Trajectories per optimizer step."),
+    micro_batch_tokens: int = typer.Option(4096, "--micro-batch-tokens", min=1, envvar="MARS_MICRO_BATCH_TOKENS", help="Padded tokens per forward/backward."),
+    warmup: float = typer.Option(0.05, "--warmup", help="Linear warmup, as a fraction of the steps; then cosine decay."),
+    min_lr_ratio: float = typer.Option(0.0, "--min-lr-ratio", help="Final learning rate as a fraction of --lr."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="Stop after this many optimizer steps."),
+    min_reward: Optional[float] = typer.Option(None, "--min-reward", help="Train only on records whose reward is at least this."),
+    zero: int = typer.Option(0, "--zero", envvar="MARS_ZERO", help="DeepSpeed ZeRO stage: 0, 2 or 3 (packaged configs)."),
+    deepspeed: Optional[Path] = typer.Option(None, "--deepspeed", envvar="MARS_DEEPSPEED", help="Your own DeepSpeed JSON config (overrides --zero)."),
+    train_vision: bool = typer.Option(False, "--train-vision/--no-train-vision", help="Also train the vision encoder and merger."),
+    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute activations in backward."),
+    bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help="bf16 weights and DeepSpeed bf16 [default: on a GPU]."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the data order and torch."),
+    eval: bool = typer.Option(True, "--eval/--no-eval", help="Measure the data's NLL before and after each epoch."),
+    nproc: int = typer.Option(1, "--nproc", min=1, help="Run N processes (torch.distributed.run); records sharded by rank."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unparsable lines with a warning."),
+) -> None:
+    """Fine-tune on trajectories (NLL on assistant tokens).
+
+    Records with token ids train on those ids; records without (teacher trajectories from the openai engine) are tokenized from their messages by the agent protocol. Prompt, tool-result and template tokens are masked; only the assistant's own tokens count. Prints one metrics record per epoch (nll_before, nll_after, train_nll, grad_norm, lr, tokens); the last one also names the checkpoint written to --out.
+    """
+    import os
+
+    from mars_cli.jsonl import RecordWriter
+    from mars_cli.rl.sft import SFTConfig, run_sft
+
+    cfg = SFTConfig(policy=str(policy), out=str(out), state=str(state) if state else None, epochs=epochs, lr=lr,
+                    weight_decay=weight_decay, grad_clip=grad_clip, batch_size=batch_size,
+                    micro_batch_tokens=micro_batch_tokens, warmup=warmup, min_lr_ratio=min_lr_ratio,
+                    max_steps=max_steps, min_reward=min_reward, zero=zero, deepspeed=str(deepspeed) if deepspeed else None,
+                    train_vision=train_vision, gradient_checkpointing=gradient_checkpointing, bf16=bf16, seed=seed, eval=eval)
+    paths = [str(f) for f in files or []]
+    if nproc > 1 and "LOCAL_RANK" not in os.environ:
+        from mars_cli.errors import UsageError
+        from mars_cli.rl.engine import config_argv, relaunch
+
+        if not paths or "-" in paths:
+            raise UsageError("--nproc needs the data as a file (every process reads it)")
+        raise typer.Exit(relaunch(nproc, "sft", [*paths, *config_argv(cfg), *(["--skip-bad"] if skip_bad else [])]))
+    with RecordWriter() as w:
+        rank0 = int(os.environ.get("RANK", "0")) == 0
+        run_sft(paths, cfg, skip_bad=skip_bad, on_epoch=(lambda rec: w.write(rec)) if rank0 else None)

@@ -1,0 +1,65 @@
+"""`mars update`: one policy step on a scored batch (GSPO + KL, DeepSpeed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+
+def main(
+    files: Optional[List[Path]] = typer.Argument(None, help="Scored trajectory JSONL (with advantages) [default: stdin]."),
+    policy: Path = typer.Option(..., "--policy", envvar="MARS_POLICY", help="The policy checkpoint directory to start from."),
+    out: Path = typer.Option(..., "--out", help="Where to write the new checkpoint (atomically)."),
+    ref: Optional[Path] = typer.Option(None, "--ref", envvar="MARS_REF", help="Reference model for the KL term (none: no KL)."),
+    state: Optional[Path] = typer.Option(None, "--state", envvar="MARS_STATE", help="Optimizer state dir: resumed if present, then saved."),
+    loss: str = typer.Option("gspo", "--loss", help="gspo (sequence level) or grpo (token-level PPO clip)."),
+    eps_low: Optional[float] = typer.Option(None, "--eps-low", help="Lower clip range [default: 3e-4 gspo, 0.2 grpo]."),
+    eps_high: Optional[float] = typer.Option(None, "--eps-high", help="Upper clip range [default: 4e-4 gspo, 0.28 grpo]."),
+    beta: float = typer.Option(1e-4, "--beta", help="KL coefficient (k3 estimator); 0 loads no reference."),
+    lr: float = typer.Option(1e-6, "--lr", envvar="MARS_LR", help="AdamW learning rate."),
+    weight_decay: float = typer.Option(0.01, "--weight-decay", help="AdamW weight decay."),
+    grad_clip: float = typer.Option(1.0, "--grad-clip", help="Clip the global gradient norm to this."),
+    mini_batch: Optional[int] = typer.Option(None, "--mini-batch", min=1, help="Trajectories per optimizer step [default: all, one step]."),
+    micro_batch_tokens: int = typer.Option(4096, "--micro-batch-tokens", min=1, envvar="MARS_MICRO_BATCH_TOKENS", help="Padded tokens per forward/backward."),
+    old_logprobs: str = typer.Option("recompute", "--old-logprobs", help="recompute (with the policy before the step) or rollout."),
+    zero: int = typer.Option(0, "--zero", envvar="MARS_ZERO", help="DeepSpeed ZeRO stage: 0, 2 or 3 (packaged configs)."),
+    deepspeed: Optional[Path] = typer.Option(None, "--deepspeed", envvar="MARS_DEEPSPEED", help="Your own DeepSpeed JSON config (overrides --zero)."),
+    train_vision: bool = typer.Option(False, "--train-vision/--no-train-vision", help="Also train the vision encoder and merger."),
+    gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute activations in backward."),
+    bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help="bf16 weights and DeepSpeed bf16 [default: on a GPU]."),
+    seed: int = typer.Option(0, "--seed", help="Torch seed."),
+    nproc: int = typer.Option(1, "--nproc", min=1, help="Run N processes (torch.distributed.run); records sharded by rank."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unparsable lines with a warning."),
+) -> None:
+    """Train the policy one step on a scored batch; write a checkpoint.
+
+    Rebuilds each trajectory's model input from its stored token ids and images and trains only on the policy's own tokens (mask 1). GSPO: s = exp(mean over policy tokens of log π_θ − log π_old), loss = −mean over trajectories of min(s·A, clip(s, 1−ε_low, 1+ε_high)·A) + β·KL(π_θ‖π_ref). Records without token ids (openai engine) are refused.
+
+    Writes --out (an HF safetensors checkpoint with mars_meta.json) atomically and prints one metrics record: loss, clip_fraction, kl, ratio_mean/min/max, grad_norm, tokens, trajectories, seconds, logprob_gap. Under a launcher (deepspeed, accelerate, torchrun) every rank runs this command; --nproc N does that for you on one machine.
+    """
+    import os
+
+    from mars_cli.jsonl import RecordWriter
+    from mars_cli.rl.update import UpdateConfig, run_update
+
+    cfg = UpdateConfig(policy=str(policy), out=str(out), ref=str(ref) if ref else None, state=str(state) if state else None,
+                       loss=loss, eps_low=eps_low, eps_high=eps_high, beta=beta, lr=lr, weight_decay=weight_decay,
+                       grad_clip=grad_clip, mini_batch=mini_batch, micro_batch_tokens=micro_batch_tokens,
+                       old_logprobs=old_logprobs, zero=zero, deepspeed=str(deepspeed) if deepspeed else None,
+                       train_vision=train_vision, gradient_checkpointing=gradient_checkpointing, bf16=bf16, seed=seed)
+    paths = [str(f) for f in files or []]
+    if nproc > 1 and "LOCAL_RANK" not in os.environ:
+        from mars_cli.rl.engine import config_argv, relaunch
+
+        if not paths or "-" in paths:
+            from mars_cli.errors import UsageError
+
+            raise UsageError("--nproc needs the batch as a file (every process reads it)")
+        code = relaunch(nproc, "update", [*paths, *config_argv(cfg), *(["--skip-bad"] if skip_bad else [])])
+        raise typer.Exit(code)
+    metrics = run_update(paths, cfg, skip_bad=skip_bad)
+    if int(os.environ.get("RANK", "0")) == 0:
+        with RecordWriter() as w:
+            w.write(metrics)

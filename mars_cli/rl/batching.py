@@ -1,0 +1,171 @@
+"""Records → training examples, mini-batches, rank shards and token-budget micro-batches.
+
+`update` trains on exactly the token ids a rollout sampled (`tokens.ids`, one image pad per
+image, `tokens.images` in placeholder order); records without ids (the openai engine's) are
+refused with their file:line. `sft` also accepts such records: their messages are rendered
+through the protocol's Renderer, which masks everything but the assistant's own tokens.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+from mars_cli.errors import MarsError
+from mars_cli.records import validate
+
+
+@dataclass
+class Example:
+    """One trajectory as the trainer sees it."""
+
+    ids: list
+    mask: list
+    images: list
+    advantage: float = 0.0
+    rollout_logprobs: list | None = None
+    where: object = None  # jsonl.Where, for error messages
+
+    @property
+    def policy_tokens(self) -> int:
+        return sum(1 for m in self.mask if m)
+
+
+def _resolve_image(path: str, where) -> str:
+    """A stored image path: as written (cwd-relative or absolute), else beside the batch file."""
+    if "://" in path or os.path.isabs(path) or os.path.exists(path):
+        return path
+    source = getattr(where, "source", None)
+    if source and source != "<stdin>":
+        beside = Path(source).parent / path
+        if beside.exists():
+            return str(beside)
+    return path  # the loader reports it missing, with the path the record gave
+
+
+def _check_tokens(ids, mask, images, image_pad: int, where) -> None:
+    if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
+        raise where.error("tokens.ids must be non-negative integers")
+    if not all(m in (0, 1) for m in mask):
+        raise where.error("tokens.mask must hold only 0 and 1")
+    pads = sum(1 for t in ids if t == image_pad)
+    if pads != len(images):
+        raise where.error(f"tokens.ids has {pads} image placeholder{'s' if pads != 1 else ''} "
+                          f"but tokens.images lists {len(images)} image{'s' if len(images) != 1 else ''}")
+
+
+def update_examples(located: Iterable, image_pad: int) -> list[Example]:
+    """Scored trajectory records (with token ids and an advantage) → examples."""
+    out = []
+    for where, rec in located:
+        validate(rec, "scored", where, only=("tokens", "advantage"))
+        tok = rec.get("tokens")
+        if not tok or tok.get("ids") is None:
+            raise where.error("trajectory has no token ids (tokens is null, as from the openai engine): "
+                              "update trains on sampled ids only; use `mars sft` for such records")
+        ids, mask = tok["ids"], tok["mask"]
+        images = [_resolve_image(str(p), where) for p in (tok.get("images") or [])]
+        _check_tokens(ids, mask, images, image_pad, where)
+        lp = tok.get("logprobs")
+        if lp is not None and not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in lp):
+            raise where.error("tokens.logprobs must be finite numbers")
+        out.append(Example(ids, mask, images, float(rec["advantage"]), lp, where))
+    if not out:
+        raise MarsError("no trajectories in the batch")
+    return out
+
+
+def sft_examples(located: Iterable, renderer, image_pad: int, *, min_reward: float | None = None) -> list[Example]:
+    """Trajectory records → examples; records without token ids are rendered from messages."""
+    out = []
+    for where, rec in located:
+        if min_reward is not None:
+            r = rec.get("reward")
+            if r is None or r < min_reward:
+                continue
+        tok = rec.get("tokens")
+        if tok and tok.get("ids") is not None:
+            validate(rec, "trajectory", where, only=("tokens",))
+            ids, mask = tok["ids"], tok["mask"]
+            images = [_resolve_image(str(p), where) for p in (tok.get("images") or [])]
+        else:
+            validate(rec, "trajectory", where, only=("messages",))
+            try:
+                ids, mask, images = renderer.render(rec["messages"], add_generation_prompt=False)
+            except (KeyError, TypeError, AttributeError) as e:
+                raise where.error(f"messages cannot be rendered: {type(e).__name__}: {e}") from None
+            images = [_resolve_image(p, where) for p in images]
+        _check_tokens(ids, mask, images, image_pad, where)
+        if not any(mask):
+            raise where.error("trajectory has no assistant tokens to train on")
+        out.append(Example(list(ids), list(mask), images, 0.0, None, where))
+    if not out:
+        raise MarsError("no trajectories to train on" + (f" with reward >= {min_reward}" if min_reward is not None else ""))
+    return out
+
+
+def minibatches(n: int, size: int | None) -> list[list[int]]:
+    """Consecutive chunks of `size` indices (all in one when size is None or ≥ n)."""
+    if size is None or size >= n:
+        return [list(range(n))]
+    if size < 1:
+        raise MarsError(f"--mini-batch must be at least 1, got {size}")
+    return [list(range(s, min(s + size, n))) for s in range(0, n, size)]
+
+
+def shard(indices: Sequence[int], rank: int, world: int) -> list[int]:
+    """This rank's share of a mini-batch: every world-th item, starting at rank."""
+    return list(indices[rank::world])
+
+
+def pack(indices: Sequence[int], lengths: Callable[[int], int], budget: int) -> list[list[int]]:
+    """Group indices into micro-batches whose padded size (rows × longest) fits `budget`.
+
+    Longest first, so each micro-batch holds sequences of similar length and padding stays
+    small; a sequence longer than the budget trains alone (it cannot be split).
+    """
+    order = sorted(indices, key=lambda i: (-lengths(i), i))
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and (len(groups[-1]) + 1) * lengths(groups[-1][0]) <= budget:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+def pad_rows(rows: Sequence, value: float = 0.0):
+    """Per-sequence 1-D tensors → one [B, T] tensor, right-padded with `value` (keeps autograd)."""
+    from torch.nn.utils.rnn import pad_sequence
+
+    return pad_sequence(list(rows), batch_first=True, padding_value=value)
+
+
+def micro_logprobs(policy, examples: Sequence[Example], *, model=None, grad: bool = False):
+    """One micro-batch forward: per-token log-probs and mask as [B, T] tensors (mask 1 only scored)."""
+    import torch
+
+    from mars_cli.models.inputs import build_inputs, token_logprobs
+
+    seqs = [(ex.ids, ex.images) for ex in examples]
+    batch = build_inputs(policy, seqs)
+    lps = token_logprobs(policy, seqs, grad=grad, model=model, masks=[ex.mask for ex in examples], batch=batch)
+    logp = pad_rows(lps)
+    mask = pad_rows([torch.tensor(ex.mask, dtype=torch.float32) for ex in examples]).to(logp.device)
+    return logp, mask, sum(batch.lengths)
+
+
+def expanded_length(policy, ex: Example, cache: dict | None = None) -> int:
+    """The sequence's length once each image pad is expanded to its patch count."""
+    from mars_cli.models.inputs import image_tokens
+
+    cache = {} if cache is None else cache
+    extra = 0
+    for im in ex.images:
+        if im not in cache:
+            cache[im] = image_tokens(policy, im)
+        extra += cache[im] - 1
+    return len(ex.ids) + extra

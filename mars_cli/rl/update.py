@@ -1,0 +1,271 @@
+"""One policy update on a scored batch: GSPO (or token-level GRPO) + k3 KL, through DeepSpeed.
+
+    run_update(["batch.jsonl"], UpdateConfig(policy="ckpt/", out="ckpt-next/")) -> metrics
+
+Each trajectory's model input is rebuilt from its stored token ids and images (placeholders
+expanded by models.inputs), and only its mask-1 tokens are trained on. Old log-probs are
+recomputed with the policy before any optimizer step (default) or taken from the rollout;
+either way the rollout-vs-trainer gap is measured against the pre-step policy. The batch
+is split into mini-batches (one optimizer step each), sharded over ranks, and packed into
+token-budget micro-batches whose losses are normalised by the whole mini-batch, so packing
+and world size do not change the step. Nothing is written unless every step was finite.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+from mars_cli import streams
+from mars_cli.errors import MarsError, UsageError
+from mars_cli.rl import batching, loss as L
+from mars_cli.rl.checkpoint import read_meta, save_checkpoint
+
+
+@dataclass
+class UpdateConfig:
+    policy: str
+    out: str
+    ref: str | None = None
+    state: str | None = None
+    loss: str = "gspo"
+    eps_low: float | None = None  # None: the objective's default (GSPO 3e-4, GRPO 0.2)
+    eps_high: float | None = None
+    beta: float = 1e-4
+    lr: float = 1e-6
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    mini_batch: int | None = None
+    micro_batch_tokens: int = 4096
+    old_logprobs: str = "recompute"
+    zero: int = 0
+    deepspeed: str | None = None
+    train_vision: bool = False
+    gradient_checkpointing: bool = False
+    bf16: bool | None = None  # None: on when training on a GPU
+    seed: int = 0
+
+
+def _device() -> str:
+    import os
+
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        return f"cuda:{torch.cuda.current_device()}"
+    return "cpu"
+
+
+def prepare_policy(path: str, *, train_vision: bool, gradient_checkpointing: bool, bf16: bool | None, seed: int):
+    """Load a policy for training: device, dtype, frozen vision, checkpointing."""
+    import torch
+
+    from mars_cli.models.load import load_policy
+    from mars_cli.rl.engine import freeze_vision, setup_distributed
+
+    setup_distributed()
+    torch.manual_seed(seed)
+    device = _device()
+    use_bf16 = device.startswith("cuda") if bf16 is None else bf16
+    policy = load_policy(path, device=device, dtype="bfloat16" if use_bf16 else "float32", trainable=True)
+    freeze_vision(policy.model, train_vision)
+    if gradient_checkpointing:
+        policy.model.config.use_cache = False
+        policy.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return policy, use_bf16
+
+
+def batch_hash(examples) -> str:
+    """Content id of what was trained on (ids, mask, images, advantages)."""
+    import orjson
+
+    from mars_cli.fsutil import sha256_bytes
+
+    return sha256_bytes(orjson.dumps([[e.ids, e.mask, e.images, e.advantage] for e in examples]))[:16]
+
+
+def _check_flags(cfg: UpdateConfig) -> None:
+    if cfg.loss not in L.OBJECTIVES:
+        raise UsageError(f"--loss must be one of {', '.join(L.OBJECTIVES)}, got {cfg.loss!r}")
+    if cfg.old_logprobs not in ("recompute", "rollout"):
+        raise UsageError(f"--old-logprobs must be recompute or rollout, got {cfg.old_logprobs!r}")
+    if cfg.micro_batch_tokens < 1:
+        raise UsageError("--micro-batch-tokens must be positive")
+    if cfg.beta < 0:
+        raise UsageError("--beta must be non-negative")
+
+
+def _gap(acc: dict, trainer_lp, rollout_lp, mask) -> None:
+    """Accumulate |log π_trainer − log π_rollout| over mask tokens."""
+    if rollout_lp is None:
+        return
+    d = (trainer_lp.detach() - rollout_lp).abs()[mask > 0]
+    if d.numel():
+        acc["gap_sum"] = acc.get("gap_sum", 0.0) + float(d.sum())
+        acc["gap_n"] = acc.get("gap_n", 0.0) + float(d.numel())
+        acc["gap_max"] = max(acc.get("gap_max", 0.0), float(d.max()))
+
+
+def run_update(paths, cfg: UpdateConfig, *, skip_bad: bool = False, trainer_hook=None) -> dict:
+    """Train one batch and write the checkpoint; return the metrics record (all ranks)."""
+    import torch
+
+    from mars_cli.jsonl import read_located
+    from mars_cli.rl.engine import Trainer, read_state_meta
+
+    _check_flags(cfg)
+    t0 = time.time()
+    eps_low, eps_high = (cfg.eps_low if cfg.eps_low is not None else L.DEFAULT_EPS[cfg.loss][0],
+                         cfg.eps_high if cfg.eps_high is not None else L.DEFAULT_EPS[cfg.loss][1])
+    policy, bf16 = prepare_policy(cfg.policy, train_vision=cfg.train_vision,
+                                  gradient_checkpointing=cfg.gradient_checkpointing, bf16=cfg.bf16, seed=cfg.seed)
+    examples = batching.update_examples(read_located(paths, skip_bad=skip_bad), policy.special["image_pad"])
+    if cfg.old_logprobs == "rollout":
+        for ex in examples:
+            if ex.rollout_logprobs is None:
+                raise ex.where.error("tokens.logprobs is missing: use --old-logprobs recompute")
+    ref = None
+    if cfg.ref and cfg.beta > 0:
+        from mars_cli.models.load import load_policy
+
+        ref = load_policy(cfg.ref, device=str(policy.device), dtype=next(policy.model.parameters()).dtype)
+    trainer = Trainer(policy.model, zero=cfg.zero, config_file=cfg.deepspeed, lr=cfg.lr,
+                      weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, bf16=bf16)
+    if cfg.state and read_state_meta(cfg.state):
+        meta = trainer.load_state(cfg.state)
+        if meta.get("fingerprint") != policy.fingerprint:
+            raise MarsError(f"{cfg.state}: optimizer state belongs to checkpoint {meta.get('fingerprint')}, "
+                            f"not to the policy {cfg.policy} ({policy.fingerprint}); pass that policy or a fresh --state")
+    dev = policy.device
+    rank, world = trainer.rank, trainer.world
+    length_cache: dict = {}
+    lengths = [batching.expanded_length(policy, ex, length_cache) for ex in examples]
+    minis = batching.minibatches(len(examples), cfg.mini_batch)
+    sequence_level = L.LEVEL[cfg.loss] == "sequence"
+
+    def plan(indices):
+        """This rank's micro-batches, padded to the same count on every rank (collectives match)."""
+        per_rank = [batching.pack(batching.shard(indices, r, world), lengths.__getitem__, cfg.micro_batch_tokens)
+                    for r in range(world)]
+        mine = per_rank[rank]
+        n = max(len(p) for p in per_rank)
+        # A rank with fewer micro-batches repeats one with zero weight.
+        filler = mine[0] if mine else [indices[0]]
+        return [(g, 1.0) for g in mine] + [(filler, 0.0)] * (n - len(mine))
+
+    def as_tensor(rows):
+        return batching.pad_rows([torch.tensor(r, dtype=torch.float32) for r in rows]).to(dev)
+
+    # Old log-probs and the gap, from the policy before any step.
+    old: dict[int, torch.Tensor] = {}
+    gap: dict = {}
+    several = len(minis) > 1
+    if several:
+        for mb in minis:
+            for group, w in plan(mb):
+                if not w:
+                    continue
+                exs = [examples[i] for i in group]
+                with torch.no_grad():
+                    lp, mask, _ = batching.micro_logprobs(policy, exs, model=trainer.model)
+                for row, i in enumerate(group):
+                    n = len(examples[i].ids)
+                    old[i] = lp[row, :n].float()
+                    if examples[i].rollout_logprobs is not None:
+                        _gap(gap, old[i], torch.tensor(examples[i].rollout_logprobs, device=dev), mask[row, :n])
+    if cfg.old_logprobs == "rollout":
+        old = {i: torch.tensor(ex.rollout_logprobs, dtype=torch.float32, device=dev) for i, ex in enumerate(examples)}
+
+    objective = L.OBJECTIVES[cfg.loss]
+    stats: dict = {}
+    losses, norms, tokens = [], [], 0
+    for mb in minis:
+        denom = len(mb) if sequence_level else sum(examples[i].policy_tokens for i in mb)
+        denom = max(denom, 1)
+        groups = plan(mb)
+        step_loss = 0.0
+        for j, (group, weight) in enumerate(groups):
+            exs = [examples[i] for i in group]
+            lp, mask, ntok = batching.micro_logprobs(policy, exs, model=trainer.model, grad=True)
+            lp = lp.float()
+            if not several:
+                rollout = [examples[i].rollout_logprobs for i in group]
+                for row, i in enumerate(group):
+                    if rollout[row] is not None and weight:
+                        n = len(examples[i].ids)
+                        _gap(gap, lp[row, :n], torch.tensor(rollout[row], device=dev), mask[row, :n])
+            if cfg.old_logprobs == "recompute" and not several:
+                old_t = lp.detach()
+            else:
+                old_t = batching.pad_rows([old[i] for i in group]).to(dev)
+            ref_t = None
+            if ref is not None:
+                with torch.no_grad():
+                    ref_t = batching.micro_logprobs(ref, exs)[0].float().to(dev)
+            adv = torch.tensor([ex.advantage for ex in exs], dtype=torch.float32, device=dev)
+            out = objective(lp, old_t, adv, mask, ref=ref_t, beta=cfg.beta, eps_low=eps_low,
+                            eps_high=eps_high, denom=denom)
+            value = float(out.loss.detach())
+            if weight and not math.isfinite(value):
+                raise MarsError(f"non-finite loss ({value}) in mini-batch {minis.index(mb) + 1}: nothing written")
+            # DeepSpeed averages gradients over ranks; the loss is already a share of the
+            # global mini-batch, so undo the average.
+            trainer.backward(out.loss * (weight * world), last=j == len(groups) - 1)
+            if weight:
+                step_loss += value
+                tokens += ntok
+                L.merge_stats(stats, out.stats)
+        if trainer_hook is not None:
+            trainer_hook(trainer, mb)
+        norms.append(trainer.step())
+        losses.append(step_loss)
+
+    sums = trainer.all_reduce({**stats, **gap, "tokens": tokens, "loss_sum": sum(losses)})
+    parent = read_meta(cfg.policy)
+    steps = len(minis)
+    metrics = {
+        "loss": sums["loss_sum"] / steps,
+        **L.reduce_stats(sums),
+        "grad_norm": sum(norms) / len(norms),
+        "grad_norm_max": max(norms),
+        "tokens": int(sums["tokens"]),
+        "policy_tokens": sum(ex.policy_tokens for ex in examples),
+        "trajectories": len(examples),
+        "steps": steps,
+        "lr": cfg.lr,
+        "logprob_gap": {"mean_abs": sums.get("gap_sum", 0.0) / sums["gap_n"] if sums.get("gap_n") else None,
+                        "max": sums.get("gap_max") if sums.get("gap_n") else None,
+                        "tokens": int(sums.get("gap_n", 0))},
+    }
+    if not cfg.beta or ref is None:
+        metrics["kl"] = None
+    meta = {
+        "step": int(parent.get("step", 0)) + steps,
+        "parent": cfg.policy,
+        "parent_fingerprint": policy.fingerprint,
+        "batch_hash": batch_hash(examples),
+        "kind": "update",
+        "metrics": metrics,
+        "flags": {**asdict(cfg), "eps_low": eps_low, "eps_high": eps_high, "world_size": world, "bf16": bf16},
+    }
+    state = trainer.full_state_dict()
+    fp = None
+    if rank == 0:
+        fp = save_checkpoint(cfg.out, trainer.model, state, source=cfg.policy, meta=meta, arch=policy.arch)
+    if cfg.state:
+        trainer.save_state(cfg.state, {"step": meta["step"], "fingerprint": _shared(trainer, fp), "checkpoint": cfg.out})
+    metrics["seconds"] = round(time.time() - t0, 3)
+    return {"kind": "update", "out": cfg.out, "step": meta["step"], "fingerprint": _shared(trainer, fp), **metrics}
+
+
+def _shared(trainer, value):
+    """Rank 0's value on every rank."""
+    if trainer.world == 1:
+        return value
+    import torch.distributed as dist
+
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
