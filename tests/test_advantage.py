@@ -37,6 +37,8 @@ def reference(rewards, groups, algo, ddof=1, eps=1e-6, batch_ddof=0, batch_eps=1
     for i, k in enumerate(groups):
         members.setdefault(k, []).append(i)
     adv = [0.0] * len(rewards)
+    n_all, m_all = len(rewards), sum(rewards) / len(rewards)
+    r_std = math.sqrt(sum((x - m_all) ** 2 for x in rewards) / (n_all - ddof)) if n_all - ddof > 0 else 0.0
     for idx in members.values():
         rs = [rewards[i] for i in idx]
         n = len(rs)
@@ -49,6 +51,8 @@ def reference(rewards, groups, algo, ddof=1, eps=1e-6, batch_ddof=0, batch_eps=1
                 adv[i] = (rewards[i] - mean) / (std + eps)
             elif algo == "dr-grpo":
                 adv[i] = rewards[i] - mean
+            elif algo == "grpo-batch-std":
+                adv[i] = (rewards[i] - mean) / (r_std + eps)
             elif algo == "rloo":
                 adv[i] = rewards[i] - (sum(rs) - rewards[i]) / (n - 1)
     if algo == "bn-gspo":
@@ -86,6 +90,13 @@ def test_dr_grpo_and_rloo_hand_computed():
     assert compute(r, g, AdvantageConfig(algo="rloo"))[0].tolist() == pytest.approx([1.5, -1.5, 0.0])
 
 
+def test_grpo_batch_std_hand_computed():
+    # rewards [1, 0, 1, 1]: groups x=[1,0] (mean .5), y=[1,1] (constant); all-reward std (ddof 1) = 0.5
+    adv, stats = compute([1.0, 0.0, 1.0, 1.0], ["x", "x", "y", "y"], AdvantageConfig(algo="grpo-batch-std", eps=1e-4))
+    assert adv.tolist() == pytest.approx([0.5 / 0.5001, -0.5 / 0.5001, 0.0, 0.0])
+    assert stats[0]["reward_batch_std"] == pytest.approx(0.5) and stats[0]["batch_std"] is None
+
+
 def test_single_member_group_gets_zero():
     for algo in ("grpo", "dr-grpo", "rloo"):
         assert compute([0.7], ["solo"], AdvantageConfig(algo=algo))[0].tolist() == [0.0]
@@ -95,7 +106,7 @@ rewards_st = st.lists(st.sampled_from([0.0, 0.5, 1.0, 1.5]) | st.floats(-10, 10,
 
 
 @settings(max_examples=150, deadline=None)
-@given(rewards_st, st.integers(1, 6), st.sampled_from(["grpo", "bn-gspo", "dr-grpo", "rloo"]), st.randoms())
+@given(rewards_st, st.integers(1, 6), st.sampled_from(["grpo", "bn-gspo", "dr-grpo", "rloo", "grpo-batch-std"]), st.randoms())
 def test_vectorized_matches_loop_reference(rewards, n_groups, algo, rnd):
     groups = [rnd.randrange(n_groups) for _ in rewards]  # non-contiguous on purpose
     got = compute(rewards, groups, AdvantageConfig(algo=algo))[0]

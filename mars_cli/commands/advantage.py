@@ -11,7 +11,7 @@ import typer
 def main(
     files: Optional[List[Path]] = typer.Argument(None, help="Judged trajectory JSONL files [default: stdin]."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write here (atomically) instead of stdout."),
-    algo: str = typer.Option("bn-gspo", "--algo", envvar="MARS_ADVANTAGE_ALGO", help="bn-gspo, grpo, dr-grpo or rloo."),
+    algo: str = typer.Option("bn-gspo", "--algo", envvar="MARS_ADVANTAGE_ALGO", help="bn-gspo, grpo, dr-grpo, rloo or grpo-batch-std."),
     ddof: int = typer.Option(1, "--ddof", min=0, help="Delta degrees of freedom of the group std (1: unbiased)."),
     eps: float = typer.Option(1e-6, "--eps", help="Added to the group std before dividing."),
     batch_norm: Optional[bool] = typer.Option(None, "--batch-norm/--no-batch-norm", help="The batch step [default: on for bn-gspo only]."),
@@ -24,7 +24,7 @@ def main(
 ) -> None:
     """Add advantages to judged trajectories, group by group.
 
-    Trajectories are grouped by their `group` field (groups need not be contiguous). grpo: A = (r − mean_g)/(std_g + eps), std with --ddof (unbiased by default), a group of equal rewards gets 0. bn-gspo (the default, SenseNova-MARS): grpo, then A ← (A − mean_B)/(std_B + batch_eps) over all trajectories of the scope, population std. dr-grpo: A = r − mean_g. rloo: A = r − mean of the other rewards of the group.
+    Trajectories are grouped by their `group` field (groups need not be contiguous). grpo: A = (r − mean_g)/(std_g + eps), std with --ddof (unbiased by default), a group of equal rewards gets 0. bn-gspo (the default, SenseNova-MARS): grpo, then A ← (A − mean_B)/(std_B + batch_eps) over all trajectories of the scope, population std. dr-grpo: A = r − mean_g. rloo: A = r − mean of the other rewards of the group. grpo-batch-std: A = (r − mean_g)/(std of all rewards + eps) (TRL's scale_rewards="batch"; TRL's default is grpo --eps 1e-4, verl's is grpo).
 
     The batch statistics need the whole scope, so the command BUFFERS it before writing anything: the whole input by default, or one chunk of --batch-size groups (match the training step; chunks stream one after another while the records of each group are contiguous, and a group that comes back after its chunk is an error).
 

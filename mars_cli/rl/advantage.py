@@ -12,6 +12,12 @@ estimator plus whether the batch step follows by default:
               std_B with `batch_ddof` (0: population) — SenseNova-MARS's second step
     dr-grpo   A = r − mean_g (no std division)
     rloo      A = r_i − mean_{j≠i} r_j (leave-one-out baseline)
+    grpo-batch-std  A = (r − mean_g) / (std of all rewards of the scope + eps)
+
+Other frameworks' settings, reproduced: verl's GRPO (norm_adv_by_std_in_grpo) is `grpo`
+(unbiased std, eps 1e-6); TRL's GRPO is `grpo --eps 1e-4` with scale_rewards="group",
+`grpo-batch-std --eps 1e-4` with scale_rewards="batch", `dr-grpo` with "none"; per
+training step means `--batch-size` = that step's number of prompts.
 
 A group whose rewards are all equal gets exactly 0 (not a float residue / eps). A group of
 one has std 0 and gets 0. The batch step needs the statistics of the whole scope, so the
@@ -53,6 +59,7 @@ class GroupResult:
     std: np.ndarray  # per group, with cfg.ddof (0 for groups too small for it)
     size: np.ndarray  # per group
     constant: np.ndarray  # per group: all rewards equal
+    extra: dict | None = None  # scalars the estimator used beyond group moments (recorded)
 
 
 def group_moments(r: np.ndarray, g: np.ndarray, ddof: int):
@@ -96,6 +103,15 @@ def leave_one_out(r: np.ndarray, g: np.ndarray, cfg: AdvantageConfig) -> GroupRe
     return GroupResult(adv, mean, std, size, const)
 
 
+def group_center_batch_scale(r: np.ndarray, g: np.ndarray, cfg: AdvantageConfig) -> GroupResult:
+    """TRL's scale_rewards="batch": centre per group, divide by the std of all rewards."""
+    size, mean, std, const = group_moments(r, g, cfg.ddof)
+    r_std = float(r.std(ddof=cfg.ddof)) if len(r) > cfg.ddof else 0.0
+    adv = (r - mean[g]) / (r_std + cfg.eps) if r_std + cfg.eps > 0 else np.zeros_like(r)
+    adv[const[g]] = 0.0
+    return GroupResult(adv, mean, std, size, const, {"reward_batch_mean": float(r.mean()), "reward_batch_std": r_std})
+
+
 def batch_normalize(adv: np.ndarray, ddof: int, eps: float) -> tuple[np.ndarray, float, float]:
     """BN-GSPO's second step over every trajectory of the scope."""
     if len(adv) == 0:
@@ -111,6 +127,7 @@ ESTIMATORS: dict[str, tuple[Callable[[np.ndarray, np.ndarray, AdvantageConfig], 
     "bn-gspo": (group_zscore, True),
     "dr-grpo": (group_center, False),
     "rloo": (leave_one_out, False),
+    "grpo-batch-std": (group_center_batch_scale, False),
 }
 
 
@@ -130,6 +147,7 @@ def compute(rewards, groups, cfg: AdvantageConfig):
     common = {"algo": cfg.algo, "ddof": cfg.ddof, "eps": cfg.eps, "batch_mean": b_mean, "batch_std": b_std}
     if b_mean is not None:
         common.update(batch_ddof=cfg.batch_ddof, batch_eps=cfg.batch_eps)
+    common.update(res.extra or {})
     stats = [{**common, "group_mean": mean[i], "group_std": std[i], "group_size": size[i]} for i in g.tolist()]
     return adv, stats
 
