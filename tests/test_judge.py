@@ -176,6 +176,15 @@ def test_bad_line_with_an_endpoint_is_reported_in_order(tmp_path):
     assert len(parse(res.stdout)) == 2
 
 
+def test_skip_bad_warnings_name_the_program_from_the_reader_thread():
+    text = lines([traj(0, "in Paris")]) + "{oops\n" + lines([traj(1, "Lyon")])
+    with StubJudge() as stub:
+        res = Ran(["judge", "--judge-base-url", stub.url, "--judge-model", "m", "--skip-bad"], input=text)
+    assert res.exit_code == 0, res.stderr
+    assert "mars judge: <stdin>:2: skipped: invalid JSON" in res.stderr
+    assert [r["rewards"]["accuracy"] for r in parse(res.stdout)] == [1.0, 0.0]
+
+
 def test_endpoint_without_model_is_a_usage_error():
     res = Ran(["judge", "--judge-base-url", "http://127.0.0.1:9/v1"], input=lines([traj(0, "x")]))
     assert res.exit_code == 2 and "--judge-model" in res.stderr

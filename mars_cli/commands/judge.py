@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 from typing import List, Optional
@@ -45,6 +46,8 @@ def main(
         raise UsageError(f"--scorer must be one of {', '.join(SCORERS)}, got {scorer!r}")
     if rubric not in ("binary", "simpleqa"):
         raise UsageError(f"--rubric must be binary or simpleqa, got {rubric!r}")
+    if not (math.isfinite(format_weight) and math.isfinite(tool_cost)):
+        raise UsageError("--format-weight and --tool-cost must be finite numbers")
     api_key = os.environ.get("MARS_JUDGE_API_KEY") or os.environ.get("OPENAI_API_KEY")
     cfg = JudgeConfig(scorer=scorer, format_weight=format_weight, tool_cost=tool_cost, base_url=base_url or None,
                       model=model, api_key=api_key, rubric=rubric, judge_image=judge_image, concurrency=concurrency,

@@ -20,6 +20,7 @@ slow call holds back at most `window` records and output streams as calls finish
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import queue
 import threading
 from dataclasses import dataclass
@@ -211,7 +212,8 @@ def _judge_concurrently(located: Iterable, cfg: JudgeConfig, stats: JudgeStats) 
 
     try:
         asyncio.run_coroutine_threadsafe(judge.__aenter__(), loop).result()
-        reader = threading.Thread(target=read, name="judge-reader", daemon=True)
+        # The copied context carries the program name, so warnings say "mars judge: …".
+        reader = threading.Thread(target=contextvars.copy_context().run, args=(read,), name="judge-reader", daemon=True)
         reader.start()
         while True:
             item = window.get()

@@ -118,7 +118,7 @@ class VerdictCache:
         d = Path(directory).expanduser()
         try:
             d.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(d / "judge.sqlite", check_same_thread=False, isolation_level=None)
+            self._db = sqlite3.connect(d / "judge.sqlite", check_same_thread=False, isolation_level=None, timeout=30)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("CREATE TABLE IF NOT EXISTS verdicts (key TEXT PRIMARY KEY, verdict TEXT, raw TEXT)")
         except (OSError, sqlite3.Error) as e:
