@@ -237,3 +237,12 @@ def test_limit(tmp_path):
     pq.write_table(pa.Table.from_pylist(rows), src)
     assert run(src, "-f", "hr-mmsearch", "-o", tmp_path / "o", "--limit", 3).exit_code == 0
     assert len(tasks_of(tmp_path / "o")) == 3
+
+
+def test_row_failing_the_task_contract_is_located(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(jpeg())
+    src = tmp_path / "x.jsonl"
+    src.write_text(json.dumps({"sample_id": 1, "query": "q", "query_image": "a.jpg", "ground_truth": "a"}) + "\n"
+                   + json.dumps({"sample_id": 2, "query_image": "a.jpg", "ground_truth": "a"}) + "\n")
+    r = run(src, "-f", "hr-mmsearch", "-o", tmp_path / "o")
+    assert r.exit_code == 1 and f"{src}:2: row 2: missing 'query' or 'question'" in r.stderr

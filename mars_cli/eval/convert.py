@@ -189,9 +189,6 @@ def _table_rows(path: Path, delimiter: str) -> Iterator[tuple[int, dict]]:
 
 # --- the driver -------------------------------------------------------------------------
 
-RowFn = Callable[[dict, int, Context], "dict | None"]
-
-
 def expand_inputs(fmt: str, inputs: list[str]) -> list[tuple[Path, Path | None]]:
     """(input file, image root or None); a directory expands to the files the format reads,
     and a SenseNova-MARS manifest (.json of {name: {"annotation", "root"}}) to its files."""
@@ -280,6 +277,10 @@ def convert(
                     try:
                         task = spec.row(row, rowno, ctx)
                     except RowError as e:
+                        raise RecordError(str(path), rowno, f"row {rowno}: {e}") from None
+                    except RecordError:
+                        raise
+                    except MarsError as e:  # a task field that fails the record contract
                         raise RecordError(str(path), rowno, f"row {rowno}: {e}") from None
                     except (KeyError, TypeError, ValueError) as e:
                         raise RecordError(str(path), rowno, f"row {rowno}: bad {fmt} row ({type(e).__name__}: {e})") from None

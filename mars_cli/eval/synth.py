@@ -125,7 +125,6 @@ def make_synth(out_dir: str | os.PathLike, *, n: int = 64, seed: int = 0, test_f
                distractors: int = 2, workers: int | None = None) -> dict:
     """Generate the benchmark into `out_dir` (replaced atomically); returns a summary."""
     from mars_cli.fsutil import atomic_dir
-    from mars_cli.jsonl import RecordWriter
     from mars_cli.records import make_task
 
     if n < 1:
