@@ -170,3 +170,8 @@ def test_the_local_text_index_finds_the_gold_passage_by_name(synth, tmp_path):
         hits = ts.search(t["meta"]["target_label"], k=3)
         assert hits[0]["title"] == t["meta"]["target_label"]
         assert t["answers"][0] in hits[0]["text"]
+
+
+def test_reference_tool_call_turns_count_from_one(synth):
+    ref = read_file(synth / "reference.jsonl")[0]
+    assert [c["turn"] for c in ref["tool_calls"]] == [1, 2]

@@ -231,12 +231,14 @@ def reference_trajectory(task: dict, plan: dict, results: list[dict], tmp: Path,
     def act(thinking: str, *, call=None, answer=None, result=None):
         messages.append({"role": "assistant", "content": P.format_assistant(thinking, call=call, answer=answer)})
         if call is not None:
-            calls.append({"turn": len(calls), "name": call[0], "arguments": call[1], "ok": True, "error": None, "latency": 0.0})
+            # Turns count from 1, as the agent loop numbers them.
+            turn = sum(1 for m in messages if m["role"] == "assistant")
+            calls.append({"turn": turn, "name": call[0], "arguments": call[1], "ok": True, "error": None, "latency": 0.0})
             messages.append(result)
 
     if plan["type"] != "search":
         bbox = padded_bbox(plan["box"], CANVAS)
-        crop = crop_image(tmp / "images" / f"{plan['id']}.jpg", P.bbox_to_unit(bbox), out_dir=tmp / "artifacts")
+        crop = crop_image(tmp / "images" / f"{plan['id']}.jpg", P.bbox_to_unit(bbox), out_dir=tmp / "artifacts", clamp=True)
         shown = str(final / "artifacts" / Path(crop["path"]).name)
         cx, cy = (bbox[0] + bbox[2]) // 2, (bbox[1] + bbox[3]) // 2
         act(f"The question is about the small yellow sign in the image, around ({cx}, {cy}) in 0-1000 "
