@@ -7,8 +7,10 @@ path, limit and finish reason can be driven deliberately.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from mars_cli import protocol
@@ -143,3 +145,56 @@ def make_image(path: Path, size=(400, 300), color=(200, 30, 30)) -> str:
     arr = np.stack([x, y, np.full((h, w), color[2], np.uint8)], axis=-1)
     Image.fromarray(arr).save(path, quality=95)
     return str(path)
+
+
+class OpenAIStub:
+    """A chat-completions endpoint whose reply depends on how many turns the chat has."""
+
+    def __init__(self, turns):
+        self.turns = turns
+        self.requests: list[dict] = []
+        self.headers: list[dict] = []
+        stub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                stub.requests.append(body)
+                stub.headers.append({k.lower(): v for k, v in self.headers.items()})
+                if not self.path.endswith("/chat/completions"):
+                    self.send_response(404)
+                    self.end_headers()
+                    return
+                k = sum(m["role"] == "assistant" for m in body["messages"])
+                text = stub.turns[min(k, len(stub.turns) - 1)]
+                if text is None:
+                    self.send_response(400)
+                    self.send_header("Content-Type", "application/json")
+                    self.end_headers()
+                    self.wfile.write(b'{"error": {"message": "bad request", "type": "invalid_request_error"}}')
+                    return
+                resp = {"id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
+                        "choices": [{"index": 0, "finish_reason": "stop",
+                                     "message": {"role": "assistant", "content": text}}],
+                        "usage": {"prompt_tokens": 100 * (k + 1), "completion_tokens": 20, "total_tokens": 100 * (k + 1) + 20}}
+                data = json.dumps(resp).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.server.shutdown()
+        self.server.server_close()

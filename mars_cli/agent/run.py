@@ -153,3 +153,26 @@ def check_files(files, policy: str, *, out: str | None = None, skip_bad: bool = 
         raise MarsError(f"{bad} of {total} trajectories failed the token check")
     if streams.progress_enabled():
         streams.warn(f"{total} trajectories: tokens consistent")
+
+
+def ask(image: str, question: str, *, engine: dict, sampling: dict, limits: dict, tools: dict,
+        artifacts: str | None = None, trace: bool = True) -> dict:
+    """`mars ask`: one episode on one image, traced on stderr; returns the trajectory record."""
+    from mars_cli.agent.loop import AgentLoop, Limits
+    from mars_cli.agent.trace import Tracer
+    from mars_cli.errors import MarsError
+    from mars_cli.records import make_task
+
+    if not image.startswith(("http://", "https://")) and not Path(image).is_file():
+        raise MarsError(f"{image}: no such image file")
+    toolbox = open_toolbox(artifacts_dir(artifacts, None), **tools)
+    eng = make_engine(**engine, sampling=sampling)
+    tracer = Tracer() if trace else None
+    loop = AgentLoop(eng, toolbox, limits=Limits(**limits), batch_size=1, on_turn=tracer)
+    try:
+        [rec] = list(loop.run([make_task("ask", question, images=[image], benchmark="ask")]))
+    finally:
+        eng.close()
+    if tracer is not None:
+        tracer.summary(rec)
+    return rec

@@ -1,0 +1,62 @@
+"""Ask the agent one question about one image, for a person.
+
+    mars ask photo.jpg "What is written on the small sign?" --policy ckpt/
+
+The trace (thinking, tool calls, crop boxes, results) goes to stderr as it happens;
+stdout gets the answer as plain text, or the trajectory record with --json.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+E = "MARS_"
+
+
+def main(
+    image: str = typer.Argument(..., help="The image (a path or URL)."),
+    question: str = typer.Argument(..., help="The question."),
+    policy: Optional[str] = typer.Option(None, "--policy", envvar=E + "POLICY", help="Model directory (hf, vllm) or model name (openai)."),
+    engine: str = typer.Option("hf", "--engine", envvar=E + "ENGINE", help="hf | vllm | openai."),
+    as_json: bool = typer.Option(False, "--json", help="Print the trajectory record instead of the answer."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No trace on stderr."),
+    max_turns: int = typer.Option(10, "--max-turns"),
+    max_total_tokens: int = typer.Option(16384, "--max-total-tokens"),
+    max_new_tokens: int = typer.Option(2048, "--max-new-tokens"),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy (the default here)."),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    device: str = typer.Option("cpu", "--device", envvar=E + "DEVICE"),
+    base_url: Optional[str] = typer.Option(None, "--base-url", help="openai: endpoint URL."),
+    model: Optional[str] = typer.Option(None, "--model", help="openai: model name."),
+    artifacts: Optional[str] = typer.Option(None, "--artifacts", help="Crops folder (default: MARS_ARTIFACTS or ./artifacts)."),
+    search_backend: Optional[str] = typer.Option(None, "--search-backend"),
+    index: Optional[str] = typer.Option(None, "--index", help="Local text index directory."),
+    image_search_backend: Optional[str] = typer.Option(None, "--image-search-backend"),
+    image_index: Optional[str] = typer.Option(None, "--image-index", help="Local image index directory."),
+    cache: Optional[str] = typer.Option(None, "--cache", help="Tool record/replay cache directory."),
+) -> None:
+    """Answer one question about an image, with a trace."""
+    from mars_cli import streams
+    from mars_cli.agent import run
+    from mars_cli.errors import MarsError
+    from mars_cli.jsonl import RecordWriter
+
+    rec = run.ask(
+        image, question, artifacts=artifacts, trace=not quiet,
+        engine=dict(name=engine, policy=policy, device=device, base_url=base_url, model=model),
+        sampling=dict(temperature=temperature, seed=seed),
+        limits=dict(max_turns=max_turns, max_total_tokens=max_total_tokens, max_new_tokens=max_new_tokens),
+        tools=dict(search_backend=search_backend, index=index, image_search_backend=image_search_backend,
+                   image_index=image_index, cache=cache),
+    )
+    if as_json:
+        with RecordWriter(None) as w:
+            w.write(rec, fresh=("tokens", "tool_calls", "elapsed"))
+        return
+    if rec["prediction"] is None:
+        raise MarsError(f"no answer: the episode ended with {rec['finish']}" + (f" ({rec['error']})" if rec.get("error") else ""))
+    out = streams.records_out()
+    out.write(rec["prediction"].encode("utf-8") + b"\n")
+    out.flush()
