@@ -181,3 +181,13 @@ def test_credentials_in_urls_stay_out_of_cache_keys(tmp_path):
         ts = open_text_search("retriever", retriever_url=url, cache=str(tmp_path), **FAST)
         assert ts.search("alpha")[0]["text"] == "alpha"
     assert "hunter2" not in str(ts.params) and b"hunter2" not in (tmp_path / "tools.sqlite").read_bytes()
+
+
+def test_rate_limit_applies_to_api_calls(serper_env):
+    with FakeServer({}) as srv:
+        srv.routes.update(serper_routes(_serper(srv)))
+        ts = open_text_search("serper", serper_url=srv.url, fetch=False, rate_limit=20, **FAST)
+        t0 = time.monotonic()
+        for i in range(23):  # a burst of 20, then one call per 1/20 s
+            ts.search(f"q{i}", k=1)
+    assert time.monotonic() - t0 >= 0.14

@@ -24,9 +24,10 @@ def text(
     Prints the index manifest as one record. Example: mars index text wiki-18.jsonl --out wiki-idx
     """
     from mars_cli.jsonl import RecordWriter, read_located
-    from mars_cli.tools.index_text import SentenceEmbedder, build_text_index, parse_passage
+    from mars_cli.tools.embed import load_embedder
+    from mars_cli.tools.index_text import build_text_index, parse_passage
 
-    embedder = SentenceEmbedder(str(dense_model)) if dense_model else None
+    embedder = load_embedder(str(dense_model)) if dense_model else None
     passages = (parse_passage(rec, where) for where, rec in read_located(corpus, skip_bad=skip_bad))
     source = ",".join(str(p) for p in corpus) if corpus else "<stdin>"
     manifest = build_text_index(passages, out, embedder=embedder, chunk=chunk, source=source)
@@ -46,10 +47,10 @@ def images(
     Prints the index manifest as one record. Example: mars index images photos/ --out photo-idx
     """
     from mars_cli.jsonl import RecordWriter
+    from mars_cli.tools.embed import load_embedder
     from mars_cli.tools.index_images import build_image_index, collect_images
-    from mars_cli.tools.index_text import SentenceEmbedder
 
-    embedder = SentenceEmbedder(str(model)) if model else None
+    embedder = load_embedder(str(model), images=True) if model else None
     manifest = build_image_index(collect_images(source), out, embedder=embedder, thumb_size=thumb_size, source=str(source))
     with RecordWriter(None) as w:
         w.write({"index": str(out), **manifest})

@@ -32,12 +32,12 @@ class LocalImageBackend:
 
     def __init__(self, index: str | None, opts: dict):
         from mars_cli.tools.index_images import ImageIndex
-        from mars_cli.tools.index_text import SentenceEmbedder
+        from mars_cli.tools.embed import load_embedder
 
         index = index or os.environ.get("MARS_IMAGE_INDEX")
         if not index:
             raise MarsError("the local image backend needs an index: --index DIR (or MARS_IMAGE_INDEX); build one with `mars index images`")
-        embedder = opts.get("embedder") or (SentenceEmbedder(opts["model"]) if opts.get("model") else None)
+        embedder = opts.get("embedder") or (load_embedder(opts["model"], images=True) if opts.get("model") else None)
         self.index = ImageIndex(index, embedder=embedder)
         self.params = {"index": self.index.manifest["items_sha256"], "descriptor": self.index.manifest["descriptor"]}
 

@@ -327,32 +327,3 @@ def _top(scores: np.ndarray, k: int) -> list[tuple[int, float]]:
     cand = np.argpartition(-scores, k - 1)[:k]
     cand = cand[np.lexsort((cand, -scores[cand]))]
     return [(int(i), float(scores[i])) for i in cand if scores[i] > 0]
-
-
-class SentenceEmbedder:
-    """A local sentence-transformers model (text, or CLIP-style images and text).
-
-    E5-style models want "query: " / "passage: " prefixes; the model's own configured
-    prompts win, else an "e5" in the model's name turns the prefixes on.
-    """
-
-    def __init__(self, path: str):
-        try:
-            from sentence_transformers import SentenceTransformer
-        except ImportError:
-            raise MarsError("dense/CLIP embeddings need the sentence-transformers package (pip install sentence-transformers)") from None
-        if not Path(path).exists():
-            raise MarsError(f"{path}: no such model directory (models are loaded from local paths only)")
-        self.model = SentenceTransformer(path, device="cpu")
-        self.name = Path(path).name
-        prompts = getattr(self.model, "prompts", None) or {}
-        e5 = "e5" in self.name.lower()
-        self.prefix = {
-            "query": prompts.get("query", "query: " if e5 else ""),
-            "passage": prompts.get("passage", prompts.get("document", "passage: " if e5 else "")),
-        }
-
-    def encode(self, items: list, *, kind: str = "passage") -> np.ndarray:
-        if items and isinstance(items[0], str):
-            items = [self.prefix.get(kind, "") + t for t in items]
-        return np.asarray(self.model.encode(items, convert_to_numpy=True, normalize_embeddings=True), dtype=np.float32)

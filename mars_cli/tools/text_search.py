@@ -52,14 +52,15 @@ class LocalBackend:
     name = "local"
 
     def __init__(self, index: str | None, opts: dict):
-        from mars_cli.tools.index_text import SentenceEmbedder, TextIndex
+        from mars_cli.tools.embed import load_embedder
+        from mars_cli.tools.index_text import TextIndex
 
         index = index or os.environ.get("MARS_INDEX")
         if not index:
             raise MarsError("the local backend needs an index: --index DIR (or MARS_INDEX); build one with `mars index text`")
         embedder = opts.get("embedder")
         if embedder is None and opts.get("dense_model"):
-            embedder = SentenceEmbedder(opts["dense_model"])
+            embedder = load_embedder(opts["dense_model"])
         self.index = TextIndex(index, embedder=embedder)
         self.method = opts.get("method")
         # The corpus hash (not the path) keys the cache: a rebuilt index is a new corpus.

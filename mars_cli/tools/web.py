@@ -117,13 +117,16 @@ class HttpClient:
         )
         self._limiter = RateLimiter(self.rate_limit) if self.rate_limit else None
 
-    def _send(self, method: str, url: str, *, what: str, **kw):
-        """Send with retries; return the httpx response (status < 400), body not yet read."""
+    def _send(self, method: str, url: str, *, what: str, limited: bool = True, **kw):
+        """Send with retries; return the httpx response (status < 400), body not yet read.
+
+        `limited` calls count against the rate limit (the paid API); page fetches do not.
+        """
         import httpx
 
         last = "no attempt"
         for attempt in range(self.retries + 1):
-            if self._limiter:
+            if self._limiter and limited:
                 self._limiter.acquire()
             wait = min(self.max_wait, self.backoff * (2**attempt))
             try:
@@ -181,7 +184,7 @@ class HttpClient:
         for _ in range(max_redirects + 1):
             if untrusted:
                 check_public(url, allow_private=self.allow_private)
-            resp = self._send("GET", url, what=what)
+            resp = self._send("GET", url, what=what, limited=not untrusted)
             if resp.status_code in (301, 302, 303, 307, 308) and resp.headers.get("Location"):
                 resp.close()
                 url = urljoin(url, resp.headers["Location"])
