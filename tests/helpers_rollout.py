@@ -73,11 +73,12 @@ class ScriptedEngine(Engine):
             if self.fail_when is not None and self.fail_when(r.messages):
                 raise RuntimeError("scripted engine failure")
             text = self.script(r.messages)
-            ids = self.renderer.tok.encode(text) + [SPECIAL["im_end"]]
+            eos = self.special["im_end"]
+            ids = list(self.renderer.tok.encode(text, add_special_tokens=False)) + [eos]
             finish = "stop"
             if len(ids) > r.max_new_tokens:
                 ids, finish = ids[: r.max_new_tokens], "length"
-            body, _ = strip_eos(ids, SPECIAL["im_end"])
+            body, _ = strip_eos(ids, eos)
             out.append(GenResult(text=self.decode(body), ids=ids, logprobs=[-0.5] * len(ids), finish=finish))
         return out
 
