@@ -133,3 +133,23 @@ def test_real_pipeline_index_then_search_head(tmp_path):
                        capture_output=True, text=True)
     assert p.returncode == 0 and p.stderr == ""
     assert [json.loads(x)["doc_id"] for x in p.stdout.splitlines()] == ["d1", "d2"]
+
+
+@pytest.mark.network
+def test_search_summarize_group_context(tmp_path, monkeypatch):
+    from fakeservers import openai_routes
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-never-shown")
+    docs = [{"id": "r1", "contents": '"Alps"\nMont Blanc is the highest peak of the Alps at 4,806 m.'}]
+    reply = lambda p: "Mont Blanc, 4,806 m [1]." if "Combine them" in p else "Highest Alpine peak: Mont Blanc."  # noqa: E731
+    with FakeServer({**retriever_routes(docs), **openai_routes(reply)}) as srv:
+        r = invoke(["search", "--backend", "retriever", "--retriever-url", srv.url, "--summarize", "--llm-base-url", f"{srv.url}/v1",
+                    "--llm-model", "judge-1", "--group", "--cache", str(tmp_path / "c"), "highest", "alps"])
+    assert r.exit_code == 0, r.stderr
+    (rec,) = lines(r.stdout)
+    assert rec["context"] == ('Search results for "highest alps":\nSummary: Mont Blanc, 4,806 m [1].\n'
+                              "[1] Alps (doc r1)\nHighest Alpine peak: Mont Blanc.")
+    assert "sk-never-shown" not in r.stdout + r.stderr
+    assert b"sk-never-shown" not in (tmp_path / "c" / "tools.sqlite").read_bytes()
+    r = invoke(["search", "--backend", "retriever", "--retriever-url", "http://127.0.0.1:9", "--summarize"], input='{"query": "x"}\n')
+    assert r.exit_code == 1 and "--summarize needs an LLM endpoint" in r.stderr
