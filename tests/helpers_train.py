@@ -59,3 +59,21 @@ def write_batch(policy_dir, out: Path, advantages, *, image_dir: Path | None = N
                                images, advantage=a, **kw))
     write_records(recs, out)
     return out
+
+
+class Ran:
+    """A CliRunner run with MarsError shown as `mars CMD: message` (what the real entry prints)."""
+
+    def __init__(self, args):
+        from typer.testing import CliRunner
+
+        from mars_cli.main import app
+
+        res = CliRunner().invoke(app, [str(a) for a in args], standalone_mode=False)
+        self.stdout, self.stderr, self.exit_code = res.stdout, res.stderr, res.exit_code
+        e = res.exception
+        if e is not None and hasattr(e, "prog"):
+            self.stderr += f"{e.prog}: {e.message}\n"
+            self.exit_code = e.exit_code
+        elif e is not None and not isinstance(e, SystemExit):
+            raise e
