@@ -225,9 +225,11 @@ def load_policy(path, *, device: str = "cpu", dtype=None, trainable: bool = Fals
     cls = getattr(transformers, ARCHITECTURES[cfg["model_type"]][1], None)
     if cls is None:
         raise MarsError(f"{path}: this transformers version has no {ARCHITECTURES[cfg['model_type']][1]}")
+    # The image processor first: it is cheap and its absence is a common mistake (a text-only
+    # checkpoint, a hand-copied directory), so say so before the slow loads.
+    image_processor = load_image_processor(path, min_pixels=min_pixels, max_pixels=max_pixels)
     tokenizer = load_tokenizer(path)
     special = special_ids(tokenizer, path)
-    image_processor = load_image_processor(path, min_pixels=min_pixels, max_pixels=max_pixels)
     kwargs = {"dtype": _dtype(dtype, device), "local_files_only": True}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
