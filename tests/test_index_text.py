@@ -204,3 +204,15 @@ def test_threads_share_one_search(index_dir, tmp_path):
     with ThreadPoolExecutor(8) as pool:
         got = list(pool.map(lambda q: ts.search(q, k=1)[0]["doc_id"], qs))
     assert got == [e for _, e in PARAPHRASES] * 6 and len(ts.cache) == len(PARAPHRASES)
+
+
+def test_top_k_selection_against_a_full_sort():
+    from mars_cli.tools.index_text import _top
+
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        n = int(rng.integers(1, 60))
+        scores = rng.choice([0.0, 0.5, 1.0, 1.5, 2.0], size=n).astype(np.float32)  # many ties and zeros
+        k = int(rng.integers(1, 12))
+        expected = sorted(((i, float(s)) for i, s in enumerate(scores) if s > 0), key=lambda x: (-x[1], x[0]))[:k]
+        assert _top(scores, k) == expected

@@ -128,7 +128,8 @@ class SerperBackend(_WebBackend):
     def search(self, query: str, k: int) -> list[dict]:
         data = self.http.request_json("POST", f"{self.url}/search", json={"q": query, "num": k},
                                       headers={"X-API-KEY": self._key}, what="serper search")
-        organic = data.get("organic") if isinstance(data, dict) else None
+        # serper leaves "organic" out when nothing matched
+        organic = data.get("organic", []) if isinstance(data, dict) else None
         if not isinstance(organic, list):
             raise ToolError("serper search: unexpected response (no 'organic' list)")
         hits = [{"title": str(o.get("title") or ""), "url": o["link"], "snippet": str(o.get("snippet") or "")}
