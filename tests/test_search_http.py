@@ -191,3 +191,12 @@ def test_rate_limit_applies_to_api_calls(serper_env):
         for i in range(23):  # a burst of 20, then one call per 1/20 s
             ts.search(f"q{i}", k=1)
     assert time.monotonic() - t0 >= 0.14
+
+
+def test_replay_needs_no_api_key(serper_env, tmp_path, monkeypatch):
+    with FakeServer({}) as srv:
+        srv.routes.update(serper_routes(_serper(srv)))
+        recorded = open_text_search("serper", serper_url=srv.url, fetch=False, cache=str(tmp_path), **FAST).search("eiffel", k=2)
+    monkeypatch.delenv("SERPER_API_KEY")
+    replayed = open_text_search("serper", serper_url=srv.url, fetch=False, cache=str(tmp_path), replay=True, **FAST).search(" eiffel ", k=2)
+    assert replayed == recorded

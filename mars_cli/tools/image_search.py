@@ -87,7 +87,7 @@ class SerperLensBackend:
         self.http = _http(opts)
         self.url = _url(opts, "serper_url", "MARS_SERPER_URL", "https://google.serper.dev")
         self._key = os.environ.get("SERPER_API_KEY")
-        if not self._key:
+        if not self._key and not opts.get("replay"):  # replaying needs no key: the cache answers
             raise MarsError("the serper backend needs SERPER_API_KEY in the environment")
         self.out_dir = Path(opts.get("artifacts") or os.environ.get("MARS_ARTIFACTS") or "artifacts")
         self.params = {"url": public_url(self.url)}
@@ -172,6 +172,7 @@ class ImageSearch:
 def open_image_search(backend: str = "local", *, index: str | None = None, cache=None, replay: bool = False, **opts) -> ImageSearch:
     """An ImageSearch for `backend`; `cache` is a directory (or a ToolCache to share)."""
     backend = backend or os.environ.get("MARS_IMAGE_SEARCH_BACKEND") or "local"
+    opts["replay"] = replay
     if backend == "local":
         impl = LocalImageBackend(index, opts)
     elif backend == "precomputed":

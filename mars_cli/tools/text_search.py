@@ -121,7 +121,7 @@ class SerperBackend(_WebBackend):
         super().__init__(opts)
         self.url = _url(opts, "serper_url", "MARS_SERPER_URL", "https://google.serper.dev")
         self._key = os.environ.get("SERPER_API_KEY")
-        if not self._key:
+        if not self._key and not opts.get("replay"):  # replaying needs no key: the cache answers
             raise MarsError("the serper backend needs SERPER_API_KEY in the environment")
         self.params = {"url": public_url(self.url), "fetch": self.fetch, "page_chars": self.page_chars}
 
@@ -231,6 +231,7 @@ def open_text_search(backend: str = "local", *, index: str | None = None, cache=
                      summarize: bool = False, **opts) -> TextSearch:
     """A TextSearch for `backend`; `cache` is a directory (or a ToolCache to share)."""
     backend = backend or os.environ.get("MARS_SEARCH_BACKEND") or "local"
+    opts["replay"] = replay
     if backend == "local":
         impl = LocalBackend(index, opts)
     elif backend == "serper":
