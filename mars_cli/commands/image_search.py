@@ -9,15 +9,15 @@ import typer
 
 
 def main(
-    images: Optional[List[str]] = typer.Argument(None, help="Image paths (or URLs for serper) [default: records with 'image' or 'images' on stdin]."),
+    images: Optional[List[str]] = typer.Argument(None, help="Image paths (or URLs for serper) (default: records with 'image' or 'images' on stdin)."),
     backend: str = typer.Option("local", "--backend", "-b", envvar="MARS_IMAGE_SEARCH_BACKEND", help="local, precomputed or serper."),
     index: Optional[Path] = typer.Option(None, "--index", envvar="MARS_IMAGE_INDEX", help="Index directory for the local backend."),
     model: Optional[Path] = typer.Option(None, "--model", envvar="MARS_IMAGE_MODEL", help="The CLIP-style model the index was built with, if any."),
     k: int = typer.Option(5, "-k", "--top-k", min=1, max=20, help="Number of results per image."),
     group: bool = typer.Option(False, "--group", help="One record per image (results, rendered context, thumbnails)."),
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="precomputed: base of relative thumbnail paths [default: the task's data_dir, else .]."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="precomputed: base of relative thumbnail paths (default: the task's data_dir, else .)."),
     serper_url: Optional[str] = typer.Option(None, "--serper-url", envvar="MARS_SERPER_URL", help="serper.dev base URL (key from SERPER_API_KEY)."),
-    artifacts: Optional[Path] = typer.Option(None, "--artifacts", envvar="MARS_ARTIFACTS", help="serper: where downloaded thumbnails go [default: artifacts]."),
+    artifacts: Optional[Path] = typer.Option(None, "--artifacts", envvar="MARS_ARTIFACTS", help="serper: where downloaded thumbnails go (default: artifacts)."),
     cache: Optional[Path] = typer.Option(None, "--cache", envvar="MARS_CACHE", help="Record/replay cache directory."),
     replay: bool = typer.Option(False, "--replay", help="Answer from the cache only; a miss is an error."),
     rate_limit: Optional[float] = typer.Option(None, "--rate-limit", min=0.001, help="At most N API calls per second."),

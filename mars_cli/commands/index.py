@@ -13,7 +13,7 @@ app = typer.Typer(help="Build local search indexes: text or images.",
 
 @app.command("text")
 def text(
-    corpus: Optional[List[Path]] = typer.Argument(None, help="Corpus JSONL files [default: stdin]: {id, contents} (FlashRAG) or {id, title, text[, url]}."),
+    corpus: Optional[List[Path]] = typer.Argument(None, help="Corpus JSONL files (default: stdin): {id, contents} (FlashRAG) or {id, title, text[, url]}."),
     out: Path = typer.Option(..., "--out", help="Index directory to write (replaced atomically)."),
     dense_model: Optional[Path] = typer.Option(None, "--dense-model", envvar="MARS_DENSE_MODEL", help="Local sentence-transformers model: also build a faiss dense index."),
     chunk: int = typer.Option(20_000, "--chunk", min=1, help="Passages per streamed chunk (bounds memory)."),
@@ -39,7 +39,7 @@ def text(
 def images(
     source: Path = typer.Argument(..., help="An image folder (titles from titles.jsonl/titles.tsv in it) or a JSONL of {image, title} records."),
     out: Path = typer.Option(..., "--out", help="Index directory to write (replaced atomically)."),
-    model: Optional[Path] = typer.Option(None, "--model", envvar="MARS_IMAGE_MODEL", help="Local CLIP-style sentence-transformers model [default: weight-free pHash + colour layout]."),
+    model: Optional[Path] = typer.Option(None, "--model", envvar="MARS_IMAGE_MODEL", help="Local CLIP-style sentence-transformers model (default: weight-free pHash + colour layout)."),
     thumb_size: int = typer.Option(256, "--thumb-size", min=16, help="Longest side of the stored thumbnails."),
 ) -> None:
     """Index images for `mars image-search` (thumbnails are written into the index).

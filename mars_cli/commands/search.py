@@ -9,12 +9,12 @@ import typer
 
 
 def main(
-    query: Optional[List[str]] = typer.Argument(None, help="The query (words are joined) [default: {\"query\"} records on stdin]."),
+    query: Optional[List[str]] = typer.Argument(None, help="The query (words are joined) (default: {\"query\"} records on stdin)."),
     backend: str = typer.Option("local", "--backend", "-b", envvar="MARS_SEARCH_BACKEND", help="local, serper, searxng or retriever."),
     index: Optional[Path] = typer.Option(None, "--index", envvar="MARS_INDEX", help="Index directory for the local backend."),
     k: int = typer.Option(5, "-k", "--top-k", min=1, max=50, help="Number of results per query."),
     group: bool = typer.Option(False, "--group", help="One record per query (results + rendered context) instead of one per result."),
-    method: Optional[str] = typer.Option(None, "--method", help="local retrieval: bm25, dense or hybrid [default: hybrid when dense was built and --dense-model is given]."),
+    method: Optional[str] = typer.Option(None, "--method", help="local retrieval: bm25, dense or hybrid (default: hybrid when dense was built and --dense-model is given)."),
     dense_model: Optional[Path] = typer.Option(None, "--dense-model", envvar="MARS_DENSE_MODEL", help="Local embedding model path for dense/hybrid retrieval."),
     serper_url: Optional[str] = typer.Option(None, "--serper-url", envvar="MARS_SERPER_URL", help="serper.dev base URL (key from SERPER_API_KEY)."),
     searxng_url: Optional[str] = typer.Option(None, "--searxng-url", envvar="MARS_SEARXNG_URL", help="SearXNG base URL."),
