@@ -28,7 +28,7 @@ class ByteTokenizer:
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return [OFFSET + b for b in text.encode("utf-8")]
 
-    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+    def decode(self, ids, skip_special_tokens: bool = False, **_) -> str:
         out, buf = [], bytearray()
         for i in ids:
             if i >= OFFSET:

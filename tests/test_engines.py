@@ -182,3 +182,13 @@ def test_vllm_real(tiny_policy_dir, tmp_path):
     [r] = eng.generate([GenRequest(ids=ids, images=images, max_new_tokens=8)])
     assert 1 <= len(r.ids) <= 8 and len(r.logprobs) == len(r.ids)
     assert all(math.isfinite(x) and x <= 0 for x in r.logprobs)
+
+
+def test_hf_qwen3_vl(tiny_qwen3_dir, tmp_path):
+    from mars_cli.models.inputs import token_logprobs
+
+    eng = open_engine("hf", policy=str(tiny_qwen3_dir), sampling=Sampling(seed=0))
+    ids, _, images = prompt(eng, tmp_path, size=(128, 96))
+    [r] = eng.generate([GenRequest(ids=ids, images=images, max_new_tokens=4)])
+    [lp] = token_logprobs(eng.policy, [(ids + r.ids, images)])
+    assert lp[len(ids):].tolist() == pytest.approx(r.logprobs, abs=2e-3)

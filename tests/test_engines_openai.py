@@ -88,3 +88,15 @@ def test_rollout_bad_task_line(tmp_path, monkeypatch):
     assert r.exit_code == 1
     assert "tasks.jsonl:2" in r.stderr and "question" in r.stderr
     assert not out.exists()
+
+
+def test_rollout_reads_stdin_and_streams(tmp_path, monkeypatch):
+    monkeypatch.setenv("MARS_OPENAI_API_KEY", "k")
+    monkeypatch.setenv("MARS_ARTIFACTS", str(tmp_path / "art"))
+    lines = "".join(json.dumps(make_task(f"t{i}", "q?")) + "\n" for i in range(3))
+    with Stub([answer("yes")]) as stub:
+        r = CliRunner().invoke(app, ["rollout", "--engine", "openai", "--model", "m", "--base-url", stub.url, "-n", "2"],
+                               input=lines)
+    assert r.exit_code == 0, r.stderr
+    recs = [json.loads(x) for x in r.stdout.splitlines()]
+    assert len(recs) == 6 and all(x["prediction"] == "yes" and x["schema_version"] == 1 for x in recs)

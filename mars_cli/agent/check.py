@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 
 from mars_cli import protocol
-from mars_cli.engines import strip_eos
+from mars_cli.engines import decode_ids, strip_eos
 
 
 def _runs(mask: list[int]) -> list[tuple[int, int]]:
@@ -66,7 +66,7 @@ def check_trajectory(rec: dict, renderer: protocol.Renderer) -> list[str]:
             problems.append(f"turn {k}: generated ids start at token {start}, expected {cursor}")
             return problems
         body, ended = strip_eos(ids[start:end], eos)
-        text = renderer.tok.decode(body, skip_special_tokens=False)
+        text = decode_ids(renderer.tok, body)
         if text != msgs[a].get("content"):
             problems.append(f"turn {k}: decoding the generated ids does not give the assistant message text")
         cursor = end

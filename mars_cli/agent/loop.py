@@ -187,7 +187,10 @@ class AgentLoop:
             reqs.append(GenRequest(ids=ep.ids if self.engine.tokens else None, images=list(ep.images),
                                    messages=ep.messages, max_new_tokens=max(1, min(self.limits.max_new_tokens, room))))
         try:
-            return self.engine.generate(reqs)
+            results = self.engine.generate(reqs)
+            if len(results) != len(reqs):
+                raise MarsError(f"engine {self.engine.name} returned {len(results)} results for {len(reqs)} requests")
+            return results
         except Exception as e:  # noqa: BLE001 — isolate the failing episode, keep the others
             if len(reqs) == 1:
                 return [_failed(e)]

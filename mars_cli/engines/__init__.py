@@ -91,7 +91,8 @@ class Engine:
         raise NotImplementedError
 
     def decode(self, ids: list[int]) -> str:
-        return self.renderer.tok.decode(ids, skip_special_tokens=False)
+        """The text of generated ids, every token as written (no special-token skipping or space clean-up)."""
+        return decode_ids(self.renderer.tok, ids)
 
     def describe(self) -> dict:
         """The `policy` field of a trajectory record."""
@@ -100,6 +101,10 @@ class Engine:
 
     def close(self) -> None:
         pass
+
+
+def decode_ids(tokenizer, ids: list[int]) -> str:
+    return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
 def strip_eos(ids: list[int], eos: int) -> tuple[list[int], bool]:
