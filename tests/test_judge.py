@@ -185,6 +185,21 @@ def test_skip_bad_warnings_name_the_program_from_the_reader_thread():
     assert [r["rewards"]["accuracy"] for r in parse(res.stdout)] == [1.0, 0.0]
 
 
+def test_judge_image_attaches_the_question_image(tmp_path):
+    from PIL import Image
+
+    img = tmp_path / "q.png"
+    Image.new("RGB", (64, 32), (0, 128, 0)).save(img)
+    recs = [traj(0, "in Paris", images=[str(img)]), traj(1, "in Paris", images=["https://example.org/x.jpg"])]
+    with StubJudge() as stub:
+        res = Ran(["judge", "--judge-base-url", stub.url, "--judge-model", "m", "--judge-image"],
+                  input=lines(recs))
+        urls = [c["body"]["messages"][1]["content"][0]["image_url"]["url"] for c in stub.calls]
+    assert res.exit_code == 0, res.stderr
+    # the local file goes as a data URL, a remote image by its URL (call order may vary)
+    assert sorted(u[:23] for u in urls) == ["data:image/jpeg;base64,", "https://example.org/x.j"]
+
+
 def test_endpoint_without_model_is_a_usage_error():
     res = Ran(["judge", "--judge-base-url", "http://127.0.0.1:9/v1"], input=lines([traj(0, "x")]))
     assert res.exit_code == 2 and "--judge-model" in res.stderr
