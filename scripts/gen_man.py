@@ -17,6 +17,7 @@ import inspect
 import json
 import re
 import sys
+import textwrap
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -92,15 +93,20 @@ def inline(text: str) -> str:
     return "".join(esc(p) if i % 2 == 0 else f"\\fB{esc(p)}\\fR" for i, p in enumerate(parts))
 
 
-def prose(text: str) -> list[str]:
-    """A docstring or help text as troff paragraphs, literal blocks and bullet lists."""
+def prose(text: str, *, clean: bool = True) -> list[str]:
+    """A docstring or help text as troff paragraphs, literal blocks and bullet lists.
+
+    `clean=False` for text already dedented (cleaning again would flatten a literal block
+    that follows an unindented first line).
+    """
     out: list[str] = []
-    for para in re.split(r"\n\s*\n", inspect.cleandoc(text or "").strip()):
+    text = inspect.cleandoc(text or "") if clean else (text or "")
+    for para in re.split(r"\n\s*\n", text.strip("\n")):
         lines = para.split("\n")
         if not para.strip():
             continue
         if para.startswith("\b") or all(ln.startswith((" ", "\t")) for ln in lines):
-            body = inspect.cleandoc("\n".join(ln.lstrip("\b") for ln in lines))
+            body = textwrap.dedent("\n".join(ln.lstrip("\b") for ln in lines)).strip("\n")
             out += [".PP", ".RS 4", ".nf", esc(body), ".fi", ".RE"]
         elif lines[0].lstrip().startswith("- "):
             items: list[str] = []
@@ -197,7 +203,7 @@ def command_page(cmd, path: list[str], ctx) -> list[str]:
     # NAME carries the first paragraph already; DESCRIPTION gives the rest (or repeats a lone one).
     paras = re.split(r"\n\s*\n", inspect.cleandoc(cmd.help or "").strip(), maxsplit=1)
     body = paras[1] if len(paras) > 1 else paras[0] or short_help(cmd)
-    lines += [".SH SYNOPSIS", f"\\fB{esc(full)}\\fR {esc(usage)}", ".SH DESCRIPTION", *prose(body)]
+    lines += [".SH SYNOPSIS", f"\\fB{esc(full)}\\fR {esc(usage)}", ".SH DESCRIPTION", *prose(body, clean=False)]
     args, opts = [], []
     for p in cmd.params:
         rec = help_record(p, ctx)
@@ -339,9 +345,9 @@ def records_page() -> list[str]:
     return lines + [".SH SEE ALSO", "mars(1)"]
 
 
-def pages() -> dict[str, str]:
-    """Every page's file name and troff text."""
-    root = root_command()
+def pages(root=None) -> dict[str, str]:
+    """Every page's file name and troff text (for the mars app, or another click command tree)."""
+    root = root if root is not None else root_command()
     ctx = make_ctx(root, "mars")
     out = {"mars.1": overview_page(root, ctx), "mars-records.5": records_page()}
     for path, cmd, cctx in walk(root, [], ctx):

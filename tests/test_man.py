@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import enum
 import importlib.util
 import json
 import shlex
 import shutil
 import subprocess
 from pathlib import Path
+from typing import List, Optional
 
 import pytest
 
@@ -22,6 +24,11 @@ def load_gen_man():
 
 
 gen_man = load_gen_man()
+
+
+class Algo(str, enum.Enum):  # module level: typer resolves the test commands' annotations here
+    grpo = "grpo"
+    gspo = "gspo"
 
 
 @pytest.fixture(scope="module")
@@ -121,3 +128,46 @@ def test_crop_examples_run(tmp_path, monkeypatch):
         assert r.exit_code == 0, (line, r.stderr)
         rec = json.loads(r.stdout)
         assert (tmp_path / rec["path"]).exists()
+
+
+def test_generator_handles_nested_groups_choices_and_odd_params(tmp_path):
+    """Commands other engineers add may look like anything typer allows: cover the shapes."""
+    import typer
+
+    root = typer.Typer(help="Root.")
+    group = typer.Typer(help="A group.\n\nWith a second paragraph.")
+    inner = typer.Typer(help="An inner group.")
+
+    @root.command("plain")
+    def plain(files: Optional[List[str]] = typer.Argument(None)):  # no docstring, no help
+        pass
+
+    @inner.command("leaf")
+    def leaf(
+        algo: Algo = typer.Option(Algo.gspo, envvar=["MARS_X_ALGO", "MARS_Y_ALGO"], help="Which one."),
+        tags: List[str] = typer.Option([], "--tag", help="Repeatable."),
+        secret: str = typer.Option("", hidden=True),
+        ratio: float = typer.Option(0.5, min=0.0, max=1.0, help="A .dotted \\ help - with σ."),
+    ):
+        """Do the leaf thing.
+
+        Indented literal block:
+
+            mars g inner leaf --algo grpo
+        """
+
+    group.add_typer(inner, name="inner")
+    root.add_typer(group, name="g")
+    cmd = typer.main.get_command(root)
+    out = gen_man.pages(cmd)
+    assert {"mars-plain.1", "mars-g.1", "mars-g-inner.1", "mars-g-inner-leaf.1"} <= set(out)
+    leaf_page = out["mars-g-inner-leaf.1"]
+    assert "\\-\\-algo" in leaf_page and "grpo" in leaf_page and "\\-\\-tag" in leaf_page
+    assert "secret" not in leaf_page  # hidden options stay hidden
+    assert ".nf\nmars g inner leaf \\-\\-algo grpo\n.fi" in leaf_page
+    assert "\\fBinner\\fR" in out["mars-g.1"] and "\\fBleaf\\fR" in out["mars-g-inner.1"]
+    if shutil.which("groff"):
+        for name, text in out.items():
+            (tmp_path / name).write_text(text)
+            p = subprocess.run(["groff", "-man", "-Tutf8", "-ww", "-z", str(tmp_path / name)], capture_output=True, text=True)
+            assert p.stderr == "", (name, p.stderr)
