@@ -216,3 +216,24 @@ def test_top_k_selection_against_a_full_sort():
         k = int(rng.integers(1, 12))
         expected = sorted(((i, float(s)) for i, s in enumerate(scores) if s > 0), key=lambda x: (-x[1], x[0]))[:k]
         assert _top(scores, k) == expected
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_result = st.fixed_dictionaries(
+    {"rank": st.integers(1, 50), "title": st.text(max_size=300), "text": st.text(max_size=2000), "score": st.floats(0, 100),
+     "backend": st.just("local")},
+    optional={"url": st.text(max_size=200), "doc_id": st.text(max_size=20), "summary": st.text(max_size=500),
+              "query_summary": st.text(max_size=800)},
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(query=st.text(max_size=300), results=st.lists(_result, max_size=8), budget=st.integers(1, 4000))
+def test_render_never_exceeds_budget(query, results, budget):
+    out = render_text_results(query, results, budget_chars=budget)
+    assert len(out) <= budget
+    head = out.split("\n", 1)[0]
+    if budget >= 250 + len(query):
+        assert head.startswith('Search results for "')
