@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import importlib.util
 import json
+import re
 import shlex
 import shutil
 import subprocess
@@ -171,3 +172,24 @@ def test_generator_handles_nested_groups_choices_and_odd_params(tmp_path):
             (tmp_path / name).write_text(text)
             p = subprocess.run(["groff", "-man", "-Tutf8", "-ww", "-z", str(tmp_path / name)], capture_output=True, text=True)
             assert p.stderr == "", (name, p.stderr)
+
+
+def test_example_flags_exist():
+    """Every `mars CMD --flag` in the hand-written examples names a real command and flag."""
+    root = gen_man.root_command()
+    for key, items in gen_man.EXAMPLES.items():
+        for _, text in items:
+            for segment in re.split(r"[|\n]|&&", text):
+                words = shlex.split(segment.split("<")[0].split(">")[0])
+                if not words or words[0] != "mars":
+                    continue
+                cmd, rest = root, words[1:]
+                while rest and getattr(cmd, "commands", None) and rest[0] in cmd.commands:
+                    cmd, rest = cmd.commands[rest[0]], rest[1:]
+                assert cmd is not root, f"{segment!r}: no such command"
+                flags = {o for p in cmd.params for o in (getattr(p, "opts", []) + getattr(p, "secondary_opts", []))}
+                for w in rest:
+                    if w == "--":
+                        break
+                    if w.startswith("-") and not re.fullmatch(r"-[\d.]+", w):
+                        assert w in flags, f"{segment!r}: mars {cmd.name} has no {w}"
