@@ -99,3 +99,16 @@ def test_model_embeddings_use_faiss(folder, tmp_path):
     ix = ImageIndex(tmp_path / "clip", embedder=emb)
     (best, score), *_ = ix.search(folder / "photo_2.png", 2)
     assert ix.items[best]["source"].endswith("photo_2.png") and score == pytest.approx(1.0, abs=1e-5)
+
+
+def test_cli_index_images(folder, tmp_path):
+    from typer.testing import CliRunner
+
+    from mars_cli.main import app
+
+    r = CliRunner().invoke(app, ["index", "images", str(folder), "--out", str(tmp_path / "idx"), "--thumb-size", "32"])
+    assert r.exit_code == 0, r.stderr
+    m = json.loads(r.stdout)
+    assert m["images"] == 9 and m["descriptor"] == "phash64+lab8x8" and m["thumb_size"] == 32 and m["index"] == str(tmp_path / "idx")
+    r = CliRunner().invoke(app, ["index", "images", str(tmp_path / "nothing"), "--out", str(tmp_path / "idx2")])
+    assert r.exit_code == 1 and not (tmp_path / "idx2").exists()
