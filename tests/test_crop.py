@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -326,3 +328,31 @@ def test_real_entry_prints_plain_error(tmp_path):
                        capture_output=True, text=True)
     assert p.returncode == 1 and p.stdout == ""
     assert p.stderr == f"mars crop: {tmp_path / 'nope.png'}: no such file\n"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.floats(0, 1), st.floats(0, 1), st.floats(0, 1), st.floats(0, 1), st.integers(1, 9000), st.integers(1, 9000))
+def test_box_to_pixels_covers_the_box_minimally(a, b, c, d, w, h):
+    x0, x1 = sorted((a, b))
+    y0, y1 = sorted((c, d))
+    if x0 == x1 or y0 == y1:
+        return
+    left, top, right, bottom = box_to_pixels(check_box((x0, y0, x1, y1)), w, h)
+    for lo, hi, lo_px, hi_px, n in ((x0, x1, left, right, w), (y0, y1, top, bottom, h)):
+        assert 0 <= lo_px < hi_px <= n
+        eps = 1e-6 / n
+        if hi_px - lo_px > 1:  # a single pixel may stand in for a box thinner than one
+            assert lo_px / n <= lo + eps and hi_px / n >= hi - eps  # covers the box
+            assert (lo_px + 1) / n > lo - eps and (hi_px - 1) / n < hi + eps  # and no more
+
+
+def test_concurrent_crops_share_one_decode(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    Image.fromarray(pattern(400, 300)).save(tmp_path / "a.jpg", quality=90)
+    boxes = [(i / 40, i / 50, 0.5 + i / 40, 0.5 + i / 50) for i in range(16)]
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda b: crop_image(tmp_path / "a.jpg", b, out_dir=tmp_path / "art"), boxes))
+    assert images.cache_info()["decodes"] == 1
+    assert len({r["path"] for r in results}) == 16
+    assert not [p for p in (tmp_path / "art").iterdir() if p.name.startswith(".")]  # no temp files left
