@@ -5,7 +5,7 @@ Every image mars looks at (task images, crops, thumbnails) goes through `load_ar
 
 - the result is always 8-bit RGB as displayed: EXIF orientation applied, CMYK and 16-bit
   converted, transparency composited on white (a black background would hide dark text);
-- JPEGs in YCbCr or grey are decoded by libjpeg-turbo through simplejpeg (about 1.5× faster
+- JPEGs in YCbCr or grey are decoded by libjpeg-turbo through simplejpeg (1.5-2× faster
   than Pillow on a 4K photo), everything else (PNG, WebP, TIFF, GIF, CMYK JPEG) by Pillow;
 - a non-image, a truncated file or an image over the pixel limit (a decompression bomb)
   is refused with a MarsError naming the file; the limit is `max_image_pixels`, else
@@ -238,10 +238,14 @@ def _read(path: Path) -> bytes:
     return data
 
 
+def _amount(pixels: int) -> str:
+    return f"{pixels / 1e6:.1f} MP" if pixels >= 100_000 else f"{pixels} pixels"
+
+
 def _check_pixels(path: Path, w: int, h: int, limit: int) -> None:
     if w * h > limit:
         raise MarsError(
-            f"{path}: image is {w}x{h} = {w * h / 1e6:.1f} MP, over the limit of {limit / 1e6:.1f} MP "
+            f"{path}: image is {w}x{h} = {_amount(w * h)}, over the limit of {_amount(limit)} "
             "(a decompression bomb?); raise --max-image-pixels or MARS_MAX_IMAGE_PIXELS to allow it"
         )
 

@@ -290,7 +290,7 @@ def test_cli_bad_images(tmp_path, kind, extra, message):
 def test_cli_bomb_limit_from_env(tmp_path):
     p = make_bad(tmp_path, "bomb")
     r = mars(p, 0, 0, 1, 1, "-o", tmp_path / "o.jpg", env={"MARS_MAX_IMAGE_PIXELS": "5000"})
-    assert r.exit_code == 1 and "over the limit of 0.0 MP" in r.stderr
+    assert r.exit_code == 1 and "over the limit of 5000 pixels" in r.stderr
     r = mars(p, 0, 0, 1, 1, "-o", tmp_path / "o.jpg", "--max-image-pixels", "10000", env={"MARS_MAX_IMAGE_PIXELS": "5000"})
     assert r.exit_code == 0, r.stderr  # the flag wins over the environment
 
