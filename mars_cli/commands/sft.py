@@ -48,9 +48,10 @@ def main(
                     max_steps=max_steps, min_reward=min_reward, zero=zero, deepspeed=str(deepspeed) if deepspeed else None,
                     train_vision=train_vision, gradient_checkpointing=gradient_checkpointing, bf16=bf16, seed=seed, eval=eval)
     paths = [str(f) for f in files or []]
-    if nproc > 1 and "LOCAL_RANK" not in os.environ:
+    from mars_cli.rl.engine import config_argv, relaunch, under_launcher
+
+    if nproc > 1 and not under_launcher():
         from mars_cli.errors import UsageError
-        from mars_cli.rl.engine import config_argv, relaunch
 
         if not paths or "-" in paths:
             raise UsageError("--nproc needs the data as a file (every process reads it)")

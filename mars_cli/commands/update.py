@@ -50,9 +50,9 @@ def main(
                        old_logprobs=old_logprobs, zero=zero, deepspeed=str(deepspeed) if deepspeed else None,
                        train_vision=train_vision, gradient_checkpointing=gradient_checkpointing, bf16=bf16, seed=seed)
     paths = [str(f) for f in files or []]
-    if nproc > 1 and "LOCAL_RANK" not in os.environ:
-        from mars_cli.rl.engine import config_argv, relaunch
+    from mars_cli.rl.engine import config_argv, relaunch, under_launcher
 
+    if nproc > 1 and not under_launcher():
         if not paths or "-" in paths:
             from mars_cli.errors import UsageError
 

@@ -34,9 +34,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+_DEFAULTED: set[str] = set()  # launcher variables this process filled in itself
+
+
+def under_launcher() -> bool:
+    """Whether a launcher (torchrun, deepspeed, accelerate) started this process as one rank."""
+    return "LOCAL_RANK" in os.environ and "LOCAL_RANK" not in _DEFAULTED
+
+
 def setup_distributed() -> tuple[int, int]:
     """Fill in single-process defaults for the launcher variables; return (rank, world)."""
     env = os.environ
+    _DEFAULTED.update(k for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE") if k not in env)
     env.setdefault("MASTER_ADDR", "127.0.0.1")
     if "MASTER_PORT" not in env:
         env["MASTER_PORT"] = str(_free_port())
@@ -49,17 +58,19 @@ def setup_distributed() -> tuple[int, int]:
     return int(env["RANK"]), int(env["WORLD_SIZE"])
 
 
-def _skip_shm_op_when_alone() -> None:
-    """A single CPU process has nobody to all-reduce with: don't compile the shm comm op.
+def _skip_shm_op_on_cpu() -> None:
+    """Don't compile DeepSpeed's shared-memory all-reduce kernel for CPU runs.
 
-    DeepSpeed builds its shared-memory all-reduce kernel (~90 s of C++ on two cores) whenever
-    the CPU accelerator is active; with world size 1 it would never be used.
+    DeepSpeed builds it (~90 s of C++ on two cores) whenever the CPU accelerator is active.
+    One process never all-reduces, and several CPU processes reduce correctly over gloo
+    without it; MARS_DEEPSPEED_SHM=1 builds it anyway (faster CPU all-reduce).
     """
     import deepspeed.ops
     import torch
 
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1 and not torch.cuda.is_available():
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    if torch.cuda.is_available() or os.environ.get("MARS_DEEPSPEED_SHM", "") not in ("", "0"):
+        return
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def load_ds_config(zero: int | None, config_file: str | None, *, bf16: bool, grad_clip: float) -> dict:
@@ -115,7 +126,7 @@ class Trainer:
         import torch
 
         self.rank, self.world = setup_distributed()
-        _skip_shm_op_when_alone()
+        _skip_shm_op_on_cpu()
         self.config = load_ds_config(zero, config_file, bf16=bf16, grad_clip=grad_clip)
         self.stage = int(self.config.get("zero_optimization", {}).get("stage", 0))
         params = [p for p in model.parameters() if p.requires_grad]
