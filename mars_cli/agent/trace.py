@@ -46,7 +46,8 @@ class Tracer:
             out += self._field("malformed", turn.error)
         else:
             text = ep.messages[-1]["content"] if ep.messages and ep.messages[-1]["role"] == "assistant" else ""
-            out += self._field("no action", text[:300] or "(empty output)")
+            shown = " ".join(text.split())[:300] or repr(text[:60])
+            out += self._field("no action", shown)
         if outcome is not None:
             out += self._outcome(outcome)
         with self._lock:

@@ -78,21 +78,24 @@ class HFEngine(Engine):
         prompt_len = tensors["input_ids"].shape[1]
         s = self.sampling
         max_new = max(r.max_new_tokens for r in requests)
+        # Explicit values override a checkpoint's generation_config.json (released Qwen-VL
+        # configs set a repetition penalty and near-greedy top-k/top-p), so the sampling is
+        # exactly what `policy.sampling` in the record says.
         kwargs = dict(max_new_tokens=max_new, do_sample=not s.greedy, output_logits=True,
                       return_dict_in_generate=True, eos_token_id=self.special["im_end"],
-                      pad_token_id=self.special["pad"])
+                      pad_token_id=self.special["pad"], repetition_penalty=1.0)
         if not s.greedy:
-            kwargs.update(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k or 0)
+            kwargs.update(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k)
         if s.presence_penalty:
             kwargs["logits_processor"] = LogitsProcessorList([_presence_processor(s.presence_penalty, prompt_len)])
         with torch.inference_mode():
             gen = self.policy.model.generate(**tensors, **kwargs)
         new = gen.sequences[:, prompt_len:]
-        # (steps, batch, vocab) → log-probs of the sampled ids under softmax(logits / T)
-        logits = torch.stack(gen.logits, dim=0).float()
+        # log softmax(logits / T) of each sampled id, one step at a time: stacking all steps
+        # in float32 would double the memory the raw logits already take on long turns
         temp = s.temperature if not s.greedy else 1.0
-        logp = torch.log_softmax(logits / temp, dim=-1)
-        picked = logp.gather(-1, new.T.unsqueeze(-1)).squeeze(-1).T  # (batch, steps)
+        picked = torch.stack([torch.log_softmax(step.float() / temp, dim=-1).gather(-1, new[:, t:t + 1]).squeeze(-1)
+                              for t, step in enumerate(gen.logits)], dim=1)  # (batch, steps)
         results = []
         eos = self.special["im_end"]
         for b, req in enumerate(requests):
