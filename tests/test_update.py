@@ -132,3 +132,13 @@ def test_update_refuses_records_without_token_ids(tiny_policy_dir, tmp_path):
     r = H.Ran(["update", str(batch), "--policy", str(tiny_policy_dir), "--out", str(tmp_path / "o"),
                             "--loss", "ppo"])
     assert r.exit_code == 2 and "--loss must be one of gspo, grpo" in r.stderr
+
+
+def test_non_finite_loss_stops_and_writes_nothing(tiny_policy_dir, tmp_path):
+    # 1e300 is a valid JSON number but overflows float32: the loss becomes infinite.
+    batch = H.write_batch(tiny_policy_dir, tmp_path / "b.jsonl", [1e300, 0.5])
+    state = tmp_path / "state"
+    r = H.Ran(["update", batch, "--policy", tiny_policy_dir, "--out", tmp_path / "o", "--state", state])
+    assert r.exit_code == 1 and r.stdout == ""
+    assert "non-finite loss" in r.stderr and "nothing written" in r.stderr
+    assert not (tmp_path / "o").exists() and not state.exists()
