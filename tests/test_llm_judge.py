@@ -26,6 +26,7 @@ class StubJudge:
     def __init__(self, latency: float = 0.0, slow: float = 0.3):
         self.latency, self.slow = latency, slow
         self.faults: list = []
+        self.retry_after = "0"
         self.calls: list[dict] = []
         self.in_flight = self.max_in_flight = 0
         self._lock = threading.Lock()
@@ -52,6 +53,8 @@ class StubJudge:
                     self.send_response(status)
                     self.send_header("Content-Type", "application/json")
                     self.send_header("Content-Length", str(len(payload)))
+                    if status == 429:
+                        self.send_header("Retry-After", stub.retry_after)
                     self.end_headers()
                     self.wfile.write(payload)
                 except (BrokenPipeError, ConnectionResetError):
@@ -66,6 +69,9 @@ class StubJudge:
             time.sleep(1.0)
         if isinstance(fault, int):
             return fault, None
+        if isinstance(fault, tuple):  # (status, retry-after seconds)
+            self.retry_after = str(fault[1])
+            return fault[0], None
         user = body["messages"][1]["content"]
         text = user if isinstance(user, str) else user[-1]["text"]
         refs = re.search(r"Reference answers \(any one is correct\):\n(.*?)\n\n", text, re.S).group(1)
@@ -157,6 +163,16 @@ def test_retries_server_errors_then_succeeds():
         stub.faults += [500, 503]
         v = judge_once(stub, "q", ["a"], "a b")
         assert v.accuracy == 1.0 and len(stub.calls) == 3
+
+
+def test_retry_after_is_honoured():
+    with StubJudge() as stub:
+        stub.faults += [(429, 0.4)]
+        t = time.perf_counter()
+        v = judge_once(stub, "q", ["a"], "a b")
+        assert v.accuracy == 1.0 and len(stub.calls) == 2
+        assert time.perf_counter() - t >= 0.4  # backoff alone would wait at most 0.01 s
+    assert llm_judge._retry_after("120") == 30.0 and llm_judge._retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0
 
 
 def test_failures_become_errors_not_exceptions():

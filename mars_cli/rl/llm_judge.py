@@ -242,10 +242,12 @@ class AsyncJudge:
 
         payload = json.dumps(body, ensure_ascii=False).encode()
         error = "no attempt"
+        wait_hint = 0.0
         for attempt in range(self.retries + 1):
             if attempt:
                 # Full jitter: many concurrent retries should not hit the server in step.
-                await asyncio.sleep(random.uniform(0, self.backoff * 2 ** (attempt - 1)))
+                # A server's Retry-After (seconds, capped) is a floor.
+                await asyncio.sleep(max(wait_hint, random.uniform(0, self.backoff * 2 ** (attempt - 1))))
             try:
                 resp = await client.post(self.url, content=payload, headers=_JSON)
             except httpx.TimeoutException:
@@ -256,6 +258,7 @@ class AsyncJudge:
                 continue
             if resp.status_code == 429 or resp.status_code >= 500:
                 error = f"judge returned HTTP {resp.status_code}"
+                wait_hint = _retry_after(resp.headers.get("retry-after"))
                 continue
             if resp.status_code != 200:
                 return None, f"judge returned HTTP {resp.status_code}: {resp.text[:200]}"
@@ -265,3 +268,11 @@ class AsyncJudge:
                 return None, "judge reply is not an OpenAI chat completion"
             return (content or ""), None
         return None, f"{error} ({self.retries + 1} attempts)"
+
+
+def _retry_after(value: str | None, cap: float = 30.0) -> float:
+    """Seconds from a Retry-After header (the seconds form; dates are ignored), capped."""
+    try:
+        return min(max(float(value), 0.0), cap) if value else 0.0
+    except ValueError:
+        return 0.0
