@@ -67,7 +67,7 @@ def main(
     runner.rollout(
         files, out=out, resume=resume, skip_bad=skip_bad, n=n,
         engine=dict(name=engine, policy=policy, device=device, dtype=dtype, tp=tp, gpu_memory_utilization=gpu_memory_utilization,
-                    base_url=base_url, model=model, max_batch=batch_size),
+                    base_url=base_url, model=model),
         sampling=dict(temperature=temperature, top_p=top_p, top_k=top_k, presence_penalty=presence_penalty, seed=seed),
         limits=dict(max_turns=max_turns, max_total_tokens=max_total_tokens, max_new_tokens=max_new_tokens),
         batch_size=batch_size, artifacts=artifacts,

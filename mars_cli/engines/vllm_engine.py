@@ -44,11 +44,13 @@ class VLLMEngine(Engine):
                 from vllm import LLM
             except ImportError:
                 raise MarsError("the vllm engine needs vLLM (pip install 'mars-cli[gpu]'); use --engine hf on a CPU") from None
-            size = self.image_processor.size
             kwargs = dict(model=self.path, tensor_parallel_size=tp, gpu_memory_utilization=gpu_memory_utilization,
                           dtype=dtype, seed=sampling.seed if sampling.seed is not None else 0,
-                          limit_mm_per_prompt={"image": max_images}, logprobs_mode="processed_logprobs",
-                          mm_processor_kwargs={"min_pixels": size["shortest_edge"], "max_pixels": size["longest_edge"]})
+                          limit_mm_per_prompt={"image": max_images}, logprobs_mode="processed_logprobs")
+            if min_pixels is not None or max_pixels is not None:
+                # vLLM reads preprocessor_config.json itself; only overrides need passing
+                size = self.image_processor.size
+                kwargs["mm_processor_kwargs"] = {"min_pixels": size["shortest_edge"], "max_pixels": size["longest_edge"]}
             if max_model_len:
                 kwargs["max_model_len"] = max_model_len
             llm = LLM(**kwargs)
