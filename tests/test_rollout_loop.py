@@ -195,3 +195,37 @@ def test_batched_groups_and_refill(img, tmp_path):
     assert all(r["finish"] == "answer" for r in recs)
     assert max(eng.batch_sizes) == 4
     assert eng.calls < 18  # episodes share generate calls
+
+
+def test_interrupted_run_keeps_finished_episodes(img, tmp_path, monkeypatch):
+    from mars_cli.agent import run as runner
+
+    def script(msgs):
+        if "slow" in msgs[1]["content"][-1]["text"]:
+            return call(protocol.ZOOM, bbox_2d=[0, 0, 500, 500])
+        return answer("a")
+
+    eng = ScriptedEngine(script)
+    real_generate = eng.generate
+
+    def generate(reqs):
+        if eng.calls >= 2:
+            raise KeyboardInterrupt
+        return real_generate(reqs)
+
+    eng.generate = generate
+    monkeypatch.setattr(runner, "make_engine", lambda **kw: eng)
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text(json.dumps(task(img, "fast")) + "\n" + json.dumps(task(img, "slow", q="slow one")) + "\n")
+    out = tmp_path / "out.jsonl"
+    with pytest.raises(KeyboardInterrupt):
+        runner.rollout([str(tasks)], out=str(out), n=1, engine={"name": "x", "policy": None}, sampling={}, limits={},
+                       tools={})
+    recs = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["group"] for r in recs] == ["fast"]
+    # --resume runs only what is missing and keeps what was there
+    eng.generate = real_generate
+    runner.rollout([str(tasks)], out=str(out), n=1, resume=True, engine={"name": "x", "policy": None}, sampling={},
+                   limits={"max_turns": 2}, tools={})
+    recs = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [(r["group"], r["finish"]) for r in recs] == [("fast", "answer"), ("slow", "max_turns")]
