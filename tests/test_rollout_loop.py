@@ -229,3 +229,14 @@ def test_interrupted_run_keeps_finished_episodes(img, tmp_path, monkeypatch):
                    limits={"max_turns": 2}, tools={})
     recs = [json.loads(x) for x in out.read_text().splitlines()]
     assert [(r["group"], r["finish"]) for r in recs] == [("fast", "answer"), ("slow", "max_turns")]
+
+
+@pytest.mark.parametrize("args,msg", [(["--resume"], "--resume needs -o"), (["-n", "0"], "-n must be at least 1"),
+                                      (["--check"], "--check needs --policy"), (["--top-p", "0"], "--top-p")])
+def test_rollout_usage_errors(args, msg):
+    from typer.testing import CliRunner
+
+    from mars_cli.main import app
+
+    r = CliRunner().invoke(app, ["rollout", *args], input="")
+    assert r.exit_code == 2 and msg in r.stderr
