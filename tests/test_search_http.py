@@ -200,3 +200,10 @@ def test_replay_needs_no_api_key(serper_env, tmp_path, monkeypatch):
     monkeypatch.delenv("SERPER_API_KEY")
     replayed = open_text_search("serper", serper_url=srv.url, fetch=False, cache=str(tmp_path), replay=True, **FAST).search(" eiffel ", k=2)
     assert replayed == recorded
+
+
+def test_page_charset_is_honoured():
+    page = '<html><head><meta charset="iso-8859-1"></head><body><article><p>Café Procope, Paris, fondé en 1686 — le plus ancien café de la ville encore ouvert aujourd’hui, dit-on souvent.</p></article></body></html>'
+    with FakeServer({("GET", "/p"): lambda req: (200, {"Content-Type": "text/html"}, page.replace("—", "-").replace("’", "'").encode("latin-1"))}) as srv:
+        text = HttpClient(**FAST).fetch_text(f"{srv.url}/p")
+    assert "Café Procope" in text and "fondé en 1686" in text

@@ -199,10 +199,9 @@ class HttpClient:
         body, ctype, _ = self.get_bytes(url, what=what)
         if ctype and not ctype.startswith(TEXT_TYPES):
             raise ToolError(f"{what}: not a text page ({ctype})")
-        text = body.decode("utf-8", errors="replace")
-        if ctype != "text/plain":
-            text = html_to_text(text)
-        text = " ".join(text.split()) if len(text) < 200 else text.strip()
+        # HTML goes to the extractor as bytes: it reads the page's own charset declaration.
+        text = body.decode("utf-8", errors="replace") if ctype == "text/plain" else html_to_text(body)
+        text = text.strip()
         if not text:
             raise ToolError(f"{what}: no readable text")
         return text[:max_chars]
@@ -211,7 +210,7 @@ class HttpClient:
         self._client.close()
 
 
-def html_to_text(html: str) -> str:
+def html_to_text(html: str | bytes) -> str:
     """Main text of an HTML page; falls back to all visible text when extraction finds none."""
     import trafilatura
 
