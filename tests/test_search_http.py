@@ -207,3 +207,28 @@ def test_page_charset_is_honoured():
     with FakeServer({("GET", "/p"): lambda req: (200, {"Content-Type": "text/html"}, page.replace("—", "-").replace("’", "'").encode("latin-1"))}) as srv:
         text = HttpClient(**FAST).fetch_text(f"{srv.url}/p")
     assert "Café Procope" in text and "fondé en 1686" in text
+
+
+def test_fetch_is_pinned_to_the_checked_address(monkeypatch):
+    """The page is fetched from the address that was checked, under its own Host name:
+    "public.test" resolves only through our patched resolver, never through httpx's."""
+    import socket
+
+    from mars_cli.tools import web
+
+    real = socket.getaddrinfo
+    looked_up = []
+
+    def fake_getaddrinfo(host, *a, **kw):
+        looked_up.append(host)
+        if host == "public.test":
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", 0))]
+        return real(host, *a, **kw)
+
+    monkeypatch.setattr(socket, "getaddrinfo", fake_getaddrinfo)
+    monkeypatch.setattr(web, "_is_public", lambda addr: True)  # pretend 127.0.0.1 is public
+    with FakeServer(page_routes({"/p": PAGE})) as srv:
+        port = srv.url.rsplit(":", 1)[1]
+        text = HttpClient(backoff=0.001).fetch_text(f"http://public.test:{port}/p")
+        host = srv.calls[-1]["headers"].get("Host")
+    assert "330 metres" in text and host == f"public.test:{port}" and looked_up.count("public.test") == 1

@@ -18,7 +18,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import orjson
 
@@ -55,8 +55,16 @@ class RateLimiter:
             time.sleep(wait)
 
 
-def check_public(url: str, *, allow_private: bool = False) -> None:
-    """Refuse URLs that are not http(s) or that resolve to a non-public address."""
+def _is_public(addr) -> bool:
+    return addr.is_global and not addr.is_multicast
+
+
+def check_public(url: str, *, allow_private: bool = False) -> str | None:
+    """Refuse URLs that are not http(s) or whose host resolves to any non-public address.
+
+    Returns the checked address to connect to (None with allow_private), so the fetch
+    can be pinned to it: a second DNS answer (rebinding) never gets a say.
+    """
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https"):
         raise ToolError(f"refusing to fetch {url!r}: only http and https URLs are fetched")
@@ -64,17 +72,35 @@ def check_public(url: str, *, allow_private: bool = False) -> None:
     if not host:
         raise ToolError(f"refusing to fetch {url!r}: no host")
     if allow_private:
-        return
+        return None
     try:
         infos = socket.getaddrinfo(host, parts.port or (443 if parts.scheme == "https" else 80), proto=socket.IPPROTO_TCP)
     except (socket.gaierror, UnicodeError) as e:
         raise ToolError(f"cannot resolve {host}: {e}") from None
+    addrs = []
     for info in infos:
         addr = ipaddress.ip_address(info[4][0].split("%")[0])
         if addr.version == 6 and addr.ipv4_mapped is not None:
             addr = addr.ipv4_mapped
-        if not addr.is_global or addr.is_multicast:
+        if not _is_public(addr):
             raise ToolError(f"refusing to fetch {url!r}: {host} resolves to non-public address {addr}")
+        addrs.append(addr)
+    if not addrs:
+        raise ToolError(f"cannot resolve {host}: no addresses")
+    return str(addrs[0])
+
+
+def _pinned(url: str, addr: str) -> tuple[str, dict]:
+    """The URL with its host replaced by `addr`, and the request options that keep the
+    original name for the Host header and for TLS (SNI and certificate checking)."""
+    parts = urlsplit(url)
+    ip = f"[{addr}]" if ":" in addr else addr
+    netloc = ip + (f":{parts.port}" if parts.port else "")
+    host_header = parts.netloc.rsplit("@", 1)[-1]
+    opts = {"headers": {"Host": host_header}}
+    if parts.scheme == "https":
+        opts["extensions"] = {"sni_hostname": parts.hostname}
+    return urlunsplit(parts._replace(netloc=netloc)), opts
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -182,9 +208,12 @@ class HttpClient:
     def get_bytes(self, url: str, *, what: str, untrusted: bool = True, max_redirects: int = 5) -> tuple[bytes, str, str]:
         """Fetch a URL (following redirects, each hop checked); return (body, content type, final URL)."""
         for _ in range(max_redirects + 1):
+            target, opts = url, {}
             if untrusted:
-                check_public(url, allow_private=self.allow_private)
-            resp = self._send("GET", url, what=what, limited=not untrusted)
+                addr = check_public(url, allow_private=self.allow_private)
+                if addr is not None:
+                    target, opts = _pinned(url, addr)
+            resp = self._send("GET", target, what=what, limited=not untrusted, **opts)
             if resp.status_code in (301, 302, 303, 307, 308) and resp.headers.get("Location"):
                 resp.close()
                 url = urljoin(url, resp.headers["Location"])
