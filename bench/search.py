@@ -5,7 +5,7 @@
 
 Prints one JSON line of figures on stdout and a table on stderr. The corpus is generated
 (Zipf-distributed pseudo-words, 40–120 words a passage), so it runs offline; queries
-are 2–5 words drawn from random passages. Dense: random unit vectors, single-query
+are 2–5 words drawn from random passages. Dense: random unit vectors, single-query, one-core
 top-10 with faiss IndexFlatIP and with a numpy matmul + argpartition, same queries.
 """
 
@@ -19,7 +19,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+# Single-query latency on one core for both contenders: set before numpy loads its BLAS.
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import numpy as np  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -68,9 +72,14 @@ def main() -> None:
     rng = np.random.default_rng(args.seed)
     vocab = pseudo_words(50_000, rng)
     tmp = Path(tempfile.mkdtemp(prefix="mars-bench-"))
+    import resource
+
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
     manifest = build_text_index(passages(args.passages, vocab, rng), tmp / "idx")
     build_s = time.perf_counter() - t0
+    # ru_maxrss is the peak so far (KiB on Linux): what the streamed build added on top
+    build_peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
 
     ix = TextIndex(tmp / "idx")
     queries = []
@@ -94,7 +103,7 @@ def main() -> None:
 
     import faiss
 
-    faiss.omp_set_num_threads(1)  # single-query latency; numpy BLAS also runs on 1 core for a matvec
+    faiss.omp_set_num_threads(1)
     vecs = rng.standard_normal((args.vectors, args.dim), dtype=np.float32)
     vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
     fx = faiss.IndexFlatIP(args.dim)
@@ -117,7 +126,7 @@ def main() -> None:
 
     fig = {
         "bench": "search", "passages": args.passages, "vocab": manifest["vocab"], "tokens": manifest["tokens"],
-        "bm25_build_s": round(build_s, 2), "bm25_build_passages_per_s": round(args.passages / build_s),
+        "bm25_build_s": round(build_s, 2), "bm25_build_peak_rss_growth_mb": round(build_peak_mb, 1), "bm25_build_passages_per_s": round(args.passages / build_s),
         "bm25_query_p50_ms": round(pct(lat, 50), 3), "bm25_query_p99_ms": round(pct(lat, 99), 3),
         "bm25_query_cpu_p50_ms": round(pct(lat_cpu, 50), 3), "bm25_target_p50_le_5ms": pct(lat, 50) <= 5.0,
         "search_call_p50_ms": round(pct(full, 50), 3), "search_call_p99_ms": round(pct(full, 99), 3),

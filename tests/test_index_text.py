@@ -237,3 +237,10 @@ def test_render_never_exceeds_budget(query, results, budget):
     head = out.split("\n", 1)[0]
     if budget >= 250 + len(query):
         assert head.startswith('Search results for "')
+
+
+def test_method_checked_when_opening(index_dir):
+    with pytest.raises(MarsError, match="unknown retrieval method 'fuzzy'"):
+        open_text_search("local", index=str(index_dir), method="fuzzy")
+    with pytest.raises(MarsError, match="--method dense needs an index built with --dense-model"):
+        open_text_search("local", index=str(index_dir), method="dense")

@@ -63,6 +63,10 @@ class LocalBackend:
             embedder = load_embedder(opts["dense_model"])
         self.index = TextIndex(index, embedder=embedder)
         self.method = opts.get("method")
+        if self.method not in (None, "bm25", "dense", "hybrid"):
+            raise MarsError(f"unknown retrieval method {self.method!r} (bm25, dense, hybrid)")
+        if self.method in ("dense", "hybrid") and (self.index.dense is None or embedder is None):
+            raise MarsError(f"--method {self.method} needs an index built with --dense-model and the same --dense-model here")
         # The corpus hash (not the path) keys the cache: a rebuilt index is a new corpus.
         self.params = {"index": self.index.manifest["passages_sha256"], "method": self.method,
                        "dense": getattr(embedder, "name", None)}
