@@ -7,6 +7,8 @@ message: the agent reads it as the tool's answer and the run goes on.
 Pages whose URLs come from search results are untrusted: before fetching one (and each
 redirect hop) the host is resolved and every address checked; private, loopback,
 link-local, multicast and reserved addresses are refused unless allow_private is set.
+The connection then goes to the checked address (Host header and TLS name kept), so a
+second DNS answer cannot point it somewhere else.
 """
 
 from __future__ import annotations
