@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 import random
 from pathlib import Path
 
@@ -356,3 +358,13 @@ def test_concurrent_crops_share_one_decode(tmp_path):
     assert images.cache_info()["decodes"] == 1
     assert len({r["path"] for r in results}) == 16
     assert not [p for p in (tmp_path / "art").iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+def test_output_file_mode_follows_umask(png, tmp_path):
+    path, _ = png
+    old = os.umask(0o022)
+    try:
+        r = crop_image(path, (0, 0, 1, 1), out=tmp_path / "c.jpg")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(r["path"]).st_mode) == 0o644

@@ -196,11 +196,26 @@ def crop_image(
     }
 
 
+def _file_mode() -> int:
+    """The mode a plain new file gets (0o666 less the umask), read without changing it."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o644
+
+
 def _write(path: Path, data: bytes) -> None:
     if path.is_dir():
         raise MarsError(f"{path}: is a directory, expected an output file name")
     try:
         with atomic_file(path) as tmp:
             tmp.write_bytes(data)
+            # The temporary file is private (0600); a crop is an ordinary output that a
+            # viewer or another user should be able to read like any file we create.
+            os.chmod(tmp, _file_mode())
     except PermissionError:
         raise MarsError(f"{path}: permission denied") from None
