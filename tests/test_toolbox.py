@@ -125,3 +125,16 @@ def test_tool_error_type_is_caught(tmp_path, conv):
     out = Toolbox(tmp_path / "art", text_search=Failing()).run(protocol.ToolCall(protocol.TEXT_SEARCH, {"query": "q"}), msgs, state)
     assert not out.ok and out.error == "backend timed out after 10 s"
     assert out.message["content"][0]["text"] == "Error: backend timed out after 10 s"
+
+
+def test_unexpected_tool_bug_is_contained(tmp_path, conv, capsys):
+    _, msgs, state = conv
+
+    class Buggy:
+        def search(self, query, k=5):
+            return [{"rank": 1}]["oops"]  # a TypeError inside a backend
+
+    out = Toolbox(tmp_path / "art", text_search=Buggy()).run(protocol.ToolCall(protocol.TEXT_SEARCH, {"query": "q"}), msgs, state)
+    assert not out.ok and "internal error in text_search_tool: TypeError" in out.error
+    assert out.message["content"][0]["text"] == "Error: the text_search_tool tool failed"
+    assert "internal error" in capsys.readouterr().err

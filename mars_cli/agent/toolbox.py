@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mars_cli import protocol
+from mars_cli import protocol, streams
 from mars_cli.errors import MarsError, ToolError
 
 
@@ -73,6 +73,11 @@ class Toolbox:
             # The model reads the reason and may retry; the record keeps it in tool_calls.
             text = str(e) or type(e).__name__
             return Outcome(protocol.error_message(text, call.name), False, text, time.perf_counter() - t0)
+        except Exception as e:  # noqa: BLE001 — a bug in a tool must not end a long rollout
+            text = f"internal error in {call.name}: {type(e).__name__}: {e}"
+            streams.warn(text)
+            return Outcome(protocol.error_message(f"the {call.name} tool failed", call.name), False, text,
+                           time.perf_counter() - t0)
         return Outcome(message, True, None, time.perf_counter() - t0, detail)
 
     # --- the tools -------------------------------------------------------------------
