@@ -206,7 +206,7 @@ def _add_dense(index, embedder, batch: list[dict]):
     return index
 
 
-def _write_bm25(tmp: Path, vocab: dict, df: np.ndarray, n_docs: int, n_tokens: int, pairs_per_step: int = 4_000_000) -> None:
+def _write_bm25(tmp: Path, vocab: dict, df: np.ndarray, n_docs: int, n_tokens: int, pairs_per_step: int = 1_000_000) -> None:
     """Second pass: scatter BM25 weights into memory-mapped CSC arrays (column = term)."""
     import bm25s
 
