@@ -132,7 +132,7 @@ def test_unexpected_tool_bug_is_contained(tmp_path, conv, capsys):
 
     class Buggy:
         def search(self, query, k=5):
-            return [{"rank": 1}]["oops"]  # a TypeError inside a backend
+            return sorted([{"rank": 1}, {"rank": 2}])  # a TypeError inside a backend
 
     out = Toolbox(tmp_path / "art", text_search=Buggy()).run(protocol.ToolCall(protocol.TEXT_SEARCH, {"query": "q"}), msgs, state)
     assert not out.ok and "internal error in text_search_tool: TypeError" in out.error
