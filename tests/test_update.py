@@ -94,7 +94,8 @@ def test_resume_from_state_equals_an_uninterrupted_run(tiny_policy_dir, tmp_path
     recs = read_file(both)
     write_records(recs[:2], tmp_path / "a.jsonl")
     write_records(recs[2:], tmp_path / "b.jsonl")
-    common = ["--loss", "grpo", "--old-logprobs", "rollout", "--lr", "1e-3", "--beta", "0", "--micro-batch-tokens", "200"]
+    common = ["--loss", "grpo", "--old-logprobs", "rollout", "--lr", "1e-3", "--beta", "0", "--micro-batch-tokens", "200",
+              "--zero", "2"]
     r = H.Ran(["update", str(both), "--policy", str(tiny_policy_dir), "--out", str(tmp_path / "whole"),
                             "--mini-batch", "2", *common])
     assert r.exit_code == 0, r.stderr

@@ -32,6 +32,7 @@ def main(
     eval: bool = typer.Option(True, "--eval/--no-eval", help="Measure the data's NLL before and after each epoch."),
     nproc: int = typer.Option(1, "--nproc", min=1, help="Run N processes (torch.distributed.run); records sharded by rank."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unparsable lines with a warning."),
+    local_rank: Optional[int] = typer.Option(None, "--local_rank", "--local-rank", hidden=True, help="Set by the deepspeed launcher (LOCAL_RANK is read)."),
 ) -> None:
     """Fine-tune on trajectories (NLL on assistant tokens).
 
@@ -40,6 +41,7 @@ def main(
     import os
 
     from mars_cli.jsonl import RecordWriter
+    from mars_cli.rl.engine import config_argv, relaunch, under_launcher
     from mars_cli.rl.sft import SFTConfig, run_sft
 
     cfg = SFTConfig(policy=str(policy), out=str(out), state=str(state) if state else None, epochs=epochs, lr=lr,
@@ -48,8 +50,8 @@ def main(
                     max_steps=max_steps, min_reward=min_reward, zero=zero, deepspeed=str(deepspeed) if deepspeed else None,
                     train_vision=train_vision, gradient_checkpointing=gradient_checkpointing, bf16=bf16, seed=seed, eval=eval)
     paths = [str(f) for f in files or []]
-    from mars_cli.rl.engine import config_argv, relaunch, under_launcher
-
+    if local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(local_rank))
     if nproc > 1 and not under_launcher():
         from mars_cli.errors import UsageError
 

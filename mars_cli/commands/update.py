@@ -32,6 +32,7 @@ def main(
     seed: int = typer.Option(0, "--seed", help="Torch seed."),
     nproc: int = typer.Option(1, "--nproc", min=1, help="Run N processes (torch.distributed.run); records sharded by rank."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unparsable lines with a warning."),
+    local_rank: Optional[int] = typer.Option(None, "--local_rank", "--local-rank", hidden=True, help="Set by the deepspeed launcher (LOCAL_RANK is read)."),
 ) -> None:
     """Train the policy one step on a scored batch; write a checkpoint.
 
@@ -42,6 +43,7 @@ def main(
     import os
 
     from mars_cli.jsonl import RecordWriter
+    from mars_cli.rl.engine import config_argv, relaunch, under_launcher
     from mars_cli.rl.update import UpdateConfig, run_update
 
     cfg = UpdateConfig(policy=str(policy), out=str(out), ref=str(ref) if ref else None, state=str(state) if state else None,
@@ -50,8 +52,8 @@ def main(
                        old_logprobs=old_logprobs, zero=zero, deepspeed=str(deepspeed) if deepspeed else None,
                        train_vision=train_vision, gradient_checkpointing=gradient_checkpointing, bf16=bf16, seed=seed)
     paths = [str(f) for f in files or []]
-    from mars_cli.rl.engine import config_argv, relaunch, under_launcher
-
+    if local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(local_rank))
     if nproc > 1 and not under_launcher():
         if not paths or "-" in paths:
             from mars_cli.errors import UsageError

@@ -71,8 +71,8 @@ def run_sft(paths, cfg: SFTConfig, *, skip_bad: bool = False, on_epoch=None) -> 
 
     from mars_cli.jsonl import read_located
     from mars_cli.protocol import Renderer
-    from mars_cli.rl.engine import Trainer, read_state_meta
-    from mars_cli.rl.update import batch_hash, prepare_policy
+    from mars_cli.rl.engine import Trainer
+    from mars_cli.rl.update import _shared, batch_hash, prepare_policy, resume_state
 
     _check(cfg)
     t0 = time.time()
@@ -89,11 +89,7 @@ def run_sft(paths, cfg: SFTConfig, *, skip_bad: bool = False, on_epoch=None) -> 
     trainer = Trainer(policy.model, zero=cfg.zero, config_file=cfg.deepspeed, lr=cfg.lr, weight_decay=cfg.weight_decay,
                       grad_clip=cfg.grad_clip, bf16=bf16,
                       schedule=lambda s: lr_factor(s, total, warmup, cfg.min_lr_ratio))
-    if cfg.state and read_state_meta(cfg.state):
-        meta = trainer.load_state(cfg.state)
-        if meta.get("fingerprint") != policy.fingerprint:
-            raise MarsError(f"{cfg.state}: optimizer state belongs to checkpoint {meta.get('fingerprint')}, "
-                            f"not to the policy {cfg.policy}; pass that policy or a fresh --state")
+    resume_state(trainer, cfg.state, policy)
     rank, world = trainer.rank, trainer.world
     cache: dict = {}
     lengths = [batching.expanded_length(policy, ex, cache) for ex in examples]
@@ -163,8 +159,6 @@ def run_sft(paths, cfg: SFTConfig, *, skip_bad: bool = False, on_epoch=None) -> 
             "flags": {**asdict(cfg), "world_size": world, "bf16": bf16, "total_steps": total, "warmup_steps": warmup}}
     state = trainer.full_state_dict()
     fp = save_checkpoint(cfg.out, trainer.model, state, source=cfg.policy, meta=meta, arch=policy.arch) if rank == 0 else None
-    from mars_cli.rl.update import _shared
-
     fp = _shared(trainer, fp)
     if cfg.state:
         trainer.save_state(cfg.state, {"step": meta["step"], "fingerprint": fp, "checkpoint": cfg.out})

@@ -17,7 +17,6 @@ import math
 import time
 from dataclasses import asdict, dataclass
 
-from mars_cli import streams
 from mars_cli.errors import MarsError, UsageError
 from mars_cli.rl import batching, loss as L
 from mars_cli.rl.checkpoint import read_meta, save_checkpoint
@@ -113,7 +112,7 @@ def run_update(paths, cfg: UpdateConfig, *, skip_bad: bool = False, trainer_hook
     import torch
 
     from mars_cli.jsonl import read_located
-    from mars_cli.rl.engine import Trainer, read_state_meta
+    from mars_cli.rl.engine import Trainer
 
     _check_flags(cfg)
     t0 = time.time()
@@ -133,11 +132,7 @@ def run_update(paths, cfg: UpdateConfig, *, skip_bad: bool = False, trainer_hook
         ref = load_policy(cfg.ref, device=str(policy.device), dtype=next(policy.model.parameters()).dtype)
     trainer = Trainer(policy.model, zero=cfg.zero, config_file=cfg.deepspeed, lr=cfg.lr,
                       weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, bf16=bf16)
-    if cfg.state and read_state_meta(cfg.state):
-        meta = trainer.load_state(cfg.state)
-        if meta.get("fingerprint") != policy.fingerprint:
-            raise MarsError(f"{cfg.state}: optimizer state belongs to checkpoint {meta.get('fingerprint')}, "
-                            f"not to the policy {cfg.policy} ({policy.fingerprint}); pass that policy or a fresh --state")
+    resume_state(trainer, cfg.state, policy)
     dev = policy.device
     rank, world = trainer.rank, trainer.world
     length_cache: dict = {}
@@ -158,6 +153,7 @@ def run_update(paths, cfg: UpdateConfig, *, skip_bad: bool = False, trainer_hook
     def as_tensor(rows):
         return batching.pad_rows([torch.tensor(r, dtype=torch.float32) for r in rows]).to(dev)
 
+    t_train, c_train = time.time(), time.process_time()
     # Old log-probs and the gap, from the policy before any step.
     old: dict[int, torch.Tensor] = {}
     gap: dict = {}
@@ -165,12 +161,10 @@ def run_update(paths, cfg: UpdateConfig, *, skip_bad: bool = False, trainer_hook
     if several:
         for mb in minis:
             for group, w in plan(mb):
-                if not w:
-                    continue
                 exs = [examples[i] for i in group]
-                with torch.no_grad():
+                with torch.no_grad():  # filler groups too: ZeRO-3 forwards are collective
                     lp, mask, _ = batching.micro_logprobs(policy, exs, model=trainer.model)
-                for row, i in enumerate(group):
+                for row, i in enumerate(group if w else ()):
                     n = len(examples[i].ids)
                     old[i] = lp[row, :n].float()
                     if examples[i].rollout_logprobs is not None:
@@ -222,6 +216,7 @@ def run_update(paths, cfg: UpdateConfig, *, skip_bad: bool = False, trainer_hook
         norms.append(trainer.step())
         losses.append(step_loss)
 
+    train_seconds, train_cpu = time.time() - t_train, time.process_time() - c_train
     sums = trainer.all_reduce({**stats, **gap, "tokens": tokens, "loss_sum": sum(losses)})
     parent = read_meta(cfg.policy)
     steps = len(minis)
@@ -257,7 +252,22 @@ def run_update(paths, cfg: UpdateConfig, *, skip_bad: bool = False, trainer_hook
     if cfg.state:
         trainer.save_state(cfg.state, {"step": meta["step"], "fingerprint": _shared(trainer, fp), "checkpoint": cfg.out})
     metrics["seconds"] = round(time.time() - t0, 3)
+    metrics["train_seconds"] = round(train_seconds, 3)  # forward/backward/steps only
+    metrics["train_cpu_seconds"] = round(train_cpu, 3)
     return {"kind": "update", "out": cfg.out, "step": meta["step"], "fingerprint": _shared(trainer, fp), **metrics}
+
+
+def resume_state(trainer, state_dir, policy) -> None:
+    """Load the optimizer state of `state_dir` if it has one, after checking it is the policy's."""
+    from mars_cli.rl.engine import read_state_meta
+
+    meta = read_state_meta(state_dir) if state_dir else {}
+    if not meta:
+        return
+    if meta.get("fingerprint") != policy.fingerprint:
+        raise MarsError(f"{state_dir}: optimizer state belongs to checkpoint {meta.get('fingerprint')}, "
+                        f"not to the policy {policy.path} ({policy.fingerprint}); pass that policy or a fresh --state")
+    trainer.load_state(state_dir)
 
 
 def _shared(trainer, value):
