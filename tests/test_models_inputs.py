@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from PIL import Image
@@ -198,3 +200,29 @@ def test_generate_logits_agree_with_token_logprobs(policy, images):
         sampled = torch.log_softmax(logits[: len(new), b], -1).gather(-1, torch.tensor(new)[:, None]).squeeze(-1)
         full = token_logprobs(policy, [(ids + new, imgs)])[0][len(ids):]
         assert torch.allclose(sampled, full, atol=1e-4), (sampled, full)
+
+
+def test_processed_images_are_cached_by_file_identity(tiny_policy_dir, tmp_path, monkeypatch):
+    policy = load_policy(tiny_policy_dir)
+    calls = []
+    real = inputs._process_one
+    monkeypatch.setattr(inputs, "_process_one", lambda proc, pil: calls.append(pil.size) or real(proc, pil))
+    inputs._pixels.clear()
+    path = tmp_path / "a.png"
+    Image.new("RGB", (200, 100), (255, 0, 0)).save(path)
+    ids = protocol.render(_messages([str(path)]), policy.tokenizer, policy.special)[0]
+    first = build_inputs(policy, [(ids, [str(path)]), (ids, [str(path)])])
+    assert len(calls) == 1  # one file, two sequences: processed once
+    again = build_inputs(policy, [(ids, [str(path)])])
+    assert len(calls) == 1 and torch.equal(again.tensors["pixel_values"], first.tensors["pixel_values"][:len(again.tensors["pixel_values"])])
+    Image.new("RGB", (200, 100), (0, 0, 255)).save(path)
+    os.utime(path, ns=(1, 2))  # a rewritten file, even within the same mtime tick, has a new identity
+    changed = build_inputs(policy, [(ids, [str(path)])])
+    assert len(calls) == 2 and not torch.equal(changed.tensors["pixel_values"], again.tensors["pixel_values"])
+    monkeypatch.setenv("MARS_PIXEL_CACHE_MB", "0")  # a budget of 0 keeps nothing
+    inputs._pixels.clear()
+    build_inputs(policy, [(ids, [str(path)])])
+    build_inputs(policy, [(ids, [str(path)])])
+    assert len(calls) == 4
+    with pytest.raises(MarsError, match="missing.png"):
+        build_inputs(policy, [(ids, [str(tmp_path / "missing.png")])])

@@ -114,3 +114,19 @@ def test_release_style_image_processor_configs(tmp_path):
     assert proc.patch_size == 16 and _tokens(proc, 1000, 1000) == 31 * 31
     small = load_image_processor(tmp_path, max_pixels=32 * 32 * 64)
     assert _tokens(small, 1000, 1000) == 64
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bf16_logprobs_track_cpu_float32(tiny_policy_dir):
+    from mars_cli import protocol
+    from mars_cli.models.inputs import token_logprobs
+
+    cpu = load_policy(tiny_policy_dir)
+    gpu = load_policy(tiny_policy_dir, device="cuda")
+    assert next(gpu.model.parameters()).dtype == torch.bfloat16 and gpu.device.type == "cuda"
+    ids = protocol.render([{"role": "user", "content": "Name three colours."}], cpu.tokenizer, cpu.special)[0]
+    a = token_logprobs(cpu, [(ids, [])])[0]
+    b = token_logprobs(gpu, [(ids, [])])[0]
+    assert b.device.type == "cuda" and b.dtype == torch.float32
+    assert (a - b.cpu()).abs().max() < 0.05  # bf16 weights: close, not equal

@@ -10,6 +10,9 @@ aligned to the stored ids that rollout, judge and update all index by.
 
 from __future__ import annotations
 
+import os
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -73,24 +76,110 @@ def image_tokens(policy, image) -> int:
     return int(patches) // (int(proc.merge_size) ** 2)
 
 
-def _process_images(policy, images: list):
-    """pixel_values and image_grid_thw for the images, in order (each path decoded once)."""
-    proc = policy.image_processor
-    decoded: dict[str, Any] = {}
-    pil = []
-    for im in images:
-        if isinstance(im, (str, bytes)) or hasattr(im, "__fspath__"):
-            key = str(im)
-            if key not in decoded:
-                decoded[key] = _load_image(im)
-            pil.append(decoded[key])
-        else:
-            pil.append(_load_image(im))
+class _PixelCache:
+    """Processed images (pixel_values, grid) by file identity and processor settings.
+
+    An episode's prompt is rebuilt at every turn and a group's samples share the task
+    image, so the same file is resized and patchified again and again; this keeps the
+    results, bounded by bytes (MARS_PIXEL_CACHE_MB, default 512). Tensors are shared and
+    treated as read-only (torch.cat copies them into each batch).
+    """
+
+    def __init__(self) -> None:
+        self._items: OrderedDict = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def budget() -> int:
+        try:
+            return int(float(os.environ.get("MARS_PIXEL_CACHE_MB", "512")) * 2**20)
+        except ValueError:
+            raise MarsError("MARS_PIXEL_CACHE_MB must be a number of megabytes") from None
+
+    def get(self, key):
+        with self._lock:
+            hit = self._items.get(key)
+            if hit is not None:
+                self._items.move_to_end(key)
+            return hit
+
+    def put(self, key, value) -> None:
+        size = value[0].numel() * value[0].element_size()
+        budget = self.budget()
+        if size > budget:
+            return
+        with self._lock:
+            if key in self._items:
+                return
+            self._items[key] = value
+            self._bytes += size
+            while self._bytes > budget:
+                _, old = self._items.popitem(last=False)
+                self._bytes -= old[0].numel() * old[0].element_size()
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self._bytes = 0
+
+
+_pixels = _PixelCache()
+
+
+def _processor_key(proc) -> tuple:
+    size = proc.size
+    return (type(proc).__name__, size.get("shortest_edge") if hasattr(size, "get") else size["shortest_edge"],
+            size.get("longest_edge") if hasattr(size, "get") else size["longest_edge"], proc.patch_size,
+            proc.merge_size, proc.temporal_patch_size, tuple(proc.image_mean), tuple(proc.image_std),
+            proc.do_resize, proc.do_normalize, proc.do_rescale, proc.rescale_factor, int(proc.resample))
+
+
+def _process_one(proc, pil):
     try:
-        out = proc(images=pil, return_tensors="pt")
-    except ValueError as e:
+        out = proc(images=[pil], return_tensors="pt")
+    except ValueError as e:  # e.g. an aspect ratio over 200
         raise MarsError(f"image processor: {e}") from None
     return out["pixel_values"], out["image_grid_thw"]
+
+
+def _file_key(im) -> tuple | None:
+    """Identity of a local image file (path, inode, size, mtime), or None (PIL, URL, missing)."""
+    if not isinstance(im, (str, os.PathLike)):
+        return None
+    s = os.fspath(im)
+    if s.startswith("file://"):
+        s = s[len("file://"):]
+    elif "://" in s:
+        return None
+    try:
+        st = os.stat(s)
+    except OSError:
+        return None
+    return (os.path.realpath(s), st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _process_images(policy, images: list):
+    """pixel_values and image_grid_thw for the images, in order (files cached, see _PixelCache)."""
+    proc = policy.image_processor
+    pkey = _processor_key(proc)
+    values, grids = [], []
+    for im in images:
+        key = _file_key(im)
+        hit = _pixels.get(key + pkey) if key else None
+        if hit is None:
+            hit = _process_one(proc, _load_image(im))  # a missing file or URL: its error here
+            if key:
+                _pixels.put(key + pkey, hit)
+        values.append(hit[0])
+        grids.append(hit[1])
+    return torch_cat(values), torch_cat(grids)
+
+
+def torch_cat(parts):
+    import torch
+
+    return parts[0].clone() if len(parts) == 1 else torch.cat(parts)
 
 
 def build_inputs(policy, seqs: Sequence[tuple[Sequence[int], Sequence]], *, pad_side: str = "right",
@@ -119,28 +208,26 @@ def build_inputs(policy, seqs: Sequence[tuple[Sequence[int], Sequence]], *, pad_
     if all_images:
         pixel_values, grid = _process_images(policy, all_images)
         sizes = (grid.prod(-1) // merge2).tolist()
-    expanded, positions = [], []
+    # Each stored id becomes `repeats` ids (an image pad: its patch count); its expanded
+    # index is the sum of the repeats before it.
+    rows, positions = [], []
     k = 0
-    for ids, _images in seqs:
-        out: list[int] = []
-        pos = torch.empty(len(ids), dtype=torch.long)
-        for i, t in enumerate(ids):
-            pos[i] = len(out)
-            if t == image_pad:
-                out.extend([image_pad] * sizes[k])
-                k += 1
-            else:
-                out.append(int(t))
-        expanded.append(out)
-        positions.append(pos)
+    for ids, images in seqs:
+        ids_t = torch.as_tensor(list(ids), dtype=torch.long)
+        repeats = torch.ones_like(ids_t)
+        if images:
+            repeats[ids_t == image_pad] = torch.as_tensor(sizes[k:k + len(images)], dtype=torch.long)
+            k += len(images)
+        rows.append(torch.repeat_interleave(ids_t, repeats))
+        positions.append(torch.cumsum(repeats, 0) - repeats)
 
-    width = max(len(e) for e in expanded)
+    width = max(len(r) for r in rows)
     input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     attention = torch.zeros((len(seqs), width), dtype=torch.long)
-    for b, e in enumerate(expanded):
-        off = width - len(e) if pad_side == "left" else 0
-        input_ids[b, off:off + len(e)] = torch.tensor(e, dtype=torch.long)
-        attention[b, off:off + len(e)] = 1
+    for b, r in enumerate(rows):
+        off = width - len(r) if pad_side == "left" else 0
+        input_ids[b, off:off + len(r)] = r
+        attention[b, off:off + len(r)] = 1
         positions[b] += off
     mm_types = ((input_ids == image_pad) & attention.bool()).to(torch.int)
     tensors = {"input_ids": input_ids, "attention_mask": attention, "mm_token_type_ids": mm_types}
@@ -149,7 +236,7 @@ def build_inputs(policy, seqs: Sequence[tuple[Sequence[int], Sequence]], *, pad_
         tensors["image_grid_thw"] = grid
     if device is not None:
         tensors = {key: v.to(device) for key, v in tensors.items()}
-    return Batch(tensors=tensors, positions=positions, lengths=[len(e) for e in expanded], pad_side=pad_side)
+    return Batch(tensors=tensors, positions=positions, lengths=[len(r) for r in rows], pad_side=pad_side)
 
 
 def _unwrap(model):

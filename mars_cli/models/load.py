@@ -233,11 +233,14 @@ def load_policy(path, *, device: str = "cpu", dtype=None, trainable: bool = Fals
     kwargs = {"dtype": _dtype(dtype, device), "local_files_only": True}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    if str(device).startswith("cuda"):
+        kwargs["device_map"] = str(device)  # straight onto the GPU, not through host memory
     try:
         model = cls.from_pretrained(str(path), **kwargs)
     except (OSError, ValueError, RuntimeError) as e:
         raise MarsError(f"{path}: cannot load model weights: {e}") from None
-    model.to(device)
+    if "device_map" not in kwargs:
+        model.to(device)
     model.train(trainable)
     if not trainable:
         model.requires_grad_(False)
