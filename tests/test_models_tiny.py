@@ -129,6 +129,8 @@ def test_cli_writes_a_loadable_deterministic_checkpoint(tmp_path, tiny_policy_di
     assert model.config.vision_config.spatial_merge_size == 2 and model.config.image_token_id == 151655
     gen = transformers.GenerationConfig.from_pretrained(tmp_path / "a")
     assert 151645 in gen.eos_token_id
+    proc = transformers.AutoImageProcessor.from_pretrained(tmp_path / "a", local_files_only=True)
+    assert type(proc).__name__ == "Qwen2VLImageProcessorPil" and proc.merge_size == 2
     pre = json.loads((tmp_path / "a" / "preprocessor_config.json").read_text())
     assert pre["max_pixels"] == 28 * 28 * 256 and pre["patch_size"] == 14
 
