@@ -6,6 +6,8 @@ import os
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from mars_cli import protocol
@@ -226,3 +228,41 @@ def test_processed_images_are_cached_by_file_identity(tiny_policy_dir, tmp_path,
     assert len(calls) == 4
     with pytest.raises(MarsError, match="missing.png"):
         build_inputs(policy, [(ids, [str(tmp_path / "missing.png")])])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.one_of(st.integers(0, 151642), st.just(-1)), min_size=1, max_size=30),
+                min_size=1, max_size=4),
+       st.sampled_from(["left", "right"]))
+def test_positions_map_every_stored_id_property(rows, side):
+    """Any ids with any number of images: expanded[pos[i]] == ids[i], pads expand to the patch count."""
+    from types import SimpleNamespace
+
+    proc = _processor()
+    pad = 151655
+    sizes = [(56, 56), (120, 40), (30, 200)]
+    seqs = []
+    for r in rows:
+        ids = [pad if t == -1 else t for t in r]
+        seqs.append((ids, [Image.new("RGB", sizes[i % 3]) for i in range(ids.count(pad))]))
+    policy = SimpleNamespace(special={"pad": 151643, "image_pad": pad}, image_processor=proc)
+    batch = build_inputs(policy, seqs, pad_side=side)
+    t = batch.tensors
+    for b, (ids, imgs) in enumerate(seqs):
+        row = t["input_ids"][b]
+        assert [row[p].item() for p in batch.positions[b]] == ids
+        n_img = sum(proc.get_number_of_image_patches(h, w, {}) // 4 for (w, h) in (im.size for im in imgs))
+        assert batch.lengths[b] == len(ids) - len(imgs) + n_img == t["attention_mask"][b].sum().item()
+        assert t["mm_token_type_ids"][b].sum().item() == n_img
+
+
+_PROC = []
+
+
+def _processor():
+    """The tiny qwen2.5-vl image processor settings, without building a model."""
+    if not _PROC:
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        _PROC.append(Qwen2VLImageProcessorPil(size={"shortest_edge": 56 * 56, "longest_edge": 28 * 28 * 64}))
+    return _PROC[0]
