@@ -125,6 +125,10 @@ def bench(path: Path, box, out_dir: Path, reps: int) -> dict:
         # variant alike instead of always the one that runs first.
         for name in names[rep % len(names):] + names[:rep % len(names)]:
             runs[name].append(variants[name]())
+            # Outputs are deleted untimed: fifty 10 MB crops piling up in the page cache
+            # would make later allocations pay for reclaim, unevenly across variants.
+            for f in out_dir.iterdir():
+                f.unlink()
     med = {k: statistics.median(w for w, _ in v) * 1000 for k, v in runs.items()}
     cpu = {k: statistics.median(c for _, c in v) * 1000 for k, v in runs.items()}
     for d in (med, cpu):
@@ -150,7 +154,8 @@ def main() -> None:
             src = tmp / f"{name}.jpg"
             make_photo(w, h, src)
             for bname, box in BOXES.items():
-                results[f"{name}_{bname}"] = bench(src, box, tmp, reps)
+                (tmp / "out").mkdir(exist_ok=True)
+                results[f"{name}_{bname}"] = bench(src, box, tmp / "out", reps)
     cols = ("decode", "pil_decode", "floor", "crop_cold", "naive_pil", "crop_warm", "cold_over_decode",
             "cold_over_floor", "naive_over_cold")
     print(f"{'case':<16}" + "".join(f"{c:>17}" for c in cols) + "   (ms, medians of %d)" % reps, file=sys.stderr)
