@@ -19,6 +19,9 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     if not path.parent.exists():
         raise MarsError(f"{path}: directory {path.parent} does not exist")
+    if path.exists() and not path.is_file():
+        # A device or pipe (/dev/null, a FIFO): never rename over it.
+        raise MarsError(f"{path}: not a regular file; give a file path")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)

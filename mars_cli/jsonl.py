@@ -169,8 +169,17 @@ class RecordWriter:
         self.flush_each = flush_each
         self.count = 0
         self._tmp: Path | None = None
+        self._direct = False
         if self.out is None:
             self._f = streams.records_out()
+        elif self.out.exists() and not self.out.is_file():
+            # A device or pipe (-o /dev/null, a FIFO): write straight to it; renaming a
+            # temporary file over it would replace the device with a regular file.
+            try:
+                self._f = open(self.out, "wb", buffering=1 << 16)
+            except OSError as e:
+                raise MarsError(f"{self.out}: cannot write: {e.strerror}") from None
+            self._direct = True
         else:
             parent = self.out.parent
             if not parent.exists():
@@ -197,7 +206,9 @@ class RecordWriter:
 
     def close(self, ok: bool = True) -> None:
         if self._tmp is None:
-            if ok:
+            if self._direct:
+                self._f.close()
+            elif ok:
                 self._f.flush()
             return
         try:

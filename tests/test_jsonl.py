@@ -135,3 +135,22 @@ def test_stdin_is_read_when_no_file(monkeypatch):
     fake = io.TextIOWrapper(io.BytesIO(b'{"a": 1}\n'))
     monkeypatch.setattr(sys, "stdin", fake)
     assert list(jsonl.read_records(None)) == [{"a": 1}]
+
+
+def test_writer_to_a_device_writes_through_without_replacing_it(tmp_path):
+    import os
+    import stat
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    import threading
+
+    got = []
+    t = threading.Thread(target=lambda: got.append(open(fifo, "rb").read()))
+    t.start()
+    with jsonl.RecordWriter(fifo) as w:
+        w.write({"a": 1})
+    t.join(5)
+    assert got == [b'{"schema_version":1,"a":1}\n']
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)  # still a pipe, not a regular file
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]
