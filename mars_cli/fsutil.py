@@ -13,6 +13,13 @@ from typing import Iterator
 from mars_cli.errors import MarsError
 
 
+def default_file_mode() -> int:
+    """0666 less the umask: what open() would give a new file (mkstemp gives 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it over `path` on success."""
@@ -27,6 +34,8 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
+        if tmp.exists():
+            os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
     finally:
         if tmp.exists():

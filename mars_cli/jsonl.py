@@ -214,6 +214,9 @@ class RecordWriter:
         try:
             self._f.close()
             if ok:
+                from mars_cli.fsutil import default_file_mode
+
+                os.chmod(self._tmp, default_file_mode())
                 os.replace(self._tmp, self.out)
         finally:
             if self._tmp.exists():

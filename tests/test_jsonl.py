@@ -154,3 +154,16 @@ def test_writer_to_a_device_writes_through_without_replacing_it(tmp_path):
     assert got == [b'{"schema_version":1,"a":1}\n']
     assert stat.S_ISFIFO(os.stat(fifo).st_mode)  # still a pipe, not a regular file
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pipe"]
+
+
+def test_output_file_gets_the_usual_permissions(tmp_path):
+    import os
+
+    out = tmp_path / "out.jsonl"
+    old = os.umask(0o022)
+    try:
+        with jsonl.RecordWriter(out) as w:
+            w.write({"a": 1})
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o644
