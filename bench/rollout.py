@@ -1,6 +1,6 @@
 """Benchmark the agent loop: its overhead over raw `generate`, and concurrent tool calls.
 
-    .venv/bin/python bench/rollout.py [--reps 5] [--batch 4] [--new-tokens 24] [--episodes 16]
+    .venv/bin/python bench/rollout.py [--reps 5] [--batch 4] [--new-tokens 24] [--episodes 16] [--threads 1]
 
 1. Loop overhead (hf engine, tiny Qwen2.5-VL made locally, CPU). The same batch of
    one-image tasks is run, interleaved rep by rep so the two are side by side:
@@ -9,10 +9,13 @@
            log-probs, decoding, parsing, budget accounting, record building
    Both generate the same number of tokens with the same settings (greedy; eos set to an
    impossible id in both, so every turn runs to the limit). Target: loop ≤ 1.10 × raw.
+   Also reported: the wall time the loop spends outside model.generate, as a share of the
+   generate time in the same runs (a figure drifting machine load skews much less).
 2. Tool concurrency. Episodes that make three text-search calls each (a simulated 200 ms
    tool latency) and then answer, driven by a scripted engine (no model, so only the
    tools' time counts): the loop with one tool worker (sequential) vs one per episode.
-Best of --reps runs (wall and process-CPU time; load on a shared machine only adds time). A table on stderr, one JSON line on stdout.
+Best of --reps runs (wall and process-CPU time; load on a shared machine only adds time).
+A table on stderr, one JSON line on stdout.
 """
 
 from __future__ import annotations
@@ -61,6 +64,18 @@ def loop_overhead(model_dir: Path, tmp: Path, *, batch: int, new_tokens: int, re
     loop = AgentLoop(eng, Toolbox(tmp / "art"), limits=Limits(max_turns=1, max_new_tokens=new_tokens, max_total_tokens=10**6),
                      batch_size=batch)
     prompts = [eng.renderer.render(initial_messages(t)) for t in tasks]
+    # Time spent inside model.generate during the loop, to split the loop's cost into the
+    # generate call (with output_logits) and everything the loop adds around it.
+    inner = {"wall": 0.0, "cpu": 0.0}
+    real_generate = pol.model.generate
+
+    def timed_generate(*a, **kw):
+        w, c = time.perf_counter(), time.process_time()
+        try:
+            return real_generate(*a, **kw)
+        finally:
+            inner["wall"] += time.perf_counter() - w
+            inner["cpu"] += time.process_time() - c
 
     def raw():
         b = build_inputs(pol, [(ids, imgs) for ids, _, imgs in prompts], pad_side="left")
@@ -70,9 +85,16 @@ def loop_overhead(model_dir: Path, tmp: Path, *, batch: int, new_tokens: int, re
         assert out.shape[1] - b.tensors["input_ids"].shape[1] == new_tokens
 
     def agent():
-        recs = list(loop.run(tasks))
+        inner["wall"] = inner["cpu"] = 0.0
+        pol.model.generate = timed_generate
+        try:
+            recs = list(loop.run(tasks))
+        finally:
+            pol.model.generate = real_generate
+        inside.append((inner["wall"], inner["cpu"]))
         assert all(r["tokens"]["mask"].count(1) == new_tokens for r in recs)
 
+    inside: list[tuple[float, float]] = []
     raw(), agent()  # warm-up: first-call allocations and caches
     t = {"raw": [], "loop": []}
     for i in range(reps):
@@ -81,10 +103,12 @@ def loop_overhead(model_dir: Path, tmp: Path, *, batch: int, new_tokens: int, re
             t[name].append(_timed(fn))
     # best of reps: on a shared machine, noise only ever adds time
     med = {k: (min(x[0] for x in v), min(x[1] for x in v)) for k, v in t.items()}
+    # the loop's own work, outside model.generate, in the same runs (less exposed to drifting load)
+    around = min((lw - iw) / iw for (lw, _), (iw, _) in zip(t["loop"], inside[1:]))
     return {"batch": batch, "new_tokens": new_tokens, "raw_wall_s": round(med["raw"][0], 3),
             "loop_wall_s": round(med["loop"][0], 3), "raw_cpu_s": round(med["raw"][1], 3),
             "loop_cpu_s": round(med["loop"][1], 3), "overhead_wall": round(med["loop"][0] / med["raw"][0] - 1, 4),
-            "overhead_cpu": round(med["loop"][1] / med["raw"][1] - 1, 4)}
+            "overhead_cpu": round(med["loop"][1] / med["raw"][1] - 1, 4), "around_generate": round(around, 4)}
 
 
 class _Scripted:
@@ -157,7 +181,12 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=24)
     ap.add_argument("--episodes", type=int, default=16)
     ap.add_argument("--latency", type=float, default=0.2)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1 default: idle OpenMP workers spin on a busy shared machine and swamp the figures)")
     args = ap.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
     from mars_cli.models.tiny import make_tiny_model
 
     with tempfile.TemporaryDirectory() as d:
@@ -166,15 +195,17 @@ def main() -> None:
         over = loop_overhead(model, tmp, batch=args.batch, new_tokens=args.new_tokens, reps=args.reps)
         conc = tool_concurrency(model, tmp, episodes=args.episodes, latency=args.latency, reps=args.reps)
     err = sys.stderr
-    err.write(f"loop overhead (hf, tiny model, batch {over['batch']}, {over['new_tokens']} new tokens, best of {args.reps})\n")
+    err.write(f"loop overhead (hf, tiny model, batch {over['batch']}, {over['new_tokens']} new tokens, "
+              f"{args.threads} torch thread{'s' if args.threads != 1 else ''}, best of {args.reps})\n")
     err.write(f"  {'':10}{'wall s':>10}{'cpu s':>10}\n")
     err.write(f"  {'raw':10}{over['raw_wall_s']:>10.3f}{over['raw_cpu_s']:>10.3f}\n")
     err.write(f"  {'loop':10}{over['loop_wall_s']:>10.3f}{over['loop_cpu_s']:>10.3f}\n")
     err.write(f"  overhead  {over['overhead_wall']:+.1%} wall, {over['overhead_cpu']:+.1%} cpu (target <= +10%)\n")
+    err.write(f"  loop work outside model.generate, same runs: {over['around_generate']:+.1%} of the generate time\n")
     err.write(f"tool calls ({conc['calls']} calls of {conc['latency_s'] * 1000:.0f} ms over {conc['episodes']} episodes)\n")
     err.write(f"  sequential {conc['sequential_wall_s']:.3f} s, concurrent {conc['concurrent_wall_s']:.3f} s: "
               f"{conc['speedup']:.1f}x\n")
-    print(json.dumps({"bench": "rollout", "loop_overhead": over, "tool_concurrency": conc}))
+    print(json.dumps({"bench": "rollout", "threads": args.threads, "loop_overhead": over, "tool_concurrency": conc}))
 
 
 if __name__ == "__main__":

@@ -31,6 +31,23 @@ def _presence_processor(penalty: float, prompt_len: int):
     return PresencePenalty()
 
 
+def _sampled_logprobs(logits: tuple, new, temperature: float):
+    """(batch, steps) log softmax(logits / T)[sampled id], from generate's per-step raw logits.
+
+    One step at a time: stacking every step in float32 would double the memory the raw
+    logits already take on long turns (log_softmax per step also measured fastest on CPU).
+    """
+    import torch
+
+    cols = []
+    for t, step in enumerate(logits):
+        x = step.float()
+        if temperature != 1.0:
+            x = x / temperature
+        cols.append(torch.log_softmax(x, dim=-1).gather(-1, new[:, t:t + 1]).squeeze(-1))
+    return torch.stack(cols, dim=1)
+
+
 class HFEngine(Engine):
     name = "hf"
     tokens = True
@@ -91,11 +108,7 @@ class HFEngine(Engine):
         with torch.inference_mode():
             gen = self.policy.model.generate(**tensors, **kwargs)
         new = gen.sequences[:, prompt_len:]
-        # log softmax(logits / T) of each sampled id, one step at a time: stacking all steps
-        # in float32 would double the memory the raw logits already take on long turns
-        temp = s.temperature if not s.greedy else 1.0
-        picked = torch.stack([torch.log_softmax(step.float() / temp, dim=-1).gather(-1, new[:, t:t + 1]).squeeze(-1)
-                              for t, step in enumerate(gen.logits)], dim=1)  # (batch, steps)
+        picked = _sampled_logprobs(gen.logits, new, s.temperature if not s.greedy else 1.0)
         results = []
         eos = self.special["im_end"]
         for b, req in enumerate(requests):
