@@ -37,31 +37,21 @@ def _load_image(image) -> Any:
     """An RGB PIL image from a PIL image or a path (the one place images are opened)."""
     from PIL import Image
 
+    from mars_cli.images import load_image
+
     if isinstance(image, Image.Image):
         return image if image.mode == "RGB" else image.convert("RGB")
-    try:
-        from mars_cli.images import load_image
-    except ImportError:  # the images module is optional for this layer
-        from PIL import ImageOps
-
-        try:
-            with Image.open(image) as im:
-                return ImageOps.exif_transpose(im).convert("RGB")
-        except (OSError, ValueError) as e:
-            raise MarsError(f"{image}: cannot read image: {e}") from None
     return load_image(image)
 
 
 def _image_size(image) -> tuple[int, int]:
-    """(width, height) as displayed, without decoding when the images module can."""
+    """(width, height) as displayed, from the header when it is a file (no decode)."""
     from PIL import Image
+
+    from mars_cli.images import image_size
 
     if isinstance(image, Image.Image):
         return image.size
-    try:
-        from mars_cli.images import image_size
-    except ImportError:
-        return _load_image(image).size
     return image_size(image)
 
 
@@ -128,9 +118,7 @@ _pixels = _PixelCache()
 
 
 def _processor_key(proc) -> tuple:
-    size = proc.size
-    return (type(proc).__name__, size.get("shortest_edge") if hasattr(size, "get") else size["shortest_edge"],
-            size.get("longest_edge") if hasattr(size, "get") else size["longest_edge"], proc.patch_size,
+    return (type(proc).__name__, proc.size["shortest_edge"], proc.size["longest_edge"], proc.patch_size,
             proc.merge_size, proc.temporal_patch_size, tuple(proc.image_mean), tuple(proc.image_std),
             proc.do_resize, proc.do_normalize, proc.do_rescale, proc.rescale_factor, int(proc.resample))
 
@@ -173,10 +161,10 @@ def _process_images(policy, images: list):
                 _pixels.put(key + pkey, hit)
         values.append(hit[0])
         grids.append(hit[1])
-    return torch_cat(values), torch_cat(grids)
+    return _cat(values), _cat(grids)
 
 
-def torch_cat(parts):
+def _cat(parts):
     import torch
 
     return parts[0].clone() if len(parts) == 1 else torch.cat(parts)
