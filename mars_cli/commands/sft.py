@@ -18,7 +18,7 @@ def main(
     weight_decay: float = typer.Option(0.01, "--weight-decay", help="AdamW weight decay."),
     grad_clip: float = typer.Option(1.0, "--grad-clip", help="Clip the global gradient norm to this."),
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="Trajectories per optimizer step."),
-    micro_batch_tokens: int = typer.Option(4096, "--micro-batch-tokens", min=1, envvar="MARS_MICRO_BATCH_TOKENS", help="Padded tokens per forward/backward."),
+    micro_batch_tokens: Optional[int] = typer.Option(None, "--micro-batch-tokens", min=1, envvar="MARS_MICRO_BATCH_TOKENS", help="Padded tokens per forward/backward [default: 4096 on a GPU, 1024 on a CPU]."),
     warmup: float = typer.Option(0.05, "--warmup", help="Linear warmup, as a fraction of the steps; then cosine decay."),
     min_lr_ratio: float = typer.Option(0.0, "--min-lr-ratio", help="Final learning rate as a fraction of --lr."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="Stop after this many optimizer steps."),

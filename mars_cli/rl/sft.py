@@ -32,7 +32,7 @@ class SFTConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     batch_size: int = 8  # trajectories per optimizer step
-    micro_batch_tokens: int = 4096
+    micro_batch_tokens: int | None = None  # None: 4096 on a GPU, 1024 on a CPU
     warmup: float = 0.05  # fraction of the steps
     min_lr_ratio: float = 0.0
     max_steps: int | None = None
@@ -57,7 +57,7 @@ def lr_factor(step: int, total: int, warmup: int, min_ratio: float = 0.0) -> flo
 def _check(cfg: SFTConfig) -> None:
     if cfg.epochs < 1:
         raise UsageError("--epochs must be at least 1")
-    if cfg.batch_size < 1 or cfg.micro_batch_tokens < 1:
+    if cfg.batch_size < 1 or (cfg.micro_batch_tokens is not None and cfg.micro_batch_tokens < 1):
         raise UsageError("--batch-size and --micro-batch-tokens must be positive")
     if not 0 <= cfg.warmup < 1:
         raise UsageError("--warmup is a fraction of the steps, in [0, 1)")
@@ -72,7 +72,7 @@ def run_sft(paths, cfg: SFTConfig, *, skip_bad: bool = False, on_epoch=None) -> 
     from mars_cli.jsonl import read_located
     from mars_cli.protocol import Renderer
     from mars_cli.rl.engine import Trainer
-    from mars_cli.rl.update import _shared, batch_hash, prepare_policy, resume_state
+    from mars_cli.rl.update import _shared, batch_hash, prepare_policy, resume_state, token_budget
 
     _check(cfg)
     t0 = time.time()
@@ -91,11 +91,12 @@ def run_sft(paths, cfg: SFTConfig, *, skip_bad: bool = False, on_epoch=None) -> 
                       schedule=lambda s: lr_factor(s, total, warmup, cfg.min_lr_ratio))
     resume_state(trainer, cfg.state, policy)
     rank, world = trainer.rank, trainer.world
+    budget = token_budget(cfg.micro_batch_tokens, policy)
     cache: dict = {}
     lengths = [batching.expanded_length(policy, ex, cache) for ex in examples]
 
     def plan(indices):
-        per_rank = [batching.pack(batching.shard(indices, r, world), lengths.__getitem__, cfg.micro_batch_tokens)
+        per_rank = [batching.pack(batching.shard(indices, r, world), lengths.__getitem__, budget)
                     for r in range(world)]
         mine = per_rank[rank]
         filler = mine[0] if mine else [indices[0]]
@@ -156,7 +157,7 @@ def run_sft(paths, cfg: SFTConfig, *, skip_bad: bool = False, on_epoch=None) -> 
     parent = read_meta(cfg.policy)
     meta = {"step": int(parent.get("step", 0)) + step, "parent": cfg.policy, "parent_fingerprint": policy.fingerprint,
             "batch_hash": batch_hash(examples), "kind": "sft", "metrics": records,
-            "flags": {**asdict(cfg), "world_size": world, "bf16": bf16, "total_steps": total, "warmup_steps": warmup}}
+            "flags": {**asdict(cfg), "micro_batch_tokens": budget, "world_size": world, "bf16": bf16, "total_steps": total, "warmup_steps": warmup}}
     state = trainer.full_state_dict()
     fp = save_checkpoint(cfg.out, trainer.model, state, source=cfg.policy, meta=meta, arch=policy.arch) if rank == 0 else None
     fp = _shared(trainer, fp)

@@ -36,7 +36,7 @@ class UpdateConfig:
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     mini_batch: int | None = None
-    micro_batch_tokens: int = 4096
+    micro_batch_tokens: int | None = None  # None: 4096 on a GPU, 1024 on a CPU
     old_logprobs: str = "recompute"
     zero: int = 0
     deepspeed: str | None = None
@@ -55,6 +55,13 @@ def _device() -> str:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         return f"cuda:{torch.cuda.current_device()}"
     return "cpu"
+
+
+def token_budget(requested: int | None, policy) -> int:
+    """Padded tokens per micro-batch: as asked, else small on a CPU (151k-wide logits rows)."""
+    if requested:
+        return requested
+    return 4096 if policy.device.type == "cuda" else 1024
 
 
 def prepare_policy(path: str, *, train_vision: bool, gradient_checkpointing: bool, bf16: bool | None, seed: int):
@@ -90,7 +97,7 @@ def _check_flags(cfg: UpdateConfig) -> None:
         raise UsageError(f"--loss must be one of {', '.join(L.OBJECTIVES)}, got {cfg.loss!r}")
     if cfg.old_logprobs not in ("recompute", "rollout"):
         raise UsageError(f"--old-logprobs must be recompute or rollout, got {cfg.old_logprobs!r}")
-    if cfg.micro_batch_tokens < 1:
+    if cfg.micro_batch_tokens is not None and cfg.micro_batch_tokens < 1:
         raise UsageError("--micro-batch-tokens must be positive")
     if cfg.beta < 0:
         raise UsageError("--beta must be non-negative")
@@ -134,6 +141,7 @@ def run_update(paths, cfg: UpdateConfig, *, skip_bad: bool = False, trainer_hook
                       weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, bf16=bf16)
     resume_state(trainer, cfg.state, policy)
     dev = policy.device
+    budget = token_budget(cfg.micro_batch_tokens, policy)
     rank, world = trainer.rank, trainer.world
     length_cache: dict = {}
     lengths = [batching.expanded_length(policy, ex, length_cache) for ex in examples]
@@ -142,7 +150,7 @@ def run_update(paths, cfg: UpdateConfig, *, skip_bad: bool = False, trainer_hook
 
     def plan(indices):
         """This rank's micro-batches, padded to the same count on every rank (collectives match)."""
-        per_rank = [batching.pack(batching.shard(indices, r, world), lengths.__getitem__, cfg.micro_batch_tokens)
+        per_rank = [batching.pack(batching.shard(indices, r, world), lengths.__getitem__, budget)
                     for r in range(world)]
         mine = per_rank[rank]
         n = max(len(p) for p in per_rank)
@@ -243,7 +251,7 @@ def run_update(paths, cfg: UpdateConfig, *, skip_bad: bool = False, trainer_hook
         "batch_hash": batch_hash(examples),
         "kind": "update",
         "metrics": metrics,
-        "flags": {**asdict(cfg), "eps_low": eps_low, "eps_high": eps_high, "world_size": world, "bf16": bf16},
+        "flags": {**asdict(cfg), "micro_batch_tokens": budget, "eps_low": eps_low, "eps_high": eps_high, "world_size": world, "bf16": bf16},
     }
     state = trainer.full_state_dict()
     fp = None
