@@ -143,3 +143,26 @@ def test_non_finite_loss_stops_and_writes_nothing(tiny_policy_dir, tmp_path):
     assert r.exit_code == 1 and r.stdout == ""
     assert "non-finite loss" in r.stderr and "nothing written" in r.stderr
     assert not (tmp_path / "o").exists() and not state.exists()
+
+
+def test_minibatches_checkpointing_and_vision_training(tiny_policy_dir, tmp_path):
+    """--mini-batch 1: old log-probs come from the policy before the first step, so later
+    steps see ratios ≠ 1; --train-vision moves the vision tower; --deepspeed takes a file."""
+    from mars_cli.models.load import load_policy
+    from mars_cli.rl.engine import CONFIG_DIR
+
+    batch = H.write_batch(tiny_policy_dir, tmp_path / "b.jsonl", [1.0, -1.0, 1.0], image_dir=tmp_path)
+    out = tmp_path / "o"
+    r = H.Ran(["update", batch, "--policy", tiny_policy_dir, "--out", out, "--mini-batch", "1", "--lr", "1e-3",
+               "--gradient-checkpointing", "--train-vision", "--deepspeed", CONFIG_DIR / "zero2.json", "--beta", "0",
+               "--eps-low", "0.5", "--eps-high", "0.5"])
+    assert r.exit_code == 0, r.stderr
+    m = json.loads(r.stdout)
+    assert m["steps"] == 3 and m["ratio_max"] - m["ratio_min"] > 1e-3 and m["clip_fraction"] == 0.0
+    assert m["logprob_gap"]["tokens"] == m["policy_tokens"]
+    old = dict(load_policy(tiny_policy_dir).model.named_parameters())
+    new = dict(load_policy(out).model.named_parameters())
+    changed = [n for n in new if "visual" in n and not torch.equal(new[n], old[n])]
+    assert changed
+    flags = json.loads((out / "mars_meta.json").read_text())["flags"]
+    assert flags["train_vision"] and flags["gradient_checkpointing"] and flags["deepspeed"].endswith("zero2.json")
