@@ -137,6 +137,32 @@ def pack(indices: Sequence[int], lengths: Callable[[int], int], budget: int) -> 
     return groups
 
 
+def rank_plan(indices: Sequence[int], lengths: Sequence[int], budget: int, rank: int, world: int,
+              has_images: Sequence[bool] | None = None) -> list[tuple[list[int], float]]:
+    """This rank's micro-batches of a mini-batch as (indices, weight), the same count on every rank.
+
+    Ranks must run the same number of forward/backward passes (gradient reduction and ZeRO-3
+    parameter gathering are collective), so a rank with fewer micro-batches repeats one of
+    its own with weight 0. Under ZeRO-3 the vision tower's parameters are gathered only by
+    forwards that carry images: pass `has_images` to refuse a plan where, at the same step,
+    some ranks would run the vision tower and others not (that would hang).
+    """
+    per_rank = [pack(shard(indices, r, world), lengths.__getitem__, budget) for r in range(world)]
+    n = max(len(p) for p in per_rank)
+    padded = []
+    for groups in per_rank:
+        filler = groups[0] if groups else [indices[0]]
+        padded.append([(g, 1.0) for g in groups] + [(filler, 0.0)] * (n - len(groups)))
+    if has_images is not None and world > 1:
+        for j in range(n):
+            flags = {any(has_images[i] for i in p[j][0]) for p in padded}
+            if len(flags) > 1:
+                raise MarsError("with ZeRO-3 on several ranks every micro-batch must hold images on all ranks or "
+                                "on none (the vision tower's gather is collective); this batch mixes text-only and "
+                                "image trajectories: use --zero 2, or one process")
+    return padded[rank]
+
+
 def pad_rows(rows: Sequence, value: float = 0.0):
     """Per-sequence 1-D tensors → one [B, T] tensor, right-padded with `value` (keeps autograd)."""
     from torch.nn.utils.rnn import pad_sequence

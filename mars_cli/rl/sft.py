@@ -95,12 +95,10 @@ def run_sft(paths, cfg: SFTConfig, *, skip_bad: bool = False, on_epoch=None) -> 
     cache: dict = {}
     lengths = [batching.expanded_length(policy, ex, cache) for ex in examples]
 
+    has_images = [bool(ex.images) for ex in examples] if trainer.stage == 3 else None
+
     def plan(indices):
-        per_rank = [batching.pack(batching.shard(indices, r, world), lengths.__getitem__, budget)
-                    for r in range(world)]
-        mine = per_rank[rank]
-        filler = mine[0] if mine else [indices[0]]
-        return [(g, 1.0) for g in mine] + [(filler, 0.0)] * (max(len(p) for p in per_rank) - len(mine))
+        return batching.rank_plan(indices, lengths, budget, rank, world, has_images)
 
     def data_nll() -> float | None:
         if not cfg.eval:

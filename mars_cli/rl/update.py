@@ -148,18 +148,10 @@ def run_update(paths, cfg: UpdateConfig, *, skip_bad: bool = False, trainer_hook
     minis = batching.minibatches(len(examples), cfg.mini_batch)
     sequence_level = L.LEVEL[cfg.loss] == "sequence"
 
-    def plan(indices):
-        """This rank's micro-batches, padded to the same count on every rank (collectives match)."""
-        per_rank = [batching.pack(batching.shard(indices, r, world), lengths.__getitem__, budget)
-                    for r in range(world)]
-        mine = per_rank[rank]
-        n = max(len(p) for p in per_rank)
-        # A rank with fewer micro-batches repeats one with zero weight.
-        filler = mine[0] if mine else [indices[0]]
-        return [(g, 1.0) for g in mine] + [(filler, 0.0)] * (n - len(mine))
+    has_images = [bool(ex.images) for ex in examples] if trainer.stage == 3 else None
 
-    def as_tensor(rows):
-        return batching.pad_rows([torch.tensor(r, dtype=torch.float32) for r in rows]).to(dev)
+    def plan(indices):
+        return batching.rank_plan(indices, lengths, budget, rank, world, has_images)
 
     t_train, c_train = time.time(), time.process_time()
     # Old log-probs and the gap, from the policy before any step.
