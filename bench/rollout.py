@@ -11,6 +11,10 @@
    impossible id in both, so every turn runs to the limit). Target: loop ≤ 1.10 × raw.
    Also reported: the wall time the loop spends outside model.generate, as a share of the
    generate time in the same runs (a figure drifting machine load skews much less).
+   Caveat: the tiny model is 64 wide with the real 152k vocabulary, so its per-token cost
+   is mostly the vocabulary projection; the per-vocabulary work log-probs need (generate
+   keeping each step's raw logits, one log-softmax per step) weighs about as much as that
+   projection here, and is a vanishing share of a 7B model's forward pass.
 2. Tool concurrency. Episodes that make three text-search calls each (a simulated 200 ms
    tool latency) and then answer, driven by a scripted engine (no model, so only the
    tools' time counts): the loop with one tool worker (sequential) vs one per episode.
