@@ -70,7 +70,8 @@ class VLLMEngine(Engine):
         from vllm import SamplingParams
 
         s = self.sampling
-        return SamplingParams(n=1, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k or 0,
+        # -1 (off) is accepted by every vLLM release; 0 only by recent ones
+        return SamplingParams(n=1, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k if s.top_k > 0 else -1,
                               presence_penalty=s.presence_penalty, max_tokens=req.max_new_tokens, logprobs=0,
                               stop_token_ids=[self.special["im_end"]], detokenize=False)
 
