@@ -60,6 +60,9 @@ def test_fingerprint_follows_the_weights(tiny_policy_dir, tmp_path):
     cfg["text_config"]["rms_norm_eps"] = 1e-5
     (copy / "config.json").write_text(json.dumps(cfg))
     assert fingerprint(copy) != changed
+    # An edited config alone (weights untouched) is another policy too.
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert fingerprint(copy) not in (fingerprint(tiny_policy_dir), changed)
 
 
 @pytest.mark.parametrize("case, message", [

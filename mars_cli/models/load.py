@@ -95,12 +95,13 @@ def arch_of(cfg: dict, where: str | Path = "config.json") -> str:
 def fingerprint(path: str | Path) -> str:
     """A short id of a checkpoint's config and weights, cheap for multi-GB directories.
 
-    The content fingerprint recorded in mars_model.json is used while the weights files
-    still have the sizes and mtimes it recorded; otherwise the id hashes config.json and
+    The content fingerprint recorded in mars_model.json is used while config.json is
+    unchanged and the weights files still have the sizes and mtimes it recorded; otherwise the id hashes config.json and
     each weights file's name, size and mtime (a copy without -p gets a new id: safe side).
     """
     path = Path(path)
-    config = read_config(path)  # validates the directory
+    read_config(path)  # validates the directory
+    config = (path / "config.json").read_bytes()
     files = weight_files(path)
     stats = {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files}
     meta_path = path / "mars_model.json"
@@ -109,10 +110,10 @@ def fingerprint(path: str | Path) -> str:
             meta = json.loads(meta_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError):
             meta = {}
-        if isinstance(meta, dict) and meta.get("files") == stats and isinstance(meta.get("fingerprint"), str):
+        if (isinstance(meta, dict) and meta.get("files") == stats and isinstance(meta.get("fingerprint"), str)
+                and meta.get("config_sha256") == hashlib.sha256(config).hexdigest()):
             return meta["fingerprint"]
-    del config
-    return _short_hash((path / "config.json").read_bytes(), json.dumps(stats, sort_keys=True).encode())
+    return _short_hash(config, json.dumps(stats, sort_keys=True).encode())
 
 
 def quiet_transformers() -> None:

@@ -11,6 +11,7 @@ alone. Same seed, same bytes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -158,8 +159,9 @@ def _model_class(arch: str):
 def write_meta(model_dir: str | Path, **fields) -> dict:
     """Record a content fingerprint of the weights (with their stats) in mars_model.json.
 
-    load.fingerprint trusts it only while every weights file still has the recorded size
-    and mtime, so a checkpoint rewritten in place never keeps a stale fingerprint.
+    load.fingerprint trusts it only while config.json is unchanged and every weights file
+    still has the recorded size and mtime, so a checkpoint rewritten in place never keeps
+    a stale fingerprint.
     """
     from mars_cli.models.load import weight_files, _short_hash
 
@@ -170,5 +172,6 @@ def write_meta(model_dir: str | Path, **fields) -> dict:
     meta = dict(fields)
     meta["fingerprint"] = _short_hash(config, repr(content).encode())
     meta["files"] = {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files}
+    meta["config_sha256"] = hashlib.sha256(config).hexdigest()
     (model_dir / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return meta
