@@ -173,7 +173,7 @@ class Trainer:
     # --- collective helpers -----------------------------------------------------------
 
     def all_reduce(self, sums: dict) -> dict:
-        """Sum (and min/max for *_min/*_max keys) metric sums over all ranks."""
+        """Sum (and min/max for *_min/*_max keys) metric sums over all ranks (same keys on each)."""
         if self.world == 1:
             return sums
         import torch
@@ -184,7 +184,7 @@ class Trainer:
         for op, sel in ((dist.ReduceOp.SUM, lambda k: not k.endswith(("_min", "_max"))),
                         (dist.ReduceOp.MIN, lambda k: k.endswith("_min")),
                         (dist.ReduceOp.MAX, lambda k: k.endswith("_max"))):
-            ks = [k for k in keys if sel(k) and sums[k] is not None]
+            ks = [k for k in keys if sel(k)]
             if not ks:
                 continue
             t = torch.tensor([float(sums[k]) for k in ks], dtype=torch.float64, device=self._comm_device())

@@ -217,7 +217,12 @@ def run_update(paths, cfg: UpdateConfig, *, skip_bad: bool = False, trainer_hook
         losses.append(step_loss)
 
     train_seconds, train_cpu = time.time() - t_train, time.process_time() - c_train
-    sums = trainer.all_reduce({**stats, **gap, "tokens": tokens, "loss_sum": sum(losses)})
+    # Every rank sends the same keys (a rank may have seen no policy tokens at all).
+    inf = float("inf")
+    sums = {"n": 0.0, "clipped": 0.0, "ratio_sum": 0.0, "kl_sum": 0.0, "ratio_min": inf, "ratio_max": -inf,
+            "gap_sum": 0.0, "gap_n": 0.0, "gap_max": 0.0, **stats, **gap, "tokens": tokens, "loss_sum": sum(losses)}
+    sums = {k: (None if isinstance(v, float) and math.isinf(v) else v)
+            for k, v in trainer.all_reduce(sums).items()}
     parent = read_meta(cfg.policy)
     steps = len(minis)
     metrics = {
