@@ -133,6 +133,8 @@ def test_update_refuses_records_without_token_ids(tiny_policy_dir, tmp_path):
     r = H.Ran(["update", str(batch), "--policy", str(tiny_policy_dir), "--out", str(tmp_path / "o"),
                             "--loss", "ppo"])
     assert r.exit_code == 2 and "--loss must be one of gspo, grpo" in r.stderr
+    r = H.Ran(["update", batch, "--policy", tiny_policy_dir, "--out", tiny_policy_dir])
+    assert r.exit_code == 2 and "--out must differ from --policy" in r.stderr
 
 
 def test_non_finite_loss_stops_and_writes_nothing(tiny_policy_dir, tmp_path):

@@ -55,6 +55,9 @@ def lr_factor(step: int, total: int, warmup: int, min_ratio: float = 0.0) -> flo
 
 
 def _check(cfg: SFTConfig) -> None:
+    from mars_cli.rl.update import check_out
+
+    check_out(cfg.out, cfg.policy)
     if cfg.epochs < 1:
         raise UsageError("--epochs must be at least 1")
     if cfg.batch_size < 1 or (cfg.micro_batch_tokens is not None and cfg.micro_batch_tokens < 1):

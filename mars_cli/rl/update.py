@@ -92,7 +92,16 @@ def batch_hash(examples) -> str:
     return sha256_bytes(orjson.dumps([[e.ids, e.mask, e.images, e.advantage] for e in examples]))[:16]
 
 
+def check_out(out: str, policy: str) -> None:
+    """--out must not be the policy it starts from (refused before any work is done)."""
+    from pathlib import Path
+
+    if Path(out).resolve() == Path(policy).resolve():
+        raise UsageError(f"{out}: --out must differ from --policy")
+
+
 def _check_flags(cfg: UpdateConfig) -> None:
+    check_out(cfg.out, cfg.policy)
     if cfg.loss not in L.OBJECTIVES:
         raise UsageError(f"--loss must be one of {', '.join(L.OBJECTIVES)}, got {cfg.loss!r}")
     if cfg.old_logprobs not in ("recompute", "rollout"):
