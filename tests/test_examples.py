@@ -74,8 +74,8 @@ def check_values(ctx) -> None:
             assert p[key] in values, f"{ctx.command_path}: {key}={p[key]!r} is not one of {values}"
 
 
-def dry_run_commands(name: str, tmp_path: Path, env: dict) -> list[list[str]]:
-    """The `mars …` command lines of a DRY_RUN=1 run, each parsed by the real CLI."""
+def dry_run_commands(name: str, tmp_path: Path, env: dict) -> tuple[list[list[str]], list[str]]:
+    """The `mars …` command lines of a DRY_RUN=1 run, each parsed by the real CLI, and all lines."""
     r = run_script(name, tmp_path, {"DRY_RUN": "1", **env}, timeout=60)
     assert r.returncode == 0, r.stderr
     lines = [ln for ln in r.stdout.splitlines() if ln.strip()]
@@ -89,7 +89,7 @@ def dry_run_commands(name: str, tmp_path: Path, env: dict) -> list[list[str]]:
         check_values(ctx)
         cmds.append(argv)
     assert not list(tmp_path.rglob("*.jsonl")), "a dry run wrote files"
-    return cmds
+    return cmds, lines
 
 
 def flag(argv: list[str], name: str) -> str:
@@ -159,3 +159,62 @@ def test_eval_openai_against_stub_server(tmp_path):
 def test_eval_openai_needs_data(tmp_path):
     r = run_script("eval_openai.sh", tmp_path, {}, timeout=30)
     assert r.returncode == 2 and "set DATA" in r.stderr
+
+
+# ---------------------------------------------------------------- gpu_recipe.sh
+
+def by_command(cmds: list[list[str]], *names: str) -> list[list[str]]:
+    return [c for c in cmds if c[1:1 + len(names)] == list(names)]
+
+
+def test_gpu_recipe_dry_run_parses_and_has_the_papers_numbers(tmp_path):
+    cmds, lines = dry_run_commands("gpu_recipe.sh", tmp_path, {"STEPS": "3", "EVAL_EVERY": "2",
+                                                                "EVAL_SETS": "hr-mmsearch=hr.parquet vstar=vstar_bench"})
+    shuf = [ln for ln in lines if ln.startswith("shuf ")]
+    assert len(shuf) == 3 and all(ln.startswith("shuf -n 128 --random-source=") for ln in shuf)
+    assert len(set(shuf)) == 3  # each step draws its own prompts
+    (sft,) = by_command(cmds, "sft")
+    assert [flag(sft, f) for f in ("--nproc", "--zero")] == ["8", "3"] and "--bf16" in sft
+    updates = by_command(cmds, "update")
+    assert len(updates) == 3
+    for u in updates:
+        assert flag(u, "--lr") == "1e-6" and float(flag(u, "--beta")) == 1e-4
+        assert flag(u, "--ref") == flag(sft, "--out") and flag(u, "--nproc") == "8" and flag(u, "--zero") == "3"
+        assert "--bf16" in u and flag(u, "--state")
+    # Each step trains the checkpoint the previous step wrote.
+    assert [flag(u, "--policy") for u in updates[1:]] == [flag(u, "--out") for u in updates[:-1]]
+    rollouts = by_command(cmds, "rollout")
+    train = [c for c in rollouts if flag(c, "-n") == "8"]
+    assert len(train) == 3
+    for c in rollouts:
+        assert flag(c, "--engine") == "vllm" and flag(c, "--max-turns") == "10" and flag(c, "--tp")
+        assert flag(c, "--llm-base-url").endswith(":8001/v1") and "--summarize" in c and flag(c, "--cache")
+    assert {flag(c, "--seed") for c in train} == {"1", "2", "3"}
+    assert all(flag(a, "--algo") == "bn-gspo" for a in by_command(cmds, "advantage"))
+    assert all(flag(j, "--judge-base-url").endswith(":8001/v1") for j in by_command(cmds, "judge"))
+    # Held-out evaluation: after SFT, at step 2 and at the last step, on both benchmarks.
+    labels = [flag(c, "--label") for c in by_command(cmds, "eval")]
+    assert labels == ["sft", "sft", "step-2", "step-2", "step-3", "step-3"]
+    convert = by_command(cmds, "data", "convert")
+    assert [flag(c, "--format") for c in convert] == ["sensenova-mars", "hr-mmsearch", "vstar"]
+
+
+def test_gpu_recipe_resumes_after_the_last_checkpoint(tmp_path):
+    w = tmp_path / "runs" / "mars"
+    for done in ("policy-sft", "ckpt/step-1", "data/rl/tasks.jsonl"):
+        (w / done).parent.mkdir(parents=True, exist_ok=True)
+        (w / done).mkdir() if not done.endswith(".jsonl") else (w / done).write_text("")
+    (w / "steps" / "2").mkdir(parents=True)
+    (w / "steps" / "2" / "batch.jsonl").write_text("")  # step 2's batch is ready, only its update is left
+    env = {"STEPS": "3", "EVAL_EVERY": "100", "EVAL_SETS": "vstar=v"}
+    r = run_script("gpu_recipe.sh", tmp_path, {"DRY_RUN": "1", **env}, timeout=60)
+    assert r.returncode == 0, r.stderr
+    cmds = [shlex.split(ln) for ln in r.stdout.splitlines() if ln.startswith("mars ")]
+    for c in cmds:
+        parse_mars(c[1:])
+    assert not by_command(cmds, "sft")
+    assert [flag(c, "--format") for c in by_command(cmds, "data", "convert")] == ["vstar"]
+    updates = by_command(cmds, "update")
+    assert [flag(u, "--out") for u in updates] == ["runs/mars/ckpt/step-2", "runs/mars/ckpt/step-3"]
+    assert flag(updates[0], "--policy") == "runs/mars/ckpt/step-1"
+    assert [flag(c, "-o") for c in by_command(cmds, "rollout") if flag(c, "-n") == "8"] == ["runs/mars/steps/3/rollout.jsonl"]

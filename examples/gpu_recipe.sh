@@ -1,0 +1,148 @@
+#!/usr/bin/env bash
+# The SenseNova-MARS recipe on one 8-GPU node, for Qwen2.5-VL-7B or Qwen3-VL-8B:
+#   0. convert the RL prompts and the held-out benchmarks to task records
+#   1. cold-start SFT on agent trajectories (DeepSpeed ZeRO-3 over 8 GPUs, bf16)
+#   2. RL: each step samples 128 prompts, runs 8 episodes per prompt (vLLM, up to 10 turns),
+#      judges them with an LLM judge, computes BN-GSPO advantages and takes one GSPO step
+#      (lr 1e-6, KL β 1e-4 against the SFT model as reference), evaluating every EVAL_EVERY steps.
+#
+#   BASE_MODEL=models/Qwen2.5-VL-7B-Instruct SFT_DATA=data/cold_start.jsonl RL_DATA=data/mars_rl.jsonl \
+#       EVAL_SETS="hr-mmsearch=data/hr_mmsearch.parquet vstar=data/vstar_bench" bash examples/gpu_recipe.sh
+#   DRY_RUN=1 bash examples/gpu_recipe.sh     # print every command it would run now, one per line
+#
+# The judge and the search summarizer are LLMs behind vLLM's OpenAI-compatible server, on
+# other GPUs (another node, or a second 8-GPU machine), started before this script:
+#   vllm serve Qwen/Qwen2.5-72B-Instruct --port 8001 --tensor-parallel-size 4 --max-model-len 32768
+# and given to it as JUDGE_URL / SUMMARY_URL (default http://127.0.0.1:8001/v1 for both).
+#
+# Resumable: a step whose checkpoint exists is skipped, and a stage whose output exists is
+# not redone (every output is written atomically); an interrupted rollout continues with
+# --resume, and tool results come from the tool cache. Run the same command again to go on.
+#
+# Settings (environment variables, with their defaults):
+#   BASE_MODEL (models/Qwen2.5-VL-7B-Instruct; or models/Qwen3-VL-8B-Instruct)  WORK (runs/mars)
+#   SFT_DATA (data/cold_start.jsonl: trajectory records, e.g. a teacher's, see eval_openai.sh)
+#   RL_DATA (data/mars_rl.jsonl, SenseNova-MARS format)  RL_FORMAT (sensenova-mars)
+#   EVAL_SETS ("FORMAT=PATH …" held-out benchmarks)  EVAL_EVERY (10)  STEPS (300)  SEED (0)
+#   PROMPTS (128)  SAMPLES (8)  MAX_TURNS (10)  LR (1e-6)  BETA (1e-4)  NPROC (8)  TP (1)
+#   SFT_EPOCHS (2)  SFT_LR (1e-5)  SFT_BATCH (64)  MAX_NEW_TOKENS (2048)  MAX_TOTAL_TOKENS (16384)
+#   JUDGE_URL, JUDGE_MODEL (Qwen/Qwen2.5-72B-Instruct)  SUMMARY_URL, SUMMARY_MODEL (the same)
+#   SEARCH_BACKEND (serper: needs SERPER_API_KEY)  IMAGE_SEARCH_BACKEND (precomputed)
+# Keys only from the environment: SERPER_API_KEY, MARS_JUDGE_API_KEY, MARS_LLM_API_KEY.
+set -euo pipefail
+here="$(cd "$(dirname "$0")/.." && pwd)"
+[ -x "$here/.venv/bin/mars" ] && export PATH="$here/.venv/bin:$PATH"
+
+DRY_RUN="${DRY_RUN:-0}"
+BASE_MODEL="${BASE_MODEL:-models/Qwen2.5-VL-7B-Instruct}"
+W="${WORK:-runs/mars}"
+SFT_DATA="${SFT_DATA:-data/cold_start.jsonl}"
+RL_DATA="${RL_DATA:-data/mars_rl.jsonl}"
+RL_FORMAT="${RL_FORMAT:-sensenova-mars}"
+EVAL_SETS="${EVAL_SETS:-hr-mmsearch=data/hr_mmsearch.parquet fvqa=data/fvqa_test.parquet vstar=data/vstar_bench hr-bench=data/hr_bench_4k.tsv}"
+EVAL_EVERY="${EVAL_EVERY:-10}"
+STEPS="${STEPS:-300}"
+SEED="${SEED:-0}"
+PROMPTS="${PROMPTS:-128}"
+SAMPLES="${SAMPLES:-8}"
+MAX_TURNS="${MAX_TURNS:-10}"
+LR="${LR:-1e-6}"
+BETA="${BETA:-1e-4}"
+NPROC="${NPROC:-8}"
+TP="${TP:-1}"
+SFT_EPOCHS="${SFT_EPOCHS:-2}"
+SFT_LR="${SFT_LR:-1e-5}"
+SFT_BATCH="${SFT_BATCH:-64}"
+JUDGE_URL="${JUDGE_URL:-http://127.0.0.1:8001/v1}"
+JUDGE_MODEL="${JUDGE_MODEL:-Qwen/Qwen2.5-72B-Instruct}"
+SUMMARY_URL="${SUMMARY_URL:-$JUDGE_URL}"
+SUMMARY_MODEL="${SUMMARY_MODEL:-$JUDGE_MODEL}"
+
+run() {  # run a command; with DRY_RUN=1 print it instead (one shell-quoted line)
+    if [ "$DRY_RUN" = 1 ]; then
+        local line
+        printf -v line ' %q' "$@"
+        echo "${line# }"
+    else
+        "$@"
+    fi
+}
+append() {  # append FILE CMD…: CMD's stdout (a metrics record) added to FILE
+    local file="$1"
+    shift
+    if [ "$DRY_RUN" = 1 ]; then run "$@"; else "$@" >> "$file"; fi
+}
+have() { [ -e "$1" ]; }  # a finished output: a dry run, too, shows only what is left to do
+seeded_bytes() { openssl enc -aes-256-ctr -pass "pass:$1" -nosalt -pbkdf2 < /dev/zero 2>/dev/null; }
+sample_prompts() {  # N SEED IN OUT: the same N prompts for the same seed, so a re-run agrees
+    if [ "$DRY_RUN" = 1 ]; then
+        echo "shuf -n $1 --random-source=<(seeded_bytes $2) $3 -o $4"
+    else
+        shuf -n "$1" --random-source=<(seeded_bytes "$2") "$3" -o "$4"
+    fi
+}
+log() { printf '== %s\n' "$*" >&2; }
+
+# Generation and tools, shared by training rollouts and evaluation.
+GEN=(--engine vllm --tp "$TP" --max-turns "$MAX_TURNS" --max-new-tokens "${MAX_NEW_TOKENS:-2048}"
+     --max-total-tokens "${MAX_TOTAL_TOKENS:-16384}")
+TOOLS=(--search-backend "${SEARCH_BACKEND:-serper}" --summarize --llm-base-url "$SUMMARY_URL" --llm-model "$SUMMARY_MODEL"
+       --image-search-backend "${IMAGE_SEARCH_BACKEND:-precomputed}" --cache "$W/tool-cache")
+JUDGE=(--judge-base-url "$JUDGE_URL" --judge-model "$JUDGE_MODEL" --cache "$W/judge-cache")
+
+log "0. data: RL prompts and held-out benchmarks"
+have "$W/data/rl/tasks.jsonl" || run mars data convert --format "$RL_FORMAT" --seed "$SEED" --out "$W/data/rl" "$RL_DATA"
+evals=()
+for spec in $EVAL_SETS; do
+    fmt="${spec%%=*}"
+    evals+=("$fmt")
+    have "$W/data/eval/$fmt/tasks.jsonl" || run mars data convert --format "$fmt" --out "$W/data/eval/$fmt" "${spec#*=}"
+done
+
+evaluate() {  # POLICY LABEL: greedy episodes on every held-out benchmark, one metrics file each
+    local out="$W/eval/$2"
+    run mkdir -p "$out"
+    for name in "${evals[@]}"; do
+        have "$out/$name.metrics.jsonl" && continue
+        run mars rollout --policy "$1" "${GEN[@]}" "${TOOLS[@]}" --temperature 0 -n 1 --resume \
+            -o "$out/$name.jsonl" "$W/data/eval/$name/tasks.jsonl"
+        run mars judge "${JUDGE[@]}" --allow-missing -o "$out/$name.judged.jsonl" "$out/$name.jsonl"
+        run mars eval --by category --label "$2" -o "$out/$name.metrics.jsonl" "$out/$name.judged.jsonl"
+    done
+}
+
+log "1. cold-start SFT: $BASE_MODEL on $SFT_DATA"
+SFT="$W/policy-sft"
+if ! have "$SFT"; then
+    append "$W/sft-metrics.jsonl" mars sft "$SFT_DATA" --policy "$BASE_MODEL" --out "$SFT" \
+        --epochs "$SFT_EPOCHS" --lr "$SFT_LR" --batch-size "$SFT_BATCH" --warmup 0.05 --seed "$SEED" \
+        --nproc "$NPROC" --zero 3 --bf16 --gradient-checkpointing
+fi
+evaluate "$SFT" sft
+
+log "2. RL: $STEPS steps of BN-GSPO, $PROMPTS prompts × $SAMPLES samples"
+policy="$SFT"
+for step in $(seq 1 "$STEPS"); do
+    ckpt="$W/ckpt/step-$step"
+    d="$W/steps/$step"
+    if ! have "$ckpt"; then
+        run mkdir -p "$d"
+        have "$d/prompts.jsonl" || sample_prompts "$PROMPTS" "$SEED-$step" "$W/data/rl/tasks.jsonl" "$d/prompts.jsonl"
+        if ! have "$d/batch.jsonl"; then
+            run mars rollout --policy "$policy" "${GEN[@]}" "${TOOLS[@]}" -n "$SAMPLES" --temperature 1.0 \
+                --seed "$((SEED * 100000 + step))" --resume -o "$d/rollout.jsonl" "$d/prompts.jsonl"
+            run mars judge "${JUDGE[@]}" --allow-missing -o "$d/judged.jsonl" "$d/rollout.jsonl"
+            run mars advantage --algo bn-gspo -o "$d/batch.jsonl" "$d/judged.jsonl"
+        fi
+        append "$W/update-metrics.jsonl" mars update "$d/batch.jsonl" --policy "$policy" --ref "$SFT" --out "$ckpt" \
+            --state "$W/optimizer" --loss gspo --lr "$LR" --beta "$BETA" --seed "$step" \
+            --nproc "$NPROC" --zero 3 --bf16 --gradient-checkpointing
+    fi
+    policy="$ckpt"
+    # Evaluations are skipped per benchmark once their metrics exist, so a resumed run
+    # redoes only what an interruption cut short.
+    if [ $((step % EVAL_EVERY)) = 0 ] || [ "$step" = "$STEPS" ]; then
+        evaluate "$policy" "step-$step"
+    fi
+done
+log "done: $policy; metrics in $W/eval/*/*.metrics.jsonl and $W/update-metrics.jsonl"
