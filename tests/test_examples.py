@@ -8,7 +8,6 @@ recipes cannot drift from the CLI.
 from __future__ import annotations
 
 import base64
-import io
 import json
 import os
 import shlex
@@ -100,7 +99,6 @@ def flag(argv: list[str], name: str) -> str:
 
 def test_parse_mars_rejects_drift():
     """The checker itself: unknown flags, bad values and missing options fail."""
-    import typer._click.exceptions as exc  # noqa: F401  (typer's vendored click)
 
     parse_mars(["update", "b.jsonl", "--policy", "p", "--out", "o", "--beta", "1e-4"])
     for bad in (["update", "b.jsonl", "--policy", "p", "--out", "o", "--betta", "1"],
@@ -218,3 +216,97 @@ def test_gpu_recipe_resumes_after_the_last_checkpoint(tmp_path):
     assert [flag(u, "--out") for u in updates] == ["runs/mars/ckpt/step-2", "runs/mars/ckpt/step-3"]
     assert flag(updates[0], "--policy") == "runs/mars/ckpt/step-1"
     assert [flag(c, "-o") for c in by_command(cmds, "rollout") if flag(c, "-n") == "8"] == ["runs/mars/steps/3/rollout.jsonl"]
+
+
+# ---------------------------------------------------------------- eval_released_checkpoint.sh
+
+def sensenova_jsonl(tmp_path: Path) -> Path:
+    """Three SenseNova-MARS rows (easy, hard, hard) with precomputed image-search results."""
+    d = tmp_path / "bench"
+    (d / "imgs").mkdir(parents=True)
+    make_image(d / "imgs" / "q.jpg", size=(448, 336))
+    make_image(d / "imgs" / "t1.jpg", size=(64, 64), color=(10, 200, 10))
+    rows = []
+    for i, (q, gold, level) in enumerate([("Who built this tower?", "Gustave Eiffel", "easy"),
+                                          ("In which year was it finished?", "1889", "hard"),
+                                          ("How tall is it in metres?", "330", "hard")]):
+        rows.append({"data_source": "mars-eval", "prompt": f"<image>\n{q}", "image": "imgs/q.jpg",
+                     "reward_model": {"ground_truth": gold}, "extra_info": {"index": i}, "difficulty": level,
+                     "image_search_title_list": ["Eiffel Tower - Wikipedia"], "image_search_thumbnail_list": ["imgs/t1.jpg"]})
+    path = d / "mars_eval.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_eval_released_checkpoint_dry_run_parses(tmp_path):
+    env = {"MODEL": "models/SenseNova-MARS-8B", "DATA": "data/hr_mmsearch.jsonl", "TP": "4"}
+    cmds, lines = dry_run_commands("eval_released_checkpoint.sh", tmp_path, env)
+    assert [c[1] for c in cmds] == ["data", "rollout", "judge", "eval", "show"]
+    (convert,), (roll,), (ev,) = by_command(cmds, "data", "convert"), by_command(cmds, "rollout"), by_command(cmds, "eval")
+    assert flag(convert, "--format") == "sensenova-mars"
+    assert flag(roll, "--engine") == "vllm" and flag(roll, "--tp") == "4" and flag(roll, "--policy") == env["MODEL"]
+    assert flag(roll, "--image-search-backend") == "precomputed" and flag(roll, "--cache") and "--replay" not in roll
+    assert flag(ev, "--by") == "difficulty"
+    assert lines[4].startswith("cat ")  # the metrics go to stdout
+    # A replay re-run reads tools from the same cache only; hf runs on a GPU by default.
+    cmds, _ = dry_run_commands("eval_released_checkpoint.sh", tmp_path, {**env, "REPLAY": "1", "ENGINE": "hf"})
+    (roll2,) = by_command(cmds, "rollout")
+    assert "--replay" in roll2 and flag(roll2, "--cache") == flag(roll, "--cache")
+    assert flag(roll2, "--engine") == "hf" and flag(roll2, "--device") == "cuda" and flag(roll2, "-o") != flag(roll, "-o")
+
+
+@pytest.mark.slow  # ~20 s: a tiny model loaded and run on the CPU
+def test_eval_released_checkpoint_runs_a_tiny_model_on_cpu(tmp_path, tiny_policy_dir):
+    src = sensenova_jsonl(tmp_path)
+    env = {"MODEL": str(tiny_policy_dir), "DATA": str(src), "ENGINE": "hf", "DEVICE": "cpu", "WORK": "run",
+           "SEARCH_BACKEND": "local", "MAX_TURNS": "2", "MAX_NEW_TOKENS": "12", "MAX_TOTAL_TOKENS": "4096"}
+    live = run_script("eval_released_checkpoint.sh", tmp_path, env, timeout=300)
+    assert live.returncode == 0, live.stderr
+    tasks = records((tmp_path / "run" / "tasks" / "tasks.jsonl").read_text())
+    assert [t["meta"]["difficulty"] for t in tasks] == ["easy", "hard", "hard"]
+    assert all(len(t["image_search_thumbnail_list"]) == 1 for t in tasks)
+    metrics = records(live.stdout)
+    by = {(m["by"], m["subset"]): m for m in metrics}
+    assert set(by) == {(None, None), ("difficulty", "easy"), ("difficulty", "hard")}, metrics
+    assert by[None, None]["episodes"] == 3 and by["difficulty", "hard"]["episodes"] == 2
+    name = Path(tiny_policy_dir).name
+    assert by[None, None]["label"] == f"{name}-live" and by[None, None]["benchmark"] == "mars-eval"
+    trajs = records((tmp_path / "run" / "live.jsonl").read_text())
+    assert len(trajs) == 3 and all(t["tokens"]["ids"] for t in trajs)
+    assert (tmp_path / "run" / "live.html").exists()
+
+
+@pytest.mark.network
+def test_eval_released_checkpoint_tools_precomputed_and_replayed(tmp_path):
+    """The checkpoint behind an OpenAI-compatible server (stub): image search from the
+    benchmark's stored results, text search recorded in the cache, then replayed from it."""
+    src = sensenova_jsonl(tmp_path)
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(json.dumps({"id": "p1", "title": "Eiffel Tower",
+                                  "text": "The Eiffel Tower was built by Gustave Eiffel and finished in 1889."}) + "\n")
+    subprocess.run([str(VENV_BIN / "mars"), "index", "text", str(corpus), "--out", str(tmp_path / "idx")],
+                   check=True, capture_output=True)
+    env = {"ENGINE": "openai", "MODEL": "SenseNova-MARS-8B", "DATA": str(src), "WORK": "run", "INDEX": str(tmp_path / "idx"),
+           "MAX_TURNS": "4"}
+
+    def script(query):
+        return [call(protocol.IMAGE_SEARCH, img_idx=0), call(protocol.TEXT_SEARCH, query=query), answer("Gustave Eiffel")]
+
+    with OpenAIStub(script("Eiffel Tower builder")) as stub:
+        live = run_script("eval_released_checkpoint.sh", tmp_path, {**env, "BASE_URL": stub.url}, timeout=120)
+    assert live.returncode == 0, live.stderr
+    trajs = records((tmp_path / "run" / "live.jsonl").read_text())
+    assert len(trajs) == 3 and all([c["ok"] for c in t["tool_calls"]] == [True, True] for t in trajs)
+    tool_text = json.dumps([m for m in trajs[0]["messages"] if m["role"] == "tool"])
+    assert "Eiffel Tower - Wikipedia" in tool_text and "finished in 1889" in tool_text
+    easy = next(m for m in records(live.stdout) if m["subset"] == "easy")
+    assert easy["pass@1"] == 1.0
+    # Replay: the recorded query is answered from the cache; a new query is a miss, not a search.
+    for query, ok in (("Eiffel Tower builder", True), ("a query never recorded", False)):
+        (tmp_path / "run" / "replay.jsonl").unlink(missing_ok=True)  # else --resume keeps the last episodes
+        with OpenAIStub(script(query)) as stub:
+            r = run_script("eval_released_checkpoint.sh", tmp_path, {**env, "BASE_URL": stub.url, "REPLAY": "1"}, timeout=120)
+        assert r.returncode == 0, r.stderr
+        calls = [t["tool_calls"][1] for t in records((tmp_path / "run" / "replay.jsonl").read_text())]
+        assert [c["ok"] for c in calls] == [ok] * 3, calls
+        assert ok or all("no recorded result" in c["error"] for c in calls), calls
