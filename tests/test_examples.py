@@ -99,7 +99,6 @@ def flag(argv: list[str], name: str) -> str:
 
 def test_parse_mars_rejects_drift():
     """The checker itself: unknown flags, bad values and missing options fail."""
-
     parse_mars(["update", "b.jsonl", "--policy", "p", "--out", "o", "--beta", "1e-4"])
     for bad in (["update", "b.jsonl", "--policy", "p", "--out", "o", "--betta", "1"],
                 ["rollout", "-n", "eight"],
@@ -310,3 +309,10 @@ def test_eval_released_checkpoint_tools_precomputed_and_replayed(tmp_path):
         calls = [t["tool_calls"][1] for t in records((tmp_path / "run" / "replay.jsonl").read_text())]
         assert [c["ok"] for c in calls] == [ok] * 3, calls
         assert ok or all("no recorded result" in c["error"] for c in calls), calls
+
+
+def test_examples_are_executable_and_documented():
+    readme = (EXAMPLES / "README.md").read_text()
+    for name in ("eval_openai.sh", "gpu_recipe.sh", "eval_released_checkpoint.sh"):
+        assert os.access(EXAMPLES / name, os.X_OK), name
+        assert f"`{name}`" in readme, name
