@@ -126,6 +126,24 @@ def hr_bench_tsv(path: Path, tmp_path: Path) -> Path:
     return path
 
 
+def sensenova_jsonl(tmp_path: Path) -> Path:
+    """Three SenseNova-MARS rows (easy, hard, hard) with precomputed image-search results."""
+    d = tmp_path / "bench"
+    (d / "imgs").mkdir(parents=True)
+    make_image(d / "imgs" / "q.jpg", size=(448, 336))
+    make_image(d / "imgs" / "t1.jpg", size=(64, 64), color=(10, 200, 10))
+    rows = []
+    for i, (q, gold, level) in enumerate([("Who built this tower?", "Gustave Eiffel", "easy"),
+                                          ("In which year was it finished?", "1889", "hard"),
+                                          ("How tall is it in metres?", "330", "hard")]):
+        rows.append({"data_source": "mars-eval", "prompt": f"<image>\n{q}", "image": "imgs/q.jpg",
+                     "reward_model": {"ground_truth": gold}, "extra_info": {"index": i}, "difficulty": level,
+                     "image_search_title_list": ["Eiffel Tower - Wikipedia"], "image_search_thumbnail_list": ["imgs/t1.jpg"]})
+    path = d / "mars_eval.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 @pytest.mark.network
 def test_eval_openai_against_stub_server(tmp_path):
     src = hr_bench_tsv(tmp_path / "hr_bench_4k.tsv", tmp_path)
@@ -156,6 +174,30 @@ def test_eval_openai_against_stub_server(tmp_path):
 def test_eval_openai_needs_data(tmp_path):
     r = run_script("eval_openai.sh", tmp_path, {}, timeout=30)
     assert r.returncode == 2 and "set DATA" in r.stderr
+
+
+@pytest.mark.network
+def test_eval_openai_with_an_llm_judge_and_keys_from_the_environment(tmp_path):
+    """Open questions judged by an LLM judge (a second stub); the keys never reach a file."""
+    src = sensenova_jsonl(tmp_path)
+    with OpenAIStub([answer("Eiffel")]) as model, OpenAIStub(["<verdict>yes</verdict>"]) as judge:
+        r = run_script("eval_openai.sh", tmp_path, {
+            "MODEL": "stub-vlm", "BASE_URL": model.url, "DATA": str(src), "FORMAT": "sensenova-mars", "WORK": "run",
+            "BY": "difficulty", "JUDGE_BASE_URL": judge.url, "JUDGE_MODEL": "stub-judge",
+            "OPENAI_API_KEY": "sk-model-secret", "MARS_JUDGE_API_KEY": "sk-judge-secret"}, timeout=120)
+    assert r.returncode == 0, r.stderr
+    # "Eiffel" is not the gold "Gustave Eiffel" by the rules; the judge's yes makes it right.
+    judged = records((tmp_path / "run" / "judged.jsonl").read_text())
+    assert [t["rewards"]["accuracy"] for t in judged] == [1.0, 1.0, 1.0]
+    assert len(judge.requests) == 3 and {q["model"] for q in judge.requests} == {"stub-judge"}
+    assert {h["authorization"] for h in model.headers} == {"Bearer sk-model-secret"}
+    assert {h["authorization"] for h in judge.headers} == {"Bearer sk-judge-secret"}
+    subsets = {m["subset"]: m for m in records(r.stdout)}
+    assert set(subsets) == {None, "easy", "hard"} and subsets["hard"]["episodes"] == 2
+    for f in (tmp_path / "run").rglob("*"):
+        if f.is_file():
+            assert b"secret" not in f.read_bytes(), f
+    assert "secret" not in r.stdout + r.stderr
 
 
 # ---------------------------------------------------------------- gpu_recipe.sh
@@ -218,24 +260,6 @@ def test_gpu_recipe_resumes_after_the_last_checkpoint(tmp_path):
 
 
 # ---------------------------------------------------------------- eval_released_checkpoint.sh
-
-def sensenova_jsonl(tmp_path: Path) -> Path:
-    """Three SenseNova-MARS rows (easy, hard, hard) with precomputed image-search results."""
-    d = tmp_path / "bench"
-    (d / "imgs").mkdir(parents=True)
-    make_image(d / "imgs" / "q.jpg", size=(448, 336))
-    make_image(d / "imgs" / "t1.jpg", size=(64, 64), color=(10, 200, 10))
-    rows = []
-    for i, (q, gold, level) in enumerate([("Who built this tower?", "Gustave Eiffel", "easy"),
-                                          ("In which year was it finished?", "1889", "hard"),
-                                          ("How tall is it in metres?", "330", "hard")]):
-        rows.append({"data_source": "mars-eval", "prompt": f"<image>\n{q}", "image": "imgs/q.jpg",
-                     "reward_model": {"ground_truth": gold}, "extra_info": {"index": i}, "difficulty": level,
-                     "image_search_title_list": ["Eiffel Tower - Wikipedia"], "image_search_thumbnail_list": ["imgs/t1.jpg"]})
-    path = d / "mars_eval.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
 
 def test_eval_released_checkpoint_dry_run_parses(tmp_path):
     env = {"MODEL": "models/SenseNova-MARS-8B", "DATA": "data/hr_mmsearch.jsonl", "TP": "4"}
