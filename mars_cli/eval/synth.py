@@ -240,9 +240,10 @@ def reference_trajectory(task: dict, plan: dict, results: list[dict], tmp: Path,
         bbox = padded_bbox(plan["box"], CANVAS)
         crop = crop_image(tmp / "images" / f"{plan['id']}.jpg", P.bbox_to_unit(bbox), out_dir=tmp / "artifacts", clamp=True)
         shown = str(final / "artifacts" / Path(crop["path"]).name)
-        cx, cy = (bbox[0] + bbox[2]) // 2, (bbox[1] + bbox[3]) // 2
-        act(f"The question is about the small yellow sign in the image, around ({cx}, {cy}) in 0-1000 "
-            "coordinates, but at this scale its text is too small to read. I will zoom in on it.",
+        # The box is in the call itself; repeating its numbers in the thinking only adds
+        # digits a small model must copy.
+        act("The question is about the small yellow sign in the image, but at this scale its text "
+            "is too small to read. I will zoom in on it.",
             call=(P.ZOOM, {"bbox_2d": bbox, "label": "yellow sign"}),
             result=P.tool_message(P.ZOOM, P.ZOOM_HEADER, [shown]))
     if plan["type"] == "perception":
