@@ -23,7 +23,12 @@ SAMPLES="${DEMO_SAMPLES:-4}"
 EPOCHS="${DEMO_SFT_EPOCHS:-8}"
 # Short turns and episodes: the tiny model has a small context to fill, and the CPU is slow.
 ROLL=(--index "$W/index" --max-turns 4 --max-new-tokens 96 --max-total-tokens 3072)
-rm -rf "$W" && mkdir -p "$W"
+# Start clean, but only ever delete a folder this script made.
+if [ -e "$W" ] && [ -n "$(ls -A "$W" 2>/dev/null)" ] && [ ! -f "$W/.mars-demo" ]; then
+    echo "offline_demo: $W exists and is not a demo folder; set MARS_DEMO_DIR" >&2
+    exit 1
+fi
+rm -rf "$W" && mkdir -p "$W" && touch "$W/.mars-demo"
 log() { printf '\n== %s\n' "$*" >&2; }
 
 log "1. a tiny policy, the synthetic benchmark, the local index"

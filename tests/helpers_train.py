@@ -15,6 +15,7 @@ os.environ.setdefault("MARS_TORCH_EXTENSIONS", str(Path(tempfile.gettempdir()) /
 from mars_cli import protocol  # noqa: E402
 from mars_cli.jsonl import write_records  # noqa: E402
 from mars_cli.records import SCHEMA_VERSION  # noqa: E402
+from clirun import Ran  # noqa: F401  (the update and sft tests import it from here)
 
 ANSWERS = ["a red square", "the blue car", "forty two", "Paris, in 1889"]
 
@@ -60,20 +61,3 @@ def write_batch(policy_dir, out: Path, advantages, *, image_dir: Path | None = N
     write_records(recs, out)
     return out
 
-
-class Ran:
-    """A CliRunner run with MarsError shown as `mars CMD: message` (what the real entry prints)."""
-
-    def __init__(self, args):
-        from typer.testing import CliRunner
-
-        from mars_cli.main import app
-
-        res = CliRunner().invoke(app, [str(a) for a in args], standalone_mode=False)
-        self.stdout, self.stderr, self.exit_code = res.stdout, res.stderr, res.exit_code
-        e = res.exception
-        if e is not None and hasattr(e, "prog"):
-            self.stderr += f"{e.prog}: {e.message}\n"
-            self.exit_code = e.exit_code
-        elif e is not None and not isinstance(e, SystemExit):
-            raise e

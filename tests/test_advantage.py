@@ -13,22 +13,10 @@ from typer.testing import CliRunner
 
 from mars_cli.main import app
 from mars_cli.rl.advantage import AdvantageConfig, compute
+from clirun import Ran
 
 runner = CliRunner()
 
-
-class Ran:
-    """A command's outcome with `mars CMD: message` on stderr, as the real entry prints it."""
-
-    def __init__(self, args, input=""):
-        res = runner.invoke(app, args, input=input, standalone_mode=False)
-        self.stdout, self.stderr, self.exit_code = res.stdout, res.stderr, res.exit_code
-        e = res.exception
-        if e is not None and hasattr(e, "prog"):
-            self.stderr += f"{e.prog}: {e.message}\n"
-            self.exit_code = e.exit_code
-        elif e is not None and not isinstance(e, SystemExit):
-            raise e
 
 
 def reference(rewards, groups, algo, ddof=1, eps=1e-6, batch_ddof=0, batch_eps=1e-9):

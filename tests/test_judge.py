@@ -11,22 +11,10 @@ from typer.testing import CliRunner
 from mars_cli.jsonl import Where
 from mars_cli.main import app
 from mars_cli.rl.judge import JudgeConfig, JudgeStats, format_reward, judge_records
+from clirun import Ran
 
 runner = CliRunner()
 
-
-class Ran:
-    """A command's outcome with `mars CMD: message` on stderr, as the real entry prints it."""
-
-    def __init__(self, args, input="", env=None):
-        res = runner.invoke(app, args, input=input, env=env, standalone_mode=False)
-        self.stdout, self.stderr, self.exit_code = res.stdout, res.stderr, res.exit_code
-        e = res.exception
-        if e is not None and hasattr(e, "prog"):
-            self.stderr += f"{e.prog}: {e.message}\n"
-            self.exit_code = e.exit_code
-        elif e is not None and not isinstance(e, SystemExit):
-            raise e
 
 
 def traj(i=0, prediction="Paris", answers=("Paris",), scorer="llm", finish="answer", tool_calls=None, **kw):
