@@ -145,7 +145,9 @@ def test_same_seed_same_files_and_prefix_stability(tmp_path):
 
 
 def test_padded_bbox_units():
-    assert padded_bbox([100, 100, 200, 150], (1000, 1000), pad=0.0) == [76, 76, 224, 174]
+    assert padded_bbox([100, 100, 200, 150], (1000, 1000), pad=0.0, grid=1) == [76, 76, 224, 174]
+    # snapped outward to the grid: the box still covers the plate
+    assert padded_bbox([100, 100, 200, 150], (1000, 1000), pad=0.0) == [50, 50, 250, 200]
     assert padded_bbox([0, 0, 1000, 1000], (1000, 1000)) == [0, 0, 1000, 1000]
 
 

@@ -208,13 +208,21 @@ def search_results(plan: dict, corpus: list[dict]) -> list[dict]:
     return out
 
 
-def padded_bbox(box_px: list[int], size: tuple[int, int], pad: float = 0.3) -> list[int]:
-    """The plate's box grown by `pad` of its size (at least 24 px) in 0–1000 units."""
+def padded_bbox(box_px: list[int], size: tuple[int, int], pad: float = 0.3, grid: int = 50) -> list[int]:
+    """The plate's box grown by `pad` of its size (at least 24 px) in 0–1000 units.
+
+    The edges are then moved outward to multiples of `grid` (the crop still covers the
+    plate): a reference agent gives coarse boxes, as a person would, and a small policy
+    learning from them copies far fewer arbitrary digits.
+    """
     w, h = size
     l, t, r, b = box_px
     dx, dy = max(24, (r - l) * pad), max(24, (b - t) * pad)
     l, t, r, b = max(0, l - dx), max(0, t - dy), min(w, r + dx), min(h, b + dy)
-    return [int(l * 1000 // w), int(t * 1000 // h), -int(-r * 1000 // w), -int(-b * 1000 // h)]
+    box = [int(l * 1000 // w), int(t * 1000 // h), -int(-r * 1000 // w), -int(-b * 1000 // h)]
+    if grid > 1:
+        box = [box[0] // grid * grid, box[1] // grid * grid, -(-box[2] // grid) * grid, -(-box[3] // grid) * grid]
+    return [max(0, min(1000, v)) for v in box]
 
 
 def reference_trajectory(task: dict, plan: dict, results: list[dict], tmp: Path, final: Path) -> dict:
