@@ -9,7 +9,7 @@
 #   bash examples/offline_demo.sh            # everything lands in ./demo (MARS_DEMO_DIR)
 #
 # Sizes are environment variables so a test can run the same script smaller:
-#   DEMO_TASKS (64), DEMO_RL_STEPS (3), DEMO_SAMPLES (4), DEMO_SFT_EPOCHS (8)
+#   DEMO_TASKS (48), DEMO_SFT_EPOCHS (8), DEMO_RL_STEPS (2), DEMO_RL_TASKS (8 per step), DEMO_SAMPLES (4)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh
@@ -17,12 +17,13 @@ export PATH="$PWD/.venv/bin:$PATH"
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$HOME/.cache/mars/torch_extensions}"
 
 W="${MARS_DEMO_DIR:-demo}"
-TASKS="${DEMO_TASKS:-64}"
-STEPS="${DEMO_RL_STEPS:-3}"
-SAMPLES="${DEMO_SAMPLES:-4}"
+TASKS="${DEMO_TASKS:-48}"
 EPOCHS="${DEMO_SFT_EPOCHS:-8}"
-# Short turns and episodes: the tiny model has a small context to fill, and the CPU is slow.
-ROLL=(--index "$W/index" --max-turns 4 --max-new-tokens 96 --max-total-tokens 3072)
+STEPS="${DEMO_RL_STEPS:-2}"
+RL_TASKS="${DEMO_RL_TASKS:-8}"
+SAMPLES="${DEMO_SAMPLES:-4}"
+# Short episodes: the CPU is slow. A turn of the reference agent is ~90 tokens.
+ROLL=(--index "$W/index" --max-turns 5 --max-new-tokens 160 --max-total-tokens 4096)
 # Start clean, but only ever delete a folder this script made.
 if [ -e "$W" ] && [ -n "$(ls -A "$W" 2>/dev/null)" ] && [ ! -f "$W/.mars-demo" ]; then
     echo "offline_demo: $W exists and is not a demo folder; set MARS_DEMO_DIR" >&2
@@ -33,7 +34,7 @@ log() { printf '\n== %s\n' "$*" >&2; }
 
 log "1. a tiny policy, the synthetic benchmark, the local index"
 mars tiny-model "$W/policy-0" --seed 0 >/dev/null
-mars data synth --n "$TASKS" --seed 0 --test-fraction 0.25 --out "$W/data" >/dev/null
+mars data synth --n "$TASKS" --seed 0 --test-fraction 0.33 --out "$W/data" >/dev/null
 mars index text "$W/data/corpus.jsonl" --out "$W/index" >/dev/null
 
 evaluate() {  # policy label: greedy episodes on the held-out tasks, judged and scored
@@ -45,14 +46,16 @@ log "2. evaluate the random policy"
 evaluate "$W/policy-0" random
 
 log "3. cold-start SFT on the reference trajectories"
-mars sft "$W/data/train/reference.jsonl" --policy "$W/policy-0" --out "$W/policy-sft" \
-    --epochs "$EPOCHS" --lr 3e-3 --batch-size 8 --warmup 0.1 --seed 0 > "$W/sft-metrics.jsonl"
+# A tiny random model needs many small steps at a high rate (a 7B model: lr 1e-5, batch 64).
+mars sft "$W/data/train/reference.jsonl" --policy "$W/policy-0" --out "$W/policy-sft" --no-eval \
+    --epochs "$EPOCHS" --lr 1e-2 --batch-size 1 --warmup 0.05 --min-lr-ratio 0.1 --seed 0 > "$W/sft-metrics.jsonl"
 evaluate "$W/policy-sft" sft
 
-log "4. reinforcement learning: $STEPS steps of BN-GSPO"
+log "4. reinforcement learning: $STEPS steps of BN-GSPO, $RL_TASKS tasks x $SAMPLES samples each"
 policy="$W/policy-sft"
 for step in $(seq 1 "$STEPS"); do
-    mars rollout --policy "$policy" "${ROLL[@]}" -n "$SAMPLES" --seed "$step" < "$W/data/train/tasks.jsonl" \
+    sed -n "$(( (step - 1) * RL_TASKS + 1 )),$(( step * RL_TASKS ))p" "$W/data/train/tasks.jsonl" \
+        | mars rollout --policy "$policy" "${ROLL[@]}" -n "$SAMPLES" --seed "$step" \
         | mars judge | mars advantage > "$W/batch-$step.jsonl"
     mars update "$W/batch-$step.jsonl" --policy "$policy" --out "$W/policy-rl-$step" \
         --state "$W/optimizer" --lr 1e-4 >> "$W/update-metrics.jsonl"
@@ -61,7 +64,7 @@ done
 evaluate "$policy" rl
 
 log "5. a page of the last RL rollout: $W/episodes.html"
-mars judge "$W/eval-rl.jsonl" | mars show -o "$W/episodes.html"
+mars judge "$W/eval-rl.jsonl" | mars show -o "$W/episodes.html" >/dev/null
 
 log "results on the held-out tasks (greedy decoding)"
 python3 - "$W/metrics.jsonl" <<'PY'
