@@ -9,7 +9,7 @@
 #   bash examples/offline_demo.sh            # everything lands in ./demo (MARS_DEMO_DIR)
 #
 # Sizes are environment variables so a test can run the same script smaller:
-#   DEMO_TASKS (48), DEMO_SFT_EPOCHS (8), DEMO_RL_STEPS (2), DEMO_RL_TASKS (8 per step), DEMO_SAMPLES (4)
+#   DEMO_TASKS (48), DEMO_SFT_EPOCHS (14), DEMO_RL_STEPS (2), DEMO_RL_TASKS (6 per step), DEMO_SAMPLES (4)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh
@@ -18,9 +18,9 @@ export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$HOME/.cache/mars/torch_ext
 
 W="${MARS_DEMO_DIR:-demo}"
 TASKS="${DEMO_TASKS:-48}"
-EPOCHS="${DEMO_SFT_EPOCHS:-8}"
+EPOCHS="${DEMO_SFT_EPOCHS:-14}"
 STEPS="${DEMO_RL_STEPS:-2}"
-RL_TASKS="${DEMO_RL_TASKS:-8}"
+RL_TASKS="${DEMO_RL_TASKS:-6}"
 SAMPLES="${DEMO_SAMPLES:-4}"
 # Short episodes: the CPU is slow. A turn of the reference agent is ~90 tokens.
 ROLL=(--index "$W/index" --max-turns 5 --max-new-tokens 160 --max-total-tokens 4096)
@@ -37,8 +37,8 @@ mars tiny-model "$W/policy-0" --seed 0 >/dev/null
 mars data synth --n "$TASKS" --seed 0 --test-fraction 0.33 --out "$W/data" >/dev/null
 mars index text "$W/data/corpus.jsonl" --out "$W/index" >/dev/null
 
-evaluate() {  # policy label: greedy episodes on the held-out tasks, judged and scored
-    mars rollout --policy "$1" "${ROLL[@]}" --temperature 0 -o "$W/eval-$2.jsonl" < "$W/data/test/tasks.jsonl"
+evaluate() {  # policy label: 2 sampled episodes per held-out task (the policy RL samples from)
+    mars rollout --policy "$1" "${ROLL[@]}" -n 2 --temperature 1 --seed 7 -o "$W/eval-$2.jsonl" < "$W/data/test/tasks.jsonl"
     mars judge "$W/eval-$2.jsonl" | mars eval --label "$2" -q >> "$W/metrics.jsonl"
 }
 
@@ -66,7 +66,7 @@ evaluate "$policy" rl
 log "5. a page of the last RL rollout: $W/episodes.html"
 mars judge "$W/eval-rl.jsonl" | mars show -o "$W/episodes.html" >/dev/null
 
-log "results on the held-out tasks (greedy decoding)"
+log "results on the held-out tasks (2 samples each, temperature 1)"
 python3 - "$W/metrics.jsonl" <<'PY'
 import json, sys
 rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
