@@ -18,7 +18,7 @@ import shutil
 from pathlib import Path
 
 from mars_cli.errors import MarsError
-from mars_cli.fsutil import atomic_dir
+from mars_cli.fsutil import atomic_dir, read_json
 
 META_FILE = "mars_meta.json"
 # Files save_pretrained writes itself, or that describe the parent's weights only.
@@ -39,10 +39,7 @@ def read_meta(model_dir: str | Path) -> dict:
     path = Path(model_dir) / META_FILE
     if not path.is_file():
         return {}
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MarsError(f"{path}: invalid JSON: {e}") from None
+    meta = read_json(path)
     return meta if isinstance(meta, dict) else {}
 
 

@@ -22,6 +22,7 @@ import socket
 from pathlib import Path
 
 from mars_cli.errors import MarsError, UsageError
+from mars_cli.fsutil import read_json
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"  # package data
 STATE_TAG = "state"
@@ -255,10 +256,7 @@ def read_state_meta(state_dir: str | Path) -> dict:
     p = Path(state_dir) / STATE_META
     if not p.is_file():
         return {}
-    try:
-        return json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MarsError(f"{p}: invalid JSON: {e}") from None
+    return read_json(p)
 
 
 def config_argv(cfg) -> list[str]:
