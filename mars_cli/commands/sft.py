@@ -41,7 +41,7 @@ def main(
     import os
 
     from mars_cli.jsonl import RecordWriter
-    from mars_cli.rl.engine import config_argv, relaunch, under_launcher
+    from mars_cli.rl.engine import launch_ranks
     from mars_cli.rl.sft import SFTConfig, run_sft
 
     cfg = SFTConfig(policy=str(policy), out=str(out), state=str(state) if state else None, epochs=epochs, lr=lr,
@@ -50,14 +50,9 @@ def main(
                     max_steps=max_steps, min_reward=min_reward, zero=zero, deepspeed=str(deepspeed) if deepspeed else None,
                     train_vision=train_vision, gradient_checkpointing=gradient_checkpointing, bf16=bf16, seed=seed, eval=eval)
     paths = [str(f) for f in files or []]
-    if local_rank is not None:
-        os.environ.setdefault("LOCAL_RANK", str(local_rank))
-    if nproc > 1 and not under_launcher():
-        from mars_cli.errors import UsageError
-
-        if not paths or "-" in paths:
-            raise UsageError("--nproc needs the data as a file (every process reads it)")
-        raise typer.Exit(relaunch(nproc, "sft", [*paths, *config_argv(cfg), *(["--skip-bad"] if skip_bad else [])]))
+    code = launch_ranks("sft", paths, cfg, nproc=nproc, local_rank=local_rank, skip_bad=skip_bad, what="data")
+    if code is not None:
+        raise typer.Exit(code)
     with RecordWriter() as w:
         rank0 = int(os.environ.get("RANK", "0")) == 0
         run_sft(paths, cfg, skip_bad=skip_bad, on_epoch=(lambda rec: w.write(rec)) if rank0 else None)

@@ -43,7 +43,7 @@ def main(
     import os
 
     from mars_cli.jsonl import RecordWriter
-    from mars_cli.rl.engine import config_argv, relaunch, under_launcher
+    from mars_cli.rl.engine import launch_ranks
     from mars_cli.rl.update import UpdateConfig, run_update
 
     cfg = UpdateConfig(policy=str(policy), out=str(out), ref=str(ref) if ref else None, state=str(state) if state else None,
@@ -52,14 +52,8 @@ def main(
                        old_logprobs=old_logprobs, zero=zero, deepspeed=str(deepspeed) if deepspeed else None,
                        train_vision=train_vision, gradient_checkpointing=gradient_checkpointing, bf16=bf16, seed=seed)
     paths = [str(f) for f in files or []]
-    if local_rank is not None:
-        os.environ.setdefault("LOCAL_RANK", str(local_rank))
-    if nproc > 1 and not under_launcher():
-        if not paths or "-" in paths:
-            from mars_cli.errors import UsageError
-
-            raise UsageError("--nproc needs the batch as a file (every process reads it)")
-        code = relaunch(nproc, "update", [*paths, *config_argv(cfg), *(["--skip-bad"] if skip_bad else [])])
+    code = launch_ranks("update", paths, cfg, nproc=nproc, local_rank=local_rank, skip_bad=skip_bad, what="batch")
+    if code is not None:
         raise typer.Exit(code)
     metrics = run_update(paths, cfg, skip_bad=skip_bad)
     if int(os.environ.get("RANK", "0")) == 0:

@@ -276,6 +276,19 @@ def config_argv(cfg) -> list[str]:
     return out
 
 
+def launch_ranks(command: str, paths: list[str], cfg, *, nproc: int, local_rank: int | None,
+                 skip_bad: bool, what: str) -> int | None:
+    """Shared start of `mars update`/`mars sft`: take a launcher's --local_rank, and with
+    --nproc N outside a launcher relaunch as N ranks; their exit code, or None to train here."""
+    if local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(local_rank))
+    if nproc <= 1 or under_launcher():
+        return None
+    if not paths or "-" in paths:
+        raise UsageError(f"--nproc needs the {what} as a file (every process reads it)")
+    return relaunch(nproc, command, [*paths, *config_argv(cfg), *(["--skip-bad"] if skip_bad else [])])
+
+
 def relaunch(nproc: int, command: str, args: list[str]) -> int:
     """Run `mars COMMAND ARGS` in `nproc` processes under torch.distributed.run; its exit code.
 
