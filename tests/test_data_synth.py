@@ -151,6 +151,23 @@ def test_padded_bbox_units():
     assert padded_bbox([0, 0, 1000, 1000], (1000, 1000)) == [0, 0, 1000, 1000]
 
 
+def test_box_grid_gives_coarse_boxes_that_still_cover_the_plate(tmp_path):
+    out = tmp_path / "coarse"
+    r = CliRunner().invoke(app, ["data", "synth", "--n", "4", "--seed", "3", "--box-grid", "250", "--out", str(out)])
+    assert r.exit_code == 0, r.stderr
+    tasks = {t["id"]: t for t in read_file(out / "tasks.jsonl")}
+    zooms = [(ref["id"], c["arguments"]["bbox_2d"]) for ref in read_file(out / "reference.jsonl")
+             for c in ref["tool_calls"] if c["name"] == P.ZOOM]
+    assert zooms
+    for task_id, bbox in zooms:
+        assert all(v % 250 == 0 for v in bbox)
+        l, t, r_, b = tasks[task_id]["meta"]["target_box_px"]
+        x0, y0, x1, y1 = P.bbox_to_unit(bbox)
+        assert x0 * 3840 <= l and y0 * 2160 <= t and x1 * 3840 >= r_ and y1 * 2160 >= b
+    bad = CliRunner().invoke(app, ["data", "synth", "--n", "1", "--box-grid", "0", "--out", str(tmp_path / "z")])
+    assert bad.exit_code == 2 and "--box-grid" in bad.stderr and not (tmp_path / "z").exists()
+
+
 def test_bad_arguments(tmp_path):
     r = CliRunner().invoke(app, ["data", "synth", "--n", "0", "--out", str(tmp_path / "x")])
     assert r.exit_code == 2

@@ -52,6 +52,9 @@ def synth(
     seed: int = typer.Option(0, "--seed", help="Everything follows from the seed: same seed, same files."),
     test_fraction: float = typer.Option(0.0, "--test-fraction", min=0.0, max=0.99, help="Also write train/ and test/ splits, this share in test."),
     distractors: int = typer.Option(2, "--distractors", min=0, help="Extra unrelated corpus passages per task."),
+    box_grid: int = typer.Option(50, "--box-grid", min=1, max=1000,
+                                 help="Reference zoom boxes snap outward to multiples of this (0-1000 units): "
+                                      "coarser boxes are fewer distinct numbers for a small policy to learn."),
 ) -> None:
     """Make the offline synthetic high-resolution benchmark.
 
@@ -64,7 +67,7 @@ def synth(
     from mars_cli.jsonl import RecordWriter
     from mars_cli.streams import warn
 
-    summary = make_synth(out, n=n, seed=seed, test_fraction=test_fraction, distractors=distractors)
+    summary = make_synth(out, n=n, seed=seed, test_fraction=test_fraction, distractors=distractors, box_grid=box_grid)
     warn(f"wrote {summary['tasks']} tasks, {summary['passages']} passages and {summary['images']} images to {out}")
     with RecordWriter() as w:
         w.write(summary)

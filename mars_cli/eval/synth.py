@@ -122,7 +122,7 @@ def _split_of(plan: dict, seed: int, test_fraction: float) -> str:
 
 
 def make_synth(out_dir: str | os.PathLike, *, n: int = 64, seed: int = 0, test_fraction: float = 0.0,
-               distractors: int = 2, workers: int | None = None) -> dict:
+               distractors: int = 2, box_grid: int = 50, workers: int | None = None) -> dict:
     """Generate the benchmark into `out_dir` (replaced atomically); returns a summary."""
     from mars_cli.fsutil import atomic_dir
     from mars_cli.records import make_task
@@ -131,6 +131,8 @@ def make_synth(out_dir: str | os.PathLike, *, n: int = 64, seed: int = 0, test_f
         raise MarsError(f"--n must be at least 1, got {n}")
     if not 0.0 <= test_fraction < 1.0:
         raise MarsError(f"--test-fraction must be in [0, 1), got {test_fraction}")
+    if not 1 <= box_grid <= 1000:
+        raise MarsError(f"--box-grid must be in [1, 1000] (units of the 0-1000 box scale), got {box_grid}")
     out_dir = Path(out_dir)
     taken: set[str] = set()
     plans = [plan_task(seed, i, taken) for i in range(n)]
@@ -172,7 +174,7 @@ def make_synth(out_dir: str | os.PathLike, *, n: int = 64, seed: int = 0, test_f
                              choices=p.get("choices"), benchmark=BENCHMARK,
                              scorer="mcq" if p["type"] == "perception" else "em", meta=meta)
             tasks.append(task)
-            refs.append(reference_trajectory(task, p, search_results(p, corpus), tmp, out_dir))
+            refs.append(reference_trajectory(task, p, search_results(p, corpus), tmp, out_dir, box_grid=box_grid))
 
         _write(tmp / "tasks.jsonl", tasks)
         _write(tmp / "reference.jsonl", refs)
@@ -225,7 +227,8 @@ def padded_bbox(box_px: list[int], size: tuple[int, int], pad: float = 0.3, grid
     return [max(0, min(1000, v)) for v in box]
 
 
-def reference_trajectory(task: dict, plan: dict, results: list[dict], tmp: Path, final: Path) -> dict:
+def reference_trajectory(task: dict, plan: dict, results: list[dict], tmp: Path, final: Path, *,
+                         box_grid: int = 50) -> dict:
     """The episode a perfect agent has on this task, in the protocol's exact format."""
     from mars_cli import protocol as P
     from mars_cli.eval.render_synth import CANVAS
@@ -245,26 +248,24 @@ def reference_trajectory(task: dict, plan: dict, results: list[dict], tmp: Path,
             messages.append(result)
 
     if plan["type"] != "search":
-        bbox = padded_bbox(plan["box"], CANVAS)
+        bbox = padded_bbox(plan["box"], CANVAS, grid=box_grid)
         crop = crop_image(tmp / "images" / f"{plan['id']}.jpg", P.bbox_to_unit(bbox), out_dir=tmp / "artifacts", clamp=True)
         shown = str(final / "artifacts" / Path(crop["path"]).name)
-        # The box is in the call itself; repeating its numbers in the thinking only adds
-        # digits a small model must copy.
-        act("The question is about the small yellow sign in the image, but at this scale its text "
-            "is too small to read. I will zoom in on it.",
+        # Short, regular thinking: one reason per action. The box is in the call itself;
+        # repeating its numbers, or padding the prose, only adds tokens a small model copies.
+        act("The yellow sign is too small to read at this scale, so I will zoom in on it.",
             call=(P.ZOOM, {"bbox_2d": bbox, "label": "yellow sign"}),
             result=P.tool_message(P.ZOOM, P.ZOOM_HEADER, [shown]))
     if plan["type"] == "perception":
-        act(f'The zoomed sign reads "{ent["name"]}", which is option {plan["answer"]}.', answer=plan["answer"])
+        act(f'The sign reads "{ent["name"]}": option {plan["answer"]}.', answer=plan["answer"])
     else:
         lead = (f'The sign reads "{ent["name"]}".' if plan["type"] == "crop+search"
                 else f'The question is about {ent["name"]}.')
-        act(f"{lead} I do not know this {ent['kind']}, so I will search for it by its exact name.",
+        act(f"{lead} I will search for this {ent['kind']} by its exact name.",
             call=(P.TEXT_SEARCH, {"query": ent["name"]}),
             result=P.tool_message(P.TEXT_SEARCH, render_text_results(ent["name"], results)))
         fact = FACTS[plan["attribute"]].format(**ent)
-        act(f"The first result is about {ent['name']} itself (not its namesake {plan['near']['name']}): "
-            f"{fact}.", answer=plan["answer"])
+        act(f"The first result is about {ent['name']} itself, not its namesake: {fact}.", answer=plan["answer"])
     return {**task, "group": task["id"], "sample": 0, "messages": messages, "tool_calls": calls,
             "prediction": plan["answer"], "finish": "answer", "tokens": None, "policy": {"engine": "reference"}}
 
