@@ -16,7 +16,7 @@ def test_offline_demo_runs_the_whole_recipe(tmp_path):
     if not (ROOT / ".venv" / "bin" / "mars").exists():
         pytest.skip("the demo installs into .venv; run scripts/bootstrap.sh first")
     work = tmp_path / "demo"
-    env = {**os.environ, "MARS_DEMO_DIR": str(work), "DEMO_TASKS": "6", "DEMO_RL_STEPS": "1",
+    env = {**os.environ, "MARS_DEMO_DIR": str(work), "DEMO_TASKS": "6", "DEMO_TEST_FRACTION": "0.4", "DEMO_RL_STEPS": "1",
            "DEMO_SAMPLES": "2", "DEMO_SFT_EPOCHS": "1", "DEMO_RL_TASKS": "2"}
     p = subprocess.run(["bash", str(ROOT / "examples" / "offline_demo.sh")], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=900)

@@ -76,6 +76,35 @@ def test_hf_temperature_and_greedy(tiny_policy_dir, hf_engine, tmp_path):
     assert r.logprobs == pytest.approx(want, abs=2e-3)
 
 
+def test_vision_placeholders_are_never_sampled_but_logprobs_stay_the_models(tiny_policy_dir, tmp_path):
+    """A weak policy that puts most mass on <|image_pad|> still never emits it (it would claim an image)."""
+    import torch
+
+    from mars_cli.engines import never_sampled
+    from mars_cli.models.inputs import token_logprobs
+    from mars_cli.models.load import load_policy
+
+    policy = load_policy(tiny_policy_dir)
+    banned = never_sampled(policy.special)
+    assert banned == sorted({policy.special["image_pad"], policy.special["vision_start"], policy.special["vision_end"]})
+    head = policy.model.lm_head
+    bias = torch.zeros(head.out_features)
+    bias[banned] = 30.0  # the banned tokens take nearly all the probability
+    hook = head.register_forward_hook(lambda mod, inp, out: out + bias.to(out.dtype))
+    try:
+        eng = open_engine("hf", policy=None, sampling=Sampling(temperature=1.0, seed=3), loaded=policy)
+        ids, _, images = prompt(eng, tmp_path)
+        for sampling in (Sampling(temperature=1.0, seed=3), Sampling(temperature=0)):
+            eng = open_engine("hf", policy=None, sampling=sampling, loaded=policy)
+            r = eng.generate([GenRequest(ids=ids, images=images, max_new_tokens=8)])[0]
+            assert len(r.ids) == 8 and not set(r.ids) & set(banned)
+            # the recorded log-probs are the model's own (no renormalisation over allowed tokens)
+            lp = token_logprobs(policy, [(ids + r.ids, images)])[0][len(ids):].tolist()
+            assert r.logprobs == pytest.approx(lp, abs=2e-3) and max(r.logprobs) < -10
+    finally:
+        hook.remove()
+
+
 def test_sampling_validation_and_unknown_engine():
     with pytest.raises(UsageError):
         Sampling(top_p=0)
@@ -160,6 +189,7 @@ def test_vllm_adapter_against_standin(standin_vllm, tiny_policy_dir, tmp_path):
     p = params[0]
     assert p.logprobs == 0 and p.temperature == 0.7 and p.top_k == 5 and p.max_tokens == 50
     assert p.stop_token_ids == [eng.special["im_end"]] and params[1].max_tokens == 7
+    assert p.logit_bias == {t: -100.0 for t in (eng.special["vision_start"], eng.special["vision_end"], eng.special["image_pad"])}
     a, b = res
     assert a.ids == tok_ids + [151645] and a.finish == "stop" and a.logprobs == [-0.25, -0.5, -0.75, -1.0]
     assert a.text == eng.decode(tok_ids)

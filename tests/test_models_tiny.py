@@ -165,3 +165,53 @@ def test_remaking_replaces_a_tiny_model(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]  # no temporary left behind
     with pytest.raises(MarsError, match="unknown architecture"):
         make_tiny_model(tmp_path / "n", arch="qwen9")
+
+
+@pytest.fixture(scope="module")
+def small_vocab_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("small") / "m"
+    r = CliRunner().invoke(app, ["tiny-model", str(out), "--vocab", "4096", "--layers", "3"])
+    assert r.exit_code == 0, r.output
+    rec = json.loads(r.stdout)
+    assert rec["vocab_size"] == 4160  # 4096 tokens + 22 specials, padded to 64
+    return out
+
+
+@pytest.mark.parametrize("text", SAMPLES)
+def test_truncated_vocab_encodes_like_tiktoken_with_the_first_ranks(small_vocab_dir, reference, text):
+    import tiktoken
+
+    ranks = {tok: rank for tok, rank in qwen_vocab.load_ranks().items() if rank < 4096}
+    cut = tiktoken.Encoding("qwen-4096", pat_str=reference._tokenizer._pat_str, mergeable_ranks=ranks, special_tokens={})
+    specials = qwen_vocab.SPECIALS_QWEN25
+    pattern = "(" + "|".join(re.escape(s) for s in specials) + ")"
+    want = []
+    for i, piece in enumerate(re.split(pattern, text)):
+        want += [4096 + specials.index(piece)] if i % 2 else (cut.encode(piece, allowed_special=set()) if piece else [])
+    tok = load_tokenizer(small_vocab_dir)
+    ids = tok.encode(text, add_special_tokens=False)
+    assert ids == want and max(ids, default=0) < 4096 + len(specials)
+    assert tok.decode(ids) == unicodedata.normalize("NFC", text)
+
+
+def test_truncated_vocab_model_runs_with_its_own_special_ids(small_vocab_dir):
+    import torch
+
+    from mars_cli.models.load import load_policy
+
+    policy = load_policy(small_vocab_dir)
+    assert policy.special["image_pad"] == 4096 + qwen_vocab.SPECIALS_QWEN25.index("<|image_pad|>")
+    cfg = policy.model.config
+    assert cfg.image_token_id == policy.special["image_pad"] and cfg.text_config.num_hidden_layers == 3
+    ids = policy.tokenizer.encode("<|im_start|>user\nhello<|im_end|>", add_special_tokens=False)
+    out = policy.model(input_ids=torch.tensor([ids]))
+    assert out.logits.shape == (1, len(ids), 4160)
+
+
+def test_bad_vocab_and_layers_are_refused(tmp_path):
+    r = CliRunner().invoke(app, ["tiny-model", str(tmp_path / "m"), "--vocab", "100"])
+    assert r.exit_code == 2 and not (tmp_path / "m").exists()
+    with pytest.raises(MarsError, match="--layers"):
+        from mars_cli.models.tiny import make_tiny_model
+
+        make_tiny_model(tmp_path / "n", layers=0)

@@ -103,6 +103,16 @@ class Engine:
         pass
 
 
+# Tokens a policy must never sample: a generated image placeholder or vision marker would
+# claim an image that is not there, and the sequence could not be fed back to the model.
+NEVER_SAMPLED = ("image_pad", "vision_start", "vision_end")
+
+
+def never_sampled(special: dict | None) -> list[int]:
+    """The ids generation suppresses (its logits are still recorded as the model gave them)."""
+    return sorted({special[k] for k in NEVER_SAMPLED if special and k in special})
+
+
 def decode_ids(tokenizer, ids: list[int]) -> str:
     return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 

@@ -11,7 +11,7 @@ forward pass's log π(token | prefix).
 
 from __future__ import annotations
 
-from mars_cli.engines import Engine, GenRequest, GenResult, Sampling, strip_eos
+from mars_cli.engines import Engine, GenRequest, GenResult, Sampling, never_sampled, strip_eos
 from mars_cli.errors import MarsError
 
 
@@ -100,7 +100,8 @@ class HFEngine(Engine):
         # exactly what `policy.sampling` in the record says.
         kwargs = dict(max_new_tokens=max_new, do_sample=not s.greedy, output_logits=True,
                       return_dict_in_generate=True, eos_token_id=self.special["im_end"],
-                      pad_token_id=self.special["pad"], repetition_penalty=1.0)
+                      pad_token_id=self.special["pad"], repetition_penalty=1.0,
+                      suppress_tokens=never_sampled(self.special))
         if not s.greedy:
             kwargs.update(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k)
         if s.presence_penalty:

@@ -16,7 +16,7 @@ vllm is imported only when this engine is opened.
 
 from __future__ import annotations
 
-from mars_cli.engines import Engine, GenRequest, GenResult, Sampling, strip_eos
+from mars_cli.engines import Engine, GenRequest, GenResult, Sampling, never_sampled, strip_eos
 from mars_cli.errors import MarsError
 
 
@@ -73,7 +73,8 @@ class VLLMEngine(Engine):
         # -1 (off) is accepted by every vLLM release; 0 only by recent ones
         return SamplingParams(n=1, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k if s.top_k > 0 else -1,
                               presence_penalty=s.presence_penalty, max_tokens=req.max_new_tokens, logprobs=0,
-                              stop_token_ids=[self.special["im_end"]], detokenize=False)
+                              stop_token_ids=[self.special["im_end"]], detokenize=False,
+                              logit_bias={t: -100.0 for t in never_sampled(self.special)} or None)
 
     def generate(self, requests: list[GenRequest]) -> list[GenResult]:
         from vllm.inputs import TokensPrompt

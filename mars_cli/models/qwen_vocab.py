@@ -112,29 +112,47 @@ def _last_merge(tok: bytes, rank: int, ranks: dict[bytes, int]) -> tuple[bytes, 
     return (parts[0], parts[1]) if len(parts) == 2 else None
 
 
-@functools.lru_cache(maxsize=1)
-def vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """The byte-level BPE vocabulary and merge list equivalent to the tiktoken ranks."""
+@functools.lru_cache(maxsize=2)
+def vocab_and_merges(limit: int | None = None) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """The byte-level BPE vocabulary and merge list equivalent to the tiktoken ranks.
+
+    With `limit`, only the tokens ranked below it: the same BPE stopped after its first
+    `limit` merges (the 256 single bytes are ranks 0-255, so any text still encodes).
+    """
     ranks = load_ranks()
+    if limit is not None:
+        ranks = {tok: rank for tok, rank in ranks.items() if rank < limit}
     table = _byte_to_unicode()
     def enc(tok: bytes) -> str:
         return "".join(table[b] for b in tok)
 
     vocab = {enc(tok): rank for tok, rank in ranks.items()}
     merges = []
-    # Merge priority is the merged token's rank: the order tiktoken applies them in.
+    # Merge priority is the merged token's rank: the order tiktoken applies them in. A
+    # token's two parts rank below it, so a truncated list is closed under merging.
     for tok, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
         if len(tok) > 1 and (pair := _last_merge(tok, rank, ranks)) is not None:
             merges.append((enc(pair[0]), enc(pair[1])))
     return vocab, merges
 
 
-def build_tokenizer(arch: str):
-    """A `tokenizers.Tokenizer` with the Qwen vocabulary and the arch's special tokens."""
+def check_vocab_limit(limit: int | None) -> None:
+    if limit is not None and not 256 <= limit <= SPECIAL_START:
+        raise MarsError(f"--vocab must be between 256 (the single bytes) and {SPECIAL_START}, got {limit}")
+
+
+def build_tokenizer(arch: str, limit: int | None = None):
+    """A `tokenizers.Tokenizer` with the Qwen vocabulary and the arch's special tokens.
+
+    `limit` keeps the first `limit` BPE tokens; the special tokens then follow at `limit`
+    instead of 151643.
+    """
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
     from tokenizers.models import BPE
 
-    vocab, merges = vocab_and_merges()
+    check_vocab_limit(limit)
+    start = SPECIAL_START if limit is None else limit
+    vocab, merges = vocab_and_merges(limit)
     tok = Tokenizer(BPE(vocab=dict(vocab), merges=list(merges), dropout=None, unk_token=None,
                         continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False, byte_fallback=False))
     tok.normalizer = normalizers.NFC()
@@ -146,15 +164,15 @@ def build_tokenizer(arch: str):
     added = [AddedToken(s, special=s not in _NOT_SPECIAL, normalized=False) for s in specials_for(arch)]
     tok.add_tokens(added)
     for i, s in enumerate(specials_for(arch)):
-        if tok.token_to_id(s) != SPECIAL_START + i:
-            raise MarsError(f"special token {s} got id {tok.token_to_id(s)}, expected {SPECIAL_START + i}")
+        if tok.token_to_id(s) != start + i:
+            raise MarsError(f"special token {s} got id {tok.token_to_id(s)}, expected {start + i}")
     return tok
 
 
-def write_tokenizer_files(out_dir: str | Path, arch: str, chat_template: str) -> dict[str, int]:
+def write_tokenizer_files(out_dir: str | Path, arch: str, chat_template: str, limit: int | None = None) -> dict[str, int]:
     """Write tokenizer.json + tokenizer_config.json; return the special ids by name."""
     out_dir = Path(out_dir)
-    tok = build_tokenizer(arch)
+    tok = build_tokenizer(arch, limit)
     tok.save(str(out_dir / "tokenizer.json"))
     specials = specials_for(arch)
     config = {
@@ -172,4 +190,5 @@ def write_tokenizer_files(out_dir: str | Path, arch: str, chat_template: str) ->
         "chat_template": chat_template,
     }
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-    return {s: SPECIAL_START + i for i, s in enumerate(specials)}
+    start = SPECIAL_START if limit is None else limit
+    return {s: start + i for i, s in enumerate(specials)}

@@ -3,7 +3,9 @@
 The checkpoint is a real Qwen2.5-VL or Qwen3-VL architecture shrunk to a 64-wide, 2-layer
 language model and a 1-block, 32-wide vision tower, with the real Qwen vocabulary and
 special-token ids, so every code path (tokenizer, placeholder expansion, M-RoPE, generate,
-training) runs as it would on a 7B model, in a second on a CPU. The directory holds what a
+training) runs as it would on a 7B model, in a second on a CPU. `vocab=N` cuts the
+vocabulary to Qwen's first N tokens (special-token ids then start at N), for a model that
+trains many times faster on a CPU, as the offline demo's does. The directory holds what a
 released checkpoint holds (config, safetensors, tokenizer, chat template,
 preprocessor_config.json, generation_config.json) and loads with the transformers classes
 alone. Same seed, same bytes.
@@ -47,10 +49,16 @@ CHAT_TEMPLATE = (
 )
 
 
-def _configs(arch: str, special: dict[str, int]):
-    """The transformers config object of the tiny model of `arch`."""
+def _configs(arch: str, special: dict[str, int], *, vocab: int | None = None, layers: int = 2):
+    """The transformers config object of the tiny model of `arch`.
+
+    `vocab`: the truncated vocabulary's size (None: Qwen's full one), rounded up to a
+    multiple of 64 past the special tokens as the real checkpoints pad theirs.
+    """
+    if vocab is not None:
+        vocab = -(-(max(special.values()) + 1) // 64) * 64
     common_text = dict(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
         num_key_value_heads=2, hidden_act="silu", max_position_embeddings=32768, rms_norm_eps=1e-6,
         tie_word_embeddings=True, bos_token_id=special["<|endoftext|>"], eos_token_id=special["<|im_end|>"],
         pad_token_id=special["<|endoftext|>"],
@@ -61,7 +69,7 @@ def _configs(arch: str, special: dict[str, int]):
         from transformers import Qwen2_5_VLConfig
 
         # head_dim 16: the M-RoPE sections (temporal, height, width) split its 8 frequencies.
-        text = dict(common_text, vocab_size=152064,
+        text = dict(common_text, vocab_size=vocab or 152064,
                     rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]})
         vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, in_channels=3, patch_size=14,
                       spatial_merge_size=2, temporal_patch_size=2, window_size=112, out_hidden_size=64,
@@ -70,7 +78,7 @@ def _configs(arch: str, special: dict[str, int]):
     if arch == "qwen3-vl":
         from transformers import Qwen3VLConfig
 
-        text = dict(common_text, vocab_size=151936, head_dim=16,
+        text = dict(common_text, vocab_size=vocab or 151936, head_dim=16,
                     rope_parameters={"rope_type": "default", "rope_theta": 5000000.0,
                                      "mrope_section": [4, 2, 2], "mrope_interleaved": True})
         vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, in_channels=3, patch_size=16,
@@ -95,8 +103,14 @@ def _preprocessor_config(arch: str) -> dict:
     }
 
 
-def make_tiny_model(out_dir: str | Path, *, arch: str = "qwen2.5-vl", seed: int = 0) -> Path:
-    """Write a tiny random-weight checkpoint of `arch` into `out_dir` (atomically)."""
+def make_tiny_model(out_dir: str | Path, *, arch: str = "qwen2.5-vl", seed: int = 0, vocab: int | None = None,
+                    layers: int = 2) -> Path:
+    """Write a tiny random-weight checkpoint of `arch` into `out_dir` (atomically).
+
+    `vocab` keeps only Qwen's first `vocab` BPE tokens (special tokens right after): the
+    same tokenizer stopped early, so text takes more, commoner tokens and the output layer
+    (most of a tiny model's compute) shrinks with it. `layers`: language-model depth.
+    """
     import torch
 
     from mars_cli.models.load import quiet_transformers
@@ -104,14 +118,17 @@ def make_tiny_model(out_dir: str | Path, *, arch: str = "qwen2.5-vl", seed: int 
     quiet_transformers()
     if arch not in ARCHS:
         raise MarsError(f"unknown architecture {arch!r} (expected one of: {', '.join(ARCHS)})")
+    qwen_vocab.check_vocab_limit(vocab)
+    if not 1 <= layers <= 32:
+        raise MarsError(f"--layers must be between 1 and 32, got {layers}")
     out_dir = Path(out_dir)
     # Replacing is for re-making a tiny model; never swap away some other directory.
     if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / META_FILE).is_file())):
         raise MarsError(f"{out_dir}: exists and is not a tiny model made by mars; choose another path")
     with atomic_dir(out_dir) as tmp:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; a checkpoint is not
-        special = qwen_vocab.write_tokenizer_files(tmp, arch, CHAT_TEMPLATE)
-        config = _configs(arch, special)
+        special = qwen_vocab.write_tokenizer_files(tmp, arch, CHAT_TEMPLATE, vocab)
+        config = _configs(arch, special, vocab=vocab, layers=layers)
         model_cls = _model_class(arch)
         # Initialise on a private generator state so the weights depend on the seed only.
         with torch.random.fork_rng(devices=[]):
@@ -127,7 +144,7 @@ def make_tiny_model(out_dir: str | Path, *, arch: str = "qwen2.5-vl", seed: int 
         (tmp / "preprocessor_config.json").write_text(json.dumps(_preprocessor_config(arch), indent=2) + "\n")
         (tmp / "chat_template.jinja").write_text(CHAT_TEMPLATE)
         params = sum(p.numel() for p in model.parameters())
-        write_meta(tmp, arch=arch, seed=seed, params=params)
+        write_meta(tmp, arch=arch, seed=seed, params=params, **({"vocab": vocab} if vocab else {}))
     return out_dir
 
 
