@@ -1,4 +1,4 @@
-"""Benchmark per-token log-probs: chunked logsumexp − gather against a full log-softmax.
+"""Benchmark per-token log-probs: chunked cross-entropy against a full log-softmax.
 
     .venv/bin/python bench/logprobs.py [--reps 5] [--batch 2] [--length 1024] [--device cpu]
 
@@ -9,7 +9,7 @@ then, interleaved in one run so the ratios are side by side, times the median of
   full        model(**inputs).logits → log_softmax over the vocabulary → gather (the
               textbook way: two (batch × length × vocab) float tensors)
   ours        models.inputs.token_logprobs: backbone hidden states, vocabulary projection
-              in 256-row chunks, logsumexp − gathered logit (no full-vocab copy)
+              in 256-row chunks, a fused cross-entropy per chunk (no full-vocab copy)
   ours_masked token_logprobs with the policy mask (a quarter of the tokens scored, as
               for the assistant turns of an episode)
 

@@ -1,7 +1,7 @@
 """A tiny random-weight Qwen-VL checkpoint, made locally for tests and the offline demo.
 
 The checkpoint is a real Qwen2.5-VL or Qwen3-VL architecture shrunk to a 64-wide, 2-layer
-language model and a 1-block, 32-wide vision tower, with the real Qwen vocabulary and
+language model and a 2-block, 32-wide vision tower, with the real Qwen vocabulary and
 special-token ids, so every code path (tokenizer, placeholder expansion, M-RoPE, generate,
 training) runs as it would on a 7B model, in a second on a CPU. `vocab=N` cuts the
 vocabulary to Qwen's first N tokens (special-token ids then start at N), for a model that
