@@ -9,7 +9,7 @@
 #   bash examples/offline_demo.sh            # everything lands in ./demo (MARS_DEMO_DIR)
 #
 # Sizes are environment variables so a test can run the same script smaller:
-#   DEMO_TASKS (200), DEMO_TEST_FRACTION (0.1), DEMO_SFT_EPOCHS (6), DEMO_RL_STEPS (2),
+#   DEMO_TASKS (200), DEMO_TEST_FRACTION (0.1), DEMO_SFT_EPOCHS (6), DEMO_RL_STEPS (6),
 #   DEMO_RL_TASKS (8 per step), DEMO_SAMPLES (4)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,7 +21,7 @@ W="${MARS_DEMO_DIR:-demo}"
 TASKS="${DEMO_TASKS:-200}"
 TEST_FRACTION="${DEMO_TEST_FRACTION:-0.1}"
 EPOCHS="${DEMO_SFT_EPOCHS:-6}"
-STEPS="${DEMO_RL_STEPS:-2}"
+STEPS="${DEMO_RL_STEPS:-6}"
 RL_TASKS="${DEMO_RL_TASKS:-8}"
 SAMPLES="${DEMO_SAMPLES:-4}"
 # Short episodes: the CPU is slow. A turn of the reference agent is ~90 tokens.
