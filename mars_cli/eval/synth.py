@@ -38,6 +38,7 @@ _PLACE_WORDS = ("Quay", "Point", "Hall", "Works", "Gate", "Crossing", "Yard", "T
 TASK_TYPES = ("crop+search", "crop+search", "crop+search", "perception", "search")
 ATTRIBUTES = ("year", "founder", "city")
 BENCHMARK = "synth"
+BOX_GRID = 50  # reference zoom boxes snap outward to multiples of this (0-1000 units)
 
 
 def _word(rng: np.random.Generator, syllables: int) -> str:
@@ -122,7 +123,7 @@ def _split_of(plan: dict, seed: int, test_fraction: float) -> str:
 
 
 def make_synth(out_dir: str | os.PathLike, *, n: int = 64, seed: int = 0, test_fraction: float = 0.0,
-               distractors: int = 2, box_grid: int = 50, workers: int | None = None) -> dict:
+               distractors: int = 2, box_grid: int = BOX_GRID, workers: int | None = None) -> dict:
     """Generate the benchmark into `out_dir` (replaced atomically); returns a summary."""
     from mars_cli.fsutil import atomic_dir
     from mars_cli.records import make_task
@@ -210,7 +211,7 @@ def search_results(plan: dict, corpus: list[dict]) -> list[dict]:
     return out
 
 
-def padded_bbox(box_px: list[int], size: tuple[int, int], pad: float = 0.3, grid: int = 50) -> list[int]:
+def padded_bbox(box_px: list[int], size: tuple[int, int], pad: float = 0.3, grid: int = BOX_GRID) -> list[int]:
     """The plate's box grown by `pad` of its size (at least 24 px) in 0–1000 units.
 
     The edges are then moved outward to multiples of `grid` (the crop still covers the
@@ -228,7 +229,7 @@ def padded_bbox(box_px: list[int], size: tuple[int, int], pad: float = 0.3, grid
 
 
 def reference_trajectory(task: dict, plan: dict, results: list[dict], tmp: Path, final: Path, *,
-                         box_grid: int = 50) -> dict:
+                         box_grid: int = BOX_GRID) -> dict:
     """The episode a perfect agent has on this task, in the protocol's exact format."""
     from mars_cli import protocol as P
     from mars_cli.eval.render_synth import CANVAS

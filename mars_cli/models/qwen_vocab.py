@@ -141,6 +141,11 @@ def check_vocab_limit(limit: int | None) -> None:
         raise MarsError(f"--vocab must be between 256 (the single bytes) and {SPECIAL_START}, got {limit}")
 
 
+def special_start(limit: int | None) -> int:
+    """The id of the first special token: 151643, or `limit` for a truncated vocabulary."""
+    return SPECIAL_START if limit is None else limit
+
+
 def build_tokenizer(arch: str, limit: int | None = None):
     """A `tokenizers.Tokenizer` with the Qwen vocabulary and the arch's special tokens.
 
@@ -151,7 +156,7 @@ def build_tokenizer(arch: str, limit: int | None = None):
     from tokenizers.models import BPE
 
     check_vocab_limit(limit)
-    start = SPECIAL_START if limit is None else limit
+    start = special_start(limit)
     vocab, merges = vocab_and_merges(limit)
     tok = Tokenizer(BPE(vocab=dict(vocab), merges=list(merges), dropout=None, unk_token=None,
                         continuing_subword_prefix="", end_of_word_suffix="", fuse_unk=False, byte_fallback=False))
@@ -190,5 +195,4 @@ def write_tokenizer_files(out_dir: str | Path, arch: str, chat_template: str, li
         "chat_template": chat_template,
     }
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-    start = SPECIAL_START if limit is None else limit
-    return {s: start + i for i, s in enumerate(specials)}
+    return {s: special_start(limit) + i for i, s in enumerate(specials)}

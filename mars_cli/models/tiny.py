@@ -49,14 +49,11 @@ CHAT_TEMPLATE = (
 )
 
 
-def _configs(arch: str, special: dict[str, int], *, vocab: int | None = None, layers: int = 2):
+def _configs(arch: str, special: dict[str, int], *, vocab_size: int | None = None, layers: int = 2):
     """The transformers config object of the tiny model of `arch`.
 
-    `vocab`: the truncated vocabulary's size (None: Qwen's full one), rounded up to a
-    multiple of 64 past the special tokens as the real checkpoints pad theirs.
+    `vocab_size`: the embedding rows of a truncated vocabulary (None: Qwen's own).
     """
-    if vocab is not None:
-        vocab = -(-(max(special.values()) + 1) // 64) * 64
     common_text = dict(
         hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
         num_key_value_heads=2, hidden_act="silu", max_position_embeddings=32768, rms_norm_eps=1e-6,
@@ -69,7 +66,7 @@ def _configs(arch: str, special: dict[str, int], *, vocab: int | None = None, la
         from transformers import Qwen2_5_VLConfig
 
         # head_dim 16: the M-RoPE sections (temporal, height, width) split its 8 frequencies.
-        text = dict(common_text, vocab_size=vocab or 152064,
+        text = dict(common_text, vocab_size=vocab_size or 152064,
                     rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]})
         vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, in_channels=3, patch_size=14,
                       spatial_merge_size=2, temporal_patch_size=2, window_size=112, out_hidden_size=64,
@@ -78,7 +75,7 @@ def _configs(arch: str, special: dict[str, int], *, vocab: int | None = None, la
     if arch == "qwen3-vl":
         from transformers import Qwen3VLConfig
 
-        text = dict(common_text, vocab_size=vocab or 151936, head_dim=16,
+        text = dict(common_text, vocab_size=vocab_size or 151936, head_dim=16,
                     rope_parameters={"rope_type": "default", "rope_theta": 5000000.0,
                                      "mrope_section": [4, 2, 2], "mrope_interleaved": True})
         vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, in_channels=3, patch_size=16,
@@ -118,7 +115,6 @@ def make_tiny_model(out_dir: str | Path, *, arch: str = "qwen2.5-vl", seed: int 
     quiet_transformers()
     if arch not in ARCHS:
         raise MarsError(f"unknown architecture {arch!r} (expected one of: {', '.join(ARCHS)})")
-    qwen_vocab.check_vocab_limit(vocab)
     if not 1 <= layers <= 32:
         raise MarsError(f"--layers must be between 1 and 32, got {layers}")
     out_dir = Path(out_dir)
@@ -128,7 +124,10 @@ def make_tiny_model(out_dir: str | Path, *, arch: str = "qwen2.5-vl", seed: int 
     with atomic_dir(out_dir) as tmp:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; a checkpoint is not
         special = qwen_vocab.write_tokenizer_files(tmp, arch, CHAT_TEMPLATE, vocab)
-        config = _configs(arch, special, vocab=vocab, layers=layers)
+        # A truncated vocabulary's rows: up to a multiple of 64 past the special tokens,
+        # as the real checkpoints pad theirs.
+        vocab_size = None if vocab is None else -(-(max(special.values()) + 1) // 64) * 64
+        config = _configs(arch, special, vocab_size=vocab_size, layers=layers)
         model_cls = _model_class(arch)
         # Initialise on a private generator state so the weights depend on the seed only.
         with torch.random.fork_rng(devices=[]):
