@@ -26,6 +26,7 @@ from typing import Any, Iterable, Sequence
 ZOOM, TEXT_SEARCH, IMAGE_SEARCH = "image_zoom_in_tool", "text_search_tool", "image_search_tool"
 TOOL_NAMES = (ZOOM, TEXT_SEARCH, IMAGE_SEARCH)
 BBOX_SCALE = 1000  # bbox_2d is in 0–1000 relative units of the image it refers to
+CHOICE_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"  # options are lettered; records allow at most 26
 
 TOOL_SCHEMAS: list[dict] = [
     {
@@ -116,7 +117,7 @@ def question_text(task: dict) -> str:
     q = task["question"].strip()
     choices = task.get("choices")
     if choices:
-        letters = "ABCDEFGHIJ"
+        letters = CHOICE_LETTERS
         opts = "\n".join(f"{letters[i]}. {c}" for i, c in enumerate(choices))
         q = f"{q}\nOptions:\n{opts}\nAnswer with the option's letter."
     return q
@@ -159,20 +160,27 @@ class Turn:
         return "none"
 
 
+_THINK_OPEN = re.compile(r"<think(?:ing)?>", re.IGNORECASE)
 _THINK_END = re.compile(r"</think(?:ing)?>", re.IGNORECASE)
 _THINK = re.compile(r"<think(?:ing)?>(.*?)(?:</think(?:ing)?>|$)", re.DOTALL | re.IGNORECASE)
 _CALL = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)
-_ANSWER = re.compile(r"<answer>(.*?)(?:</answer>|$)", re.DOTALL)
+# The innermost answer: its text may not contain another <answer> (nested tags give "A",
+# not "<answer>A").
+_ANSWER = re.compile(r"<answer>((?:(?!<answer>).)*?)(?:</answer>|$)", re.DOTALL)
+MAX_ARGUMENT_DEPTH = 32  # nesting of a call's JSON; records hold it a few levels deeper
 
 
 def _after_thinking(text: str) -> str:
-    """The text after the last end-of-thinking tag (actions inside thinking don't count)."""
+    """The text where actions count: after the last end-of-thinking tag, and before a
+    thinking block that is opened again and never closed (its text is still thinking)."""
     ends = list(_THINK_END.finditer(text))
-    return text[ends[-1].end():] if ends else text
+    start = ends[-1].end() if ends else 0
+    reopened = _THINK_OPEN.search(text, start)
+    return text[start:reopened.start()] if reopened else text[start:]
 
 
 def extract_answer(text: str) -> str | None:
-    """The last <answer> of a turn, after any </think>/</thinking>; None when absent or empty."""
+    """The last <answer> of a turn, outside thinking; None when absent or empty."""
     found = _ANSWER.findall(_after_thinking(text))
     if not found:
         return None
@@ -180,12 +188,67 @@ def extract_answer(text: str) -> str | None:
     return ans or None
 
 
+class _Unwritable(ValueError):
+    """A JSON value that parses but that a record cannot hold."""
+
+
+def _reject_constant(name: str):
+    raise _Unwritable(f"{name} is not a JSON number")
+
+
+def _finite_float(s: str) -> float:
+    v = float(s)
+    if v != v or v in (float("inf"), float("-inf")):
+        raise _Unwritable(f"the number {s[:20]} is out of range")
+    return v
+
+
+def _int64(s: str) -> int:
+    if len(s) > 20 or not -(1 << 63) <= int(s) < (1 << 64):
+        raise _Unwritable(f"the integer {s[:24]}{'…' if len(s) > 24 else ''} does not fit in 64 bits")
+    return int(s)
+
+
+def writable_problem(value: Any, max_depth: int = MAX_ARGUMENT_DEPTH) -> str | None:
+    """Why `value` cannot go into a record (too deep, a lone surrogate, …), or None."""
+    stack = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, (dict, list)):
+            if depth > max_depth:
+                return f"it is nested more than {max_depth} levels deep"
+            items = v.items() if isinstance(v, dict) else enumerate(v)
+            for k, x in items:
+                if isinstance(k, str):
+                    stack.append((k, depth))
+                stack.append((x, depth + 1))
+        elif isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError:
+                return "it contains an unpaired surrogate (\\ud800-\\udfff) in a string"
+    return None
+
+
+def loads_json(body: str) -> Any:
+    """Strict JSON for model output: only values a record can hold (no NaN/Infinity, 64-bit
+    integers, bounded nesting, valid Unicode); anything else raises ValueError."""
+    try:
+        obj = json.loads(body, parse_constant=_reject_constant, parse_float=_finite_float, parse_int=_int64)
+    except RecursionError:
+        raise _Unwritable(f"it is nested more than {MAX_ARGUMENT_DEPTH} levels deep") from None
+    problem = writable_problem(obj)
+    if problem:
+        raise _Unwritable(problem)
+    return obj
+
+
 def _loads_call(body: str) -> Any:
     body = body.strip()
     # Some models wrap the JSON in a code fence.
     if body.startswith("```"):
         body = re.sub(r"^```[a-zA-Z]*\s*|\s*```$", "", body)
-    return json.loads(body)
+    return loads_json(body)
 
 
 def validate_call(obj: Any) -> tuple[ToolCall | None, str | None]:
@@ -200,8 +263,10 @@ def validate_call(obj: Any) -> tuple[ToolCall | None, str | None]:
     args = obj.get("arguments", {})
     if isinstance(args, str):  # some chat templates emit the arguments as a JSON string
         try:
-            args = json.loads(args)
-        except json.JSONDecodeError:
+            args = loads_json(args)
+        except _Unwritable as e:
+            return None, f"the arguments of {name} cannot be used: {e}"
+        except ValueError:
             return None, f"the arguments of {name} are not valid JSON"
     if not isinstance(args, dict):
         return None, f"the arguments of {name} must be a JSON object"
@@ -237,7 +302,24 @@ def _check_arguments(name: str, args: dict) -> str | None:
 
 
 def parse_turn(text: str) -> Turn:
-    """Read one assistant turn. Never raises."""
+    """Read one assistant turn. Never raises: any input gives a Turn (an error at worst)."""
+    try:
+        return _parse_turn(text)
+    except Exception as e:  # a parser bug must not end a rollout: the model reads an error
+        body = text if isinstance(text, str) else repr(text)
+        return Turn(error=f"the turn could not be read ({type(e).__name__})", raw_call=body[:2000])
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def clean_text(text: str) -> str:
+    """`text` with unpaired surrogates (which no UTF-8 record can hold) replaced by U+FFFD."""
+    return _LONE_SURROGATE.sub("\ufffd", text)
+
+
+def _parse_turn(text: str) -> Turn:
+    text = clean_text(text)
     turn = Turn()
     m = _THINK.search(text)
     if m:
@@ -259,7 +341,11 @@ def parse_turn(text: str) -> Turn:
     body = calls[0].group(1)
     try:
         obj = _loads_call(body)
-    except (json.JSONDecodeError, ValueError) as e:
+    except _Unwritable as e:
+        turn.raw_call = body.strip()
+        turn.error = f"the tool call cannot be used: {e}"
+        return turn
+    except ValueError as e:
         turn.raw_call = body.strip()
         turn.error = f"the tool call is not valid JSON ({e.msg} at position {e.pos})" if isinstance(e, json.JSONDecodeError) else "the tool call is not valid JSON"
         return turn
