@@ -70,7 +70,7 @@ class MarsGroup(TyperGroup):
         pending = list(getattr(ctx, "_protected_args", None) or getattr(ctx, "protected_args", None) or []) + list(ctx.args)
         sub = pending[0] if pending else None
         prog = f"mars {sub}" if sub in self.commands else "mars"
-        token = streams.program.set(prog)
+        token = streams.set_program(prog)
         try:
             return super().invoke(ctx)
         except MarsError as e:
@@ -83,7 +83,7 @@ class MarsGroup(TyperGroup):
             streams.silence_broken_pipe()
             raise typer.Exit(0) from None
         finally:
-            streams.program.reset(token)
+            streams.reset_program(token)
 
     def list_commands(self, ctx):
         # Keep the table's order (the pipeline's order), not alphabetical.

@@ -19,6 +19,28 @@ _records = None
 _closed: set[int] = set()  # standard descriptors that were closed when mars started
 # The name errors and warnings are prefixed with ("mars judge"); set by the CLI group.
 program: contextvars.ContextVar[str] = contextvars.ContextVar("program", default="mars")
+# The same name for threads a command starts (tool calls, judges): a new thread does not
+# inherit the context, and its warnings must still say `mars rollout:`, not `mars:`.
+_process_program = "mars"
+
+
+def current_program() -> str:
+    name = program.get()
+    return name if name != "mars" else _process_program
+
+
+def set_program(name: str):
+    """Name the running command (context and process-wide); returns a token for reset_program."""
+    global _process_program
+    previous = _process_program
+    _process_program = name
+    return program.set(name), previous
+
+
+def reset_program(token) -> None:
+    global _process_program
+    ctx_token, _process_program = token
+    program.reset(ctx_token)
 
 
 def reopen_closed_std() -> None:
@@ -106,7 +128,7 @@ def silence_broken_pipe() -> None:
 
 def warn(message: str) -> None:
     """One line on stderr, prefixed with the program name."""
-    sys.stderr.write(f"{program.get()}: {message}\n")
+    sys.stderr.write(f"{current_program()}: {message}\n")
     sys.stderr.flush()
 
 

@@ -76,7 +76,7 @@ def completed(out: str | os.PathLike) -> tuple[list[dict], set[tuple]]:
 
 
 ENGINE_OPTS = {"hf": ("device", "dtype", "max_batch"), "vllm": ("tp", "gpu_memory_utilization", "dtype"),
-               "openai": ("base_url", "model")}
+               "openai": ("base_url", "model", "timeout", "max_retries")}
 
 
 def make_engine(name: str, policy: str | None, sampling: dict | None = None, **opts):
@@ -93,14 +93,14 @@ def rollout(files, *, out: str | None, n: int, engine: dict, sampling: dict, lim
     """`mars rollout`: read tasks, run episodes, write trajectories; return finish counts."""
     from mars_cli.agent.loop import AgentLoop, Limits
     from mars_cli.jsonl import RecordWriter, read_located
-    from mars_cli.records import validate
+    from mars_cli.records import validate, warn_duplicate_tasks
 
     lim = Limits(**limits)
     old, done = completed(out) if resume else ([], set())
     toolbox = open_toolbox(artifacts_dir(artifacts, out), **tools)
     eng = make_engine(**engine, sampling=sampling)
     loop = AgentLoop(eng, toolbox, limits=lim, batch_size=batch_size, system_prompt=system_prompt)
-    tasks = (validate(rec, "task", where) for where, rec in read_located(files, skip_bad=skip_bad))
+    tasks = (validate(rec, "task", where) for where, rec in warn_duplicate_tasks(read_located(files, skip_bad=skip_bad)))
     counts: dict[str, int] = {}
     writer = RecordWriter(out)
     bar = streams.progress(unit="episode", desc="rollout")

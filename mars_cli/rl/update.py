@@ -136,7 +136,8 @@ def run_update(paths, cfg: UpdateConfig, *, skip_bad: bool = False, trainer_hook
                          cfg.eps_high if cfg.eps_high is not None else L.DEFAULT_EPS[cfg.loss][1])
     policy, bf16 = prepare_policy(cfg.policy, train_vision=cfg.train_vision,
                                   gradient_checkpointing=cfg.gradient_checkpointing, bf16=cfg.bf16, seed=cfg.seed)
-    examples = batching.update_examples(read_located(paths, skip_bad=skip_bad), policy.special["image_pad"])
+    examples = batching.update_examples(read_located(paths, skip_bad=skip_bad), policy.special["image_pad"],
+                                        vocab_size=policy.model.get_input_embeddings().num_embeddings)
     if cfg.old_logprobs == "rollout":
         for ex in examples:
             if ex.rollout_logprobs is None:

@@ -75,11 +75,17 @@ class Summarizer:
         """(one summary per result, the overall summary)."""
         if not results:
             return [], "The search returned no results."
+        def page(r: dict) -> str:
+            try:
+                return self.summarize_page(query, r)
+            except ToolError:
+                return ""  # this page goes into the final summary by its snippet alone
+
         with ThreadPoolExecutor(max_workers=self.workers) as pool:
-            pages = list(pool.map(lambda r: self.summarize_page(query, r), results))
+            pages = list(pool.map(page, results))
         blocks = []
         for i, (r, s) in enumerate(zip(results, pages), 1):
             snippet = (r.get("snippet") or r.get("text") or "")[:300]
-            blocks.append(f"[{i}] {r.get('title') or 'untitled'}\nSnippet: {snippet}\nPage summary: {s}")
+            blocks.append(f"[{i}] {r.get('title') or 'untitled'}\nSnippet: {snippet}" + (f"\nPage summary: {s}" if s else ""))
         final = self.chat(FINAL_PROMPT.format(query=query, results="\n\n".join(blocks), sentences=self.sentences + 2), max_tokens=600)
         return pages, final
