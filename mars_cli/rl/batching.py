@@ -47,6 +47,8 @@ def _resolve_image(path: str, where) -> str:
 
 
 def _check_tokens(ids, mask, images, image_pad: int, where, vocab_size: int | None = None) -> None:
+    if not ids:
+        raise where.error("tokens.ids is empty: nothing to train on")
     if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
         raise where.error("tokens.ids must be non-negative integers")
     if vocab_size is not None and ids and max(ids) >= vocab_size:
