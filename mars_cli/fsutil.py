@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from mars_cli.dirswap import apply_umask, make_temp_dir, recover_dir, replace_dir  # noqa: F401
+from mars_cli.dirswap import apply_umask, make_temp_dir, recover_dir, replace_dir, temp_prefix  # noqa: F401
 from mars_cli.errors import MarsError
 
 
@@ -44,6 +44,13 @@ def os_errors(path: str | os.PathLike, tmp: Path | None = None) -> Iterator[None
         raise
     except OSError as e:
         raise MarsError(os_message(e, path, tmp)) from None
+
+
+def temp_file(path: Path, suffix: str = "") -> tuple[int, str]:
+    """mkstemp beside `path`, named after this process so that the next writer of `path`
+    deletes it if a kill -9 left it behind (dirswap.recover_dir)."""
+    recover_dir(path)
+    return tempfile.mkstemp(prefix=temp_prefix(path), suffix=suffix, dir=path.parent)
 
 
 def is_special(path: Path) -> bool:
@@ -102,7 +109,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
             yield path
         return
     with os_errors(path):
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+        fd, tmp = temp_file(path, suffix=path.suffix)
         os.close(fd)
     tmp = Path(tmp)
     try:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Iterable, Iterator
@@ -178,7 +177,7 @@ class RecordWriter:
     """
 
     def __init__(self, out: str | os.PathLike | None = None, *, flush_each: bool = True):
-        from mars_cli.fsutil import check_output, is_special, os_errors
+        from mars_cli.fsutil import check_output, is_special, os_errors, temp_file
 
         self.out = None if out in (None, "-") else Path(out)
         self.flush_each = flush_each
@@ -198,7 +197,7 @@ class RecordWriter:
                 self._f = open(self.out, "wb", buffering=1 << 16)
                 self._direct = True
             else:
-                fd, tmp = tempfile.mkstemp(prefix=f".{self.out.name}.", suffix=".tmp", dir=self.out.parent)
+                fd, tmp = temp_file(self.out)
                 self._tmp = Path(tmp)
                 self._f = os.fdopen(fd, "wb", buffering=1 << 16)
 

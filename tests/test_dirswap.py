@@ -111,3 +111,27 @@ def test_replace_dir_needs_a_temporary_beside_dest(tmp_path):
     (t / "f").write_text("1")
     replace_dir(t, tmp_path / "dest")
     assert (tmp_path / "dest" / "f").read_text() == "1"
+
+
+def test_k4_temporary_files_of_killed_writers_are_deleted_next_write(tmp_path):
+    from mars_cli.jsonl import write_records
+
+    out = tmp_path / "judged.jsonl"
+    code = ("import os, sys; from mars_cli.jsonl import RecordWriter; w = RecordWriter(sys.argv[1]);"
+            "w.write({'a': 1}); w._f.flush(); os.kill(os.getpid(), 9)")
+    assert subprocess.run([sys.executable, "-c", code, str(out)], timeout=60).returncode == -9
+    assert [q.name.startswith(".judged.jsonl.tmp-") for q in tmp_path.iterdir()] == [True]
+    write_records([{"b": 2}], out)
+    assert [q.name for q in tmp_path.iterdir()] == ["judged.jsonl"]
+
+
+def test_k2_a_written_checkpoint_honours_the_umask(tmp_path):
+    from mars_cli.models.tiny import make_tiny_model
+
+    old = os.umask(0o027)
+    try:
+        make_tiny_model(tmp_path / "m", arch="qwen2.5-vl", seed=0)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m").stat().st_mode & 0o777 == 0o750
+    assert {p.stat().st_mode & 0o777 for p in (tmp_path / "m").iterdir()} == {0o640}
