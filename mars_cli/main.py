@@ -108,6 +108,7 @@ def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
     verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="More log output on stderr (-vv for debug)."),
 ) -> None:
+    streams.verbosity = verbose
     level = os.environ.get("MARS_LOG_LEVEL") or ("DEBUG" if verbose > 1 else "INFO" if verbose else "WARNING")
     logging.basicConfig(level=level.upper(), stream=sys.stderr, format="%(name)s: %(message)s", force=True)
 

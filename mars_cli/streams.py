@@ -18,6 +18,8 @@ T = TypeVar("T")
 _records = None
 # The name errors and warnings are prefixed with ("mars judge"); set by the CLI group.
 program: contextvars.ContextVar[str] = contextvars.ContextVar("program", default="mars")
+# -v count (set by the CLI): libraries' own bars and chatter reach stderr only when > 0.
+verbosity = 0
 
 
 def guard_stdout() -> None:
@@ -69,18 +71,48 @@ def warn(message: str) -> None:
     sys.stderr.flush()
 
 
+def summary(line: str) -> None:
+    """`mars CMD: line` on stderr, always (TTY or not): how a long command ends."""
+    warn(line)
+
+
+def progress_mode() -> str:
+    """How long work reports itself: "bar" (tqdm), "log" (a line every N s) or "off".
+
+    A terminal gets a bar; a log file gets plain lines. MARS_PROGRESS overrides:
+    bar (or 1), log, or 0 (nothing).
+    """
+    env = os.environ.get("MARS_PROGRESS", "").strip().lower()
+    if env in ("0", "false", "no", "off"):
+        return "off"
+    if env in ("1", "true", "yes", "bar"):
+        return "bar"
+    if env == "log":
+        return "log"
+    return "bar" if sys.stderr.isatty() else "log"
+
+
 def progress_enabled() -> bool:
-    """Bars on a terminal only, unless MARS_PROGRESS=1 (or 0) says otherwise."""
-    env = os.environ.get("MARS_PROGRESS")
-    if env is not None:
-        return env not in ("", "0", "false", "no")
-    return sys.stderr.isatty()
+    """True when progress is shown at all (bar or periodic lines)."""
+    return progress_mode() != "off"
 
 
 def progress(iterable: Iterable[T] | None = None, **kwargs) -> Iterable[T]:
-    """A tqdm bar on stderr (quiet when stderr is not a terminal)."""
+    """Progress of long work on stderr: a tqdm bar on a terminal, periodic lines elsewhere.
+
+    Takes tqdm's arguments (total, desc, unit, disable…) and gives tqdm's interface
+    (iteration, update, set_postfix, close). Off a terminal it prints
+    `mars CMD: desc 120/500 units (24%), 3.1 units/s, ETA 2m04s` every
+    MARS_PROGRESS_INTERVAL seconds (30) and one summary line at close
+    (summary=False leaves that to the caller).
+    """
+    mode = "off" if kwargs.pop("disable", False) else progress_mode()
+    if mode == "log":
+        from mars_cli.progress import LogProgress
+
+        return LogProgress(iterable, **kwargs)
     from tqdm import tqdm
 
-    kwargs.setdefault("disable", not progress_enabled())
+    kwargs.pop("summary", None)
     kwargs.setdefault("dynamic_ncols", True)
-    return tqdm(iterable, file=sys.stderr, **kwargs)
+    return tqdm(iterable, file=sys.stderr, disable=mode == "off", **kwargs)

@@ -213,5 +213,6 @@ def test_subprocess_pipeline_head_is_quiet():
     recs = [traj(i, "Paris") for i in range(2000)]
     p = subprocess.run(f"{sys.executable} -m mars_cli judge | {sys.executable} -m mars_cli advantage --batch-size 4 | head -1",
                        shell=True, input=lines(recs).encode(), capture_output=True, timeout=120)
-    assert p.returncode == 0 and p.stderr == b""
+    # at most judge's own "done" line (when it finished before head closed the pipe), never a traceback
+    assert p.returncode == 0 and all(line.startswith(b"mars judge: 2000 records in ") for line in p.stderr.splitlines())
     assert orjson.loads(p.stdout)["advantage"] == 0.0

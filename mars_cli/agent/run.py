@@ -103,7 +103,7 @@ def rollout(files, *, out: str | None, n: int, engine: dict, sampling: dict, lim
     tasks = (validate(rec, "task", where) for where, rec in read_located(files, skip_bad=skip_bad))
     counts: dict[str, int] = {}
     writer = RecordWriter(out)
-    bar = streams.progress(unit="episode", desc="rollout")
+    bar = streams.progress(unit="episodes", desc="rollout", summary=False)  # the counts line below sums up
     ok = False
     try:
         for rec in old:

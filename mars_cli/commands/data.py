@@ -37,7 +37,7 @@ def convert(
 
     if fmt not in FORMATS:
         raise UsageError(f"unknown --format {fmt!r}; choose one of: {', '.join(FORMATS)}")
-    bar = progress(desc="converting", unit=" tasks")
+    bar = progress(desc="converting", unit=" tasks", summary=False)  # the "wrote" line sums up
     summary = run(fmt, inputs, out, seed=seed, image_root=image_root, benchmark=benchmark, limit=limit, on_task=lambda _: bar.update())
     bar.close()
     warn(f"wrote {summary['tasks']} tasks and {summary['images']} images to {out}")

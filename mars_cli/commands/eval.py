@@ -27,8 +27,12 @@ def main(
 
     from mars_cli.eval.metrics import compute_metrics, format_table
     from mars_cli.jsonl import RecordWriter, read_located
+    from mars_cli.progress import count_lines
+    from mars_cli.streams import progress
 
-    items = read_located([str(f) for f in files or []], skip_bad=skip_bad)
+    paths = [str(f) for f in files or []]
+    items = progress(read_located(paths, skip_bad=skip_bad), desc="eval", unit="records", total=count_lines(paths),
+                     summary=False, disable=quiet)  # the table is the summary
     records = compute_metrics(items, by=list(by or []), label=label)
     with RecordWriter(out) as w:
         for r in records:

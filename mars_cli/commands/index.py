@@ -24,13 +24,15 @@ def text(
     Prints the index manifest as one record. Example: mars index text wiki-18.jsonl --out wiki-idx
     """
     from mars_cli.jsonl import RecordWriter, read_located
+    from mars_cli.progress import count_lines
     from mars_cli.tools.embed import load_embedder
     from mars_cli.tools.index_text import build_text_index, parse_passage
 
     embedder = load_embedder(str(dense_model)) if dense_model else None
     passages = (parse_passage(rec, where) for where, rec in read_located(corpus, skip_bad=skip_bad))
     source = ",".join(str(p) for p in corpus) if corpus else "<stdin>"
-    manifest = build_text_index(passages, out, embedder=embedder, chunk=chunk, source=source)
+    manifest = build_text_index(passages, out, embedder=embedder, chunk=chunk, source=source,
+                                total=count_lines(corpus))
     with RecordWriter(None) as w:
         w.write({"index": str(out), **manifest})
 

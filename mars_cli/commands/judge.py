@@ -39,6 +39,7 @@ def main(
     from mars_cli import streams
     from mars_cli.errors import MarsError, UsageError
     from mars_cli.jsonl import RecordWriter, SkipCounter, read_located
+    from mars_cli.progress import count_lines
     from mars_cli.records import SCORERS
     from mars_cli.rl.judge import FIELDS, JudgeConfig, JudgeStats, judge_records
 
@@ -55,7 +56,7 @@ def main(
     stats, skipped = JudgeStats(), SkipCounter()
     located = read_located(files, skip_bad=skip_bad, skipped=skipped)
     with RecordWriter(output) as w:
-        for rec in streams.progress(judge_records(located, cfg, stats), desc="judge", unit="rec"):
+        for rec in streams.progress(judge_records(located, cfg, stats), desc="judge", unit="records", total=count_lines(files)):
             w.write(rec, fresh=FIELDS)
     skipped.report()
     logging.getLogger("mars.judge").info(stats.summary())

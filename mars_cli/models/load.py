@@ -115,10 +115,10 @@ def fingerprint(path: str | Path) -> str:
 
 
 def quiet_transformers() -> None:
-    """No transformers progress bars ("Loading weights") unless mars shows progress."""
+    """No transformers progress bars ("Loading weights") on stderr unless -v."""
     from mars_cli import streams
 
-    if not streams.progress_enabled():
+    if streams.verbosity < 1:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()

@@ -17,6 +17,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 
+from mars_cli import streams
 from mars_cli.errors import MarsError, UsageError
 from mars_cli.rl import batching, loss as L
 from mars_cli.rl.checkpoint import read_meta, save_checkpoint
@@ -184,6 +185,7 @@ def run_update(paths, cfg: UpdateConfig, *, skip_bad: bool = False, trainer_hook
     objective = L.OBJECTIVES[cfg.loss]
     stats: dict = {}
     losses, norms, tokens = [], [], 0
+    bar = streams.progress(total=len(minis), desc="update", unit="steps", disable=rank != 0)
     for mb in minis:
         denom = len(mb) if sequence_level else sum(examples[i].policy_tokens for i in mb)
         denom = max(denom, 1)
@@ -224,6 +226,8 @@ def run_update(paths, cfg: UpdateConfig, *, skip_bad: bool = False, trainer_hook
             trainer_hook(trainer, mb)
         norms.append(trainer.step())
         losses.append(step_loss)
+        bar.update(1)
+    bar.close()
 
     train_seconds, train_cpu = time.time() - t_train, time.process_time() - c_train
     # Every rank sends the same keys (a rank may have seen no policy tokens at all).
