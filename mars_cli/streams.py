@@ -20,6 +20,8 @@ _records = None
 program: contextvars.ContextVar[str] = contextvars.ContextVar("program", default="mars")
 # -v count (set by the CLI): libraries' own bars and chatter reach stderr only when > 0.
 verbosity = 0
+# -q (set by the CLI): no progress and no summary lines; warnings and errors still print.
+quiet = False
 
 
 def guard_stdout() -> None:
@@ -72,18 +74,19 @@ def warn(message: str) -> None:
 
 
 def summary(line: str) -> None:
-    """`mars CMD: line` on stderr, always (TTY or not): how a long command ends."""
-    warn(line)
+    """`mars CMD: line` on stderr, TTY or not (only -q hides it): how a long command ends."""
+    if not quiet:
+        warn(line)
 
 
 def progress_mode() -> str:
     """How long work reports itself: "bar" (tqdm), "log" (a line every N s) or "off".
 
     A terminal gets a bar; a log file gets plain lines. MARS_PROGRESS overrides:
-    bar (or 1), log, or 0 (nothing).
+    bar (or 1), log, or 0 (nothing); -q means nothing.
     """
     env = os.environ.get("MARS_PROGRESS", "").strip().lower()
-    if env in ("0", "false", "no", "off"):
+    if quiet or env in ("0", "false", "no", "off"):
         return "off"
     if env in ("1", "true", "yes", "bar"):
         return "bar"

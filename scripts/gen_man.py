@@ -68,7 +68,7 @@ EXAMPLES = {
     "crop": [
         ("Cut a box out of a photo; prints the crop's record.", "mars crop photo.jpg 0.1 0.2 0.3 0.4 -o crop.jpg"),
         ("Write a PNG under its content hash into a folder.",
-         "mars crop photo.jpg 0.5 0.5 1 1 --out-dir artifacts --format png"),
+         "mars crop photo.jpg 0.5 0.5 1 1 --artifacts artifacts --format png"),
         ("A box that spills over the edges (negative numbers after --).",
          "mars crop --clamp -o edge.jpg photo.jpg -- -0.05 0.9 0.3 1.1"),
         ("Resize the crop the way Qwen-VL sees it.", "mars crop photo.jpg 0 0 1 1 --max-pixels 1003520 -o model.jpg"),

@@ -217,5 +217,5 @@ def test_base_resolves_relative_image_paths(tmp_path, monkeypatch):
     out = tmp_path / "web" / "page.html"
     assert show(write(tmp_path, [rec]), "-o", out).exit_code == 0
     assert parse(out).find("img")[0]["src"] == "images/scene0.png"  # relative to cwd (web/)
-    assert show(write(tmp_path, [rec]), "-o", out, "--base", tmp_path).exit_code == 0
+    assert show(write(tmp_path, [rec]), "-o", out, "--image-root", tmp_path).exit_code == 0
     assert parse(out).find("img")[0]["src"] == "../images/scene0.png"

@@ -8,8 +8,10 @@ from typing import Optional
 import typer
 
 from mars_cli.errors import UsageError
+from mars_cli.flags import renamed
 
 
+@renamed({"--out-dir": "--artifacts", "-q": ("--quality", str.isdigit)})
 def main(
     ctx: typer.Context,
     image: Path = typer.Argument(..., help="Image file: JPEG, PNG, WebP, TIFF, BMP or GIF."),
@@ -21,7 +23,7 @@ def main(
         None, "--out", "-o", help="Write the crop to this file; the format comes from its extension."
     ),
     out_dir: Optional[Path] = typer.Option(
-        None, "--out-dir", envvar="MARS_ARTIFACTS",
+        None, "--artifacts", envvar="MARS_ARTIFACTS",
         help="Without -o: write the crop here under a content-hash name (default: the current directory).",
     ),
     fmt: str = typer.Option("jpg", "--format", help="Format of a content-hash named crop: jpg, png, webp, tif, bmp."),
@@ -29,7 +31,7 @@ def main(
     min_side: int = typer.Option(28, "--min-side", help="Upscale crops with a shorter side, keeping the aspect ratio (0: never)."),
     max_pixels: Optional[int] = typer.Option(None, "--max-pixels", help="Smart-resize: at most this many pixels, sides multiples of 28."),
     min_pixels: Optional[int] = typer.Option(None, "--min-pixels", help="Smart-resize: at least this many pixels, sides multiples of 28."),
-    quality: int = typer.Option(90, "--quality", "-q", min=1, max=100, help="JPEG/WebP quality."),
+    quality: int = typer.Option(90, "--quality", min=1, max=100, help="JPEG/WebP quality."),
     max_image_pixels: Optional[int] = typer.Option(
         None, "--max-image-pixels", envvar="MARS_MAX_IMAGE_PIXELS",
         help="Refuse larger source images as decompression bombs (default: 200000000).",
@@ -49,7 +51,7 @@ def main(
     if out is not None and out_dir is not None:
         # MARS_ARTIFACTS only sets a default; an explicit -o wins over it.
         if getattr(ctx.get_parameter_source("out_dir"), "name", None) == "COMMANDLINE":
-            raise UsageError("give -o FILE or --out-dir DIR, not both")
+            raise UsageError("give -o FILE or --artifacts DIR, not both")
         out_dir = None
     result = crop_image(
         image, (x0, y0, x1, y1), out=out, out_dir=out_dir, clamp=clamp,

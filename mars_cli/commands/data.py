@@ -7,6 +7,8 @@ from typing import List, Optional
 
 import typer
 
+from mars_cli.flags import renamed
+
 app = typer.Typer(
     help="Convert published benchmarks to task records; make the synthetic benchmark.",
     no_args_is_help=True,
@@ -46,9 +48,10 @@ def convert(
 
 
 @app.command("synth")
+@renamed({"--n": "--tasks", "-n": "--tasks"})
 def synth(
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (replaced atomically)."),
-    n: int = typer.Option(64, "--n", "-n", min=1, help="Number of tasks."),
+    n: int = typer.Option(64, "--tasks", min=1, help="Number of tasks."),
     seed: int = typer.Option(0, "--seed", help="Everything follows from the seed: same seed, same files."),
     test_fraction: float = typer.Option(0.0, "--test-fraction", min=0.0, max=0.99, help="Also write train/ and test/ splits, this share in test."),
     distractors: int = typer.Option(2, "--distractors", min=0, help="Extra unrelated corpus passages per task."),

@@ -7,12 +7,15 @@ from typing import List, Optional
 
 import typer
 
+from mars_cli.flags import renamed
 
+
+@renamed({"--output": "--out", "--top-k": "--num-results"})
 def main(
     query: Optional[List[str]] = typer.Argument(None, help="The query (words are joined) (default: {\"query\"} records on stdin)."),
     backend: str = typer.Option("local", "--backend", "-b", envvar="MARS_SEARCH_BACKEND", help="local, serper, searxng or retriever."),
     index: Optional[Path] = typer.Option(None, "--index", envvar="MARS_INDEX", help="Index directory for the local backend."),
-    k: int = typer.Option(5, "-k", "--top-k", min=1, max=50, help="Number of results per query."),
+    k: int = typer.Option(5, "-k", "--num-results", min=1, max=50, help="Number of results per query."),
     group: bool = typer.Option(False, "--group", help="One record per query (results + rendered context) instead of one per result."),
     method: Optional[str] = typer.Option(None, "--method", help="local retrieval: bm25, dense or hybrid (default: hybrid when dense was built and --dense-model is given)."),
     dense_model: Optional[Path] = typer.Option(None, "--dense-model", envvar="MARS_DENSE_MODEL", help="Local embedding model path for dense/hybrid retrieval."),
@@ -30,7 +33,7 @@ def main(
     backoff: float = typer.Option(0.5, "--backoff", min=0.0, help="Seconds before the first retry (doubled each time)."),
     allow_private: bool = typer.Option(False, "--allow-private", help="Allow fetching result pages on private/loopback addresses."),
     budget: int = typer.Option(3000, "--budget", min=100, help="Character budget of the rendered context (--group)."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write here (atomically) instead of stdout."),
+    output: Optional[Path] = typer.Option(None, "--out", "-o", help="Write here (atomically) instead of stdout."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unparsable input lines with a warning."),
 ) -> None:
     """Search text: a local index, the web, or a retrieval server.
