@@ -93,6 +93,7 @@ def rollout(files, *, out: str | None, n: int, engine: dict, sampling: dict, lim
     """`mars rollout`: read tasks, run episodes, write trajectories; return finish counts."""
     from mars_cli.agent.loop import AgentLoop, Limits
     from mars_cli.jsonl import RecordWriter, read_located
+    from mars_cli.paths import resolve_task_images
     from mars_cli.records import validate
 
     lim = Limits(**limits)
@@ -100,7 +101,7 @@ def rollout(files, *, out: str | None, n: int, engine: dict, sampling: dict, lim
     toolbox = open_toolbox(artifacts_dir(artifacts, out), **tools)
     eng = make_engine(**engine, sampling=sampling)
     loop = AgentLoop(eng, toolbox, limits=lim, batch_size=batch_size, system_prompt=system_prompt)
-    tasks = (validate(rec, "task", where) for where, rec in read_located(files, skip_bad=skip_bad))
+    tasks = (validate(resolve_task_images(rec, where), "task", where) for where, rec in read_located(files, skip_bad=skip_bad))
     counts: dict[str, int] = {}
     writer = RecordWriter(out)
     bar = streams.progress(unit="episodes", desc="rollout", summary=False)  # the counts line below sums up

@@ -134,7 +134,7 @@ def make_synth(out_dir: str | os.PathLike, *, n: int = 64, seed: int = 0, test_f
         raise MarsError(f"--test-fraction must be in [0, 1), got {test_fraction}")
     if not 1 <= box_grid <= 1000:
         raise MarsError(f"--box-grid must be in [1, 1000] (units of the 0-1000 box scale), got {box_grid}")
-    out_dir = Path(out_dir)
+    out_dir = Path(os.path.abspath(out_dir))  # absolute paths in records: they run from any directory
     taken: set[str] = set()
     plans = [plan_task(seed, i, taken) for i in range(n)]
     rng = np.random.default_rng([seed, 1 << 20])
