@@ -73,6 +73,18 @@ def warn(message: str) -> None:
     sys.stderr.flush()
 
 
+_warned_once: set = set()
+
+
+def warn_once(key, message: str) -> bool:
+    """`warn(message)` the first time `key` is seen in this process; True if it printed."""
+    if key in _warned_once:
+        return False
+    _warned_once.add(key)
+    warn(message)
+    return True
+
+
 def summary(line: str) -> None:
     """`mars CMD: line` on stderr, TTY or not (only -q hides it): how a long command ends."""
     if not quiet:

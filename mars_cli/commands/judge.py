@@ -64,4 +64,5 @@ def main(
     skipped.report()
     logging.getLogger("mars.judge").info(stats.summary())
     if stats.missing and not allow_missing:
-        raise MarsError(f"{stats.missing} record(s) could not be judged (see judge.error); --allow-missing accepts that")
+        raise MarsError(f"{stats.missing} record(s) could not be judged (first: {stats.first_error}; see judge.error); "
+                        "--allow-missing accepts that")
