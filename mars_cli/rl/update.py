@@ -153,6 +153,9 @@ def run_update(paths, cfg: UpdateConfig, *, skip_bad: bool = False, trainer_hook
     dev = policy.device
     budget = token_budget(cfg.micro_batch_tokens, policy)
     rank, world = trainer.rank, trainer.world
+    if rank == 0 and all(ex.advantage == 0 for ex in examples):  # a degenerate batch: say so, still write
+        streams.warn(f"all {len(examples)} advantages are 0 (every group's rewards were equal): the policy-gradient "
+                     "term is zero and this step applies only the KL term and weight decay; the checkpoint is still written")
     length_cache: dict = {}
     lengths = [batching.expanded_length(policy, ex, length_cache) for ex in examples]
     minis = batching.minibatches(len(examples), cfg.mini_batch)
