@@ -38,12 +38,13 @@ def main(
 ) -> None:
     """Search text: a local index, the web, or a retrieval server.
 
-    With a QUERY, prints one record per result {query, rank, title, text, url or doc_id, score, backend}. Without one, reads {"query": …} records from stdin and adds the results, passing every other field through. A query that fails (timeout, no results, replay miss) is reported on stderr; the others are still written, and the exit status is 1.
+    With a QUERY, prints one record per result {query, rank, title, text, url or doc_id, score, backend}. Without one, reads stdin: {"query": …} records get the results added (every other field passes through), and a plain-text line is a query of its own. A query that fails (timeout, no results, replay miss) is reported on stderr; the others are still written, and the exit status is 1.
 
     Example: mars index text wiki.jsonl --out wiki-idx && mars search --index wiki-idx "eiffel tower height"
     """
     from mars_cli.errors import MarsError
-    from mars_cli.jsonl import RecordWriter, Where, read_located
+    from mars_cli.inputs import query_items
+    from mars_cli.jsonl import RecordWriter, Where
     from mars_cli.tools.text_search import open_text_search, search_records
 
     ts = open_text_search(backend, index=str(index) if index else None, cache=str(cache) if cache else None, replay=replay,
@@ -51,7 +52,7 @@ def main(
                           serper_url=serper_url, searxng_url=searxng_url, retriever_url=retriever_url,
                           llm_base_url=llm_base_url, llm_model=llm_model, rate_limit=rate_limit, timeout=timeout,
                           retries=retries, backoff=backoff, allow_private=allow_private)
-    items = [(Where("<args>", 1), {"query": " ".join(query)})] if query else read_located(None, skip_bad=skip_bad)
+    items = [(Where("<args>", 1), {"query": " ".join(query)})] if query else query_items(skip_bad=skip_bad)
     failures: list[str] = []
     with RecordWriter(output) as w:
         for rec in search_records(items, ts, k=k, group=group, budget_chars=budget, failures=failures, warn=not query):
