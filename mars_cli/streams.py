@@ -67,10 +67,36 @@ def silence_broken_pipe() -> None:
         pass
 
 
+_held: contextvars.ContextVar[list | None] = contextvars.ContextVar("held_warnings", default=None)
+
+
 def warn(message: str) -> None:
     """One line on stderr, prefixed with the program name."""
+    held = _held.get()
+    if held is not None:
+        held.append(message)
+        return
     sys.stderr.write(f"{program.get()}: {message}\n")
     sys.stderr.flush()
+
+
+class hold_warnings:
+    """Keep warnings back while setting up; print them if setup succeeds, drop them if not.
+
+    `with hold_warnings(): toolbox = …; engine = …` — a note such as "text search is
+    off" then never stands in front of the fatal error that stopped the run.
+    """
+
+    def __enter__(self):
+        self._token = _held.set([])
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        held = _held.get() or []
+        _held.reset(self._token)
+        if exc_type is None:
+            for message in held:
+                warn(message)
 
 
 _warned_once: set = set()

@@ -98,8 +98,9 @@ def rollout(files, *, out: str | None, n: int, engine: dict, sampling: dict, lim
 
     lim = Limits(**limits)
     old, done = completed(out) if resume else ([], set())
-    toolbox = open_toolbox(artifacts_dir(artifacts, out), **tools)
-    eng = make_engine(**engine, sampling=sampling)
+    with streams.hold_warnings():  # notes about the tools only once the engine is up
+        toolbox = open_toolbox(artifacts_dir(artifacts, out), **tools)
+        eng = make_engine(**engine, sampling=sampling)
     loop = AgentLoop(eng, toolbox, limits=lim, batch_size=batch_size, system_prompt=system_prompt)
     tasks = (validate(resolve_task_images(rec, where), "task", where) for where, rec in read_located(files, skip_bad=skip_bad))
     counts: dict[str, int] = {}
@@ -166,8 +167,9 @@ def ask(image: str, question: str, *, engine: dict, sampling: dict, limits: dict
 
     if not image.startswith(("http://", "https://")) and not Path(image).is_file():
         raise MarsError(f"{image}: no such image file")
-    toolbox = open_toolbox(artifacts_dir(artifacts, None), **tools)
-    eng = make_engine(**engine, sampling=sampling)
+    with streams.hold_warnings():
+        toolbox = open_toolbox(artifacts_dir(artifacts, None), **tools)
+        eng = make_engine(**engine, sampling=sampling)
     tracer = Tracer() if trace else None
     loop = AgentLoop(eng, toolbox, limits=Limits(**limits), batch_size=1, on_turn=tracer)
     try:
