@@ -42,6 +42,7 @@ COMMANDS = {
     "sft": "sft",
     "eval": "eval",
     "show": "show",
+    "env": "env",
 }
 
 
@@ -100,7 +101,7 @@ app = typer.Typer(
     "  mars rollout --policy ckpt/ < tasks.jsonl | mars judge | mars advantage > batch.jsonl\n\n"
     "  mars update batch.jsonl --policy ckpt/ --out ckpt-next/",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     rich_markup_mode=None,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
