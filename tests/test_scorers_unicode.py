@@ -36,9 +36,14 @@ def test_cjk_partial_credit():
 
 
 def test_empty_golds_are_ignored_not_matched():
-    assert empty_golds(["the", ".", "Paris"]) == ["the", "."]
-    assert not exact_match("...", ["."]) and token_f1("", ["the"]) == 0.0
+    assert empty_golds([" ", ".", "Paris", "A"]) == [" ", "."]
+    assert not exact_match("...", ["."]) and token_f1("", ["。"]) == 0.0
     assert exact_match("paris", [".", "Paris"])
+
+
+def test_an_answer_that_is_only_an_article_keeps_it():
+    assert exact_match("A", ["A"]) and exact_match("(a)", ["A"]) and not exact_match("The", ["A"])
+    assert not exact_match("", ["A"]) and normalize_answer("the Paris") == "paris"
 
 
 def rec(i, prediction, answers, scorer="llm"):
@@ -52,7 +57,7 @@ def test_judge_warns_on_fallback_and_empty_golds(tmp_path):
     streams._warned_once.clear()
     f = tmp_path / "t.jsonl"
     f.write_text("".join(json.dumps(r) + "\n" for r in [
-        rec(0, "It is Paris, France", ["Paris"]), rec(1, "x", [".", "Rome"]), rec(2, "y", ["the"]), rec(3, "z", ["Oslo"])]))
+        rec(0, "It is Paris, France", ["Paris"]), rec(1, "x", [".", "Rome"]), rec(2, "y", ["…"]), rec(3, "z", ["Oslo"])]))
     r = Ran(["judge", f, "--allow-missing"])
     assert r.exit_code == 0, r.stderr
     lines = r.stderr.splitlines()

@@ -152,9 +152,10 @@ def complete(p: _Pending, cfg: JudgeConfig, stats: JudgeStats, verdict: Verdict 
         stats.fallback += 1
         streams.warn_once("rule-fallback", f"{p.scorer}-scored records are judged by rules (exact match, then a short "
                           "gold inside the answer): no judge endpoint (--judge-base-url or MARS_JUDGE_BASE_URL)")
-    if p.accuracy is None and p.info.get("error") and stats.first_error is None and p.info["method"] != "no-gold":
+    if p.accuracy is None and p.info.get("error") and stats.first_error is None:
         stats.first_error = p.info["error"]
-        streams.warn(f"could not judge {rec.get('id')!r}: {p.info['error']}")
+        if p.info["method"] != "no-gold":  # that one was already named with its line
+            streams.warn(f"could not judge {rec.get('id')!r}: {p.info['error']}")
     fmt = format_reward(rec)
     rewards = {"accuracy": p.accuracy, "format": fmt}
     cost = 0.0

@@ -13,8 +13,9 @@ token: `北京市` against `北京` is no exact match but an F1 of 0.8 and a sub
 where whole-string tokens would score 0 on all three. F1 is SQuAD's token F1
 (bag-of-tokens overlap after normalization), taking the MAX over the golds.
 
-A gold that normalizes to nothing (`"."`, `"the"`) would match any empty answer; such
-golds are ignored (`empty_golds` lists them so the judge can warn).
+An answer that is nothing but an article (`"A"`, an option letter) keeps it rather than
+normalizing to nothing. A gold that still normalizes to nothing (`"."`, `"  "`) would match
+any empty answer; such golds are ignored (`empty_golds` lists them so the judge can warn).
 
 The multiple-choice letter cascade (`extract_choice`), first hit wins:
   1. `<answer>…</answer>` tag: the cascade runs on its content;
@@ -89,8 +90,9 @@ def normalize_answer(text: str) -> str:
         text = _CJK.sub(r" \1 ", text)
     else:
         text = text.lower().translate(_punct_table())
-    text = _ARTICLES.sub(" ", text)
-    return " ".join(text.split())
+    # An answer that is only an article ("A", an option letter; "The") keeps it: emptied,
+    # it would equal every other empty answer.
+    return " ".join(_ARTICLES.sub(" ", text).split()) or " ".join(text.split())
 
 
 def empty_golds(golds: list[str]) -> list[str]:
