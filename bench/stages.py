@@ -12,7 +12,7 @@
    read so no run pays the disk. Target ≤ 1.5×; CPU seconds are reported beside wall
    seconds since they barely move when other work shares the machine.
 3. Starts an OpenAI-compatible stub on 127.0.0.1 answering after --latency seconds and
-   times `mars judge --scorer llm` on --llm-n records with --concurrency, against the
+   times `mars judge --scorer llm` on --llm-n records with --max-inflight, against the
    ideal N × latency / concurrency. Target ≤ 1.2×.
 
 Prints one JSON line of figures on stdout and a table on stderr.
@@ -165,7 +165,7 @@ def main() -> None:
         stub = SlowJudge(args.latency)
         llm_env = {**env, "MARS_JUDGE_API_KEY": "bench"}
         llm_cmd = mars + ["judge", "--scorer", "llm", "--judge-base-url", stub.url, "--judge-model", "stub",
-                          "--concurrency", str(args.concurrency)]
+                          "--max-inflight", str(args.concurrency)]
         llm_s, llm_cpu = timed(llm_cmd, small, llm_env)
         ideal = args.llm_n * args.latency / args.concurrency
         stub.server.shutdown()

@@ -40,7 +40,7 @@ log "1. a tiny policy, the synthetic benchmark, the local index"
 mars tiny-model "$W/policy-0" --seed 0 --vocab 8192 --layers 4 >/dev/null
 # The reference agent zooms on the quarter or half of the image that holds the sign: a
 # policy that cannot yet see learns four coordinates from {0, 500, 1000}.
-mars data synth --n "$TASKS" --seed 0 --test-fraction "$TEST_FRACTION" --box-grid 500 --out "$W/data" >/dev/null
+mars data synth --tasks "$TASKS" --seed 0 --test-fraction "$TEST_FRACTION" --box-grid 500 --out "$W/data" >/dev/null
 mars index text "$W/data/corpus.jsonl" --out "$W/index" >/dev/null
 
 evaluate() {  # policy label: 2 sampled episodes per held-out task (the policy RL samples from)

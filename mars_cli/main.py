@@ -42,6 +42,7 @@ COMMANDS = {
     "sft": "sft",
     "eval": "eval",
     "show": "show",
+    "env": "env",
 }
 
 
@@ -58,7 +59,16 @@ class CommandFailed(click_exc.ClickException):
 
 
 class MarsGroup(TyperGroup):
-    """Turns MarsError into `mars CMD: message` and names the program for warnings."""
+    """Turns MarsError into `mars CMD: message` and names the program for warnings.
+
+    Also applies the command-line conventions of mars_cli.flags to the whole tree.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        from mars_cli.flags import finish_tree
+
+        finish_tree(self)
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -97,7 +107,8 @@ app = typer.Typer(
     "  mars rollout --policy ckpt/ < tasks.jsonl | mars judge | mars advantage > batch.jsonl\n\n"
     "  mars update batch.jsonl --policy ckpt/ --out ckpt-next/",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
+    rich_markup_mode=None,
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -112,8 +123,10 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
-    verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="More log output on stderr (-vv for debug)."),
+    verbose: int = typer.Option(0, "--verbose", "-v", count=True, show_default=False, help="More log output on stderr (-vv for debug)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress or summary lines on stderr."),
 ) -> None:
+    streams.verbosity, streams.quiet = verbose, quiet
     level = os.environ.get("MARS_LOG_LEVEL") or ("DEBUG" if verbose > 1 else "INFO" if verbose else "WARNING")
     logging.basicConfig(level=level.upper(), stream=sys.stderr, format="%(name)s: %(message)s", force=True)
 

@@ -76,6 +76,10 @@ def stdin_stream():
     if 0 in _closed or sys.stdin is None:
         raise MarsError("<stdin>: standard input is closed; name an input file or pipe records in")
     return sys.stdin.buffer
+# -v count (set by the CLI): libraries' own bars and chatter reach stderr only when > 0.
+verbosity = 0
+# -q (set by the CLI): no progress and no summary lines; warnings and errors still print.
+quiet = False
 
 
 def guard_stdout() -> None:
@@ -126,24 +130,93 @@ def silence_broken_pipe() -> None:
         pass
 
 
+_held: contextvars.ContextVar[list | None] = contextvars.ContextVar("held_warnings", default=None)
+
+
 def warn(message: str) -> None:
     """One line on stderr, prefixed with the program name."""
+    held = _held.get()
+    if held is not None:
+        held.append(message)
+        return
     sys.stderr.write(f"{current_program()}: {message}\n")
     sys.stderr.flush()
 
 
+class hold_warnings:
+    """Keep warnings back while setting up; print them if setup succeeds, drop them if not.
+
+    `with hold_warnings(): toolbox = …; engine = …` — a note such as "text search is
+    off" then never stands in front of the fatal error that stopped the run.
+    """
+
+    def __enter__(self):
+        self._token = _held.set([])
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        held = _held.get() or []
+        _held.reset(self._token)
+        if exc_type is None:
+            for message in held:
+                warn(message)
+
+
+_warned_once: set = set()
+
+
+def warn_once(key, message: str) -> bool:
+    """`warn(message)` the first time `key` is seen in this process; True if it printed."""
+    if key in _warned_once:
+        return False
+    _warned_once.add(key)
+    warn(message)
+    return True
+
+
+def summary(line: str) -> None:
+    """`mars CMD: line` on stderr, TTY or not (only -q hides it): how a long command ends."""
+    if not quiet:
+        warn(line)
+
+
+def progress_mode() -> str:
+    """How long work reports itself: "bar" (tqdm), "log" (a line every N s) or "off".
+
+    A terminal gets a bar; a log file gets plain lines. MARS_PROGRESS overrides:
+    bar (or 1), log, or 0 (nothing); -q means nothing.
+    """
+    env = os.environ.get("MARS_PROGRESS", "").strip().lower()
+    if quiet or env in ("0", "false", "no", "off"):
+        return "off"
+    if env in ("1", "true", "yes", "bar"):
+        return "bar"
+    if env == "log":
+        return "log"
+    return "bar" if sys.stderr.isatty() else "log"
+
+
 def progress_enabled() -> bool:
-    """Bars on a terminal only, unless MARS_PROGRESS=1 (or 0) says otherwise."""
-    env = os.environ.get("MARS_PROGRESS")
-    if env is not None:
-        return env not in ("", "0", "false", "no")
-    return sys.stderr.isatty()
+    """True when progress is shown at all (bar or periodic lines)."""
+    return progress_mode() != "off"
 
 
 def progress(iterable: Iterable[T] | None = None, **kwargs) -> Iterable[T]:
-    """A tqdm bar on stderr (quiet when stderr is not a terminal)."""
+    """Progress of long work on stderr: a tqdm bar on a terminal, periodic lines elsewhere.
+
+    Takes tqdm's arguments (total, desc, unit, disable…) and gives tqdm's interface
+    (iteration, update, set_postfix, close). Off a terminal it prints
+    `mars CMD: desc 120/500 units (24%), 3.1 units/s, ETA 2m04s` every
+    MARS_PROGRESS_INTERVAL seconds (30) and one summary line at close
+    (summary=False leaves that to the caller).
+    """
+    mode = "off" if kwargs.pop("disable", False) else progress_mode()
+    if mode == "log":
+        from mars_cli.progress import LogProgress
+
+        return LogProgress(iterable, **kwargs)
     from tqdm import tqdm
 
-    kwargs.setdefault("disable", not progress_enabled())
+    kwargs.pop("summary", None)
     kwargs.setdefault("dynamic_ncols", True)
-    return tqdm(iterable, file=sys.stderr, **kwargs)
+    return tqdm(iterable, file=sys.stderr, disable=mode == "off", **kwargs)

@@ -35,7 +35,14 @@ EXIT_STATUS = [
 # Environment variables the code reads directly (not through an option's envvar).
 ENV_DOCS = {
     "MARS_LOG_LEVEL": "Log level on stderr (DEBUG, INFO, WARNING, ERROR); overrides -v.",
-    "MARS_PROGRESS": "1 shows progress bars even when stderr is not a terminal; 0 hides them.",
+    "MARS_PROGRESS": "How long work reports progress on stderr. Unset: a bar on a terminal, otherwise a plain "
+                     "line every MARS_PROGRESS_INTERVAL seconds and one summary line at the end (for log files). "
+                     "bar (or 1) forces the bar, log the lines, 0 turns progress off (as -q does).",
+    "MARS_PROGRESS_INTERVAL": "Seconds between progress lines when stderr is not a terminal (default 30).",
+    "MARS_DEEPSPEED_SHM": "1 builds and uses DeepSpeed's shared-memory all-reduce kernel for CPU training (a ~90 s "
+                          "C++ compile on first use, then faster all-reduce between CPU processes). Unset or 0 "
+                          "skips it: one process never all-reduces, and several reduce correctly over gloo.",
+    "MARS_TORCH_EXTENSIONS": "Where DeepSpeed's JIT-compiled ops are cached (default ~/.cache/mars/torch_extensions).",
     "MARS_ARTIFACTS": "Folder where crops and thumbnails are written under content-hash names "
                       "(default: the current directory).",
     "MARS_MAX_IMAGE_PIXELS": "Images with more pixels are refused as decompression bombs (default 200000000).",
@@ -61,23 +68,9 @@ Options take their value from the command line, then from a MARS_* environment v
 where one is listed, then from the default. Secrets (API keys) are read from the
 environment only and are never written into records, logs or checkpoints."""
 
-EXAMPLES = {
-    "": [
-        ("One RL step: sample, judge, compute advantages, update the policy.",
-         "mars rollout --policy ckpt/ < tasks.jsonl | mars judge | mars advantage > batch.jsonl\n"
-         "mars update batch.jsonl --policy ckpt/ --out ckpt-next/"),
-        ("Crop the top-left quarter of a photo.", "mars crop photo.jpg 0 0 0.5 0.5 -o corner.jpg"),
-        ("Look at the first trajectory of a batch.", "head -1 batch.jsonl | jq .messages"),
-    ],
-    "crop": [
-        ("Cut a box out of a photo; prints the crop's record.", "mars crop photo.jpg 0.1 0.2 0.3 0.4 -o crop.jpg"),
-        ("Write a PNG under its content hash into a folder.",
-         "mars crop photo.jpg 0.5 0.5 1 1 --out-dir artifacts --format png"),
-        ("A box that spills over the edges (negative numbers after --).",
-         "mars crop --clamp -o edge.jpg photo.jpg -- -0.05 0.9 0.3 1.1"),
-        ("Resize the crop the way Qwen-VL sees it.", "mars crop photo.jpg 0 0 1 1 --max-pixels 1003520 -o model.jpg"),
-    ],
-}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from man_examples import EXAMPLES  # noqa: E402
+from man_sections import completion_section, flags_section, renamed_section  # noqa: E402
 
 
 # -- troff helpers -----------------------------------------------------------------------------
@@ -148,7 +141,7 @@ def examples(key: str) -> list[str]:
     if key not in EXAMPLES:
         return []
     out = [".SH EXAMPLES"]
-    for what, cmd in EXAMPLES[key]:
+    for what, cmd, _ in EXAMPLES[key]:
         out += [".PP", inline(what), ".RS 4", ".nf", esc(cmd), ".fi", ".RE"]
     return out
 
@@ -278,10 +271,11 @@ def overview_page(root, ctx) -> list[str]:
         if not getattr(cmd, "hidden", False):
             lines += [".TP", f"\\fBmars {esc(name)}\\fR", inline(short_help(cmd)) + f" See mars\\-{esc(name)}(1)."]
     opts = [r for r in (help_record(p, ctx) for p in root.params) if r] + [("-h, --help", "Show the help and exit.")]
-    lines += params_section("OPTIONS", opts) + exit_status() + [".SH ENVIRONMENT"]
+    lines += params_section("OPTIONS", opts) + flags_section(esc, inline) + renamed_section(root, walk, make_ctx, esc)
+    lines += exit_status() + [".SH ENVIRONMENT"]
     for name, doc in environment(root, ctx).items():
         lines += [".TP", f"\\fB{esc(name)}\\fR", inline(doc)]
-    lines += examples("")
+    lines += completion_section(esc) + examples("")
     see = ", ".join(["mars\\-records(5)"] + [f"mars\\-{esc(p)}(1)" for p in ("-".join(x) for x, _, _ in walk(root, [], ctx))])
     return lines + [".SH SEE ALSO", see]
 
@@ -353,7 +347,7 @@ def pages(root=None) -> dict[str, str]:
     """Every page's file name and troff text (for the mars app, or another click command tree)."""
     root = root if root is not None else root_command()
     ctx = make_ctx(root, "mars")
-    out = {"mars.1": overview_page(root, ctx), "mars-records.5": records_page()}
+    out = {"mars.1": ["'\\\" t", *overview_page(root, ctx)], "mars-records.5": records_page()}  # t: the FLAGS table needs tbl
     for path, cmd, cctx in walk(root, [], ctx):
         out[f"mars-{'-'.join(path)}.1"] = command_page(cmd, path, cctx)
     return {name: "\n".join(lines) + "\n" for name, lines in out.items()}

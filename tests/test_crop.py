@@ -231,11 +231,11 @@ def test_cli_quality_flag(tmp_path):
     Image.fromarray(pattern(200, 200)).save(tmp_path / "a.png")
     sizes = []
     for q in (30, 95):
-        r = mars(tmp_path / "a.png", 0, 0, 1, 1, "-q", q, "-o", tmp_path / f"q{q}.jpg")
+        r = mars(tmp_path / "a.png", 0, 0, 1, 1, "--quality", q, "-o", tmp_path / f"q{q}.jpg")
         assert r.exit_code == 0, r.stderr
         sizes.append((tmp_path / f"q{q}.jpg").stat().st_size)
     assert sizes[0] < sizes[1] * 0.7
-    assert mars(tmp_path / "a.png", 0, 0, 1, 1, "-q", 0).exit_code == 2
+    assert mars(tmp_path / "a.png", 0, 0, 1, 1, "--quality", 0).exit_code == 2
 
 
 def test_cli_out_dir_env_and_o_override(png, tmp_path):
@@ -245,7 +245,7 @@ def test_cli_out_dir_env_and_o_override(png, tmp_path):
     assert Path(json.loads(r.stdout)["path"]).parent == tmp_path / "art"
     r = mars(path, 0, 0, 0.5, 0.5, "-o", tmp_path / "x.png", env={"MARS_ARTIFACTS": str(tmp_path / "art")})
     assert r.exit_code == 0 and json.loads(r.stdout)["path"] == str(tmp_path / "x.png")
-    r = mars(path, 0, 0, 0.5, 0.5, "-o", tmp_path / "x.png", "--out-dir", tmp_path)
+    r = mars(path, 0, 0, 0.5, 0.5, "-o", tmp_path / "x.png", "--artifacts", tmp_path)
     assert r.exit_code == 2 and "not both" in r.stderr
 
 

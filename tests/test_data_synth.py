@@ -28,7 +28,7 @@ def plain_errors(monkeypatch):
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synth") / "bench"
-    r = CliRunner().invoke(app, ["data", "synth", "--n", "10", "--seed", "3", "--out", str(out), "--test-fraction", "0.4"])
+    r = CliRunner().invoke(app, ["data", "synth", "--tasks", "10", "--seed", "3", "--out", str(out), "--test-fraction", "0.4"])
     assert r.exit_code == 0, r.stderr
     summary = json.loads(r.stdout)
     assert summary["tasks"] == 10 and summary["types"] == {"crop+search": 6, "perception": 2, "search": 2}
@@ -153,7 +153,7 @@ def test_padded_bbox_units():
 
 def test_box_grid_gives_coarse_boxes_that_still_cover_the_plate(tmp_path):
     out = tmp_path / "coarse"
-    r = CliRunner().invoke(app, ["data", "synth", "--n", "4", "--seed", "3", "--box-grid", "250", "--out", str(out)])
+    r = CliRunner().invoke(app, ["data", "synth", "--tasks", "4", "--seed", "3", "--box-grid", "250", "--out", str(out)])
     assert r.exit_code == 0, r.stderr
     tasks = {t["id"]: t for t in read_file(out / "tasks.jsonl")}
     zooms = [(ref["id"], c["arguments"]["bbox_2d"]) for ref in read_file(out / "reference.jsonl")
@@ -164,12 +164,12 @@ def test_box_grid_gives_coarse_boxes_that_still_cover_the_plate(tmp_path):
         l, t, r_, b = tasks[task_id]["meta"]["target_box_px"]
         x0, y0, x1, y1 = P.bbox_to_unit(bbox)
         assert x0 * 3840 <= l and y0 * 2160 <= t and x1 * 3840 >= r_ and y1 * 2160 >= b
-    bad = CliRunner().invoke(app, ["data", "synth", "--n", "1", "--box-grid", "0", "--out", str(tmp_path / "z")])
+    bad = CliRunner().invoke(app, ["data", "synth", "--tasks", "1", "--box-grid", "0", "--out", str(tmp_path / "z")])
     assert bad.exit_code == 2 and "--box-grid" in bad.stderr and not (tmp_path / "z").exists()
 
 
 def test_bad_arguments(tmp_path):
-    r = CliRunner().invoke(app, ["data", "synth", "--n", "0", "--out", str(tmp_path / "x")])
+    r = CliRunner().invoke(app, ["data", "synth", "--tasks", "0", "--out", str(tmp_path / "x")])
     assert r.exit_code == 2
     with pytest.raises(Exception, match="test-fraction"):
         make_synth(tmp_path / "y", n=1, test_fraction=1.5)

@@ -116,7 +116,7 @@ def test_llm_judge_keeps_input_order_under_concurrency():
     # Slow answers first: with concurrency the fast ones finish first but must wait their turn.
     recs = [traj(i, ("slow " if i % 4 == 0 else "") + ("in Paris" if i % 3 else "Lyon")) for i in range(24)]
     with StubJudge(latency=0.05, slow=0.3) as stub:
-        res = Ran(["judge", "--judge-base-url", stub.url, "--judge-model", "stub", "--concurrency", "8"],
+        res = Ran(["judge", "--judge-base-url", stub.url, "--judge-model", "stub", "--max-inflight", "8"],
                   input=lines(recs), env={"MARS_JUDGE_API_KEY": "sk-hidden"})
     assert res.exit_code == 0, res.stderr
     out = parse(res.stdout)
@@ -144,7 +144,7 @@ def test_judge_failure_gives_null_and_exit_1_and_cache_reuses_verdicts(tmp_path)
     args = ["judge", "--judge-model", "m", "--retries", "0", "--cache", str(tmp_path / "cache")]
     with StubJudge() as stub:
         stub.faults += [500]
-        res = Ran(args + ["--judge-base-url", stub.url, "--concurrency", "1"], input=lines(recs))
+        res = Ran(args + ["--judge-base-url", stub.url, "--max-inflight", "1"], input=lines(recs))
         assert res.exit_code == 1
         out = parse(res.stdout)
         assert out[0]["rewards"]["accuracy"] is None and out[0]["reward"] is None
@@ -213,5 +213,6 @@ def test_subprocess_pipeline_head_is_quiet():
     recs = [traj(i, "Paris") for i in range(2000)]
     p = subprocess.run(f"{sys.executable} -m mars_cli judge | {sys.executable} -m mars_cli advantage --batch-size 4 | head -1",
                        shell=True, input=lines(recs).encode(), capture_output=True, timeout=120)
-    assert p.returncode == 0 and p.stderr == b""
+    # at most judge's own "done" line (when it finished before head closed the pipe), never a traceback
+    assert p.returncode == 0 and all(line.startswith(b"mars judge: 2000 records in ") for line in p.stderr.splitlines())
     assert orjson.loads(p.stdout)["advantage"] == 0.0

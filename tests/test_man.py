@@ -9,6 +9,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -64,7 +65,7 @@ def test_every_command_and_subcommand_has_a_page(generated):
 
 def test_crop_page_documents_every_option(generated):
     text = generated["mars-crop.1"]
-    for flag in ("--out", "--out-dir", "--clamp", "--min-side", "--max-pixels", "--min-pixels", "--quality",
+    for flag in ("--out", "--artifacts", "--clamp", "--min-side", "--max-pixels", "--min-pixels", "--quality",
                  "--max-image-pixels", "--format"):
         assert f"\\fB{gen_man.esc(flag)}\\fR" in text, flag
     assert "[default: 28]" in text and "MARS_MAX_IMAGE_PIXELS" in text
@@ -73,7 +74,7 @@ def test_crop_page_documents_every_option(generated):
 
 def test_environment_lists_option_envvars_and_documented_ones(generated):
     env = gen_man.environment(gen_man.root_command(), gen_man.make_ctx(gen_man.root_command(), "mars"))
-    assert "mars crop \\-\\-out\\-dir" in gen_man.inline(env["MARS_ARTIFACTS"]) or "--out-dir" in env["MARS_ARTIFACTS"]
+    assert "mars crop --artifacts" in env["MARS_ARTIFACTS"]
     for name in ("MARS_LOG_LEVEL", "MARS_PROGRESS", "MARS_MAX_IMAGE_PIXELS", "MARS_IMAGE_CACHE_PIXELS"):
         assert name in env and f"\\fB{gen_man.esc(name)}\\fR" in generated["mars.1"]
 
@@ -110,25 +111,77 @@ def test_troff_escaping():
 def test_pages_render_without_warnings(generated, tmp_path):
     for name, text in generated.items():
         (tmp_path / name).write_text(text)
-        p = subprocess.run(["groff", "-man", "-Tutf8", "-ww", "-z", str(tmp_path / name)], capture_output=True, text=True)
+        p = subprocess.run(["groff", "-t", "-man", "-Tutf8", "-ww", "-z", str(tmp_path / name)], capture_output=True, text=True)
         assert p.returncode == 0 and p.stderr == "", (name, p.stderr)
 
 
-def test_crop_examples_run(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def sandbox(tmp_path_factory):
+    """A folder holding every file the runnable examples name."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
     from PIL import Image
+
+    from mars_cli.eval.synth import make_synth
+
+    d = tmp_path_factory.mktemp("examples")
+    Image.new("RGB", (320, 200), (30, 120, 200)).save(d / "photo.jpg")
+    (d / "photos").mkdir()
+    for i in range(3):
+        Image.new("RGB", (64, 48), (80 * i, 40, 200 - 60 * i)).save(d / "photos" / f"p{i}.jpg")
+    (d / "corpus.jsonl").write_text(
+        json.dumps({"id": "1", "contents": '"Eiffel Tower"\nThe Eiffel Tower is 330 metres tall.'}) + "\n"
+        + json.dumps({"id": "2", "contents": '"Nile"\nThe Nile is about 6650 km long.'}) + "\n")
+    buf = io.BytesIO()
+    Image.new("RGB", (32, 24), (200, 10, 10)).save(buf, "JPEG")
+    row = {"prompt": [{"role": "user", "content": "<image>What tower?"}], "images": [{"bytes": buf.getvalue()}],
+           "reward_model": {"ground_truth": "Eiffel Tower", "candidate_answers": ["Tour Eiffel"]},
+           "extra_info": {"index": 1}, "data_source": "fvqa"}
+    pq.write_table(pa.Table.from_pylist([row, {**row, "extra_info": {"index": 2}}]), d / "fvqa.parquet")
+    make_synth(d / "synth", n=4, seed=0, workers=1)
+    shim = d / "bin" / "mars"
+    shim.parent.mkdir()
+    shim.write_text(f"#!/bin/sh\nPYTHONPATH={ROOT} exec {sys.executable} -m mars_cli \"$@\"\n")
+    shim.chmod(0o755)
+    return d
+
+
+def test_every_page_has_examples(generated):
+    for name, text in generated.items():
+        if name.endswith(".1"):
+            assert ".SH EXAMPLES" in text, name
+
+
+def test_runnable_examples_run(sandbox, monkeypatch):
+    """Every example marked to run does, in a folder holding the files it names."""
+    import os
+
     from typer.testing import CliRunner
 
     from mars_cli.main import app
 
-    monkeypatch.chdir(tmp_path)
-    Image.new("RGB", (320, 200), (30, 120, 200)).save(tmp_path / "photo.jpg")
-    for _, line in gen_man.EXAMPLES["crop"]:
-        argv = shlex.split(line)
-        assert argv[0] == "mars"
-        r = CliRunner().invoke(app, argv[1:])
-        assert r.exit_code == 0, (line, r.stderr)
-        rec = json.loads(r.stdout)
-        assert (tmp_path / rec["path"]).exists()
+    monkeypatch.chdir(sandbox)
+    env = {**os.environ, "PATH": f"{sandbox / 'bin'}:{os.environ['PATH']}", "MARS_PROGRESS": "0"}
+    ran = 0
+    for key, items in gen_man.EXAMPLES.items():
+        for _, text, runs in items:
+            if not runs:
+                continue
+            for line in text.split("\n"):
+                if re.search(r"[|<>]|&&", line):  # a pipeline: through the shell, `mars` on PATH
+                    p = subprocess.run(["bash", "-o", "pipefail", "-c", line], capture_output=True, text=True, env=env,
+                                       timeout=300)
+                    assert p.returncode == 0 and "Traceback" not in p.stderr, (key, line, p.stderr[-2000:])
+                else:
+                    argv = shlex.split(line)
+                    assert argv[0] == "mars"
+                    r = CliRunner().invoke(app, argv[1:])
+                    assert r.exit_code == 0, (key, line, r.output, r.exception)
+                ran += 1
+    assert ran >= 25
+    assert (sandbox / "corner.jpg").exists() and (sandbox / "page.html").exists() and (sandbox / "tiny" / "config.json").exists()
 
 
 def test_generator_handles_nested_groups_choices_and_odd_params(tmp_path):
@@ -178,7 +231,7 @@ def test_example_flags_exist():
     """Every `mars CMD --flag` in the hand-written examples names a real command and flag."""
     root = gen_man.root_command()
     for key, items in gen_man.EXAMPLES.items():
-        for _, text in items:
+        for _, text, _ in items:
             for segment in re.split(r"[|\n]|&&", text):
                 words = shlex.split(segment.split("<")[0].split(">")[0])
                 if not words or words[0] != "mars":
@@ -186,7 +239,7 @@ def test_example_flags_exist():
                 cmd, rest = root, words[1:]
                 while rest and getattr(cmd, "commands", None) and rest[0] in cmd.commands:
                     cmd, rest = cmd.commands[rest[0]], rest[1:]
-                assert cmd is not root, f"{segment!r}: no such command"
+                assert cmd is not root or (rest and rest[0].startswith("-")), f"{segment!r}: no such command"
                 flags = {o for p in cmd.params for o in (getattr(p, "opts", []) + getattr(p, "secondary_opts", []))}
                 for w in rest:
                     if w == "--":

@@ -110,12 +110,12 @@ def test_serper_lens(monkeypatch, tmp_path):
 def test_cli_image_search(index, tmp_path):
     q = tmp_path / "q.png"
     synthetic(14).save(q)
-    r = runner.invoke(app, ["image-search", "--index", str(index), "-k", "2", str(q)])
+    r = runner.invoke(app, ["image-search", "--image-index", str(index), "-k", "2", str(q)])
     assert r.exit_code == 0, r.stderr
     recs = [json.loads(x) for x in r.stdout.splitlines()]
     assert len(recs) == 2 and recs[0]["image"] == str(q) and recs[0]["title"] == "Landmark number 4"
     task = {"id": "t1", "question": "where?", "images": [str(q)]}
-    r = runner.invoke(app, ["image-search", "--index", str(index), "--group", "-k", "1"], input=json.dumps(task) + "\n")
+    r = runner.invoke(app, ["image-search", "--image-index", str(index), "--group", "-k", "1"], input=json.dumps(task) + "\n")
     (rec,) = [json.loads(x) for x in r.stdout.splitlines()]
     assert rec["id"] == "t1" and rec["context"] == "Reverse Image Search Results:\nTitle 1: Landmark number 4\nThumbnail 1:"
     assert rec["thumbnails"] == [rec["image_results"][0]["thumbnail"]]

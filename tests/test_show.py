@@ -216,6 +216,8 @@ def test_base_resolves_relative_image_paths(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path / "web")
     out = tmp_path / "web" / "page.html"
     assert show(write(tmp_path, [rec]), "-o", out).exit_code == 0
-    assert parse(out).find("img")[0]["src"] == "images/scene0.png"  # relative to cwd (web/)
-    assert show(write(tmp_path, [rec]), "-o", out, "--base", tmp_path).exit_code == 0
-    assert parse(out).find("img")[0]["src"] == "../images/scene0.png"
+    assert parse(out).find("img")[0]["src"] == "../images/scene0.png"  # found beside the record file
+    r = CliRunner().invoke(app, ["show", "-o", str(out)], input=json.dumps(rec) + "\n")
+    assert r.exit_code == 0 and parse(out).find("img")[0]["src"] == "images/scene0.png"  # stdin: relative to cwd (web/)
+    r = CliRunner().invoke(app, ["show", "-o", str(out), "--image-root", str(tmp_path)], input=json.dumps(rec) + "\n")
+    assert r.exit_code == 0 and parse(out).find("img")[0]["src"] == "../images/scene0.png"

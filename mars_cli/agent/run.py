@@ -93,17 +93,20 @@ def rollout(files, *, out: str | None, n: int, engine: dict, sampling: dict, lim
     """`mars rollout`: read tasks, run episodes, write trajectories; return finish counts."""
     from mars_cli.agent.loop import AgentLoop, Limits
     from mars_cli.jsonl import RecordWriter, read_located
+    from mars_cli.paths import resolve_task_images
     from mars_cli.records import validate, warn_duplicate_tasks
 
     lim = Limits(**limits)
     old, done = completed(out) if resume else ([], set())
-    toolbox = open_toolbox(artifacts_dir(artifacts, out), **tools)
-    eng = make_engine(**engine, sampling=sampling)
+    with streams.hold_warnings():  # notes about the tools only once the engine is up
+        toolbox = open_toolbox(artifacts_dir(artifacts, out), **tools)
+        eng = make_engine(**engine, sampling=sampling)
     loop = AgentLoop(eng, toolbox, limits=lim, batch_size=batch_size, system_prompt=system_prompt)
-    tasks = (validate(rec, "task", where) for where, rec in warn_duplicate_tasks(read_located(files, skip_bad=skip_bad)))
+    tasks = (validate(resolve_task_images(rec, where), "task", where)
+             for where, rec in warn_duplicate_tasks(read_located(files, skip_bad=skip_bad)))
     counts: dict[str, int] = {}
     writer = RecordWriter(out)
-    bar = streams.progress(unit="episode", desc="rollout")
+    bar = streams.progress(unit="episodes", desc="rollout", summary=False)  # the counts line below sums up
     ok = False
     try:
         for rec in old:
@@ -165,8 +168,9 @@ def ask(image: str, question: str, *, engine: dict, sampling: dict, limits: dict
 
     if not image.startswith(("http://", "https://")) and not Path(image).is_file():
         raise MarsError(f"{image}: no such image file")
-    toolbox = open_toolbox(artifacts_dir(artifacts, None), **tools)
-    eng = make_engine(**engine, sampling=sampling)
+    with streams.hold_warnings():
+        toolbox = open_toolbox(artifacts_dir(artifacts, None), **tools)
+        eng = make_engine(**engine, sampling=sampling)
     tracer = Tracer() if trace else None
     loop = AgentLoop(eng, toolbox, limits=Limits(**limits), batch_size=1, on_turn=tracer)
     try:

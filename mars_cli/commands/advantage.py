@@ -28,7 +28,7 @@ def main(
 
     The batch statistics need the whole scope, so the command BUFFERS it before writing anything: the whole input by default, or one chunk of --batch-size groups (match the training step; chunks stream one after another while the records of each group are contiguous, and a group that comes back after its chunk is an error).
 
-    A group with a null reward is dropped with a warning (--strict: an error). Each record gets `advantage` and `advantage_stats` {algo, group_mean, group_std, group_size, batch_mean, batch_std, ddof, eps, scope, scope_size}.
+    A group with a null reward is dropped with a warning (--strict: an error). When every advantage comes out 0 (each group's rewards are equal) the batch is degenerate: a warning says so, and the records are still written. Each record gets `advantage` and `advantage_stats` {algo, group_mean, group_std, group_size, batch_mean, batch_std, ddof, eps, scope, scope_size}.
     """
     import logging
 
@@ -41,10 +41,18 @@ def main(
     cfg = AdvantageConfig(algo=algo, ddof=ddof, eps=eps, batch_norm=batch_norm, batch_ddof=batch_ddof, batch_eps=batch_eps)
     stats, skipped = AdvantageStats(), SkipCounter()
     located = read_located(files, skip_bad=skip_bad, skipped=skipped)
+    signal = set()  # groups whose advantages are not all 0
     with RecordWriter(output) as w:
         for rec in advantage_records(located, cfg, batch_size=batch_size, drop_constant=drop_constant, strict=strict, stats=stats):
             w.write(rec, fresh=FIELDS)
+            if rec["advantage"] != 0:
+                signal.add(rec["group"])
     skipped.report()
+    if stats.written and not signal:
+        from mars_cli.streams import warn
+
+        warn(f"all {stats.written} advantages are 0: every group's rewards are equal, so an update on this batch "
+             "learns nothing from it (sample more per task with -n, or check the judge)")
     logging.getLogger("mars.advantage").info(
         f"{stats.written} of {stats.records} records written; dropped groups: {stats.dropped_null} with a null reward, "
         f"{stats.dropped_constant} constant"

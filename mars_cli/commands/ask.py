@@ -16,7 +16,7 @@ E = "MARS_"
 
 
 def main(
-    image: str = typer.Argument(..., help="The image (a path or URL)."),
+    image: str = typer.Argument(..., help="The image: a path, or an http(s) URL (fetched into the artifacts folder; public addresses only)."),
     question: str = typer.Argument(..., help="The question."),
     policy: Optional[str] = typer.Option(None, "--policy", envvar=E + "POLICY", help="Model directory (hf, vllm) or model name (openai)."),
     engine: str = typer.Option("hf", "--engine", envvar=E + "ENGINE", help="hf | vllm | openai."),
@@ -43,8 +43,10 @@ def main(
     from mars_cli import streams
     from mars_cli.agent import run
     from mars_cli.errors import MarsError
+    from mars_cli.inputs import local_image
     from mars_cli.jsonl import RecordWriter
 
+    image = local_image(image, run.artifacts_dir(artifacts, None))  # a bad input fails before the model loads
     rec = run.ask(
         image, question, artifacts=artifacts, trace=not quiet,
         engine=dict(name=engine, policy=policy, device=device, base_url=base_url, model=model,

@@ -7,6 +7,8 @@ from typing import List, Optional
 
 import typer
 
+from mars_cli.flags import renamed
+
 app = typer.Typer(
     help="Convert published benchmarks to task records; make the synthetic benchmark.",
     no_args_is_help=True,
@@ -16,8 +18,8 @@ app = typer.Typer(
 
 @app.command("convert")
 def convert(
-    inputs: List[str] = typer.Argument(..., help="Benchmark files (parquet, jsonl, json, tsv) or folders."),
-    fmt: str = typer.Option(..., "--format", "-f", help="hr-mmsearch, mmsearch, fvqa, sensenova-mars, vstar, hr-bench, mme-realworld."),
+    inputs: List[str] = typer.Argument(..., help="Benchmark files (parquet or .pq, jsonl, json, tsv) or folders."),
+    fmt: str = typer.Option("auto", "--format", "-f", help="auto (from the first file's columns), hr-mmsearch, mmsearch, fvqa, sensenova-mars, vstar, hr-bench or mme-realworld."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: tasks.jsonl and images/ (replaced atomically)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the option shuffle (V*, whose source lists the answer first)."),
     image_root: Optional[str] = typer.Option(None, "--image-root", help="Resolve relative image paths here [default: beside each input]."),
@@ -27,28 +29,36 @@ def convert(
     """Convert benchmark files into task records.
 
     Writes OUT/tasks.jsonl and OUT/images/ (each image once, named by content hash) and
-    prints one summary record. Rows are streamed; an error names the file and row.
+    prints one summary record. Image paths in the tasks are absolute, so they run from
+    any directory. Rows are streamed; an error names the file and row.
+
+    --format auto tells the format from the first file's columns and stops when it cannot.
+    A --format that reads a row but not all of its gold-answer columns (FVQA's candidate
+    answers under sensenova-mars, MMSearch's alternative answers) is refused: the answers
+    it drops would change scores.
     """
     from mars_cli.errors import UsageError
     from mars_cli.eval.convert import convert as run
     from mars_cli.eval.formats import FORMATS
     from mars_cli.jsonl import RecordWriter
-    from mars_cli.streams import progress, warn
+    from mars_cli.streams import progress
+    from mars_cli.streams import summary as summary_line
 
-    if fmt not in FORMATS:
-        raise UsageError(f"unknown --format {fmt!r}; choose one of: {', '.join(FORMATS)}")
-    bar = progress(desc="converting", unit=" tasks")
+    if fmt != "auto" and fmt not in FORMATS:
+        raise UsageError(f"unknown --format {fmt!r}; choose one of: auto, {', '.join(FORMATS)}")
+    bar = progress(desc="converting", unit=" tasks", summary=False)  # the "wrote" line sums up
     summary = run(fmt, inputs, out, seed=seed, image_root=image_root, benchmark=benchmark, limit=limit, on_task=lambda _: bar.update())
     bar.close()
-    warn(f"wrote {summary['tasks']} tasks and {summary['images']} images to {out}")
+    summary_line(f"wrote {summary['tasks']} {summary['format']} tasks and {summary['images']} images to {summary['out']}")
     with RecordWriter() as w:
         w.write(summary)
 
 
 @app.command("synth")
+@renamed({"--n": "--tasks", "-n": "--tasks"})
 def synth(
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (replaced atomically)."),
-    n: int = typer.Option(64, "--n", "-n", min=1, help="Number of tasks."),
+    n: int = typer.Option(64, "--tasks", min=1, help="Number of tasks."),
     seed: int = typer.Option(0, "--seed", help="Everything follows from the seed: same seed, same files."),
     test_fraction: float = typer.Option(0.0, "--test-fraction", min=0.0, max=0.99, help="Also write train/ and test/ splits, this share in test."),
     distractors: int = typer.Option(2, "--distractors", min=0, help="Extra unrelated corpus passages per task."),
@@ -65,9 +75,9 @@ def synth(
     """
     from mars_cli.eval.synth import make_synth
     from mars_cli.jsonl import RecordWriter
-    from mars_cli.streams import warn
+    from mars_cli.streams import summary as summary_line
 
     summary = make_synth(out, n=n, seed=seed, test_fraction=test_fraction, distractors=distractors, box_grid=box_grid)
-    warn(f"wrote {summary['tasks']} tasks, {summary['passages']} passages and {summary['images']} images to {out}")
+    summary_line(f"wrote {summary['tasks']} tasks, {summary['passages']} passages and {summary['images']} images to {out}")
     with RecordWriter() as w:
         w.write(summary)

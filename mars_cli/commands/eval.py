@@ -20,18 +20,31 @@ def main(
 
     One record per benchmark (and per --by subset): pass@1 (mean accuracy over samples),
     with k samples per task avg@k and unbiased pass@k, missing (samples without an
-    accuracy, left out, not counted wrong), format rate, tool calls per episode and per
-    tool, invalid call rate, turns, finish reasons, tokens. A table goes to stderr.
+    accuracy, left out, not counted wrong), errors (episodes that ended finish "error": a
+    broken environment, not a wrong model), format rate, tool calls per episode and per
+    tool, invalid call rate, turns, finish reasons, tokens. A table goes to stderr, then a
+    warning for errors and unjudged records. The exit status is 1 when no record carries
+    an accuracy (nothing was judged).
     """
     import sys
 
-    from mars_cli.eval.metrics import compute_metrics, format_table
+    from mars_cli.errors import MarsError
+    from mars_cli.eval.metrics import compute_metrics, format_table, problems
     from mars_cli.jsonl import RecordWriter, read_located
+    from mars_cli.progress import count_lines
+    from mars_cli.streams import progress, warn
 
-    items = read_located([str(f) for f in files or []], skip_bad=skip_bad)
+    paths = [str(f) for f in files or []]
+    items = progress(read_located(paths, skip_bad=skip_bad), desc="eval", unit="records", total=count_lines(paths),
+                     summary=False, disable=quiet)  # the table is the summary
     records = compute_metrics(items, by=list(by or []), label=label)
+    warnings, fatal = problems(records)
+    if fatal:
+        raise MarsError(fatal)  # before writing: a metrics file without a score is no result
     with RecordWriter(out) as w:
         for r in records:
             w.write(r)
     if not quiet and records:
         sys.stderr.write(format_table(records) + "\n")
+    for line in warnings:
+        warn(line)

@@ -10,10 +10,13 @@ from typing import List, Optional
 
 import typer
 
+from mars_cli.flags import renamed
 
+
+@renamed({"--output": "--out", "--concurrency": "--max-inflight"})
 def main(
     files: Optional[List[Path]] = typer.Argument(None, help="Trajectory JSONL files [default: stdin]."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write here (atomically) instead of stdout."),
+    output: Optional[Path] = typer.Option(None, "--out", "-o", help="Write here (atomically) instead of stdout."),
     scorer: Optional[str] = typer.Option(None, "--scorer", help="Override every record's scorer: em, substring, f1, mcq, llm, simpleqa."),
     format_weight: float = typer.Option(0.5, "--format-weight", envvar="MARS_FORMAT_WEIGHT", help="w in reward = accuracy + w·format − tool cost."),
     tool_cost: float = typer.Option(0.0, "--tool-cost", help="Subtract this per tool call (recorded as rewards.tool_cost)."),
@@ -21,7 +24,7 @@ def main(
     model: Optional[str] = typer.Option(None, "--judge-model", envvar="MARS_JUDGE_MODEL", help="Judge model name (needed with an endpoint)."),
     rubric: str = typer.Option("binary", "--rubric", help="LLM rubric for llm-scored records: binary (yes/no) or simpleqa."),
     judge_image: bool = typer.Option(False, "--judge-image", help="Send the question's first image to the judge (as a data URL)."),
-    concurrency: int = typer.Option(32, "--concurrency", min=1, envvar="MARS_JUDGE_CONCURRENCY", help="Judge requests in flight."),
+    concurrency: int = typer.Option(32, "--max-inflight", min=1, envvar="MARS_JUDGE_CONCURRENCY", help="Judge requests in flight."),
     timeout: float = typer.Option(60.0, "--timeout", help="Seconds per judge request."),
     retries: int = typer.Option(3, "--retries", min=0, help="Retries of a failed request (exponential backoff)."),
     cache: Optional[Path] = typer.Option(None, "--cache", envvar="MARS_CACHE", help="Cache verdicts in DIR/judge.sqlite [default: off]."),
@@ -39,6 +42,7 @@ def main(
     from mars_cli import streams
     from mars_cli.errors import MarsError, UsageError
     from mars_cli.jsonl import RecordWriter, SkipCounter, read_located
+    from mars_cli.progress import count_lines
     from mars_cli.records import SCORERS
     from mars_cli.rl.judge import FIELDS, JudgeConfig, JudgeStats, judge_records
 
@@ -55,9 +59,10 @@ def main(
     stats, skipped = JudgeStats(), SkipCounter()
     located = read_located(files, skip_bad=skip_bad, skipped=skipped)
     with RecordWriter(output) as w:
-        for rec in streams.progress(judge_records(located, cfg, stats), desc="judge", unit="rec"):
+        for rec in streams.progress(judge_records(located, cfg, stats), desc="judge", unit="records", total=count_lines(files)):
             w.write(rec, fresh=FIELDS)
     skipped.report()
     logging.getLogger("mars.judge").info(stats.summary())
     if stats.missing and not allow_missing:
-        raise MarsError(f"{stats.missing} record(s) could not be judged (see judge.error); --allow-missing accepts that")
+        raise MarsError(f"{stats.missing} record(s) could not be judged (first: {stats.first_error}; see judge.error); "
+                        "--allow-missing accepts that")

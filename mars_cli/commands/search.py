@@ -7,12 +7,15 @@ from typing import List, Optional
 
 import typer
 
+from mars_cli.flags import renamed
 
+
+@renamed({"--output": "--out", "--top-k": "--num-results"})
 def main(
     query: Optional[List[str]] = typer.Argument(None, help="The query (words are joined) (default: {\"query\"} records on stdin)."),
     backend: str = typer.Option("local", "--backend", "-b", envvar="MARS_SEARCH_BACKEND", help="local, serper, searxng or retriever."),
     index: Optional[Path] = typer.Option(None, "--index", envvar="MARS_INDEX", help="Index directory for the local backend."),
-    k: int = typer.Option(5, "-k", "--top-k", min=1, max=50, help="Number of results per query."),
+    k: int = typer.Option(5, "-k", "--num-results", min=1, max=50, help="Number of results per query."),
     group: bool = typer.Option(False, "--group", help="One record per query (results + rendered context) instead of one per result."),
     method: Optional[str] = typer.Option(None, "--method", help="local retrieval: bm25, dense or hybrid (default: hybrid when dense was built and --dense-model is given)."),
     dense_model: Optional[Path] = typer.Option(None, "--dense-model", envvar="MARS_DENSE_MODEL", help="Local embedding model path for dense/hybrid retrieval."),
@@ -30,17 +33,18 @@ def main(
     backoff: float = typer.Option(0.5, "--backoff", min=0.0, help="Seconds before the first retry (doubled each time)."),
     allow_private: bool = typer.Option(False, "--allow-private", help="Allow fetching result pages on private/loopback addresses."),
     budget: int = typer.Option(3000, "--budget", min=100, help="Character budget of the rendered context (--group)."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write here (atomically) instead of stdout."),
+    output: Optional[Path] = typer.Option(None, "--out", "-o", help="Write here (atomically) instead of stdout."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unparsable input lines with a warning."),
 ) -> None:
     """Search text: a local index, the web, or a retrieval server.
 
-    With a QUERY, prints one record per result {query, rank, title, text, url or doc_id, score, backend}. Without one, reads {"query": …} records from stdin and adds the results, passing every other field through. A query that fails (timeout, no results, replay miss) is reported on stderr; the others are still written, and the exit status is 1.
+    With a QUERY, prints one record per result {query, rank, title, text, url or doc_id, score, backend}. Without one, reads stdin: {"query": …} records get the results added (every other field passes through), and a plain-text line is a query of its own. A query that fails (timeout, no results, replay miss) is reported on stderr; the others are still written, and the exit status is 1.
 
     Example: mars index text wiki.jsonl --out wiki-idx && mars search --index wiki-idx "eiffel tower height"
     """
     from mars_cli.errors import MarsError
-    from mars_cli.jsonl import RecordWriter, Where, read_located
+    from mars_cli.inputs import query_items
+    from mars_cli.jsonl import RecordWriter, Where
     from mars_cli.tools.text_search import open_text_search, search_records
 
     ts = open_text_search(backend, index=str(index) if index else None, cache=str(cache) if cache else None, replay=replay,
@@ -48,7 +52,7 @@ def main(
                           serper_url=serper_url, searxng_url=searxng_url, retriever_url=retriever_url,
                           llm_base_url=llm_base_url, llm_model=llm_model, rate_limit=rate_limit, timeout=timeout,
                           retries=retries, backoff=backoff, allow_private=allow_private)
-    items = [(Where("<args>", 1), {"query": " ".join(query)})] if query else read_located(None, skip_bad=skip_bad)
+    items = [(Where("<args>", 1), {"query": " ".join(query)})] if query else query_items(skip_bad=skip_bad)
     failures: list[str] = []
     with RecordWriter(output) as w:
         for rec in search_records(items, ts, k=k, group=group, budget_chars=budget, failures=failures, warn=not query):

@@ -7,13 +7,16 @@ from typing import List, Optional
 
 import typer
 
+from mars_cli.flags import renamed
 
+
+@renamed({"--base": "--image-root"})
 def main(
     files: Optional[List[Path]] = typer.Argument(None, help="Trajectory files (JSONL), judged or not [default: stdin]."),
     out: Path = typer.Option(..., "--out", "-o", help="The HTML page to write."),
     embed: bool = typer.Option(False, "--embed", help="Inline downscaled images: one portable file (larger)."),
     title: str = typer.Option("mars episodes", "--title", help="Page title."),
-    base: Optional[Path] = typer.Option(None, "--base", help="Resolve relative image paths from here [default: current directory]."),
+    base: Optional[Path] = typer.Option(None, "--image-root", help="Resolve relative image paths from here [default: current directory]."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Show at most this many episodes."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unparsable lines with a warning instead of failing."),
 ) -> None:

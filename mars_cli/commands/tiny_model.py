@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -12,7 +13,8 @@ ARCH_CHOICES = ("qwen2.5-vl", "qwen3-vl")
 
 
 def main(
-    out: Path = typer.Argument(..., help="Directory to write the checkpoint to (replaced if it is a tiny model)."),
+    out: Optional[Path] = typer.Argument(None, help="Directory to write the checkpoint to (replaced if it is a tiny model)."),
+    out_opt: Optional[Path] = typer.Option(None, "--out", "-o", help="The same as OUT."),
     arch: str = typer.Option("qwen2.5-vl", "--arch", envvar="MARS_TINY_ARCH",
                              help="Architecture: qwen2.5-vl or qwen3-vl."),
     seed: int = typer.Option(0, "--seed", help="Weight initialisation seed (same seed, same weights)."),
@@ -35,6 +37,9 @@ def main(
     from mars_cli.jsonl import RecordWriter
     from mars_cli.models.tiny import describe, make_tiny_model
 
+    if (out is None) == (out_opt is None):
+        raise UsageError("give the output directory once: mars tiny-model DIR (or -o DIR)")
+    out = out or out_opt
     if arch not in ARCH_CHOICES:
         raise UsageError(f"--arch must be one of {', '.join(ARCH_CHOICES)}, got {arch!r}")
     path = make_tiny_model(out, arch=arch, seed=seed, vocab=vocab, layers=layers)

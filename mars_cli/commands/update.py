@@ -36,7 +36,7 @@ def main(
 ) -> None:
     """Train the policy one step on a scored batch; write a checkpoint.
 
-    Rebuilds each trajectory's model input from its stored token ids and images and trains only on the policy's own tokens (mask 1). GSPO: s = exp(mean over policy tokens of log π_θ − log π_old), loss = −mean over trajectories of min(s·A, clip(s, 1−ε_low, 1+ε_high)·A) + β·KL(π_θ‖π_ref). Records without token ids (openai engine) are refused.
+    Rebuilds each trajectory's model input from its stored token ids and images and trains only on the policy's own tokens (mask 1). GSPO: s = exp(mean over policy tokens of log π_θ − log π_old), loss = −mean over trajectories of min(s·A, clip(s, 1−ε_low, 1+ε_high)·A) + β·KL(π_θ‖π_ref). Records without token ids (openai engine) are refused. A batch whose advantages are all 0 (every group's rewards equal) is trained and written anyway, with a warning: only the KL term and weight decay move the weights.
 
     Writes --out (an HF safetensors checkpoint with mars_meta.json) atomically and prints one metrics record: loss, clip_fraction, kl, ratio_mean/min/max, grad_norm, tokens, trajectories, seconds, logprob_gap. Under a launcher (deepspeed, accelerate, torchrun) every rank runs this command; --nproc N does that for you on one machine.
     """

@@ -127,7 +127,7 @@ def _b64(text: str) -> bytes:
 
 def iter_rows(path: Path) -> Iterator[tuple[int, dict]]:
     """(row number from 1, row) of a parquet, JSONL, JSON or TSV file, streamed."""
-    suffix = path.suffix.lower()
+    suffix = _kind(path)
     if suffix == ".parquet":
         yield from _parquet_rows(path)
     elif suffix in (".jsonl", ".ndjson"):
@@ -137,7 +137,35 @@ def iter_rows(path: Path) -> Iterator[tuple[int, dict]]:
     elif suffix in (".tsv", ".csv"):
         yield from _table_rows(path, "\t" if suffix == ".tsv" else ",")
     else:
-        raise MarsError(f"{path}: unknown file type {suffix or '(none)'}; expected .parquet, .jsonl, .json or .tsv")
+        raise MarsError(f"{path}: unknown file type {suffix or '(none)'} (not parquet, JSON Lines, JSON or TSV by its first bytes either); expected .parquet/.pq, .jsonl, .json or .tsv")
+
+
+def _kind(path: Path) -> str:
+    """The file's type by extension (.pq is parquet), else by its first bytes."""
+    suffix = path.suffix.lower()
+    if suffix == ".pq":
+        return ".parquet"
+    if suffix in (".parquet", ".jsonl", ".ndjson", ".json", ".tsv", ".csv"):
+        return suffix
+    try:
+        with open(path, "rb") as f:
+            line = f.readline()  # a JSONL row with an embedded image can be megabytes long
+    except OSError as e:
+        raise MarsError(f"{path}: cannot read ({e.strerror})") from None
+    text = line.lstrip(b"\xef\xbb\xbf \t\r")
+    if line.startswith(b"PAR1"):
+        return ".parquet"
+    if text.startswith(b"{"):
+        try:
+            json.loads(text)
+            return ".jsonl"  # the first line is a whole object
+        except ValueError:
+            return ".json"
+    if text.startswith(b"["):
+        return ".json"
+    if b"\t" in line:
+        return ".tsv"
+    return suffix
 
 
 def _parquet_rows(path: Path) -> Iterator[tuple[int, dict]]:
@@ -199,7 +227,7 @@ def expand_inputs(fmt: str, inputs: list[str]) -> list[tuple[Path, Path | None]]
     for raw in inputs:
         p = Path(raw)
         if p.is_dir():
-            found = sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in spec.dir_suffixes)
+            found = sorted(q for q in p.rglob("*") if q.is_file() and _kind_by_name(q) in spec.dir_suffixes)
             if not found:
                 raise MarsError(f"{p}: no {'/'.join(spec.dir_suffixes)} files inside")
             out.extend((q, None) for q in found)
@@ -211,6 +239,10 @@ def expand_inputs(fmt: str, inputs: list[str]) -> list[tuple[Path, Path | None]]
         else:
             raise MarsError(f"{p}: no such file or directory")
     return out
+
+
+def _kind_by_name(path: Path) -> str:
+    return ".parquet" if path.suffix.lower() == ".pq" else path.suffix.lower()
 
 
 def _manifest_files(path: Path) -> list[tuple[Path, Path | None]]:
@@ -250,15 +282,22 @@ def convert(
 
     Returns a summary {"format", "tasks", "images", "out"}.
     """
+    from mars_cli.errors import UsageError
+    from mars_cli.eval.detect import detect, wrong_format_message
     from mars_cli.eval.formats import FORMATS
     from mars_cli.jsonl import RecordWriter
     from mars_cli.records import validate
 
+    if fmt == "auto":
+        if not inputs:
+            raise MarsError("no input files")
+        fmt = detect(Path(inputs[0]))
     if fmt not in FORMATS:
         raise MarsError(f"unknown format {fmt!r}; known: {', '.join(sorted(FORMATS))}")
     spec = FORMATS[fmt]
     files = expand_inputs(fmt, inputs)
-    out_dir = Path(out_dir)
+    # Absolute image paths: the tasks then run from any directory, read from a file or stdin.
+    out_dir = Path(os.path.abspath(out_dir))
     root = Path(image_root) if image_root else None
     count = 0
     seen: set = set()
@@ -274,6 +313,9 @@ def convert(
                 for rowno, row in iter_rows(path):
                     if limit is not None and count >= limit:
                         break
+                    refused = wrong_format_message(row, fmt)
+                    if refused:
+                        raise UsageError(f"{path}:{rowno}: {refused}")
                     try:
                         task = spec.row(row, rowno, ctx)
                     except RowError as e:

@@ -11,6 +11,9 @@ One metrics record per benchmark (and per subset with `by`):
   They are left out of every accuracy figure, never counted as wrong;
 - `format`: mean rewards.format, or when a record has none, 1 if it ended in an answer
   with every tool call valid; `reward`: mean reward over records that have one;
+- `errors`: episodes that ended `finish: "error"` (the engine or the environment failed,
+  not the model: a missing image, an unreachable server). A run where they abound is
+  broken, not bad, so the table shows them in their own column;
 - tool use per episode (all and per tool), the invalid call rate (failed calls over all
   calls), assistant turns, finish reasons, tokens generated (mask 1) and total.
 """
@@ -50,6 +53,7 @@ class Episode:
     finish: str
     generated: int | None
     total: int | None
+    error: str | None = None
 
 
 def episode(rec: dict) -> Episode:
@@ -76,6 +80,7 @@ def episode(rec: dict) -> Episode:
         finish=str(rec.get("finish")),
         generated=gen,
         total=total,
+        error=str(rec["error"]) if rec.get("finish") == "error" and rec.get("error") else None,
     )
 
 
@@ -102,6 +107,8 @@ class Subset:
             "judged": len(judged),
             "missing": len(eps) - len(judged),
             "pass@1": _mean(judged),
+            "errors": sum(1 for e in eps if e.finish == "error"),
+            "first_errors": list(dict.fromkeys(e.error for e in eps if e.error))[:3],
         }
         k = min((len(v) for v in by_task.values()), default=0)
         out["k"] = k
@@ -184,15 +191,40 @@ def _fmt(v, pct: bool = True) -> str:
 
 def format_table(records: list[dict]) -> str:
     """The metrics as a fixed-width table for a person (stderr)."""
-    head = ["benchmark", "subset", "n", "missing", "pass@1", "pass@k", "format", "calls/ep", "invalid%", "turns", "gen tok"]
+    head = ["benchmark", "subset", "n", "missing", "error", "pass@1", "pass@k", "format", "calls/ep", "invalid%", "turns", "gen tok"]
     rows = [head]
     for r in records:
         subset = "all" if r["by"] is None else f"{r['by']}={r['subset']}"
         passk = f"{_fmt(r.get('pass@k'))} (k={r['k']})" if r.get("pass@k") is not None else "-"
         rows.append([
-            r["benchmark"] + (f" [{r['label']}]" if r.get("label") else ""), subset, str(r["episodes"]), str(r["missing"]),
+            r["benchmark"] + (f" [{r['label']}]" if r.get("label") else ""), subset, str(r["episodes"]), str(r["missing"]), str(r.get("errors", 0)),
             _fmt(r["pass@1"]), passk, _fmt(r["format"]), _fmt(r["tool_calls"], False), _fmt(r["invalid_call_rate"]),
             _fmt(r["turns"], False), "-" if r["tokens_generated"] is None else f"{r['tokens_generated']:.0f}",
         ])
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
     return "\n".join("  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in rows)
+
+
+def problems(records: list[dict]) -> tuple[list[str], str | None]:
+    """What a person must hear about these metrics: (warnings, fatal message or None).
+
+    Fatal: no record carries an accuracy (nothing was judged, so there is no score).
+    Warnings: episodes that ended in an error (with the first few messages) and records
+    left unjudged, which a pass@1 over the rest would hide.
+    """
+    overall = [r for r in records if r["by"] is None]
+    n = sum(r["episodes"] for r in overall)
+    judged = sum(r["judged"] for r in overall)
+    failed = sum(r["errors"] for r in overall)
+    warnings = []
+    if failed:
+        first = "; ".join(dict.fromkeys(m for r in overall for m in r["first_errors"]))[:300]
+        warnings.append(f"{failed} of {n} episodes ended with finish \"error\"" + (f": {first}" if first else ""))
+    if judged and judged < n:
+        warnings.append(f"{n - judged} of {n} episodes have no accuracy (not judged, or the judge failed); "
+                        f"pass@1 is over the other {judged}")
+    fatal = None
+    if n and not judged:
+        fatal = (f"none of the {n} records carries an accuracy (rewards.accuracy): "
+                 "run them through `mars judge` first" + (f"; {failed} ended with an error" if failed else ""))
+    return warnings, fatal

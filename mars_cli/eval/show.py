@@ -6,6 +6,10 @@ back onto the original image), each turn's thinking, tool call and result (crops
 thumbnails inline), the answer, the gold and the rewards. Filters (benchmark, outcome,
 text) are a small inline script; the URL hash keeps them (#benchmark=…&outcome=wrong).
 
+At the top, a summary per benchmark (accuracy, format, tools per episode, turns, how
+episodes ended). The samples of one task sit together, and a switch puts them side by
+side. Relative image paths resolve beside the record file (see mars_cli.paths).
+
 Images are linked relative to the page with loading="lazy", so a page of thousands of
 episodes opens fast; `embed=True` inlines downscaled JPEG thumbnails instead, for a
 portable single file. Every string from a record is HTML-escaped; the script never turns
@@ -38,7 +42,7 @@ class ImageLinks:
     def __init__(self, page_dir: Path, *, embed: bool = False, base: Path | None = None, max_side: int = 768):
         self.page_dir = page_dir.resolve()
         self.embed = embed
-        self.base = base or Path.cwd()
+        self.base = base or Path.cwd()  # paths still relative after mars_cli.paths: the cwd's
         self.max_side = max_side
         self._cache: dict[tuple[str, int], str | None] = {}
 
@@ -138,8 +142,11 @@ def _figure(links: ImageLinks, path: str, boxes: list[dict]) -> str:
 def _content_html(links: ImageLinks, content) -> str:
     if isinstance(content, str):
         return f"<pre>{esc(content)}</pre>"
+    parts = [p for p in content or [] if isinstance(p, dict)]
+    if sum(1 for p in parts if p.get("type") == "image") > 1:
+        return _thumb_grid(links, parts)
     out = []
-    for p in content or []:
+    for p in parts:
         if not isinstance(p, dict):
             continue
         if p.get("type") == "image":
@@ -147,6 +154,22 @@ def _content_html(links: ImageLinks, content) -> str:
         elif p.get("text"):
             out.append(f"<pre>{esc(p['text'])}</pre>")
     return "".join(out)
+
+
+def _thumb_grid(links: ImageLinks, parts: list[dict]) -> str:
+    """Several images in one message (search thumbnails): a grid of cards, each image
+    with the text that announced it as its caption."""
+    cells, caption = [], []
+    for p in parts:
+        if p.get("type") == "image":
+            text = "".join(caption).strip()
+            cells.append(f'<figure class="thumb">{links.img(str(p.get("image")), "thumb", 240)}'
+                         + (f"<figcaption>{esc(text)}</figcaption>" if text else "") + "</figure>")
+            caption = []
+        elif p.get("text"):
+            caption.append(p["text"])
+    tail = "".join(caption).strip()
+    return f'<div class="thumbs">{"".join(cells)}</div>' + (f"<pre>{esc(tail)}</pre>" if tail else "")
 
 
 def _turn_html(links: ImageLinks, m: dict, n: int) -> str:
@@ -231,27 +254,35 @@ def build_page(items: Iterable[tuple[object, dict]], out: str | os.PathLike, *, 
                title: str = "mars episodes", limit: int | None = None, base: str | os.PathLike | None = None) -> dict:
     """Write the page for (where, trajectory) pairs to `out` atomically; returns a summary."""
     from mars_cli.eval.show_assets import CSS, JS
+    from mars_cli.eval.show_summary import Summary
     from mars_cli.fsutil import atomic_file
+    from mars_cli.paths import resolve_record_images
     from mars_cli.records import validate
 
     out = Path(out)
     if not out.parent.exists():
         raise MarsError(f"{out}: directory {out.parent} does not exist")
-    links = ImageLinks(out.parent, embed=embed, base=Path(base).resolve() if base is not None else None)
+    links = ImageLinks(out.parent, embed=embed)
     benches: dict[str, int] = {}
     count = 0
+    summary = Summary()
     with atomic_file(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        body = []
+        groups: dict[str, list[str]] = {}  # a task's samples together, in order of first appearance
         for where, rec in items:
             if limit is not None and count >= limit:
                 break
             validate(rec, "task", where)
             # Every field the page reads, when present (a task alone is a valid input).
             validate(rec, "judged", where, only=tuple(k for k in _SHOWN if k in rec))
-            body.append(episode_html(rec, links))
+            resolve_record_images(rec, where, base)
+            groups.setdefault(str(rec.get("group", rec.get("id"))), []).append(episode_html(rec, links))
+            summary.add(rec)
             b = str(rec.get("benchmark") or "unknown")
             benches[b] = benches.get(b, 0) + 1
             count += 1
+        body = [f'<section class="group{" multi" if len(eps) > 1 else ""}">{"".join(eps)}</section>'
+                for eps in groups.values()]
+        several = any(len(eps) > 1 for eps in groups.values())
         options = "".join(f'<option value="{esc(b)}">{esc(b)} ({n})</option>' for b, n in sorted(benches.items()))
         f.write(
             "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
@@ -265,7 +296,8 @@ def build_page(items: Iterable[tuple[object, dict]], out: str | os.PathLike, *, 
             '<option value="wrong">wrong</option><option value="rewarded">reward &gt; 0</option>'
             '<option value="missing">not judged</option></select></label>'
             '<input id="f-text" type="search" placeholder="filter id, question, answer">'
-            f'<span id="count">{count} episodes</span></header><main>'
+            + ('<label><input id="f-sbs" type="checkbox"> samples side by side</label>' if several else "")
+            + f'<span id="count">{count} episodes</span></header>{summary.html()}<main>'
         )
         for chunk in body:
             f.write(chunk)

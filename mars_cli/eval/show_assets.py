@@ -24,8 +24,9 @@ article.ep[data-outcome=wrong] { border-left-color: var(--bad); }
 .tag.correct { background: #dafbe1; color: var(--ok); } .tag.wrong { background: #ffebe9; color: var(--bad); }
 .question { white-space: pre-wrap; font-size: 15px; margin: 6px 0 10px; }
 .figs { display: flex; gap: 10px; flex-wrap: wrap; }
-figure.src { position: relative; margin: 0; max-width: 760px; flex: 1 1 480px; line-height: 0; }
-figure.src img { width: 100%; height: auto; border: 1px solid #d0d7de; }
+figure.src { position: relative; margin: 0; max-width: min(760px, 100%); flex: 0 1 auto; line-height: 0; }
+/* A portrait photo is bounded by the window's height, not only its width. */
+figure.src img { display: block; max-width: 100%; max-height: 70vh; width: auto; height: auto; border: 1px solid #d0d7de; }
 .box { position: absolute; border: 2px solid var(--box); box-shadow: 0 0 0 1px #fff; pointer-events: none; }
 .box span { position: absolute; top: -18px; left: -2px; background: var(--box); color: #fff; font: 11px/16px sans-serif;
   padding: 0 4px; white-space: nowrap; }
@@ -38,6 +39,19 @@ pre { white-space: pre-wrap; word-break: break-word; background: #f6f8fa; border
 .answer { font-weight: 600; }
 img.inline { max-height: 220px; max-width: 100%; border: 1px solid #d0d7de; margin: 2px 6px 2px 0; vertical-align: top; }
 .missing-img { display: inline-block; padding: 20px; background: #eaeef2; color: #57606a; font-size: 12px; }
+.thumbs { display: grid; grid-template-columns: repeat(auto-fill, minmax(150px, 1fr)); gap: 8px; margin: 4px 0; }
+figure.thumb { margin: 0; background: #f6f8fa; border: 1px solid #d0d7de; border-radius: 4px; padding: 4px; }
+figure.thumb img { display: block; width: 100%; height: 140px; object-fit: contain; }
+figure.thumb figcaption { font: 11px/1.35 ui-monospace, SFMono-Regular, Menlo, monospace; white-space: pre-wrap;
+  word-break: break-word; max-height: 7em; overflow: auto; margin-top: 4px; }
+section.summary { padding: 10px 16px 0; }
+section.summary table { border-collapse: collapse; background: #fff; border: 1px solid #d0d7de; }
+section.summary th, section.summary td { padding: 4px 10px; border-bottom: 1px solid #eaeef2; text-align: left; font-size: 13px; }
+section.summary td.acc { font-weight: 600; }
+.fin-error { color: var(--bad); font-weight: 600; }
+body.sbs section.group.multi { display: grid; grid-auto-flow: column; grid-auto-columns: minmax(460px, 1fr); gap: 12px;
+  overflow-x: auto; align-items: start; margin-bottom: 16px; }
+body.sbs section.group.multi article.ep { margin: 0; }
 dl.result { display: grid; grid-template-columns: max-content 1fr; gap: 2px 12px; margin: 8px 0 0; }
 dl.result dt { color: #57606a; } dl.result dd { margin: 0; }
 """
@@ -46,12 +60,14 @@ JS = """
 (function () {
   var eps = Array.prototype.slice.call(document.querySelectorAll('article.ep'));
   var bench = document.getElementById('f-bench'), outcome = document.getElementById('f-outcome'),
-      text = document.getElementById('f-text'), count = document.getElementById('count');
+      text = document.getElementById('f-text'), count = document.getElementById('count'),
+      sbs = document.getElementById('f-sbs');
   function readHash() {
     var h = new URLSearchParams(location.hash.replace(/^#/, ''));
     if (h.has('benchmark')) bench.value = h.get('benchmark');
     if (h.has('outcome')) outcome.value = h.get('outcome');
     if (h.has('q')) text.value = h.get('q');
+    if (sbs) sbs.checked = h.get('sbs') === '1';
   }
   function apply(writeHash) {
     var b = bench.value, o = outcome.value, q = text.value.trim().toLowerCase(), shown = 0;
@@ -64,14 +80,16 @@ JS = """
     });
     count.textContent = 'showing ' + shown + ' of ' + eps.length + ' episodes';
     document.body.dataset.shown = String(shown);
+    document.body.classList.toggle('sbs', !!(sbs && sbs.checked));
     if (writeHash) {
       var p = new URLSearchParams();
       if (b) p.set('benchmark', b); if (o) p.set('outcome', o); if (q) p.set('q', q);
+      if (sbs && sbs.checked) p.set('sbs', '1');
       history.replaceState(null, '', '#' + p.toString());
     }
   }
   readHash();
-  [bench, outcome].forEach(function (el) { el.addEventListener('change', function () { apply(true); }); });
+  [bench, outcome, sbs].forEach(function (el) { if (el) el.addEventListener('change', function () { apply(true); }); });
   text.addEventListener('input', function () { apply(true); });
   window.addEventListener('hashchange', function () { readHash(); apply(false); });
   apply(false);

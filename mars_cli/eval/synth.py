@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mars_cli import streams
 from mars_cli.errors import MarsError
 
 KINDS = ("lighthouse", "observatory", "brewery", "bridge", "museum", "ferry terminal", "library", "mill")
@@ -122,6 +123,13 @@ def _split_of(plan: dict, seed: int, test_fraction: float) -> str:
     return "test" if u < test_fraction else "train"
 
 
+def _counted(bar, items):
+    """`items`, ticking the progress bar as each one arrives."""
+    for x in items:
+        bar.update(1)
+        yield x
+
+
 def make_synth(out_dir: str | os.PathLike, *, n: int = 64, seed: int = 0, test_fraction: float = 0.0,
                distractors: int = 2, box_grid: int = BOX_GRID, workers: int | None = None) -> dict:
     """Generate the benchmark into `out_dir` (replaced atomically); returns a summary."""
@@ -134,7 +142,7 @@ def make_synth(out_dir: str | os.PathLike, *, n: int = 64, seed: int = 0, test_f
         raise MarsError(f"--test-fraction must be in [0, 1), got {test_fraction}")
     if not 1 <= box_grid <= 1000:
         raise MarsError(f"--box-grid must be in [1, 1000] (units of the 0-1000 box scale), got {box_grid}")
-    out_dir = Path(out_dir)
+    out_dir = Path(os.path.abspath(out_dir))  # absolute paths in records: they run from any directory
     taken: set[str] = set()
     plans = [plan_task(seed, i, taken) for i in range(n)]
     rng = np.random.default_rng([seed, 1 << 20])
@@ -147,11 +155,13 @@ def make_synth(out_dir: str | os.PathLike, *, n: int = 64, seed: int = 0, test_f
         drawn = [p for p in plans if p["type"] != "search"]
         jobs = [(p, str(tmp / "images" / f"{p['id']}.jpg")) for p in drawn]
         workers = workers if workers is not None else min(len(jobs), os.cpu_count() or 1)
+        bar = streams.progress(total=len(jobs), desc="rendering", unit="scenes", summary=False)
         if workers > 1 and len(jobs) > 4:
             with ProcessPoolExecutor(workers) as pool:
-                boxes = list(pool.map(render_plan, jobs, chunksize=4))
+                boxes = list(_counted(bar, pool.map(render_plan, jobs, chunksize=4)))
         else:
-            boxes = [render_plan(j) for j in jobs]
+            boxes = list(_counted(bar, map(render_plan, jobs)))
+        bar.close()
         for p, (box, _) in zip(drawn, boxes):
             p["box"] = box
 

@@ -122,13 +122,34 @@ def fingerprint(path: str | Path) -> str:
 
 
 def quiet_transformers() -> None:
-    """No transformers progress bars ("Loading weights") unless mars shows progress."""
+    """No transformers progress bars ("Loading weights") on stderr unless -v."""
     from mars_cli import streams
 
-    if not streams.progress_enabled():
+    if streams.verbosity < 1:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+
+
+def quiet_deepspeed() -> None:
+    """Keep DeepSpeed's "Setting accelerator to CPU" warning off stderr unless -v.
+
+    DeepSpeed prints it while importing whenever it finds no GPU. Naming the CPU
+    accelerator up front (DS_ACCELERATOR=cpu, as a user could) is the same choice made
+    without the warning. Call before the first `import deepspeed`; a GPU, Apple's MPS
+    or a DS_ACCELERATOR the user set are left alone.
+    """
+    import os
+
+    from mars_cli import streams
+
+    if streams.verbosity >= 1 or "DS_ACCELERATOR" in os.environ:
+        return
+    import torch
+
+    mps = getattr(torch.backends, "mps", None)
+    if not torch.cuda.is_available() and not (mps is not None and mps.is_available()):
+        os.environ["DS_ACCELERATOR"] = "cpu"
 
 
 def _dtype(dtype, device: str):

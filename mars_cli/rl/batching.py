@@ -9,9 +9,7 @@ through the protocol's Renderer, which masks everything but the assistant's own 
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from mars_cli.errors import MarsError
@@ -35,15 +33,10 @@ class Example:
 
 
 def _resolve_image(path: str, where) -> str:
-    """A stored image path: as written (cwd-relative or absolute), else beside the batch file."""
-    if "://" in path or os.path.isabs(path) or os.path.exists(path):
-        return path
-    source = getattr(where, "source", None)
-    if source and source != "<stdin>":
-        beside = Path(source).parent / path
-        if beside.exists():
-            return str(beside)
-    return path  # the loader reports it missing, with the path the record gave
+    """A stored image path: beside the batch file, else as written (see mars_cli.paths)."""
+    from mars_cli.paths import resolve
+
+    return resolve(path, where)
 
 
 def _check_tokens(ids, mask, images, image_pad: int, where, vocab_size: int | None = None) -> None:

@@ -122,6 +122,9 @@ class Trainer:
     def __init__(self, model, *, zero: int | None = 0, config_file: str | None = None, lr: float = 1e-6,
                  weight_decay: float = 0.01, betas=(0.9, 0.999), grad_clip: float = 1.0, bf16: bool = False,
                  schedule=None):
+        from mars_cli.models.load import quiet_deepspeed
+
+        quiet_deepspeed()
         import deepspeed
         import torch
 

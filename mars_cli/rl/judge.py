@@ -26,6 +26,7 @@ import threading
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
+from mars_cli import streams
 from mars_cli.records import validate
 from mars_cli.rl import scorers
 from mars_cli.rl.llm_judge import AsyncJudge, Verdict, VerdictCache, prompt_version
@@ -61,6 +62,7 @@ class JudgeStats:
     cache_hits: int = 0
     fallback: int = 0
     accuracy_sum: float = 0.0
+    first_error: str | None = None  # why the first unjudged record could not be judged
 
     def summary(self) -> str:
         done = self.records - self.missing
@@ -113,7 +115,12 @@ def prepare(record: dict, where, cfg: JudgeConfig) -> _Pending:
     pred = record["prediction"]
     if pred is None or not pred.strip():
         return _Pending(record, scorer, _info(cfg, scorer, "no-answer", verdict="incorrect"), 0.0)
-    if not golds:
+    empty = scorers.empty_golds(golds)
+    if empty:
+        streams.warn_once(("empty-gold", record.get("id")), f"{where}: task {record.get('id')!r}: gold answer(s) "
+                          f"{', '.join(map(repr, empty))} are empty after normalization and are ignored")
+    if len(empty) == len(golds):
+        streams.warn_once(("no-gold", record.get("id")), f"{where}: task {record.get('id')!r} has no gold answer: not judged")
         return _Pending(record, scorer, _info(cfg, scorer, "no-gold", error="the task has no gold answers"), None)
     if scorer in scorers.RULE_SCORERS:
         s = scorers.RULE_SCORERS[scorer](pred, golds, record.get("choices"))
@@ -143,6 +150,12 @@ def complete(p: _Pending, cfg: JudgeConfig, stats: JudgeStats, verdict: Verdict 
         stats.llm_calls += not verdict.cached
     elif p.info["method"].startswith("rule-fallback"):
         stats.fallback += 1
+        streams.warn_once("rule-fallback", f"{p.scorer}-scored records are judged by rules (exact match, then a short "
+                          "gold inside the answer): no judge endpoint (--judge-base-url or MARS_JUDGE_BASE_URL)")
+    if p.accuracy is None and p.info.get("error") and stats.first_error is None:
+        stats.first_error = p.info["error"]
+        if p.info["method"] != "no-gold":  # that one was already named with its line
+            streams.warn(f"could not judge {rec.get('id')!r}: {p.info['error']}")
     fmt = format_reward(rec)
     rewards = {"accuracy": p.accuracy, "format": fmt}
     cost = 0.0

@@ -4,9 +4,18 @@ Every scorer has one contract: `score(prediction, golds, choices) -> Score`, whe
 prediction is the episode's extracted answer (a string), golds the task's answers (correct
 if ANY gold matches) and choices the task's options (only `mcq` reads them).
 
-Normalization is SQuAD's: lowercase, drop punctuation, drop the articles a/an/the,
-collapse whitespace. F1 is SQuAD's token F1 (bag-of-tokens overlap after normalization),
-taking the MAX over the golds.
+Normalization is SQuAD's made Unicode-aware: NFKC (full-width `ＵＳＡ` is `USA`, `①` is
+`1`), accents folded on Latin, Greek and Cyrillic letters (`Sōseki` is `Soseki`; kana
+keep their voicing marks), case-folded, punctuation dropped (ASCII and every Unicode
+punctuation character, e.g. `。「」`), the articles a/an/the dropped, whitespace collapsed.
+Chinese and Japanese are written without spaces, so each Han or kana character is its own
+token: `北京市` against `北京` is no exact match but an F1 of 0.8 and a substring hit,
+where whole-string tokens would score 0 on all three. F1 is SQuAD's token F1
+(bag-of-tokens overlap after normalization), taking the MAX over the golds.
+
+An answer that is nothing but an article (`"A"`, an option letter) keeps it rather than
+normalizing to nothing. A gold that still normalizes to nothing (`"."`, `"  "`) would match
+any empty answer; such golds are ignored (`empty_golds` lists them so the judge can warn).
 
 The multiple-choice letter cascade (`extract_choice`), first hit wins:
   1. `<answer>…</answer>` tag: the cascade runs on its content;
@@ -24,11 +33,18 @@ from __future__ import annotations
 
 import re
 import string
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
-_PUNCT = str.maketrans("", "", string.punctuation)
+# Han (with extensions and compatibility ideographs), hiragana, katakana: one token each.
+_CJK = re.compile("([\u3040-\u30ff\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+                  "\U00020000-\U0002ebef\U00030000-\U0003134f])")
+_FOLD_BELOW = 0x0530  # accents are folded on letters below Armenian: Latin, Greek, Cyrillic
+# Letters with a stroke or ligatures that no decomposition reaches (Łódź, Ørsted, Æsir).
+_LETTERS = str.maketrans({"ø": "o", "ł": "l", "đ": "d", "ð": "d", "ħ": "h", "ı": "i", "æ": "ae", "œ": "oe", "þ": "th"})
 # Golds that are a bare yes/no must match exactly: containment would accept "no idea".
 _POLAR = {"yes", "no", "true", "false"}
 # Containment counts only for golds this short (tokens after normalization): a short
@@ -45,16 +61,53 @@ class Score:
     detail: dict = field(default_factory=dict)
 
 
+@lru_cache(maxsize=1)
+def _punct_table() -> dict:
+    table = {i: None for i in range(0x10000) if unicodedata.category(chr(i)).startswith("P")}
+    table.update({ord(c): None for c in string.punctuation})
+    return table
+
+
+def _fold_accents(text: str) -> str:
+    out, latin = [], False
+    for c in unicodedata.normalize("NFD", text):
+        if unicodedata.combining(c):
+            if latin:
+                continue
+        else:
+            latin = ord(c) < _FOLD_BELOW
+        out.append(c)
+    return unicodedata.normalize("NFC", "".join(out))
+
+
 def normalize_answer(text: str) -> str:
-    """SQuAD normalization: lowercase, no punctuation, no articles, single spaces."""
-    text = text.lower().translate(_PUNCT)
-    text = _ARTICLES.sub(" ", text)
-    return " ".join(text.split())
+    """SQuAD normalization, Unicode-aware: NFKC, accents folded, case-folded, no
+    punctuation, no articles, Han/kana characters one token each, single spaces."""
+    if not text.isascii():
+        text = _fold_accents(unicodedata.normalize("NFKC", text))
+        text = "".join(c for c in text.translate(_punct_table()) if ord(c) < 0x10000 or not unicodedata.category(c).startswith("P"))
+        text = text.casefold().translate(_LETTERS)
+        text = _CJK.sub(r" \1 ", text)
+    else:
+        text = text.lower().translate(_punct_table())
+    # An answer that is only an article ("A", an option letter; "The") keeps it: emptied,
+    # it would equal every other empty answer.
+    return " ".join(_ARTICLES.sub(" ", text).split()) or " ".join(text.split())
+
+
+def empty_golds(golds: list[str]) -> list[str]:
+    """Golds that normalize to nothing (punctuation, an article, blanks)."""
+    return [g for g in golds if not normalize_answer(str(g))]
+
+
+def _golds(golds: list[str]) -> list[str]:
+    """Normalized golds, without the empty ones (they would match an empty answer)."""
+    return [n for n in (normalize_answer(str(g)) for g in golds) if n]
 
 
 def exact_match(prediction: str, golds: list[str]) -> bool:
     p = normalize_answer(prediction)
-    return any(p == normalize_answer(g) for g in golds)
+    return any(p == g for g in _golds(golds))
 
 
 def _contains(haystack: str, needle: str) -> bool:
@@ -64,17 +117,16 @@ def _contains(haystack: str, needle: str) -> bool:
 
 def substring_match(prediction: str, golds: list[str]) -> bool:
     p = normalize_answer(prediction)
-    return any(_contains(p, normalize_answer(g)) for g in golds)
+    return any(_contains(p, g) for g in _golds(golds))
 
 
 def token_f1(prediction: str, golds: list[str]) -> float:
-    """SQuAD token F1, the maximum over the golds."""
+    """SQuAD token F1 (Han/kana characters are tokens), the maximum over the golds."""
     best = 0.0
     pred = normalize_answer(prediction).split()
-    for g in golds:
-        gold = normalize_answer(g).split()
-        if not pred or not gold:
-            best = max(best, float(pred == gold))
+    for g in _golds(golds):
+        gold = g.split()
+        if not pred:
             continue
         common = sum((Counter(pred) & Counter(gold)).values())
         if common == 0:
@@ -91,11 +143,16 @@ def rule_judge(prediction: str, golds: list[str]) -> Score:
     p = normalize_answer(prediction)
     for g in golds:
         ng = normalize_answer(g)
-        if ng in _POLAR or len(ng.split()) > SHORT_GOLD_TOKENS:
+        if not ng or ng in _POLAR or _words(ng) > SHORT_GOLD_TOKENS:
             continue
         if _contains(p, ng):
             return Score(1.0, "substring", {"gold": g})
     return Score(0.0, "em+substring")
+
+
+def _words(normalized: str) -> float:
+    """Length in words; a Han/kana character counts half (Chinese words run ~2 characters)."""
+    return sum(0.5 if _CJK.fullmatch(t) else 1.0 for t in normalized.split())
 
 
 # --- multiple choice ---------------------------------------------------------------

@@ -17,6 +17,7 @@ import random
 import time
 from dataclasses import asdict, dataclass
 
+from mars_cli import streams
 from mars_cli.errors import MarsError, UsageError
 from mars_cli.rl import batching, loss as L
 from mars_cli.rl.checkpoint import read_meta, save_checkpoint
@@ -119,6 +120,7 @@ def run_sft(paths, cfg: SFTConfig, *, skip_bad: bool = False, on_epoch=None) -> 
     step = 0
     before = data_nll()
     rng = random.Random(cfg.seed)
+    bar = streams.progress(total=total, desc="sft", unit="steps", disable=rank != 0)
     for epoch in range(1, cfg.epochs + 1):
         if step >= total:
             break
@@ -144,6 +146,7 @@ def run_sft(paths, cfg: SFTConfig, *, skip_bad: bool = False, on_epoch=None) -> 
             lr_used = trainer.lr()
             norms.append(trainer.step())
             step += 1
+            bar.update(1)
         ep = trainer.all_reduce({"n": ep.get("n", 0.0), "nll_sum": ep.get("nll_sum", 0.0), "tokens": tokens})
         after = data_nll()
         records.append({"kind": "sft", "epoch": epoch, "steps": step, "nll_before": before, "nll_after": after,
@@ -155,6 +158,7 @@ def run_sft(paths, cfg: SFTConfig, *, skip_bad: bool = False, on_epoch=None) -> 
         if epoch < cfg.epochs and step < total and on_epoch is not None:
             on_epoch(records[-1])
 
+    bar.close()
     parent = read_meta(cfg.policy)
     meta = {"step": int(parent.get("step", 0)) + step, "parent": cfg.policy, "parent_fingerprint": policy.fingerprint,
             "batch_hash": batch_hash(examples), "kind": "sft", "metrics": records,

@@ -17,6 +17,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 
+from mars_cli import streams
 from mars_cli.errors import MarsError, UsageError
 from mars_cli.rl import batching, loss as L
 from mars_cli.rl.checkpoint import read_meta, save_checkpoint
@@ -153,6 +154,9 @@ def run_update(paths, cfg: UpdateConfig, *, skip_bad: bool = False, trainer_hook
     dev = policy.device
     budget = token_budget(cfg.micro_batch_tokens, policy)
     rank, world = trainer.rank, trainer.world
+    if rank == 0 and all(ex.advantage == 0 for ex in examples):  # a degenerate batch: say so, still write
+        streams.warn(f"all {len(examples)} advantages are 0 (every group's rewards were equal): the policy-gradient "
+                     "term is zero and this step applies only the KL term and weight decay; the checkpoint is still written")
     length_cache: dict = {}
     lengths = [batching.expanded_length(policy, ex, length_cache) for ex in examples]
     minis = batching.minibatches(len(examples), cfg.mini_batch)
@@ -185,6 +189,7 @@ def run_update(paths, cfg: UpdateConfig, *, skip_bad: bool = False, trainer_hook
     objective = L.OBJECTIVES[cfg.loss]
     stats: dict = {}
     losses, norms, tokens = [], [], 0
+    bar = streams.progress(total=len(minis), desc="update", unit="steps", disable=rank != 0)
     for mb in minis:
         denom = len(mb) if sequence_level else sum(examples[i].policy_tokens for i in mb)
         denom = max(denom, 1)
@@ -225,6 +230,8 @@ def run_update(paths, cfg: UpdateConfig, *, skip_bad: bool = False, trainer_hook
             trainer_hook(trainer, mb)
         norms.append(trainer.step())
         losses.append(step_loss)
+        bar.update(1)
+    bar.close()
 
     train_seconds, train_cpu = time.time() - t_train, time.process_time() - c_train
     # Every rank sends the same keys (a rank may have seen no policy tokens at all).

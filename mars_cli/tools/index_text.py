@@ -118,8 +118,12 @@ def build_text_index(
     embedder=None,
     chunk: int = 20_000,
     source: str | None = None,
+    total: int | None = None,
 ) -> dict:
-    """Build an index from parsed passages (see parse_passage); return its manifest."""
+    """Build an index from parsed passages (see parse_passage); return its manifest.
+
+    `total` (the passage count, when known) gives the progress bar its ETA.
+    """
     t0 = time.time()
     analyzer = Analyzer()
     with atomic_dir(out) as tmp:
@@ -137,7 +141,7 @@ def build_text_index(
         digest = hashlib.sha256()
         pos = 0
         offsets_f.write(np.int64(0).tobytes())
-        bar = streams.progress(desc="index", unit=" passages")
+        bar = streams.progress(desc="index", unit=" passages", total=total)
         for batch in _chunks(passages, chunk):
             lines = [orjson.dumps(p) + b"\n" for p in batch]
             blob = b"".join(lines)
@@ -160,10 +164,11 @@ def build_text_index(
                 pair_f["doc"].write(d_ids.astype(np.int32).tobytes())
                 pair_f["tf"].write(tf.astype(np.float32).tobytes())
             if embedder is not None:
-                dense = _add_dense(dense, embedder, batch)
+                dense = _add_dense(dense, embedder, batch, bar)
+            else:
+                bar.update(len(batch))
             n_docs += len(batch)
             n_tokens += len(terms)
-            bar.update(len(batch))
         bar.close()
         for f in (passages_f, offsets_f, doclen_f, *pair_f.values()):
             f.close()
@@ -195,14 +200,20 @@ def build_text_index(
     return manifest
 
 
-def _add_dense(index, embedder, batch: list[dict]):
+def _add_dense(index, embedder, batch: list[dict], bar=None):
+    """Embed and add `batch` a few encoder batches at a time, so progress moves while it runs."""
     import faiss
 
-    vecs = np.ascontiguousarray(embedder.encode([f"{p['title']}\n{p['text']}".strip() for p in batch], kind="passage"), dtype=np.float32)
-    if index is None:
-        index = faiss.IndexFlatIP(vecs.shape[1])
-    faiss.normalize_L2(vecs)
-    index.add(vecs)
+    step = 8 * int(getattr(embedder, "batch_size", 32) or 32)  # whole encoder batches: same vectors
+    for s in range(0, len(batch), step):
+        part = batch[s : s + step]
+        vecs = np.ascontiguousarray(embedder.encode([f"{p['title']}\n{p['text']}".strip() for p in part], kind="passage"), dtype=np.float32)
+        if index is None:
+            index = faiss.IndexFlatIP(vecs.shape[1])
+        faiss.normalize_L2(vecs)
+        index.add(vecs)
+        if bar is not None:
+            bar.update(len(part))
     return index
 
 

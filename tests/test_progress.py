@@ -1,0 +1,147 @@
+"""streams.progress: a bar on a terminal, periodic plain lines in a log, a summary at the end."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from mars_cli import streams
+from mars_cli.progress import LogProgress, duration
+
+
+def test_log_mode_prints_periodic_lines_with_total_rate_eta(monkeypatch, capsys):
+    monkeypatch.setenv("MARS_PROGRESS", "log")
+    monkeypatch.setenv("MARS_PROGRESS_INTERVAL", "0")
+    token = streams.program.set("mars judge")
+    try:
+        bar = streams.progress(desc="judge", unit="rec", total=4)
+        assert isinstance(bar, LogProgress)
+        for _ in range(4):
+            bar.update(1)
+        bar.set_postfix({"answer": 3, "error": 1})
+        bar.close()
+        bar.close()  # idempotent: one summary
+    finally:
+        streams.program.reset(token)
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 5
+    # the description is left out where it only repeats the command's name
+    assert lines[0].startswith("mars judge: 1/4 rec (25%), ") and "ETA " in lines[0]
+    assert lines[3].startswith("mars judge: 4/4 rec (100%)") and "ETA 0.0s" in lines[3]
+    assert re.fullmatch(r"mars judge: 4 rec in [0-9.]+s \(.+\); answer 3, error 1", lines[4])
+
+
+def test_interval_throttles_lines(monkeypatch, capsys):
+    monkeypatch.setenv("MARS_PROGRESS", "log")
+    monkeypatch.setenv("MARS_PROGRESS_INTERVAL", "3600")
+    for _ in streams.progress(range(1000), desc="work", unit="items"):
+        pass
+    err = capsys.readouterr().err.splitlines()
+    # nothing periodic within the hour; the iterable's length is the total; one summary at the end
+    assert len(err) == 1 and re.fullmatch(r"mars: work: 1000 items in [0-9.]+s \(.+\)", err[0])
+
+
+def test_no_summary_when_the_reader_went_away(monkeypatch, capsys):
+    monkeypatch.setenv("MARS_PROGRESS", "log")
+    it = iter(streams.progress(range(10), desc="judge"))
+    next(it)
+    it.close()  # the consumer stopped (BrokenPipe, an error): no "done" line
+    with pytest.raises(ValueError):
+        with streams.progress(total=3, desc="x") as bar:
+            bar.update(1)
+            raise ValueError
+    assert capsys.readouterr().err == ""
+
+
+def test_summary_false_leaves_the_end_to_the_caller(monkeypatch, capsys):
+    monkeypatch.setenv("MARS_PROGRESS", "log")
+    bar = streams.progress(desc="rollout", unit="episode", summary=False)
+    bar.update(3)
+    bar.close()
+    streams.summary("3 episodes: answer 3")
+    assert capsys.readouterr().err == "mars: 3 episodes: answer 3\n"
+
+
+def test_off_terminal_is_log_by_default_and_zero_silences(monkeypatch, capsys):
+    monkeypatch.delenv("MARS_PROGRESS", raising=False)
+    assert streams.progress_mode() == "log"  # pytest's stderr is not a terminal
+    monkeypatch.setenv("MARS_PROGRESS", "0")
+    bar = streams.progress(total=3, desc="x")
+    bar.update(3)
+    bar.close()
+    assert capsys.readouterr().err == ""
+    assert not streams.progress_enabled()
+
+
+def test_terminal_gets_a_tqdm_bar_with_total(monkeypatch):
+    from tqdm import tqdm
+
+    monkeypatch.setenv("MARS_PROGRESS", "bar")
+    bar = streams.progress(total=10, desc="x", summary=True)
+    assert isinstance(bar, tqdm) and bar.total == 10 and not bar.disable
+    bar.close()
+
+
+@pytest.mark.parametrize("secs,text", [(4.25, "4.2s"), (123, "2m03s"), (3720, "1h02m")])
+def test_duration(secs, text):
+    assert duration(secs) == text
+
+
+def test_slow_work_shows_seconds_per_unit(monkeypatch):
+    bar = LogProgress(total=10, unit="episodes", desc="rollout", interval=1e9)
+    bar.start -= 40
+    bar.n = 2
+    line = bar.line(bar.start + 40)
+    assert "20 s/episode" in line and "ETA 2m40s" in line and "2/10 episodes (20%)" in line
+
+
+def test_index_progress_moves_per_encoder_batch_not_per_chunk(tmp_path, monkeypatch, capsys):
+    """A dense build reports while it embeds, with the corpus size as the total."""
+    import numpy as np
+
+    from mars_cli.tools.index_text import build_text_index
+
+    class Embedder:
+        batch_size = 32
+        calls = []
+
+        def encode(self, items, kind="passage"):
+            self.calls.append(len(items))
+            return np.ones((len(items), 4), dtype=np.float32)
+
+    monkeypatch.setenv("MARS_PROGRESS", "log")
+    monkeypatch.setenv("MARS_PROGRESS_INTERVAL", "0")
+    passages = ({"id": str(i), "title": f"t{i}", "text": f"word{i} common"} for i in range(600))
+    emb = Embedder()
+    build_text_index(passages, tmp_path / "idx", embedder=emb, chunk=20_000, total=600)
+    lines = capsys.readouterr().err.splitlines()
+    assert emb.calls == [256, 256, 88]  # whole encoder batches of 32
+    assert [ln.split(" (")[0] for ln in lines[:3]] == ["mars: index 256/600 passages", "mars: index 512/600 passages",
+                                                       "mars: index 600/600 passages"]
+    assert lines[-1].startswith("mars: index: 600 passages in ")
+
+
+def test_count_lines(tmp_path):
+    from mars_cli.progress import count_lines
+
+    (tmp_path / "a").write_bytes(b"x\ny\n")
+    (tmp_path / "b").write_bytes(b"z")  # no final newline: still a line
+    assert count_lines([tmp_path / "a", tmp_path / "b"]) == 3
+    assert count_lines(None) is None and count_lines([tmp_path / "missing"]) is None
+
+
+def test_judge_cli_off_a_terminal_ends_with_a_summary(tmp_path):
+    import json
+
+    from clirun import Ran
+
+    rec = {"schema_version": 1, "id": "t", "group": "t", "sample": 0, "question": "q", "answers": ["Paris"],
+           "scorer": "em", "messages": [], "prediction": "Paris", "finish": "answer", "tool_calls": []}
+    f = tmp_path / "t.jsonl"
+    f.write_text("\n".join(json.dumps(dict(rec, sample=i)) for i in range(3)) + "\n")
+    r = Ran(["judge", f], env={"MARS_PROGRESS": None, "MARS_PROGRESS_INTERVAL": "0"})
+    assert r.exit_code == 0, r.stderr
+    lines = r.stderr.splitlines()
+    assert lines[0].startswith("mars judge: 1/3 records (33%)") and "ETA" in lines[0]
+    assert lines[-1].startswith("mars judge: 3 records in ")
