@@ -39,6 +39,9 @@ class VLLMEngine(Engine):
         self.image_processor = load_image_processor(policy, min_pixels=min_pixels, max_pixels=max_pixels)
         self.fingerprint = fingerprint(policy)
         self.sampling = sampling
+        self.max_images = max_images  # = limit_mm_per_prompt: the loop never sends a request vLLM would refuse
+        size = self.image_processor.size
+        self.pixels = {"min": int(size["shortest_edge"]), "max": int(size["longest_edge"])}
         if llm is None:
             try:
                 from vllm import LLM
