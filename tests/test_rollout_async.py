@@ -166,9 +166,11 @@ def test_workflows_direct_and_rag(img, tmp_path):
 
 
 def test_tool_calls_record_infra(img, tmp_path):
-    eng = ScriptedEngine(turn_script([call(protocol.TEXT_SEARCH, query="x"), answer("a")]))
-    [rec] = AgentLoop(eng, Toolbox(tmp_path / "art")).run([task(img)])
-    assert rec["tool_calls"][0]["infra"] is False and rec["tool_calls"][0]["ok"] is False
+    # a zoom into an image that is not there is the model's fault; a search backend that is off is not
+    eng = ScriptedEngine(turn_script([call(protocol.ZOOM, bbox_2d=[0, 0, 500, 500], label="x", img_idx=7),
+                                      call(protocol.TEXT_SEARCH, query="x"), answer("a")]))
+    [rec] = AgentLoop(eng, Toolbox(tmp_path / "art"), on_malformed="observe").run([task(img)])
+    assert [(c["ok"], c["infra"]) for c in rec["tool_calls"]] == [(False, False), (False, True)]
 
 
 # --- the command: output, input errors, exit rules ---------------------------------------------

@@ -24,7 +24,9 @@ def task(img, i="t1", q="What is written on the sign?"):
 
 
 def run(engine, tasks, tmp_path, n=1, limits=None, text=None, image=None, **kw):
-    tb = Toolbox(tmp_path / "artifacts", text_search=text, image_search=image)
+    # the loop's mechanics under the mars profile: crops from the source, malformed calls observed
+    tb = Toolbox(tmp_path / "artifacts", text_search=text, image_search=image, profile="mars")
+    kw.setdefault("on_malformed", "observe")
     return list(AgentLoop(engine, tb, limits=limits or Limits(max_total_tokens=100_000), **kw).run(tasks, n=n))
 
 
@@ -195,7 +197,7 @@ def test_batched_groups_and_refill(img, tmp_path):
     assert len(recs) == 18
     assert sorted((r["group"], r["sample"]) for r in recs) == sorted((f"t{i}", s) for i in range(6) for s in range(3))
     assert all(r["finish"] == "answer" for r in recs)
-    assert max(eng.batch_sizes) == 4
+    assert 3 <= max(eng.batch_sizes) <= 4  # never more than --max-inflight; a group's samples start together
     # episodes share generate calls (no lock-step: one whose tool is back does not wait for the others)
     assert eng.calls < sum(r["turns"] for r in recs)
 

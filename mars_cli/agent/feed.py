@@ -1,7 +1,9 @@
 """What feeds the agent loop: lazy input, `--loop` passes, and the `--max-staleness` gate.
 
-The input is read on a daemon thread, one record ahead of need, so a slow pipe never
-blocks the event loop and nothing is read (or validated) before it is needed. A reader
+The input is read on a daemon thread, a bounded number of records ahead of need (as many
+as can run at once), so a slow pipe never blocks the event loop, a run's first episodes
+start together (and share the engine's first batch), and the input is never read whole
+before episodes start. A reader
 blocked on a silent stdin cannot hold the process open after the run ends.
 """
 
@@ -18,8 +20,9 @@ from mars_cli.errors import MarsError, UsageError
 
 
 class _Items:
-    def __init__(self, queue: asyncio.Queue):
+    def __init__(self, queue: asyncio.Queue, space: threading.Semaphore):
         self._q = queue
+        self._space = space
         self._done = False
 
     async def next(self):
@@ -27,6 +30,7 @@ class _Items:
         if self._done:
             raise StopAsyncIteration
         kind, value = await self._q.get()
+        self._space.release()
         if kind == "item":
             return value
         self._done = True
@@ -36,10 +40,11 @@ class _Items:
 
 
 @asynccontextmanager
-async def prefetch(iterable: Iterable) -> AsyncIterator[_Items]:
-    """Iterate `iterable` on a reader thread; `await items.next()` on the loop."""
+async def prefetch(iterable: Iterable, ahead: int = 64) -> AsyncIterator[_Items]:
+    """Iterate `iterable` on a reader thread, at most `ahead` records ahead; `await items.next()`."""
     loop = asyncio.get_running_loop()
-    q: asyncio.Queue = asyncio.Queue(maxsize=1)
+    q: asyncio.Queue = asyncio.Queue()
+    space = threading.Semaphore(max(1, ahead))
     stop = threading.Event()
 
     def produce() -> None:
@@ -51,9 +56,12 @@ async def prefetch(iterable: Iterable) -> AsyncIterator[_Items]:
                 item = ("end", None)
             except Exception as e:  # noqa: BLE001 — handed to the loop, which decides
                 item = ("error", e)
+            while not space.acquire(timeout=0.2):
+                if stop.is_set():
+                    return
             try:
-                asyncio.run_coroutine_threadsafe(q.put(item), loop).result()
-            except Exception:  # noqa: BLE001 — the loop is gone: nobody wants more input
+                loop.call_soon_threadsafe(q.put_nowait, item)
+            except RuntimeError:  # the loop is closed: nobody wants more input
                 return
             if item[0] != "item":
                 return
@@ -61,11 +69,9 @@ async def prefetch(iterable: Iterable) -> AsyncIterator[_Items]:
     reader = threading.Thread(target=produce, name="mars-input", daemon=True)
     reader.start()
     try:
-        yield _Items(q)
+        yield _Items(q, space)
     finally:
         stop.set()
-        while not q.empty():  # unblock a reader waiting to hand over one more record
-            q.get_nowait()
 
 
 def passes(read: Callable[[], Iterator[dict]], *, stdin: bool, seed: int | None, forever: bool) -> Iterator[dict]:

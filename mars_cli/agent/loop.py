@@ -149,7 +149,7 @@ class AgentLoop:
         input_error: BaseException | None = None
         try:
             async with asyncio.TaskGroup() as tg:
-                async with prefetch(tasks) as items:
+                async with prefetch(tasks, ahead=self.max_inflight) as items:
                     k = 0
                     while self.fatal is None:
                         try:

@@ -31,7 +31,7 @@ def artifacts_dir(flag: str | None, out: str | None) -> Path:
 def open_toolbox(artifacts: str | os.PathLike, *, search_backend: str | None = None, index: str | None = None,
                  image_search_backend: str | None = None, image_index: str | None = None, cache: str | None = None,
                  replay: bool = False, summarize: bool = False, k: int = 5, search_opts: dict | None = None,
-                 text_search=None, image_search=None, profile: str | None = None):
+                 text_search=None, image_search=None, profile: str | None = None, engine=None):
     """A Toolbox with the configured search tools.
 
     A `local` backend without an index leaves that tool off (the model is told it is not
@@ -60,8 +60,15 @@ def open_toolbox(artifacts: str | os.PathLike, *, search_backend: str | None = N
 
             image_search = open_image_search(backend, index=image_index, cache=tool_cache, replay=replay)
     kwargs = {}
-    if profile is not None and "profile" in inspect.signature(Toolbox).parameters:
+    accepted = inspect.signature(Toolbox).parameters
+    if profile is not None and "profile" in accepted:
         kwargs["profile"] = profile  # tool result strings per protocol profile
+    # the official crop rule works on the image as the model sees it: the engine's limits
+    pixels = getattr(engine, "pixels", None) or {}
+    for key, value in (("min_pixels", pixels.get("min")), ("max_pixels", pixels.get("max")),
+                       ("factor", getattr(engine, "image_factor", None))):
+        if value is not None and key in accepted:
+            kwargs[key] = value
     return Toolbox(artifacts, text_search=text_search, image_search=image_search, k=k, **kwargs)
 
 
@@ -115,8 +122,8 @@ def rollout(files, *, out: str | None, n: int, engine: dict, sampling: dict, lim
     eng = None
     bar = None
     try:
-        toolbox = open_toolbox(artifacts_dir(artifacts, out), **tools, profile=protocol)
         eng = make_engine(**engine, sampling=sampling)
+        toolbox = open_toolbox(artifacts_dir(artifacts, out), **tools, profile=protocol, engine=eng)
         agent = AgentLoop(eng, toolbox, limits=lim, max_inflight=max_inflight, system_prompt=system_prompt,
                           profile=protocol, on_malformed=on_malformed, workflow=workflow)
         gate = feed.StalenessGate(eng, batch_groups, max_staleness) if batch_groups else None
@@ -214,8 +221,8 @@ def ask(image: str, question: str, *, engine: dict, sampling: dict, limits: dict
     if not image.startswith(("http://", "https://")) and not Path(image).is_file():
         raise MarsError(f"{image}: no such image file")
     lim = Limits(**limits)
-    toolbox = open_toolbox(artifacts_dir(artifacts, None), **tools, profile=protocol)
     eng = make_engine(**engine, sampling=sampling)
+    toolbox = open_toolbox(artifacts_dir(artifacts, None), **tools, profile=protocol, engine=eng)
     tracer = Tracer() if trace else None
     loop = AgentLoop(eng, toolbox, limits=lim, max_inflight=1, on_turn=tracer, profile=protocol,
                      on_malformed=on_malformed, workflow=workflow)

@@ -98,6 +98,7 @@ class Engine:
     max_images: int | None = None  # images one episode may hold (a server's limit_mm_per_prompt); None = no cap
     weight_version: int | None = None  # None: weights never change under this engine
     pixels: dict | None = None  # {"min", "max"}: the image processor's limits, recorded per trajectory
+    image_factor: int | None = None  # patch size × merge size: images resize to multiples of it
 
     def generate(self, requests: list[GenRequest]) -> list[GenResult]:
         raise NotImplementedError

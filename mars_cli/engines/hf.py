@@ -105,6 +105,7 @@ class HFEngine(Engine):
         size = getattr(loaded.image_processor, "size", None) or {}
         if "shortest_edge" in size and "longest_edge" in size:
             self.pixels = {"min": int(size["shortest_edge"]), "max": int(size["longest_edge"])}
+        self.image_factor = int(loaded.image_processor.patch_size) * int(loaded.image_processor.merge_size)
         if sampling.seed is not None:
             import torch
 
