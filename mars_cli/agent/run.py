@@ -129,12 +129,15 @@ def rollout(files, *, out: str | None, n: int, engine: dict, sampling: dict, lim
         gate = feed.StalenessGate(eng, batch_groups, max_staleness) if batch_groups else None
 
         def read():
-            return (validate(rec, "task", where) for where, rec in read_located(files, skip_bad=skip_bad))
+            return (validate(_resolve_images(rec, where), "task", where)
+                    for where, rec in read_located(files, skip_bad=skip_bad))
 
         stdin = not files or any(str(f) == "-" for f in files)
         tasks = feed.passes(read, stdin=stdin, seed=seed, forever=loop)
         total = None if loop else _task_total(files, n, len(writer.done))
-        bar = streams.progress(unit="episode", desc="rollout", total=total)
+        # the summary line below sums up (summary=False: a progress that would print its own)
+        bar = streams.progress(unit="episodes", desc="rollout", total=total,
+                               **({"summary": False} if hasattr(streams, "summary") else {}))
 
         def emit(rec: dict) -> None:
             writer.write(rec)
@@ -155,6 +158,15 @@ def rollout(files, *, out: str | None, n: int, engine: dict, sampling: dict, lim
         _summary(counts, writer.kept, time.perf_counter() - t0)
     _check_error_rate(counts, errors, max_error_rate)
     return counts
+
+
+def _resolve_images(rec: dict, where) -> dict:
+    """Relative image paths resolve beside the task file (mars_cli.paths), where available."""
+    try:
+        from mars_cli.paths import resolve_task_images
+    except ImportError:
+        return rec
+    return resolve_task_images(rec, where)
 
 
 def _summary(counts: dict, kept: int, seconds: float) -> None:
