@@ -21,7 +21,7 @@ from typing import Any
 from mars_cli.errors import MarsError, UsageError
 
 ENGINES = {"hf": "mars_cli.engines.hf:HFEngine", "vllm": "mars_cli.engines.vllm_engine:VLLMEngine",
-           "openai": "mars_cli.engines.openai_engine:OpenAIEngine"}
+           "openai": "mars_cli.engines.openai_engine:OpenAIEngine", "server": "mars_cli.engines.server:ServerEngine"}
 
 
 @dataclass
@@ -70,6 +70,8 @@ class GenResult:
     finish: str = "stop"  # "stop": ended by itself (<|im_end|>) ; "length": hit max_new_tokens
     error: str | None = None  # an engine failure for this request; the episode ends with "error"
     usage: int | None = None  # chat engines: tokens the request consumed (prompt + completion)
+    weight_version: int | None = None  # servers: the weight version that sampled this turn
+    fingerprint: str | None = None  # servers: the checkpoint that sampled this turn
 
 
 class Engine:
@@ -82,6 +84,8 @@ class Engine:
     sampling: Sampling
     renderer: Any = None  # protocol.Renderer for token engines
     special: dict | None = None
+    max_images: int | None = None  # images one episode may hold (None: no cap)
+    weight_version: int | None = None
 
     def generate(self, requests: list[GenRequest]) -> list[GenResult]:
         raise NotImplementedError
