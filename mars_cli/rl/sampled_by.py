@@ -17,12 +17,13 @@ class SampledBy:
         for where, rec in located:
             pol = rec.get("policy") if isinstance(rec, dict) else None
             pol = pol if isinstance(pol, dict) else {}
-            self.fingerprints[str(pol.get("fingerprint"))] += 1
+            fp = pol.get("fingerprint")
+            self.fingerprints[str(fp) if fp else "unknown"] += 1
             v = pol.get("weight_version")
             self.versions[str(v) if v is not None else "none"] += 1
             yield where, rec
 
     def report(self, fingerprint: str | None) -> dict:
-        """{fingerprints, weight_versions, other_policy}: other_policy counts records not sampled by `fingerprint`."""
+        """{fingerprints, weight_versions, other_policy}: other_policy counts records known to be sampled by another checkpoint."""
         return {"fingerprints": dict(self.fingerprints), "weight_versions": dict(self.versions),
-                "other_policy": sum(n for fp, n in self.fingerprints.items() if fp != str(fingerprint))}
+                "other_policy": sum(n for fp, n in self.fingerprints.items() if fp not in (str(fingerprint), "unknown"))}
