@@ -43,6 +43,7 @@ COMMANDS = {
     "eval": "eval",
     "show": "show",
     "serve": "serve",
+    "prompt": "prompt",
 }
 
 

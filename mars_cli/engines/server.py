@@ -104,8 +104,11 @@ class ServerEngine(Engine):
         tokenizer = load_tokenizer(self.path)
         self.special = special_ids(tokenizer, self.path)
         self.renderer = Renderer(tokenizer, self.special)
-        self._images = SimpleNamespace(image_processor=load_image_processor(
-            self.path, min_pixels=pixels.get("min", min_pixels), max_pixels=pixels.get("max", max_pixels)))
+        proc = load_image_processor(self.path, min_pixels=pixels.get("min", min_pixels),
+                                    max_pixels=pixels.get("max", max_pixels))
+        self._images = SimpleNamespace(image_processor=proc)
+        self.pixels = {"min": int(proc.size["shortest_edge"]), "max": int(proc.size["longest_edge"])}
+        self.image_factor = int(proc.patch_size) * int(proc.merge_size)
         caps = [h.get("max_images") for h in alive.values() if h.get("max_images") is not None]
         self.max_images = min(caps) if caps else None
         self.weight_version = max(int(h.get("weight_version") or 0) for h in alive.values())
@@ -116,7 +119,26 @@ class ServerEngine(Engine):
         self._client_loop = None
 
     def describe(self) -> dict:
-        return {**super().describe(), "servers": list(self.alive), "weight_version": self.weight_version}
+        return {**super().describe(), "servers": list(self.alive)}
+
+    async def apoll_weight_version(self) -> int | None:
+        """The weight version every live server has reached (the lowest of their /health)."""
+        import httpx
+
+        client = self._client_here()
+        seen = []
+        for url in list(self.alive):
+            try:
+                r = await client.get(url + "/health", timeout=30.0)
+                v = r.json().get("weight_version")
+            except (httpx.HTTPError, ValueError, AttributeError):
+                continue  # an unreachable server is dropped by the request that finds it dead
+            if isinstance(v, int):
+                seen.append(v)
+        if not seen:
+            return self.weight_version
+        self.weight_version = max(self.weight_version or 0, min(seen))
+        return min(seen)
 
     def image_tokens(self, image: str) -> int:
         from mars_cli.models.inputs import image_tokens
