@@ -11,7 +11,7 @@ The API (a subset of vLLM 0.33's own routes and shapes, plus what mars needs):
 | POST /sleep?level=N, /wake_up, GET /is_sleeping | free the GPU for a trainer (hf: level 1 moves the weights to host memory, level 2 drops them) |
 
 The log-probs are of the distribution mars_cli.engines defines: the hf backend computes
-them as it samples (engines.hf_sampling); vLLM runs with `--logprobs-mode processed_logprobs`.
+them as it samples (the `hf` engine's own generate, engines.hf); vLLM runs with `--logprobs-mode processed_logprobs`.
 
 Why a mars layer in front of `vllm serve` rather than vLLM's server alone, read from
 vLLM 0.33's source: its /health answers an empty 200 (no policy, fingerprint or weight

@@ -205,6 +205,9 @@ class HFBackend(Backend):
             if it.future.done():
                 continue
             eos = self.policy.special["im_end"]
+            if t.error:
+                it.future.set_exception(HTTPError(500, f"generation failed: {t.error}", "InternalServerError"))
+                continue
             choice = {"index": 0, "finish_reason": t.finish, "stop_reason": eos if t.finish == "stop" else None,
                       "token_ids": t.ids, "weight_versions": [{"version": str(version), "start": 0, "end": len(t.ids)}],
                       "logprobs": ({"content": [{"token_id": tid, "logprob": lp, "rank": None, "top_logprobs": []}
@@ -215,13 +218,16 @@ class HFBackend(Backend):
                                   "mars": {"weight_version": version, "fingerprint": fingerprint}})
 
     def _generate(self, items: list[Pending]):
-        from mars_cli.engines.hf_sampling import generate_turns
+        """One batch through the `hf` engine's own generate (log-probs taken as it samples)."""
+        from mars_cli.engines import GenRequest
+        from mars_cli.engines.hf import HFEngine
 
-        if self.policy is None or self._asleep:
+        if self.policy is None or self.policy.model is None or self._asleep:
             raise MarsError("the model is asleep")
-        turns = generate_turns(self.policy, [(it.ids, it.images) for it in items], items[0].sampling,
-                               [it.max_tokens for it in items])
-        return turns, self.serving
+        engine = HFEngine(None, sampling=items[0].sampling, loaded=self.policy, max_batch=len(items))
+        results = engine.generate([GenRequest(ids=it.ids, images=it.images, max_new_tokens=it.max_tokens)
+                                   for it in items])
+        return results, self.serving
 
     # ---------------------------------------------------------------- pause, sleep, close
 
