@@ -79,3 +79,38 @@ def test_update_push_loads_the_new_checkpoint_and_a_failed_push_exits_1(tiny_pol
         m = json.loads(r.stdout)
         assert m["sampled_by"]["other_policy"] == 2 and "error" in m["push"]
         assert httpx.get(url + "/health").json()["weight_version"] == 3  # the live server did load it
+
+
+@pytest.mark.slow  # ~60 s on 2 cores: two rollouts, a check and an update through one server
+def test_rollout_against_serve_checks_then_a_push_changes_the_fingerprint_without_restart(tiny_policy_dir, tmp_path):
+    from mars_cli.models.load import fingerprint
+    from mars_cli.serve.app import App
+    from mars_cli.serve.hf_backend import HFBackend
+    from mars_cli.serve.run import in_thread
+
+    ck = tmp_path / "ck"
+    shutil.copytree(tiny_policy_dir, ck)
+    assert H.Ran(["data", "synth", "-o", tmp_path / "synth", "-n", "2", "--seed", "0"]).exit_code == 0
+    assert H.Ran(["index", "text", tmp_path / "synth" / "corpus.jsonl", "--out", tmp_path / "idx"]).exit_code == 0
+    app = App(HFBackend(), allow_load=str(tmp_path), max_images=8, max_image_bytes=32 << 20)
+    roll = ["--max-turns", "2", "--max-new-tokens", "12", "--index", tmp_path / "idx", tmp_path / "synth" / "tasks.jsonl"]
+    with in_thread(app, str(ck)) as url:
+        r = H.Ran(["rollout", "--server", url, "-n", "2", "-o", tmp_path / "t1.jsonl", *roll])
+        assert r.exit_code == 0, r.stderr
+        recs = [json.loads(x) for x in (tmp_path / "t1.jsonl").read_text().splitlines()]
+        assert len(recs) == 4 and {(x["policy"]["fingerprint"], x["policy"]["weight_version"]) for x in recs} == {(fingerprint(ck), 1)}
+        r = H.Ran(["rollout", "--check", "--policy", ck, tmp_path / "t1.jsonl"])
+        assert r.exit_code == 0, r.stderr
+        assert all(json.loads(x)["check"]["ok"] for x in r.stdout.splitlines())
+        r = H.Ran(["judge", "-o", tmp_path / "j.jsonl", tmp_path / "t1.jsonl"])
+        assert r.exit_code == 0, r.stderr
+        assert H.Ran(["advantage", "-o", tmp_path / "b.jsonl", tmp_path / "j.jsonl"]).exit_code == 0
+        r = H.Ran(["update", tmp_path / "b.jsonl", "--policy", ck, "--out", tmp_path / "ck2", "--lr", "1e-3", "--push", url])
+        assert r.exit_code == 0, r.stderr
+        m = json.loads(r.stdout)
+        assert m["logprob_gap"]["max"] < 1e-4  # the server sampled exactly what the trainer computes
+        r = H.Ran(["rollout", "--server", url, "-n", "1", "-o", tmp_path / "t2.jsonl", *roll])
+        assert r.exit_code == 0, r.stderr
+        recs = [json.loads(x) for x in (tmp_path / "t2.jsonl").read_text().splitlines()]
+        fp2 = fingerprint(tmp_path / "ck2")
+        assert {(x["policy"]["fingerprint"], x["policy"]["weight_version"]) for x in recs} == {(fp2, 2)}

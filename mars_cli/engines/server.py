@@ -244,8 +244,9 @@ class ServerEngine(Engine):
         if version is not None:
             self.weight_version = max(self.weight_version or 0, int(version))
         fp = mars.get("fingerprint") or self.fingerprint
-        if fp != self.fingerprint:
-            self.fingerprint = fp  # a pushed checkpoint: records name what sampled them
+        if fp != self.fingerprint:  # a pushed checkpoint: records name what sampled them
+            self.fingerprint = fp
+            self.path = mars.get("policy") or self.path
         return GenResult(text=self.decode(body), ids=ids, logprobs=lps, finish=finish,
                          weight_version=None if version is None else int(version), fingerprint=fp)
 

@@ -167,7 +167,7 @@ class App:
         # Which weights sampled it: the backend says when it knows better (hf swaps weights
         # between batches); vLLM's load drains in-flight requests first, so there it is the
         # version the request started under.
-        out.setdefault("mars", {"weight_version": version, "fingerprint": fingerprint})
+        out.setdefault("mars", {"weight_version": version, "fingerprint": fingerprint, "policy": self.path})
         return 200, out
 
     def _allowed(self, path: str) -> Path:

@@ -54,7 +54,7 @@ class HFBackend(Backend):
         self.max_model_len = max_model_len
         self.seed = seed
         self.policy = None
-        self.serving: tuple[int, str | None] = (0, None)  # (weight version, fingerprint), set on the worker
+        self.serving: tuple = (0, None, None)  # (weight version, fingerprint, path), set on the worker
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="mars-serve-hf")
         self._spool = tempfile.TemporaryDirectory(prefix="mars-serve-images-")
         self._queue: asyncio.Queue | None = None
@@ -73,7 +73,7 @@ class HFBackend(Backend):
         policy = load_policy(path, device=self.device, dtype=self.dtype, min_pixels=self.min_pixels,
                              max_pixels=self.max_pixels)
         old, self.policy = self.policy, policy
-        self.serving = (version, policy.fingerprint)
+        self.serving = (version, policy.fingerprint, policy.path)
         del old
         _free_memory(self.device)
         return policy
@@ -200,7 +200,7 @@ class HFBackend(Backend):
                     it.future.set_exception(HTTPError(500, f"generation failed: {type(e).__name__}: {e}",
                                                       "InternalServerError"))
             return
-        version, fingerprint = serving
+        version, fingerprint, path = serving
         for it, t in zip(items, turns):
             if it.future.done():
                 continue
@@ -215,7 +215,7 @@ class HFBackend(Backend):
             it.future.set_result({"request_id": it.request_id, "choices": [choice],
                                   "usage": {"prompt_tokens": len(it.ids), "completion_tokens": len(t.ids),
                                             "total_tokens": len(it.ids) + len(t.ids)},
-                                  "mars": {"weight_version": version, "fingerprint": fingerprint}})
+                                  "mars": {"weight_version": version, "fingerprint": fingerprint, "policy": path}})
 
     def _generate(self, items: list[Pending]):
         """One batch through the `hf` engine's own generate (log-probs taken as it samples)."""
