@@ -42,6 +42,7 @@ COMMANDS = {
     "sft": "sft",
     "eval": "eval",
     "show": "show",
+    "serve": "serve",
     "prompt": "prompt",
 }
 

@@ -174,6 +174,9 @@ class AgentLoop:
                             tg.create_task(self._episode(rec, s, group, slots, emit))
         finally:
             self._tools.shutdown(wait=False, cancel_futures=True)
+            aclose = getattr(self.engine, "aclose", None)
+            if aclose is not None:  # a remote engine's HTTP client belongs to this loop
+                await aclose()
         if input_error is not None:
             raise input_error
         if self.fatal is not None:
