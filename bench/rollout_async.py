@@ -126,6 +126,10 @@ def bench_engine(inner, text, meter: Meter, bg_loop):
         def image_tokens(self, image):
             return inner.image_tokens(image)
 
+        async def aclose(self):
+            if hasattr(inner, "aclose"):
+                await inner.aclose()
+
         def _script(self, req, res):
             res.text = text(req.messages)
             return res
@@ -215,9 +219,8 @@ def run_pair(open_inner, tasks, turns, latency: Latency, *, concurrency: int, ne
             recs = loop.run(tasks)
         wall = time.perf_counter() - t0
         if bg is not None:
+            asyncio.run_coroutine_threadsafe(inner.aclose(), bg).result()
             bg.call_soon_threadsafe(bg.stop)
-        if server:
-            inner.close()
         bad = [r for r in recs if r["finish"] != "answer"]
         if len(recs) != len(tasks) or bad:
             raise SystemExit(f"{name}: {len(recs)} records, {len(bad)} not answered: {bad[:1]}")

@@ -301,3 +301,21 @@ def test_kill_9_at_random_points_then_resume_completes(img, tmp_path):
     recs = _lines(out)
     assert sorted((x["group"], x["sample"]) for x in recs) == sorted((f"t{i}", s) for i in range(30) for s in range(2))
     assert all(x["finish"] == "answer" for x in recs)
+
+
+def test_loop_runs_pass_after_pass_until_the_engine_is_gone(img, tmp_path, monkeypatch):
+    calls = []
+
+    def die(msgs):
+        calls.append(1)
+        return len(calls) > 7
+
+    eng = AsyncEngine(turn_script([answer("a")]), die=die)
+    text = "".join(json.dumps(task(img, f"t{i}")) + "\n" for i in range(3))
+    out = tmp_path / "out.jsonl"
+    r = _cli(monkeypatch, eng, ["-o", str(out), "--loop", "--seed", "1", "--max-inflight", "1"], text, tmp_path)
+    assert r.exit_code == 1 and "no policy server left" in r.stderr
+    recs = _lines(out)
+    ok = [x for x in recs if x["finish"] == "answer"]
+    assert [x["group"] for x in ok[:3]] == ["t0@0", "t1@0", "t2@0"] and [x["epoch"] for x in ok[3:]] == [1, 1, 1, 2]
+    assert len({x["group"] for x in ok}) == len(ok) == 7
