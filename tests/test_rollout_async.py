@@ -319,3 +319,40 @@ def test_loop_runs_pass_after_pass_until_the_engine_is_gone(img, tmp_path, monke
     ok = [x for x in recs if x["finish"] == "answer"]
     assert [x["group"] for x in ok[:3]] == ["t0@0", "t1@0", "t2@0"] and [x["epoch"] for x in ok[3:]] == [1, 1, 1, 2]
     assert len({x["group"] for x in ok}) == len(ok) == 7
+
+
+@pytest.mark.network
+@pytest.mark.slow
+def test_ctrl_c_keeps_whole_records_and_exits_130(img, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from helpers_rollout import OpenAIStub
+
+    class SlowTurns(list):
+        def __getitem__(self, i):
+            time.sleep(0.05)
+            return super().__getitem__(i)
+
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text("".join(json.dumps(task(img, f"t{i}")) + "\n" for i in range(40)))
+    out = tmp_path / "out.jsonl"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "MARS_OPENAI_API_KEY": "k",
+           "MARS_ARTIFACTS": str(tmp_path / "art")}
+    with OpenAIStub(SlowTurns([call(protocol.ZOOM, bbox_2d=[0, 0, 500, 500]), answer("a")])) as stub:
+        p = subprocess.Popen([sys.executable, "-m", "mars_cli", "rollout", str(tasks), "-o", str(out), "--engine",
+                              "openai", "--model", "m", "--base-url", stub.url, "--max-inflight", "4"],
+                             env=env, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 60
+        while time.time() < deadline and not (out.exists() and len(out.read_text().splitlines()) >= 3):
+            time.sleep(0.01)
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err
+    assert "Traceback" not in err and "interrupted" in err and "mars rollout: " in err and " episodes: answer" in err
+    recs = _lines(out)  # every line whole
+    assert 3 <= len(recs) < 40 and all(r["finish"] == "answer" for r in recs)

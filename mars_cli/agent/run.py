@@ -120,7 +120,7 @@ def rollout(files, *, out: str | None, n: int, engine: dict, sampling: dict, lim
     errors: list[str] = []
     t0 = time.perf_counter()
     eng = None
-    bar = None
+    bar = None  # set once episodes can start: a run that fails before says only why
     try:
         eng = make_engine(**engine, sampling=sampling)
         toolbox = open_toolbox(artifacts_dir(artifacts, out), **tools, profile=protocol, engine=eng)
@@ -150,12 +150,12 @@ def rollout(files, *, out: str | None, n: int, engine: dict, sampling: dict, lim
         agent.run_sync(agent.arun(tasks, n=n, skip=writer.done, emit=emit,
                                   group_of=feed.epoch_group if loop else None, admit=gate))
     finally:
-        if bar is not None:
-            bar.close()
         writer.close()
         if eng is not None:
             eng.close()
-        _summary(counts, writer.kept, time.perf_counter() - t0)
+        if bar is not None:
+            bar.close()
+            _summary(counts, writer.kept, time.perf_counter() - t0)
     _check_error_rate(counts, errors, max_error_rate)
     return counts
 
