@@ -356,3 +356,36 @@ def test_ctrl_c_keeps_whole_records_and_exits_130(img, tmp_path):
     assert "Traceback" not in err and "interrupted" in err and "mars rollout: " in err and " episodes: answer" in err
     recs = _lines(out)  # every line whole
     assert 3 <= len(recs) < 40 and all(r["finish"] == "answer" for r in recs)
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--workflow", "chat"], "--workflow must be one of agent, direct, rag"),
+    (["--on-malformed", "ignore"], "--on-malformed must be end or observe"),
+    (["--protocol", "nope"], "--protocol must be one of"),
+    (["--batch-groups", "4"], "--batch-groups/--max-staleness follow the weights of --server"),
+    (["--max-error-rate", "2"], "--max-error-rate must be in [0, 1]"),
+    (["--max-inflight", "0"], "--max-inflight must be at least 1"),
+    (["--max-prompt-tokens", "0"], "--max-prompt-tokens must be at least 1"),
+])
+def test_episode_flag_errors_before_any_model_loads(args, msg):
+    r = Ran(["rollout", "--policy", "/nonexistent", *args], input="")
+    assert r.exit_code == 2 and msg in r.stderr
+
+
+def test_output_checked_before_the_model_and_kept_when_it_fails(img, tmp_path, monkeypatch):
+    from mars_cli.agent import run as runner
+
+    out = tmp_path / "out.jsonl"
+    out.write_text('{"kept": 1}\n')
+
+    def broken(**kw):
+        raise MarsError("policy: no such model directory")
+
+    monkeypatch.setattr(runner, "make_engine", broken)
+    tasks = tmp_path / "t.jsonl"
+    tasks.write_text(json.dumps(task(img)) + "\n")
+    r = Ran(["rollout", tasks, "-o", out])
+    assert r.exit_code == 1 and r.stderr.strip().splitlines()[-1] == "mars rollout: policy: no such model directory"
+    assert out.read_text() == '{"kept": 1}\n' and "episodes:" not in r.stderr
+    r = Ran(["rollout", tasks, "-o", tmp_path / "nope" / "out.jsonl"])
+    assert r.exit_code == 1 and "does not exist" in r.stderr

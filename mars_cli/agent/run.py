@@ -115,7 +115,8 @@ def rollout(files, *, out: str | None, n: int, engine: dict, sampling: dict, lim
     from mars_cli.records import validate
 
     lim = Limits(**limits)
-    writer = EpisodeOutput(out, resume=resume, n=n, group_order=group_order)
+    EpisodeOutput.check(out)  # before the model loads; the file itself is opened once it has
+    writer = None
     counts: dict[str, int] = {}
     errors: list[str] = []
     t0 = time.perf_counter()
@@ -127,6 +128,7 @@ def rollout(files, *, out: str | None, n: int, engine: dict, sampling: dict, lim
         agent = AgentLoop(eng, toolbox, limits=lim, max_inflight=max_inflight, system_prompt=system_prompt,
                           profile=protocol, on_malformed=on_malformed, workflow=workflow)
         gate = feed.StalenessGate(eng, batch_groups, max_staleness) if batch_groups else None
+        writer = EpisodeOutput(out, resume=resume, n=n, group_order=group_order)
 
         def read():
             return (validate(_resolve_images(rec, where), "task", where)
@@ -150,7 +152,8 @@ def rollout(files, *, out: str | None, n: int, engine: dict, sampling: dict, lim
         agent.run_sync(agent.arun(tasks, n=n, skip=writer.done, emit=emit,
                                   group_of=feed.epoch_group if loop else None, admit=gate))
     finally:
-        writer.close()
+        if writer is not None:
+            writer.close()
         if eng is not None:
             eng.close()
         if bar is not None:

@@ -50,6 +50,9 @@ def main(
     from mars_cli.errors import MarsError
     from mars_cli.jsonl import RecordWriter
 
+    from mars_cli.commands.rollout import check_episode_flags
+
+    check_episode_flags(workflow=workflow, on_malformed=on_malformed, protocol=protocol)
     rec = run.ask(
         image, question, artifacts=artifacts, trace=not quiet,
         engine=dict(name=engine, policy=policy, device=device, base_url=base_url, model=model, min_pixels=min_pixels,
