@@ -53,7 +53,7 @@ def main(
     from mars_cli.errors import MarsError
     from mars_cli.jsonl import RecordWriter
 
-    from mars_cli.commands.rollout import check_episode_flags
+    from mars_cli.agent.workflow import check_episode_flags
 
     check_episode_flags(workflow=workflow, on_malformed=on_malformed, protocol=protocol)
     rec = run.ask(

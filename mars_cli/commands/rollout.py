@@ -14,19 +14,6 @@ import typer
 
 from mars_cli.errors import UsageError
 
-
-def check_episode_flags(*, workflow: str, on_malformed: str | None, protocol: str | None) -> None:
-    """Refuse bad episode flags before any model loads."""
-    from mars_cli import protocol as proto
-    from mars_cli.agent.workflow import WORKFLOWS
-
-    if workflow not in WORKFLOWS:
-        raise UsageError(f"--workflow must be one of {', '.join(WORKFLOWS)}, got {workflow!r}")
-    if on_malformed is not None and on_malformed not in ("end", "observe"):
-        raise UsageError(f"--on-malformed must be end or observe, got {on_malformed!r}")
-    if protocol is not None and hasattr(proto, "get_profile"):
-        proto.get_profile(protocol)
-
 E = "MARS_"
 
 
@@ -105,6 +92,8 @@ def main(
         raise UsageError(f"--max-inflight must be at least 1, got {max_inflight}")
     if not 0 <= max_error_rate <= 1:
         raise UsageError(f"--max-error-rate must be in [0, 1], got {max_error_rate}")
+    from mars_cli.agent.workflow import check_episode_flags
+
     check_episode_flags(workflow=workflow, on_malformed=on_malformed, protocol=protocol)
     urls = [u.strip() for u in server.split(",") if u.strip()] if server else None
     if server is not None and not urls:
