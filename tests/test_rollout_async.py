@@ -389,3 +389,23 @@ def test_output_checked_before_the_model_and_kept_when_it_fails(img, tmp_path, m
     assert out.read_text() == '{"kept": 1}\n' and "episodes:" not in r.stderr
     r = Ran(["rollout", tasks, "-o", tmp_path / "nope" / "out.jsonl"])
     assert r.exit_code == 1 and "does not exist" in r.stderr
+
+
+def test_servers_dying_under_inflight_requests_end_the_run(img, tmp_path, monkeypatch):
+    # every in-flight request fails (no exception): the run still ends with "no server left"
+    class Dying(AsyncEngine):
+        gone = False
+
+        async def agenerate(self, req):
+            self.gone = True
+            return GenResult(text="", error="http://127.0.0.1:1: ConnectError")
+
+        def lost(self):
+            return "no server left: http://127.0.0.1:1: ConnectError" if self.gone else None
+
+    eng = Dying(turn_script([answer("a")]))
+    text = "".join(json.dumps(task(img, f"t{i}")) + "\n" for i in range(5))
+    out = tmp_path / "out.jsonl"
+    r = _cli(monkeypatch, eng, ["-o", str(out), "--max-error-rate", "1", "--max-inflight", "2"], text, tmp_path)
+    assert r.exit_code == 1 and "mars rollout: no server left" in r.stderr
+    assert 1 <= len(_lines(out)) <= 3 and all(x["finish"] == "error" for x in _lines(out))  # no new episode started

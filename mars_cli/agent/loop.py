@@ -159,6 +159,9 @@ class AgentLoop:
                         except MarsError as e:
                             input_error = e
                             break
+                        self.fatal = self.fatal or getattr(self.engine, "lost", lambda: None)()
+                        if self.fatal is not None:
+                            break
                         group = group_of(rec)
                         samples = [s for s in range(n) if (group, s) not in skip]
                         if not samples:
@@ -179,6 +182,8 @@ class AgentLoop:
                 await aclose()
         if input_error is not None:
             raise input_error
+        if self.fatal is None:  # every server died under requests already in flight
+            self.fatal = getattr(self.engine, "lost", lambda: None)()
         if self.fatal is not None:
             raise MarsError(self.fatal)
 
