@@ -134,7 +134,7 @@ class AgentLoop:
                    admit: Callable[[int], Awaitable[None]] | None = None) -> None:
         """Run every (task, sample) not in `skip`; `emit(record)` as each finishes.
 
-        `tasks` is read lazily, one ahead of need, off the loop's thread; an exception it
+        `tasks` is read lazily (at most max_inflight records ahead) off the loop's thread; an exception it
         raises (a bad input line) stops new episodes, lets the started ones finish and
         emit, and is then re-raised. `admit(k)` is awaited before the k-th group starts
         (--max-staleness). When the engine itself fails, no new episode starts and
@@ -143,6 +143,7 @@ class AgentLoop:
         from mars_cli.agent.feed import prefetch
 
         skip = skip or set()
+        self.fatal = None
         group_of = group_of or (lambda rec: str(rec["id"]))
         slots = asyncio.Semaphore(self.max_inflight)
         self._tools = ThreadPoolExecutor(self.tool_workers, thread_name_prefix="mars-tool")
