@@ -20,14 +20,23 @@ def main(
     question: str = typer.Argument(..., help="The question."),
     policy: Optional[str] = typer.Option(None, "--policy", envvar=E + "POLICY", help="Model directory (hf, vllm) or model name (openai)."),
     engine: str = typer.Option("hf", "--engine", envvar=E + "ENGINE", help="hf | vllm | openai."),
+    server: Optional[str] = typer.Option(None, "--server", envvar=E + "SERVER", help="URL[,URL…] of `mars serve` policy servers (instead of --engine)."),
     as_json: bool = typer.Option(False, "--json", help="Print the trajectory record instead of the answer."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No trace on stderr."),
     max_turns: int = typer.Option(10, "--max-turns"),
-    max_total_tokens: int = typer.Option(16384, "--max-total-tokens"),
+    max_prompt_tokens: int = typer.Option(16384, "--max-prompt-tokens", help="Budget of the first prompt (images counted expanded)."),
+    max_response_tokens: int = typer.Option(16384, "--max-response-tokens", help="Budget of the turns and tool results after it."),
+    max_total_tokens: Optional[int] = typer.Option(None, "--max-total-tokens", help="Optional cap on prompt + response."),
     max_new_tokens: int = typer.Option(2048, "--max-new-tokens"),
+    min_pixels: Optional[int] = typer.Option(None, "--min-pixels", help="Image resize floor in pixels (default: the checkpoint's)."),
+    max_pixels: Optional[int] = typer.Option(None, "--max-pixels", help="Image resize ceiling in pixels (default: the checkpoint's)."),
+    protocol: Optional[str] = typer.Option(None, "--protocol", envvar=E + "PROTOCOL", help="Prompt profile: sensenova | mars."),
+    on_malformed: Optional[str] = typer.Option(None, "--on-malformed", help="end | observe (default: the profile's)."),
+    workflow: str = typer.Option("agent", "--workflow", help="agent | direct | rag."),
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy (the default here)."),
     seed: Optional[int] = typer.Option(None, "--seed"),
     device: str = typer.Option("cpu", "--device", envvar=E + "DEVICE"),
+    attn_implementation: Optional[str] = typer.Option(None, "--attn-implementation", envvar=E + "ATTN_IMPLEMENTATION", help="hf engine: sdpa | flash_attention_2 | eager."),
     base_url: Optional[str] = typer.Option(None, "--base-url", help="openai: endpoint URL."),
     model: Optional[str] = typer.Option(None, "--model", help="openai: model name."),
     request_timeout: Optional[float] = typer.Option(None, "--request-timeout", help="openai: seconds per request [default: MARS_OPENAI_TIMEOUT or 120]."),
@@ -43,16 +52,22 @@ def main(
     from mars_cli import streams
     from mars_cli.agent import run
     from mars_cli.errors import MarsError
+    from mars_cli.agent.workflow import check_episode_flags
     from mars_cli.inputs import local_image
     from mars_cli.jsonl import RecordWriter
 
+    check_episode_flags(workflow=workflow, on_malformed=on_malformed, protocol=protocol)
+    urls = [u.strip() for u in server.split(",") if u.strip()] if server else None
     image = local_image(image, run.artifacts_dir(artifacts, None))  # a bad input fails before the model loads
     rec = run.ask(
         image, question, artifacts=artifacts, trace=not quiet,
-        engine=dict(name=engine, policy=policy, device=device, base_url=base_url, model=model,
-                    timeout=request_timeout, max_retries=retries),
+        engine=dict(name="server" if urls else engine, policy=policy, urls=urls, device=device,
+                    attn_implementation=attn_implementation, base_url=base_url, model=model, timeout=request_timeout,
+                    max_retries=retries, min_pixels=min_pixels, max_pixels=max_pixels),
         sampling=dict(temperature=temperature, seed=seed),
-        limits=dict(max_turns=max_turns, max_total_tokens=max_total_tokens, max_new_tokens=max_new_tokens),
+        limits=dict(max_turns=max_turns, max_prompt_tokens=max_prompt_tokens, max_response_tokens=max_response_tokens,
+                    max_total_tokens=max_total_tokens, max_new_tokens=max_new_tokens),
+        protocol=protocol, on_malformed=on_malformed, workflow=workflow,
         tools=dict(search_backend=search_backend, index=index, image_search_backend=image_search_backend,
                    image_index=image_index, cache=cache),
     )

@@ -32,16 +32,18 @@ def main(
     seed: int = typer.Option(0, "--seed", help="Torch seed."),
     nproc: int = typer.Option(1, "--nproc", min=1, help="Run N processes (torch.distributed.run); records sharded by rank."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unparsable lines with a warning."),
+    push: Optional[str] = typer.Option(None, "--push", help="mars serve URL[,URL…] that load --out once it is written (waits until each serves it)."),
     local_rank: Optional[int] = typer.Option(None, "--local_rank", "--local-rank", hidden=True, help="Set by the deepspeed launcher (LOCAL_RANK is read)."),
 ) -> None:
     """Train the policy one step on a scored batch; write a checkpoint.
 
     Rebuilds each trajectory's model input from its stored token ids and images and trains only on the policy's own tokens (mask 1). GSPO: s = exp(mean over policy tokens of log π_θ − log π_old), loss = −mean over trajectories of min(s·A, clip(s, 1−ε_low, 1+ε_high)·A) + β·KL(π_θ‖π_ref). Records without token ids (openai engine) are refused. A batch whose advantages are all 0 (every group's rewards equal) is trained and written anyway, with a warning: only the KL term and weight decay move the weights.
 
-    Writes --out (an HF safetensors checkpoint with mars_meta.json) atomically and prints one metrics record: loss, clip_fraction, kl, ratio_mean/min/max, grad_norm, tokens, trajectories, seconds, logprob_gap. Under a launcher (deepspeed, accelerate, torchrun) every rank runs this command; --nproc N does that for you on one machine.
+    Writes --out (an HF safetensors checkpoint with mars_meta.json) atomically and prints one metrics record: loss, clip_fraction, kl, ratio_mean/min/max, grad_norm, tokens, trajectories, seconds, logprob_gap, sampled_by (the fingerprints and server weight versions that sampled the batch: reported, never refused). With --push, every server then loads --out; the command returns once each one's /health shows its fingerprint at the next weight version, and exits 1 naming any server that failed (the checkpoint stays written). Under a launcher (deepspeed, accelerate, torchrun) every rank runs this command; --nproc N does that for you on one machine.
     """
     import os
 
+    from mars_cli.errors import UsageError
     from mars_cli.fsutil import check_output
     from mars_cli.jsonl import RecordWriter
     from mars_cli.rl.engine import launch_ranks
@@ -59,7 +61,20 @@ def main(
     code = launch_ranks("update", paths, cfg, nproc=nproc, local_rank=local_rank, skip_bad=skip_bad, what="batch")
     if code is not None:
         raise typer.Exit(code)
+    urls = [u.strip() for u in push.split(",") if u.strip()] if push else []
+    if push is not None and not urls:
+        raise UsageError("--push needs URL[,URL…]")
     metrics = run_update(paths, cfg, skip_bad=skip_bad)
     if int(os.environ.get("RANK", "0")) == 0:
+        failure = None
+        if urls:
+            from mars_cli.serve.push import PushError, push_checkpoint
+
+            try:
+                metrics["push"] = push_checkpoint(urls, str(out), fingerprint=metrics.get("fingerprint"))
+            except PushError as e:
+                failure, metrics["push"] = e, {"error": str(e)}
         with RecordWriter() as w:
             w.write(metrics)
+        if failure is not None:
+            raise failure

@@ -130,6 +130,7 @@ def run_update(paths, cfg: UpdateConfig, *, skip_bad: bool = False, trainer_hook
 
     from mars_cli.jsonl import read_located
     from mars_cli.rl.engine import Trainer
+    from mars_cli.rl.sampled_by import SampledBy
 
     _check_flags(cfg)
     t0 = time.time()
@@ -137,7 +138,11 @@ def run_update(paths, cfg: UpdateConfig, *, skip_bad: bool = False, trainer_hook
                          cfg.eps_high if cfg.eps_high is not None else L.DEFAULT_EPS[cfg.loss][1])
     policy, bf16 = prepare_policy(cfg.policy, train_vision=cfg.train_vision,
                                   gradient_checkpointing=cfg.gradient_checkpointing, bf16=cfg.bf16, seed=cfg.seed)
-    examples = batching.update_examples(read_located(paths, skip_bad=skip_bad), policy.special["image_pad"],
+    # The batch may come from an older policy (a server that had not loaded the last step
+    # yet, `--follow` staleness): counted and reported, never refused.
+    sampled_by = SampledBy()
+    examples = batching.update_examples(sampled_by.tally(read_located(paths, skip_bad=skip_bad)),
+                                        policy.special["image_pad"],
                                         vocab_size=policy.model.get_input_embeddings().num_embeddings)
     if cfg.old_logprobs == "rollout":
         for ex in examples:
@@ -255,6 +260,7 @@ def run_update(paths, cfg: UpdateConfig, *, skip_bad: bool = False, trainer_hook
         "logprob_gap": {"mean_abs": sums.get("gap_sum", 0.0) / sums["gap_n"] if sums.get("gap_n") else None,
                         "max": sums.get("gap_max") if sums.get("gap_n") else None,
                         "tokens": int(sums.get("gap_n", 0))},
+        "sampled_by": sampled_by.report(policy.fingerprint),
     }
     if not cfg.beta or ref is None:
         metrics["kl"] = None
