@@ -185,6 +185,14 @@ class App:
         body = req.json()
         path = self._allowed(body.get("path") if isinstance(body, dict) else None)
         async with self._load_lock:
+            if self.status == "sleeping":
+                # A trainer put the server to sleep to use the GPUs, and now pushes its
+                # checkpoint: wake (memory back) and load (vLLM's sleep level 2 + reload).
+                try:
+                    await self.backend.wake_up()
+                except MarsError as e:
+                    raise HTTPError(500, f"wake up before the load failed: {e}", "InternalServerError") from None
+                self.status = "ready"
             before = self.status
             self.status = "loading"
             t0 = time.time()
