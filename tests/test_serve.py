@@ -132,6 +132,10 @@ def test_push_loads_a_sibling_checkpoint_and_a_failed_load_keeps_the_old(models,
         assert "broken" in h["last_error"]
         again = eng.generate([GenRequest(ids=prompt(eng), max_new_tokens=6)])[0]
         assert again.logprobs == after.logprobs and again.weight_version == 2
+    import threading
+
+    # the server thread, its model worker and its executors are all gone
+    assert not [t.name for t in threading.enumerate() if t.name.startswith(("mars-serve", "asyncio_"))]
 
 
 def test_refusals(server, tmp_path):
