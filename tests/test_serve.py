@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import shutil
+import threading
 
 import httpx
 import pytest
@@ -116,6 +117,7 @@ def test_push_loads_a_sibling_checkpoint_and_a_failed_load_keeps_the_old(models,
     from mars_cli.serve.run import in_thread
 
     ck, ck2, broken = models
+    threads = set(threading.enumerate())
     with in_thread(hf_app(allow_load=str(ck.parent)), str(ck)) as url:
         eng = open_engine("server", policy=None, sampling=Sampling(temperature=0), urls=[url])
         before = eng.generate([GenRequest(ids=prompt(eng), max_new_tokens=6)])[0]
@@ -132,10 +134,8 @@ def test_push_loads_a_sibling_checkpoint_and_a_failed_load_keeps_the_old(models,
         assert "broken" in h["last_error"]
         again = eng.generate([GenRequest(ids=prompt(eng), max_new_tokens=6)])[0]
         assert again.logprobs == after.logprobs and again.weight_version == 2
-    import threading
-
     # the server thread, its model worker and its executors are all gone
-    assert not [t.name for t in threading.enumerate() if t.name.startswith(("mars-serve", "asyncio_"))]
+    assert not [t.name for t in set(threading.enumerate()) - threads if t.name.startswith(("mars-serve", "asyncio_"))]
 
 
 def test_refusals(server, tmp_path):
@@ -162,6 +162,10 @@ def test_refusals(server, tmp_path):
     r = httpx.post(url + "/inference/v1/generate", json={"token_ids": [10 ** 9], "sampling_params": sp})
     assert r.status_code == 400 and "outside the vocabulary" in r.json()["error"]["message"]
     r = httpx.post(url + "/inference/v1/generate", json={"token_ids": ids, "sampling_params": {**sp, "seed": 3}})
+    assert r.status_code == 400
+    r = httpx.post(url + "/inference/v1/generate", json={"token_ids": ids, "sampling_params": sp, "features": {}})
+    assert r.status_code == 400 and "features" in r.json()["error"]["message"]
+    r = httpx.post(url + "/inference/v1/generate", json={"token_ids": ids, "sampling_params": sp, "stream": True})
     assert r.status_code == 400
     r = httpx.post(url + "/inference/v1/generate", content=b"{not json", headers={"Content-Type": "application/json"})
     assert r.status_code == 400

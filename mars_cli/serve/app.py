@@ -20,6 +20,11 @@ from mars_cli.serve.http import HTTPError, Request
 log = logging.getLogger("mars.serve")
 
 PAUSE_MODES = ("abort", "wait", "keep")
+# The fields of vLLM's GenerateRequest a client may send through this layer. Others
+# (`features` with serialized tensors, KV/EC transfer parameters, derender contexts) are
+# for vLLM's disaggregated deployments, not for a policy client, and are refused.
+GENERATE_FIELDS = {"token_ids", "content_parts", "sampling_params", "request_id", "model", "output_mode", "stream",
+                   "cache_salt", "priority", "return_token_ids"}
 
 
 class Backend:
@@ -135,6 +140,11 @@ class App:
         body = req.json()
         if not isinstance(body, dict):
             raise HTTPError(400, "the request body must be a JSON object")
+        extra = sorted(set(body) - GENERATE_FIELDS)
+        if extra:
+            raise HTTPError(400, f"unsupported request fields: {', '.join(extra)}")
+        if body.get("output_mode", "tokens") != "tokens" or body.get("stream"):
+            raise HTTPError(400, "only output_mode 'tokens' without streaming is served")
         ids = body.get("token_ids")
         if not isinstance(ids, list) or not ids or not all(type(t) is int for t in ids):
             raise HTTPError(400, "token_ids: a non-empty list of integers is required")
