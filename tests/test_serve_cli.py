@@ -39,11 +39,23 @@ def test_serve_prints_its_url_answers_and_exits_cleanly_on_sigterm(tiny_policy_d
     assert b"shutting down" in err and b"Traceback" not in err
 
 
-def test_serve_refuses_a_public_address_without_a_key(tiny_policy_dir):
+def test_serve_refuses_a_public_address_without_a_key_and_bad_policies(tiny_policy_dir, tmp_path):
     from clirun import Ran
 
     r = Ran(["serve", "--policy", tiny_policy_dir, "--host", "0.0.0.0"], env={"MARS_SERVE_API_KEY": ""})
     assert r.exit_code == 2 and "MARS_SERVE_API_KEY" in r.stderr
+    r = Ran(["serve", "--policy", tmp_path / "nope"])
+    assert r.exit_code == 1 and "mars serve: " in r.stderr and "no such model directory" in r.stderr
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_policy_dir, broken)
+    (broken / "model.safetensors").write_bytes(b"junk")
+    r = Ran(["serve", "--policy", broken, "--port", "0"])
+    assert r.exit_code == 1 and "mars serve: " in r.stderr and r.stdout == ""
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        r = Ran(["serve", "--policy", tiny_policy_dir, "--engine", "vllm", "--port", "0"])
+        assert r.exit_code == 1 and "needs vLLM" in r.stderr
 
 
 def test_update_push_loads_the_new_checkpoint_and_a_failed_push_exits_1(tiny_policy_dir, tmp_path):

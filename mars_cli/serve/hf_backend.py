@@ -83,7 +83,12 @@ class HFBackend(Backend):
             import torch
 
             torch.manual_seed(self.seed)
-        p = await self._on_worker(self._load, policy, 1)
+        try:
+            p = await self._on_worker(self._load, policy, 1)
+        except MarsError:
+            raise
+        except Exception as e:  # whatever the loader raised (a corrupt safetensors header…)
+            raise MarsError(f"{policy}: cannot load it: {type(e).__name__}: {e}") from None
         self.vocab_size = int(p.model.get_output_embeddings().weight.shape[0])
         self.image_pad = p.special["image_pad"]
         size = p.image_processor.size

@@ -40,8 +40,15 @@ def free_port() -> int:
 
 
 def vllm_command() -> list[str]:
+    import importlib.util
+
     exe = shutil.which("vllm")
-    return [exe] if exe else [sys.executable, "-m", "vllm.entrypoints.cli.main"]
+    if exe:
+        return [exe]
+    if importlib.util.find_spec("vllm") is None:
+        raise MarsError("--engine vllm needs vLLM 0.33 (pip install 'mars-cli[gpu]' on a GPU machine); "
+                        "use --engine hf on a CPU")
+    return [sys.executable, "-m", "vllm.entrypoints.cli.main"]
 
 
 class VLLMBackend(Backend):
