@@ -23,6 +23,8 @@ PAUSE_MODES = ("abort", "wait", "keep")
 # The fields of vLLM's GenerateRequest a client may send through this layer. Others
 # (`features` with serialized tensors, KV/EC transfer parameters, derender contexts) are
 # for vLLM's disaggregated deployments, not for a policy client, and are refused.
+WEIGHT_TRANSFER = ("/init_weight_transfer_engine", "/start_weight_update", "/update_weights",
+                   "/finish_weight_update")
 GENERATE_FIELDS = {"token_ids", "content_parts", "sampling_params", "request_id", "model", "output_mode", "stream",
                    "cache_salt", "priority", "return_token_ids"}
 
@@ -102,7 +104,11 @@ class App:
         self._load_lock = asyncio.Lock()
 
     def routes(self) -> dict:
-        return {("GET", "/health"): self.health, ("POST", "/inference/v1/generate"): self.generate,
+        extra = {}
+        if hasattr(self.backend, "forward"):
+            # vLLM's weight-transfer API (NCCL/IPC from a trainer; no disk, so no --allow-load)
+            extra = {("POST", p): self.weight_transfer for p in WEIGHT_TRANSFER}
+        return {**extra,("GET", "/health"): self.health, ("POST", "/inference/v1/generate"): self.generate,
                 ("POST", "/load"): self.load, ("POST", "/pause"): self.pause, ("POST", "/resume"): self.resume,
                 ("GET", "/is_paused"): self.is_paused, ("POST", "/sleep"): self.sleep,
                 ("POST", "/wake_up"): self.wake_up, ("GET", "/is_sleeping"): self.is_sleeping,
@@ -226,6 +232,24 @@ class App:
                      self.weight_version, seconds)
             return 200, {"policy": self.path, "fingerprint": self.fingerprint,
                          "weight_version": self.weight_version, "seconds": seconds}
+
+    async def weight_transfer(self, req: Request):
+        """Forwarded to vLLM. /finish_weight_update sets the next weight version; its optional
+        `fingerprint` (a mars field, not forwarded) names the weights that were sent."""
+        body = req.json()
+        if not isinstance(body, dict):
+            raise HTTPError(400, "the request body must be a JSON object")
+        if req.path != "/finish_weight_update":
+            return 200, await self.backend.forward(req.path, body)
+        fingerprint = body.pop("fingerprint", None)
+        async with self._load_lock:
+            body["weight_version"] = str(self.weight_version + 1)
+            out = await self.backend.forward(req.path, body)
+            self.weight_version += 1
+            self.fingerprint = str(fingerprint) if fingerprint else f"transfer-{self.weight_version}"
+            log.info("weights received over the transfer API: weight version %d (%s)", self.weight_version,
+                     self.fingerprint)
+        return 200, {**out, "weight_version": self.weight_version, "fingerprint": self.fingerprint}
 
     async def pause(self, req: Request):
         mode = req.arg("mode", "abort")

@@ -187,6 +187,10 @@ class VLLMBackend(Backend):
                          json={"method": "reload_weights", "kwargs": {"weights_path": path},
                                "timeout": self.load_timeout})
 
+    async def forward(self, path: str, body: dict) -> dict:
+        """A weight-transfer call, passed to vLLM as is."""
+        return await self._call("POST", path, json=body, timeout=self.load_timeout)
+
     async def pause(self, mode: str) -> None:
         await self._call("POST", "/pause", params={"mode": mode}, timeout=self.load_timeout)
 
