@@ -82,6 +82,9 @@ def test_server_tokens_and_logprobs_equal_a_forward_pass(server, models, tmp_pat
         assert torch.allclose(torch.tensor(out.logprobs), want.float(), atol=2e-4), (out.logprobs, want)
         assert out.finish == ("stop" if out.ids[-1] == eng.special["im_end"] else "length")
     assert eng.image_tokens(img) > 0
+    st = httpx.get(url + "/health").json()["stats"]
+    assert st["requests"] >= 3 and st["batches"] < st["requests"]  # micro-batched
+    assert st["generated_tokens"] >= sum(len(o.ids) for o in outs) and st["busy_seconds"] > 0
 
 
 def test_episodes_through_the_server_pass_rollout_check(server, models, tmp_path):

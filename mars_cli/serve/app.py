@@ -35,6 +35,7 @@ class Backend:
     engine = "?"
     failure: str | None = None  # set when the backend can no longer serve (e.g. its engine died)
     vocab_size: int = 0
+    stats: dict | None = None  # counters /health reports (hf: requests, batches, generated_tokens, busy_seconds)
     pixels: dict | None = None  # {"min", "max"}: the image processor's bounds, so clients count image tokens alike
     image_pad: int = -1
     max_model_len: int | None = None
@@ -101,6 +102,7 @@ class App:
         self.weight_version = 0
         self.last_error: str | None = None
         self.pause_mode = "abort"
+        self.started = time.monotonic()
         self._load_lock = asyncio.Lock()
 
     def routes(self) -> dict:
@@ -126,7 +128,9 @@ class App:
                 "fingerprint": self.fingerprint, "weight_version": self.weight_version,
                 "max_images": self.max_images, "max_image_bytes": self.max_image_bytes,
                 "max_model_len": self.backend.max_model_len,
-                "pixels": self.backend.pixels, "pid": os.getpid(), "last_error": self.last_error}
+                "pixels": self.backend.pixels, "pid": os.getpid(), "last_error": self.last_error,
+                "uptime_seconds": round(time.monotonic() - self.started, 3),
+                "stats": dict(self.backend.stats) if self.backend.stats is not None else None}
 
     async def health(self, req: Request):
         return (200 if self.status == "ready" else 503), self.describe()
