@@ -143,6 +143,9 @@ class Engine:
             loop.call_soon(self._launch_batch, state)
         return await fut
 
+    async def aclose(self) -> None:
+        """Release what belongs to the event loop now ending (a remote engine's HTTP client)."""
+
     async def apoll_weight_version(self) -> int | None:
         """The weight version now (a server engine asks its servers; others know it)."""
         return self.weight_version
