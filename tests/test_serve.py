@@ -278,3 +278,22 @@ def test_client_refuses_a_policy_the_server_does_not_serve(server, models):
         open_engine("server", policy=str(models[1]), sampling=Sampling(), urls=[url])
     with pytest.raises(MarsError, match="no server is serving"):
         open_engine("server", policy=None, sampling=Sampling(), urls=["http://127.0.0.1:9"])
+
+
+def test_pause_keep_queues_requests_until_resume(server):
+    url, app = server
+
+    async def go():
+        async with httpx.AsyncClient(timeout=60) as c:
+            assert (await c.post(url + "/pause", params={"mode": "keep"})).status_code == 200
+            req = asyncio.create_task(c.post(url + "/inference/v1/generate", json={
+                "token_ids": [151644, 872, 198, 13048, 151645], "sampling_params": {"max_tokens": 2, "logprobs": 0}}))
+            await asyncio.sleep(1.0)
+            assert not req.done()  # accepted and held, not refused
+            assert (await c.post(url + "/pause", params={"mode": "wait"})).status_code == 200  # drains it
+            r = await req
+            assert r.status_code == 200 and len(r.json()["choices"][0]["token_ids"]) == 2
+            assert (await c.post(url + "/resume")).status_code == 200
+            assert (await c.get(url + "/health")).status_code == 200
+
+    asyncio.run(go())

@@ -259,7 +259,7 @@ class App:
         mode = req.arg("mode", "abort")
         if mode not in PAUSE_MODES:
             raise HTTPError(400, f"mode must be one of {', '.join(PAUSE_MODES)}")
-        if self.status == "ready":
+        if self.status in ("ready", "paused"):
             self.status, self.pause_mode = "paused", mode
         await self.backend.pause(mode)
         return 200, {"status": "paused"}

@@ -249,6 +249,7 @@ class HFBackend(Backend):
         if mode == "keep":
             self._running.clear()
             return
+        self._running.set()  # requests queued under an earlier "keep" are in flight: they finish (or abort)
         if mode == "abort":
             while not self._queue.empty():
                 it = self._queue.get_nowait()
@@ -266,6 +267,7 @@ class HFBackend(Backend):
         self._running.set()
 
     async def sleep(self, level: int) -> None:
+        self._running.set()
         await self._drained()
         if level:
             await self._on_worker(self._sleep, level)
