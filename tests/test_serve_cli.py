@@ -28,6 +28,9 @@ def test_serve_prints_its_url_answers_and_exits_cleanly_on_sigterm(tiny_policy_d
         assert ready["url"].startswith("http://127.0.0.1:") and ready["weight_version"] == 1
         h = httpx.get(ready["url"] + "/health")
         assert h.status_code == 200 and h.json()["fingerprint"] == ready["fingerprint"]
+        # --allow-load defaults to the policy's parent directory: a sibling loads, elsewhere does not
+        r = httpx.post(ready["url"] + "/load", json={"path": str(tmp_path)})
+        assert r.status_code == 403 and str(tiny_policy_dir.parent) in r.json()["error"]["message"]
         p.send_signal(signal.SIGTERM)
         out, err = p.communicate(timeout=60)
     finally:
