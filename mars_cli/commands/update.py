@@ -39,7 +39,7 @@ def main(
 
     Rebuilds each trajectory's model input from its stored token ids and images and trains only on the policy's own tokens (mask 1). GSPO: s = exp(mean over policy tokens of log π_θ − log π_old), loss = −mean over trajectories of min(s·A, clip(s, 1−ε_low, 1+ε_high)·A) + β·KL(π_θ‖π_ref). Records without token ids (openai engine) are refused. A batch whose advantages are all 0 (every group's rewards equal) is trained and written anyway, with a warning: only the KL term and weight decay move the weights.
 
-    Writes --out (an HF safetensors checkpoint with mars_meta.json) atomically and prints one metrics record: loss, clip_fraction, kl, ratio_mean/min/max, grad_norm, tokens, trajectories, seconds, logprob_gap, sampled_by (the fingerprints and server weight versions that sampled the batch: reported, never refused). With --push, every server then loads --out; the command returns once each one's /health shows its fingerprint at the next weight version, and exits 1 naming any server that failed (the checkpoint stays written). Under a launcher (deepspeed, accelerate, torchrun) every rank runs this command; --nproc N does that for you on one machine.
+    Writes --out (an HF safetensors checkpoint with mars_meta.json) atomically and prints one metrics record: loss, clip_fraction, kl, ratio_mean/min/max, grad_norm, tokens, trajectories, seconds, logprob_gap, sampled_by (the fingerprints and server weight versions that sampled the batch: reported, never refused). With --push, every server then loads --out; the command returns once each one's /health shows its fingerprint at the next weight version, and exits 1 naming any server that failed (the checkpoint stays written). A sleeping server (POST /sleep, to lend its GPUs to this trainer) wakes to load; with --nproc the push waits until every rank has exited and is reported on stderr. Under a launcher (deepspeed, accelerate, torchrun) every rank runs this command; --nproc N does that for you on one machine.
     """
     import os
 
@@ -58,18 +58,25 @@ def main(
     check_output(out, kind="dir")  # an unwritable --out fails now, not after the training
     if state:
         check_output(state, kind="dir")
-    code = launch_ranks("update", paths, cfg, nproc=nproc, local_rank=local_rank, skip_bad=skip_bad, what="batch")
-    if code is not None:
-        raise typer.Exit(code)
     urls = [u.strip() for u in push.split(",") if u.strip()] if push else []
     if push is not None and not urls:
         raise UsageError("--push needs URL[,URL…]")
+    code = launch_ranks("update", paths, cfg, nproc=nproc, local_rank=local_rank, skip_bad=skip_bad, what="batch")
+    if code is not None:
+        if code == 0 and urls:  # every rank has exited: the GPUs are free for the servers
+            from mars_cli import streams
+            from mars_cli.serve.push import push_checkpoint
+
+            for res in push_checkpoint(urls, str(out)):
+                streams.warn(f"{res['url']} serves {out} ({res['fingerprint']}), weight version {res['weight_version']}")
+        raise typer.Exit(code)
     metrics = run_update(paths, cfg, skip_bad=skip_bad)
     if int(os.environ.get("RANK", "0")) == 0:
         failure = None
         if urls:
             from mars_cli.serve.push import PushError, push_checkpoint
 
+            _free_gpu_memory()  # a sleeping server wakes to load: leave it the memory
             try:
                 metrics["push"] = push_checkpoint(urls, str(out), fingerprint=metrics.get("fingerprint"))
             except PushError as e:
@@ -78,3 +85,15 @@ def main(
             w.write(metrics)
         if failure is not None:
             raise failure
+
+
+def _free_gpu_memory() -> None:
+    import gc
+
+    gc.collect()
+    try:
+        import torch
+    except ImportError:
+        return
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
