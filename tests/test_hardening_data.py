@@ -280,3 +280,18 @@ def test_c2_without_trafilatura_pages_fall_back_to_plain_text(monkeypatch, capsy
     monkeypatch.setattr(web, "_NO_EXTRACTOR", [])
     assert web.html_to_text("<html><body><p>plain words</p><script>x()</script></body></html>") == "plain words"
     assert "lxml_html_clean" in capsys.readouterr().err
+
+
+def test_s3_judge_and_summarizer_urls_carry_no_credentials(monkeypatch):
+    from mars_cli.rl.llm_judge import AsyncJudge
+    from mars_cli.tools.summarize import Summarizer
+    from mars_cli.urls import public_url
+
+    for var in ("MARS_LLM_API_KEY", "OPENAI_API_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    basic = "Basic " + base64.b64encode(b"u:pw").decode()
+    j = AsyncJudge("http://u:pw@127.0.0.1:9/v1", "m")
+    assert "pw" not in j.url and j._headers == {"Authorization": basic}
+    s = Summarizer("http://u:pw@127.0.0.1:9/v1", "m")
+    assert "pw" not in s.base_url and "pw" not in json.dumps(s.params)
+    assert public_url("https://h/x?api_key=abc&q=1") == "https://h/x?api_key=***&q=1"

@@ -160,11 +160,12 @@ def ask(image: str, question: str, *, engine: dict, sampling: dict, limits: dict
     """`mars ask`: one episode on one image, traced on stderr; returns the trajectory record."""
     from mars_cli.agent.loop import AgentLoop, Limits
     from mars_cli.agent.trace import Tracer
-    from mars_cli.errors import MarsError
     from mars_cli.records import make_task
 
-    if not image.startswith(("http://", "https://")) and not Path(image).is_file():
-        raise MarsError(f"{image}: no such image file")
+    if not image.startswith(("http://", "https://")):
+        from mars_cli.images import image_size
+
+        image_size(image)  # a missing file, a FIFO, a non-image: one line, before the model loads
     toolbox = open_toolbox(artifacts_dir(artifacts, None), **tools)
     eng = make_engine(**engine, sampling=sampling)
     tracer = Tracer() if trace else None
