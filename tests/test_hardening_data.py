@@ -118,15 +118,22 @@ def test_s1_fifo_and_device_images_are_refused_before_reading(tmp_path):
             images.load_array(bad)
 
 
-def test_s1_crop_cli_on_a_fifo_is_exit_1_first_line(tmp_path):
+def test_s1_crop_and_image_search_on_a_fifo_are_exit_1_first_line(tmp_path):
     import subprocess
     import sys
 
     fifo = tmp_path / "p.png"
     os.mkfifo(fifo)
-    p = subprocess.run([sys.executable, "-m", "mars_cli", "crop", str(fifo), "0", "0", "1", "1", "-o", str(tmp_path / "c.jpg")],
-                       capture_output=True, text=True, timeout=60)
-    assert p.returncode == 1 and p.stderr.splitlines()[0] == f"mars crop: {fifo}: not a regular file"
+    (tmp_path / "imgs").mkdir()
+    _img(tmp_path / "imgs" / "a.png")
+    for args in (["crop", fifo, "0", "0", "1", "1", "-o", tmp_path / "c.jpg"],
+                 ["index", "images", tmp_path / "imgs", "--out", tmp_path / "idx"],
+                 ["image-search", fifo, "--index", tmp_path / "idx"]):
+        p = subprocess.run([sys.executable, "-m", "mars_cli", *map(str, args)], capture_output=True, text=True, timeout=60)
+        if args[0] == "index":
+            assert p.returncode == 0, p.stderr
+            continue
+        assert p.returncode == 1 and p.stderr.splitlines()[0] == f"mars {args[0]}: {fifo}: not a regular file"
 
 
 def test_s1_image_file_size_is_bounded(tmp_path, monkeypatch):
