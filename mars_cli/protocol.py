@@ -253,7 +253,7 @@ def parse_turn(text: str) -> Turn:
         return _parse_turn(text)
     except Exception as e:  # a parser bug must not end a rollout: the model reads an error
         body = text if isinstance(text, str) else repr(text)
-        return Turn(error=f"the turn could not be read ({type(e).__name__})", raw_call=body[:2000])
+        return Turn(error=f"the turn could not be read ({type(e).__name__})", raw_call=clean_text(body[:2000]))
 
 
 def _parse_turn(text: str) -> Turn:
