@@ -76,7 +76,7 @@ def completed(out: str | os.PathLike) -> tuple[list[dict], set[tuple]]:
 
 
 ENGINE_OPTS = {"hf": ("device", "dtype", "max_batch"), "vllm": ("tp", "gpu_memory_utilization", "dtype"),
-               "openai": ("base_url", "model", "timeout", "max_retries")}
+               "openai": ("base_url", "model")}
 
 
 def make_engine(name: str, policy: str | None, sampling: dict | None = None, **opts):
@@ -93,14 +93,14 @@ def rollout(files, *, out: str | None, n: int, engine: dict, sampling: dict, lim
     """`mars rollout`: read tasks, run episodes, write trajectories; return finish counts."""
     from mars_cli.agent.loop import AgentLoop, Limits
     from mars_cli.jsonl import RecordWriter, read_located
-    from mars_cli.records import validate, warn_duplicate_tasks
+    from mars_cli.records import validate
 
     lim = Limits(**limits)
     old, done = completed(out) if resume else ([], set())
     toolbox = open_toolbox(artifacts_dir(artifacts, out), **tools)
     eng = make_engine(**engine, sampling=sampling)
     loop = AgentLoop(eng, toolbox, limits=lim, batch_size=batch_size, system_prompt=system_prompt)
-    tasks = (validate(rec, "task", where) for where, rec in warn_duplicate_tasks(read_located(files, skip_bad=skip_bad)))
+    tasks = (validate(rec, "task", where) for where, rec in read_located(files, skip_bad=skip_bad))
     counts: dict[str, int] = {}
     writer = RecordWriter(out)
     bar = streams.progress(unit="episode", desc="rollout")
@@ -160,12 +160,11 @@ def ask(image: str, question: str, *, engine: dict, sampling: dict, limits: dict
     """`mars ask`: one episode on one image, traced on stderr; returns the trajectory record."""
     from mars_cli.agent.loop import AgentLoop, Limits
     from mars_cli.agent.trace import Tracer
+    from mars_cli.errors import MarsError
     from mars_cli.records import make_task
 
-    if not image.startswith(("http://", "https://")):
-        from mars_cli.images import image_size
-
-        image_size(image)  # a missing file, a FIFO, a non-image: one line, before the model loads
+    if not image.startswith(("http://", "https://")) and not Path(image).is_file():
+        raise MarsError(f"{image}: no such image file")
     toolbox = open_toolbox(artifacts_dir(artifacts, None), **tools)
     eng = make_engine(**engine, sampling=sampling)
     tracer = Tracer() if trace else None

@@ -30,8 +30,6 @@ def main(
     device: str = typer.Option("cpu", "--device", envvar=E + "DEVICE"),
     base_url: Optional[str] = typer.Option(None, "--base-url", help="openai: endpoint URL."),
     model: Optional[str] = typer.Option(None, "--model", help="openai: model name."),
-    request_timeout: Optional[float] = typer.Option(None, "--request-timeout", help="openai: seconds per request [default: MARS_OPENAI_TIMEOUT or 120]."),
-    retries: Optional[int] = typer.Option(None, "--retries", help="openai: retries of a failed request [default: MARS_OPENAI_RETRIES or 3]."),
     artifacts: Optional[str] = typer.Option(None, "--artifacts", help="Crops folder (default: MARS_ARTIFACTS or ./artifacts)."),
     search_backend: Optional[str] = typer.Option(None, "--search-backend"),
     index: Optional[str] = typer.Option(None, "--index", help="Local text index directory."),
@@ -47,8 +45,7 @@ def main(
 
     rec = run.ask(
         image, question, artifacts=artifacts, trace=not quiet,
-        engine=dict(name=engine, policy=policy, device=device, base_url=base_url, model=model,
-                    timeout=request_timeout, max_retries=retries),
+        engine=dict(name=engine, policy=policy, device=device, base_url=base_url, model=model),
         sampling=dict(temperature=temperature, seed=seed),
         limits=dict(max_turns=max_turns, max_total_tokens=max_total_tokens, max_new_tokens=max_new_tokens),
         tools=dict(search_backend=search_backend, index=index, image_search_backend=image_search_backend,

@@ -37,8 +37,6 @@ def main(
     gpu_memory_utilization: float = typer.Option(0.85, "--gpu-memory-utilization"),
     base_url: Optional[str] = typer.Option(None, "--base-url", help="openai: endpoint URL."),
     model: Optional[str] = typer.Option(None, "--model", help="openai: model name."),
-    request_timeout: Optional[float] = typer.Option(None, "--request-timeout", help="openai: seconds per request [default: MARS_OPENAI_TIMEOUT or 120]."),
-    retries: Optional[int] = typer.Option(None, "--retries", help="openai: retries of a failed request [default: MARS_OPENAI_RETRIES or 3]."),
     artifacts: Optional[str] = typer.Option(None, "--artifacts", help="Crops folder (default: artifacts/ beside -o, MARS_ARTIFACTS)."),
     search_backend: Optional[str] = typer.Option(None, "--search-backend", help="local | serper | searxng | retriever."),
     index: Optional[str] = typer.Option(None, "--index", help="Local text index directory."),
@@ -69,8 +67,7 @@ def main(
     runner.rollout(
         files, out=out, resume=resume, skip_bad=skip_bad, n=n,
         engine=dict(name=engine, policy=policy, device=device, dtype=dtype, tp=tp, gpu_memory_utilization=gpu_memory_utilization,
-                    base_url=base_url, model=model,
-                    timeout=request_timeout, max_retries=retries),
+                    base_url=base_url, model=model),
         sampling=dict(temperature=temperature, top_p=top_p, top_k=top_k, presence_penalty=presence_penalty, seed=seed),
         limits=dict(max_turns=max_turns, max_total_tokens=max_total_tokens, max_new_tokens=max_new_tokens),
         batch_size=batch_size, artifacts=artifacts,

@@ -42,7 +42,6 @@ def main(
     """
     import os
 
-    from mars_cli.fsutil import check_output
     from mars_cli.jsonl import RecordWriter
     from mars_cli.rl.engine import launch_ranks
     from mars_cli.rl.update import UpdateConfig, run_update
@@ -53,9 +52,6 @@ def main(
                        old_logprobs=old_logprobs, zero=zero, deepspeed=str(deepspeed) if deepspeed else None,
                        train_vision=train_vision, gradient_checkpointing=gradient_checkpointing, bf16=bf16, seed=seed)
     paths = [str(f) for f in files or []]
-    check_output(out, kind="dir")  # an unwritable --out fails now, not after the training
-    if state:
-        check_output(state, kind="dir")
     code = launch_ranks("update", paths, cfg, nproc=nproc, local_rank=local_rank, skip_bad=skip_bad, what="batch")
     if code is not None:
         raise typer.Exit(code)
