@@ -23,8 +23,6 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
-from mars_cli.strictjson import MAX_DEPTH as MAX_ARGUMENT_DEPTH, Unwritable, clean_text, loads_json  # noqa: F401
-
 ZOOM, TEXT_SEARCH, IMAGE_SEARCH = "image_zoom_in_tool", "text_search_tool", "image_search_tool"
 TOOL_NAMES = (ZOOM, TEXT_SEARCH, IMAGE_SEARCH)
 BBOX_SCALE = 1000  # bbox_2d is in 0–1000 relative units of the image it refers to
@@ -161,6 +159,9 @@ class Turn:
             return "error"
         return "none"
 
+
+# Tool-call JSON is read by the strict rules: only values a record can hold.
+from mars_cli.strictjson import MAX_DEPTH as MAX_ARGUMENT_DEPTH, Unwritable, clean_text, loads_json  # noqa: E402,F401
 
 _THINK_OPEN = re.compile(r"<think(?:ing)?>", re.IGNORECASE)
 _THINK_END = re.compile(r"</think(?:ing)?>", re.IGNORECASE)
