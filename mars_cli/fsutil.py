@@ -62,13 +62,14 @@ def is_special(path: Path) -> bool:
     return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
 
 
-def check_output(path: str | os.PathLike, *, kind: str = "file") -> Path:
+def check_output(path: str | os.PathLike, *, kind: str = "file", create: bool = True) -> Path:
     """Fail early (before hours of work) if `path` cannot be written as a `kind` (file/dir).
 
-    The parent must be a writable directory: a probe file is created and removed there,
-    which also catches read-only filesystems that os.access does not. An existing device
-    or FIFO is fine for a file (written in place); a directory output must not replace
-    anything that is not a directory.
+    The folder it goes in must accept a new file: a probe file is created and removed
+    there, which also catches read-only filesystems that os.access does not. An existing
+    device or FIFO is fine for a file (written in place); a directory output must not
+    replace anything that is not a directory. A directory output's missing parent folders
+    are made (`create`), or, when only checking, the nearest existing one is probed.
     """
     path = Path(path)
     if kind == "file" and is_special(path):
@@ -79,11 +80,14 @@ def check_output(path: str | os.PathLike, *, kind: str = "file") -> Path:
         raise MarsError(f"{path}: exists and is not a directory")
     parent = path.parent
     if not parent.exists():
-        if kind == "dir":
+        if kind != "dir":
+            raise MarsError(f"{path}: directory {parent} does not exist")
+        if create:
             with os_errors(parent):
                 parent.mkdir(parents=True, exist_ok=True)
         else:
-            raise MarsError(f"{path}: directory {parent} does not exist")
+            while not parent.exists() and parent != parent.parent:
+                parent = parent.parent
     if not parent.is_dir():
         raise MarsError(f"{path}: {parent} is not a directory")
     try:

@@ -74,9 +74,9 @@ class MarsGroup(TyperGroup):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        from mars_cli import flagranges
+        from mars_cli import flagchecks
 
-        flagranges.install(self, click_exc)  # every numeric flag finite and in its range
+        flagchecks.install(self, click_exc)  # every numeric flag finite and in its range
 
     def invoke(self, ctx):
         pending = list(getattr(ctx, "_protected_args", None) or getattr(ctx, "protected_args", None) or []) + list(ctx.args)

@@ -227,6 +227,9 @@ class Turn:
         return "none"
 
 
+# Tool-call JSON is read by the strict rules: only values a record can hold.
+from mars_cli.strictjson import MAX_DEPTH as MAX_ARGUMENT_DEPTH, Unwritable, clean_text, loads_json  # noqa: E402,F401
+
 _THINK_OPEN = re.compile(r"<think(?:ing)?>", re.IGNORECASE)
 _THINK_END = re.compile(r"</think(?:ing)?>", re.IGNORECASE)
 _THINK = re.compile(r"<think(?:ing)?>(.*?)(?:</think(?:ing)?>|$)", re.DOTALL | re.IGNORECASE)
@@ -234,7 +237,6 @@ _CALL = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)
 # The innermost answer: its text may not contain another <answer> (nested tags give "A",
 # not "<answer>A").
 _ANSWER = re.compile(r"<answer>((?:(?!<answer>).)*?)(?:</answer>|$)", re.DOTALL)
-MAX_ARGUMENT_DEPTH = 32  # nesting of a call's JSON; records hold it a few levels deeper
 
 
 def _after_thinking(text: str) -> str:
@@ -253,61 +255,6 @@ def extract_answer(text: str) -> str | None:
         return None
     ans = found[-1].strip()
     return ans or None
-
-
-class _Unwritable(ValueError):
-    """A JSON value that parses but that a record cannot hold."""
-
-
-def _reject_constant(name: str):
-    raise _Unwritable(f"{name} is not a JSON number")
-
-
-def _finite_float(s: str) -> float:
-    v = float(s)
-    if v != v or v in (float("inf"), float("-inf")):
-        raise _Unwritable(f"the number {s[:20]} is out of range")
-    return v
-
-
-def _int64(s: str) -> int:
-    if len(s) > 20 or not -(1 << 63) <= int(s) < (1 << 64):
-        raise _Unwritable(f"the integer {s[:24]}{'…' if len(s) > 24 else ''} does not fit in 64 bits")
-    return int(s)
-
-
-def writable_problem(value: Any, max_depth: int = MAX_ARGUMENT_DEPTH) -> str | None:
-    """Why `value` cannot go into a record (too deep, a lone surrogate, …), or None."""
-    stack = [(value, 1)]
-    while stack:
-        v, depth = stack.pop()
-        if isinstance(v, (dict, list)):
-            if depth > max_depth:
-                return f"it is nested more than {max_depth} levels deep"
-            items = v.items() if isinstance(v, dict) else enumerate(v)
-            for k, x in items:
-                if isinstance(k, str):
-                    stack.append((k, depth))
-                stack.append((x, depth + 1))
-        elif isinstance(v, str):
-            try:
-                v.encode("utf-8")
-            except UnicodeEncodeError:
-                return "it contains an unpaired surrogate (\\ud800-\\udfff) in a string"
-    return None
-
-
-def loads_json(body: str) -> Any:
-    """Strict JSON for model output: only values a record can hold (no NaN/Infinity, 64-bit
-    integers, bounded nesting, valid Unicode); anything else raises ValueError."""
-    try:
-        obj = json.loads(body, parse_constant=_reject_constant, parse_float=_finite_float, parse_int=_int64)
-    except RecursionError:
-        raise _Unwritable(f"it is nested more than {MAX_ARGUMENT_DEPTH} levels deep") from None
-    problem = writable_problem(obj)
-    if problem:
-        raise _Unwritable(problem)
-    return obj
 
 
 def _loads_call(body: str) -> Any:
@@ -331,7 +278,7 @@ def validate_call(obj: Any) -> tuple[ToolCall | None, str | None]:
     if isinstance(args, str):  # some chat templates emit the arguments as a JSON string
         try:
             args = loads_json(args)
-        except _Unwritable as e:
+        except Unwritable as e:
             return None, f"the arguments of {name} cannot be used: {e}"
         except ValueError:
             return None, f"the arguments of {name} are not valid JSON"
@@ -374,15 +321,7 @@ def parse_turn(text: str) -> Turn:
         return _parse_turn(text)
     except Exception as e:  # a parser bug must not end a rollout: the model reads an error
         body = text if isinstance(text, str) else repr(text)
-        return Turn(error=f"the turn could not be read ({type(e).__name__})", raw_call=body[:2000])
-
-
-_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def clean_text(text: str) -> str:
-    """`text` with unpaired surrogates (which no UTF-8 record can hold) replaced by U+FFFD."""
-    return _LONE_SURROGATE.sub("\ufffd", text)
+        return Turn(error=f"the turn could not be read ({type(e).__name__})", raw_call=clean_text(body[:2000]))
 
 
 def _parse_turn(text: str) -> Turn:
@@ -408,7 +347,7 @@ def _parse_turn(text: str) -> Turn:
     body = calls[0].group(1)
     try:
         obj = _loads_call(body)
-    except _Unwritable as e:
+    except Unwritable as e:
         turn.raw_call = body.strip()
         turn.error = f"the tool call cannot be used: {e}"
         return turn

@@ -72,6 +72,14 @@ def test_d3_backup_of_an_older_mars_is_restored_when_dest_is_missing(tmp_path):
     (legacy / "x" / "mars_state.json").write_text("{}")
     recover_dir(dest)
     assert (dest / "mars_state.json").is_file() and not legacy.exists()
+    # The optimizer state's own older layout: the directory itself renamed to .NAME.old-PORT.
+    state = tmp_path / "st"
+    old_state = tmp_path / ".st.old-29500"
+    (old_state / "state").mkdir(parents=True)
+    (old_state / "mars_state.json").write_text('{"step": 4}')
+    from mars_cli.rl.engine import read_state_meta
+
+    assert read_state_meta(state) == {"step": 4} and not old_state.exists()
 
 
 def test_k4_temporary_dirs_of_killed_writers_are_deleted_next_run(tmp_path):

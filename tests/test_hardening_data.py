@@ -118,15 +118,22 @@ def test_s1_fifo_and_device_images_are_refused_before_reading(tmp_path):
             images.load_array(bad)
 
 
-def test_s1_crop_cli_on_a_fifo_is_exit_1_first_line(tmp_path):
+def test_s1_crop_and_image_search_on_a_fifo_are_exit_1_first_line(tmp_path):
     import subprocess
     import sys
 
     fifo = tmp_path / "p.png"
     os.mkfifo(fifo)
-    p = subprocess.run([sys.executable, "-m", "mars_cli", "crop", str(fifo), "0", "0", "1", "1", "-o", str(tmp_path / "c.jpg")],
-                       capture_output=True, text=True, timeout=60)
-    assert p.returncode == 1 and p.stderr.splitlines()[0] == f"mars crop: {fifo}: not a regular file"
+    (tmp_path / "imgs").mkdir()
+    _img(tmp_path / "imgs" / "a.png")
+    for args in (["crop", fifo, "0", "0", "1", "1", "-o", tmp_path / "c.jpg"],
+                 ["index", "images", tmp_path / "imgs", "--out", tmp_path / "idx"],
+                 ["image-search", fifo, "--index", tmp_path / "idx"]):
+        p = subprocess.run([sys.executable, "-m", "mars_cli", *map(str, args)], capture_output=True, text=True, timeout=60)
+        if args[0] == "index":
+            assert p.returncode == 0, p.stderr
+            continue
+        assert p.returncode == 1 and p.stderr.splitlines()[0] == f"mars {args[0]}: {fifo}: not a regular file"
 
 
 def test_s1_image_file_size_is_bounded(tmp_path, monkeypatch):
@@ -280,3 +287,18 @@ def test_c2_without_trafilatura_pages_fall_back_to_plain_text(monkeypatch, capsy
     monkeypatch.setattr(web, "_NO_EXTRACTOR", [])
     assert web.html_to_text("<html><body><p>plain words</p><script>x()</script></body></html>") == "plain words"
     assert "lxml_html_clean" in capsys.readouterr().err
+
+
+def test_s3_judge_and_summarizer_urls_carry_no_credentials(monkeypatch):
+    from mars_cli.rl.llm_judge import AsyncJudge
+    from mars_cli.tools.summarize import Summarizer
+    from mars_cli.urls import public_url
+
+    for var in ("MARS_LLM_API_KEY", "OPENAI_API_KEY"):
+        monkeypatch.delenv(var, raising=False)
+    basic = "Basic " + base64.b64encode(b"u:pw").decode()
+    j = AsyncJudge("http://u:pw@127.0.0.1:9/v1", "m")
+    assert "pw" not in j.url and j._headers == {"Authorization": basic}
+    s = Summarizer("http://u:pw@127.0.0.1:9/v1", "m")
+    assert "pw" not in s.base_url and "pw" not in json.dumps(s.params)
+    assert public_url("https://h/x?api_key=abc&q=1") == "https://h/x?api_key=***&q=1"

@@ -236,7 +236,7 @@ def test_interrupted_run_keeps_finished_episodes(img, tmp_path, monkeypatch):
     assert [(r["group"], r["finish"]) for r in recs] == [("fast", "answer"), ("slow", "max_turns")]
 
 
-@pytest.mark.parametrize("args,msg", [(["--resume"], "--resume needs -o"), (["-n", "0"], "'-n'"),
+@pytest.mark.parametrize("args,msg", [(["--resume"], "--resume needs -o"), (["-n", "0"], "-n must be at least 1"),
                                       (["--check"], "--check needs --policy"), (["--top-p", "0"], "--top-p")])
 def test_rollout_usage_errors(args, msg):
     from typer.testing import CliRunner

@@ -40,7 +40,6 @@ def main(
     """
     import os
 
-    from mars_cli.fsutil import check_output
     from mars_cli.jsonl import RecordWriter
     from mars_cli.rl.engine import launch_ranks
     from mars_cli.rl.sft import SFTConfig, run_sft
@@ -51,9 +50,6 @@ def main(
                     max_steps=max_steps, min_reward=min_reward, zero=zero, deepspeed=str(deepspeed) if deepspeed else None,
                     train_vision=train_vision, gradient_checkpointing=gradient_checkpointing, bf16=bf16, seed=seed, eval=eval)
     paths = [str(f) for f in files or []]
-    check_output(out, kind="dir")  # an unwritable --out fails now, not after the training
-    if state:
-        check_output(state, kind="dir")
     code = launch_ranks("sft", paths, cfg, nproc=nproc, local_rank=local_rank, skip_bad=skip_bad, what="data")
     if code is not None:
         raise typer.Exit(code)

@@ -44,7 +44,6 @@ def main(
     import os
 
     from mars_cli.errors import UsageError
-    from mars_cli.fsutil import check_output
     from mars_cli.jsonl import RecordWriter
     from mars_cli.rl.engine import launch_ranks
     from mars_cli.rl.update import UpdateConfig, run_update
@@ -55,9 +54,6 @@ def main(
                        old_logprobs=old_logprobs, zero=zero, deepspeed=str(deepspeed) if deepspeed else None,
                        train_vision=train_vision, gradient_checkpointing=gradient_checkpointing, bf16=bf16, seed=seed)
     paths = [str(f) for f in files or []]
-    check_output(out, kind="dir")  # an unwritable --out fails now, not after the training
-    if state:
-        check_output(state, kind="dir")
     urls = [u.strip() for u in push.split(",") if u.strip()] if push else []
     if push is not None and not urls:
         raise UsageError("--push needs URL[,URL…]")

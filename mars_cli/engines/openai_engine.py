@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from mars_cli.engines import Engine, GenRequest, GenResult, Sampling
 from mars_cli.errors import MarsError, UsageError
-from mars_cli.protocol import clean_text
+from mars_cli.strictjson import clean_text
 
 @functools.lru_cache(maxsize=256)
 def data_url(path: str) -> str:

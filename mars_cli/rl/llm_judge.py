@@ -163,6 +163,9 @@ class AsyncJudge:
         max_tokens: int = 512,
         cache: VerdictCache | None = None,
     ):
+        from mars_cli.urls import split_credentials
+
+        base_url, basic = split_credentials(base_url)  # user:password@ → a header, never logged
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model = model
         self.rubric = rubric
@@ -172,6 +175,8 @@ class AsyncJudge:
         self.cache = cache
         self.concurrency = concurrency
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        if basic and not api_key:
+            self._headers = {"Authorization": basic}
         self._clients: list = []
         self._free: asyncio.Queue | None = None
 

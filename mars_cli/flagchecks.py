@@ -1,10 +1,15 @@
-"""Range checks for every numeric flag, applied to the whole command tree at start-up.
+"""Checks on flags, applied to the whole command tree when it is built, before any work.
 
-Every float flag must be a finite number (`--lr nan`, `--temperature inf` are usage
-errors, exit 2). Flags whose meaning has a valid range are listed in RANGES, keyed by
+Numbers: every float flag must be finite (`--lr nan`, `--temperature inf` are usage
+errors, exit 2), and flags whose meaning has a valid range are listed in RANGES, keyed by
 command path and flag; a flag that declares `min=`/`max=` in its typer.Option needs no
-entry. tests/test_flagranges.py walks the tree and fails for a numeric flag that has
+entry. tests/test_hardening_io.py walks the tree and fails for a numeric flag that has
 neither and is not listed in UNBOUNDED, so a new flag cannot be added unchecked.
+
+Outputs: the paths in OUTPUTS are checked to be writable when the flag is parsed
+(fsutil.check_output: the folder exists and accepts a file, a directory output does not
+replace a file or device), so `update --out /read-only/x` fails in a second, not after
+the training, and a bad `-o` fails before a model is loaded.
 """
 
 from __future__ import annotations
@@ -37,6 +42,14 @@ RANGES: dict[str, tuple] = {
     "sft --min-lr-ratio": UNIT, "sft --zero": (0, 3, False, False),
 }
 
+# Output paths checked at parse time: "file" (written in place if a device or FIFO) or "dir".
+OUTPUTS: dict[str, str] = {
+    "update --out": "dir", "update --state": "dir", "sft --out": "dir", "sft --state": "dir",
+    "index text --out": "dir", "index images --out": "dir", "data convert --out": "dir", "data synth --out": "dir",
+    "rollout -o": "file", "judge --output": "file", "advantage --output": "file", "eval --out": "file",
+    "search --output": "file", "image-search --output": "file", "show --out": "file", "crop --out": "file",
+}
+
 # Numeric flags any finite value of which means something.
 UNBOUNDED = {
     "crop x0", "crop y0", "crop x1", "crop y1",  # checked against each other by crop itself
@@ -56,11 +69,12 @@ def numeric_kind(annotation) -> type | None:
 
 
 def describe(rng: tuple) -> str:
+    """The range in words, as the commands' own checks say it ("at least 1", "in (0, 1]")."""
     lo, hi, lo_open, hi_open = rng
     if hi is None:
-        return f"{'>' if lo_open else '>='} {lo}"
+        return f"{'greater than' if lo_open else 'at least'} {lo}"
     if lo is None:
-        return f"{'<' if hi_open else '<='} {hi}"
+        return f"{'less than' if hi_open else 'at most'} {hi}"
     return f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
 
 
@@ -94,9 +108,35 @@ def key(path: str, param) -> str:
     return f"{path} {opts[0]}" if path else opts[0]
 
 
+def _wrap(param, check) -> None:
+    original = param.callback
+
+    def callback(ctx, p, value):
+        if original is not None:
+            value = original(ctx, p, value)
+        check(ctx, p, value)
+        return value
+
+    param.callback = callback
+
+
+def _output_check(kind: str):
+    def check(ctx, param, value):
+        if value is not None and str(value) != "-":
+            from mars_cli.fsutil import check_output
+
+            check_output(value, kind=kind, create=False)  # a MarsError: `mars CMD: PATH: …`, exit 1
+
+    return check
+
+
 def install(command, errors) -> None:
-    """Wrap the callback of every numeric parameter with its check (BadParameter on failure)."""
+    """Wrap the callback of every numeric parameter with its check (a usage error, exit 2),
+    and of every output path in OUTPUTS with check_output (exit 1)."""
     for path, p in walk(command):
+        if key(path, p) in OUTPUTS:
+            _wrap(p, _output_check(OUTPUTS[key(path, p)]))
+            continue
         desc = getattr(p, "type_descriptor", None)
         kind = numeric_kind(getattr(desc, "annotation", None))
         if kind is None:
@@ -110,8 +150,9 @@ def install(command, errors) -> None:
             values = value if isinstance(value, (list, tuple)) else [value]
             for v in values:
                 why = problem(v, rng)
-                if why:
-                    raise errors.BadParameter(f"{why}, got {v}", ctx=ctx, param=param)
+                if why:  # "--eps must be at least 0, got -1.0" (exit 2)
+                    name = (getattr(param, "opts", None) or [param.name])[0]
+                    raise errors.UsageError(f"{name} {why}, got {v}", ctx=ctx)
             return value
 
         p.callback = check
