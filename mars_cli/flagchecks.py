@@ -34,6 +34,11 @@ RANGES: dict[str, tuple] = {
     "rollout --request-timeout": GT0, "rollout --retries": GE0,
     "ask --max-turns": GE1, "ask --max-total-tokens": GE1, "ask --max-new-tokens": GE1, "ask --temperature": GE0,
     "ask --request-timeout": GT0, "ask --retries": GE0,
+    "rollout --max-prompt-tokens": GE1, "rollout --max-response-tokens": GE1, "rollout --max-inflight": GE1,
+    "rollout --min-pixels": GE1, "rollout --max-pixels": GE1, "rollout --max-error-rate": UNIT,
+    "rollout --batch-groups": GE1, "rollout --max-staleness": GE0,
+    "ask --max-prompt-tokens": GE1, "ask --max-response-tokens": GE1, "ask --min-pixels": GE1, "ask --max-pixels": GE1,
+    "serve --gpu-memory-utilization": UNIT_OPEN_LOW, "serve --min-pixels": GE1, "serve --max-pixels": GE1,
     "judge --format-weight": GE0, "judge --tool-cost": GE0, "judge --timeout": GT0,
     "advantage --eps": GE0, "advantage --batch-eps": GE0,
     "update --eps-low": (0, 1, False, True), "update --eps-high": GE0, "update --beta": GE0, "update --lr": GT0,
@@ -46,15 +51,16 @@ RANGES: dict[str, tuple] = {
 OUTPUTS: dict[str, str] = {
     "update --out": "dir", "update --state": "dir", "sft --out": "dir", "sft --state": "dir",
     "index text --out": "dir", "index images --out": "dir", "data convert --out": "dir", "data synth --out": "dir",
-    "rollout -o": "file", "judge --output": "file", "advantage --output": "file", "eval --out": "file",
-    "search --output": "file", "image-search --output": "file", "show --out": "file", "crop --out": "file",
+    "rollout -o": "file", "judge --out": "file", "advantage --output": "file", "eval --out": "file",
+    "search --out": "file", "image-search --out": "file", "show --out": "file", "crop --out": "file",
+    "tiny-model --out": "dir", "prompt -o": "file",
 }
 
 # Numeric flags any finite value of which means something.
 UNBOUNDED = {
     "crop x0", "crop y0", "crop x1", "crop y1",  # checked against each other by crop itself
     "tiny-model --seed", "rollout --seed", "ask --seed", "update --seed", "sft --seed", "data convert --seed",
-    "data synth --seed", "update --local_rank", "sft --local_rank", "sft --min-reward",
+    "data synth --seed", "serve --seed", "update --local_rank", "sft --local_rank", "sft --min-reward",
 }
 
 

@@ -68,14 +68,10 @@ class MarsGroup(TyperGroup):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        from mars_cli import flagchecks
         from mars_cli.flags import finish_tree
 
         finish_tree(self)
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        from mars_cli import flagchecks
-
         flagchecks.install(self, click_exc)  # every numeric flag finite and in its range
 
     def invoke(self, ctx):

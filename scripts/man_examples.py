@@ -131,4 +131,18 @@ EXAMPLES: dict[str, list[Example]] = {
         E("Paste this into a bug report.", "mars env"),
         E("The same as one JSON record.", "mars env --json"),
     ],
+    "prompt": [
+        E("The first prompt of each task, as the released checkpoints see it.",
+          "mars prompt synth/tasks.jsonl | jq -r .prompt", False),
+        E("The mars profile, rendered with a checkpoint's tokenizer and pixel limits.",
+          "mars prompt --policy tiny/ --protocol mars synth/tasks.jsonl"),
+    ],
+    "serve": [
+        E("Keep a policy resident on the CPU; prints its URL when ready.", "mars serve --policy tiny/ --engine hf --port 8000", False),
+        E("Rollout against it, then train one step and load the new weights into it.",
+          "mars rollout --server http://127.0.0.1:8000 -n 4 < synth/tasks.jsonl | mars judge | mars advantage > batch.jsonl\n"
+          "mars update batch.jsonl --policy tiny/ --out tiny-2/ --push http://127.0.0.1:8000", False),
+        E("vLLM on 8 GPUs: tensor parallel 2, data parallel 4, official pixel limits.",
+          "mars serve --policy ckpt/ --engine vllm --tp 2 --dp 4 --min-pixels 65536 --max-pixels 8294400", False),
+    ],
 }

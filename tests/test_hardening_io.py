@@ -111,6 +111,18 @@ def test_w3_every_numeric_flag_has_a_checked_range_or_is_declared_unbounded():
     assert not unchecked, f"numeric flags without a range (add them to flagchecks.RANGES or UNBOUNDED): {unchecked}"
 
 
+def test_flag_tables_name_only_flags_that_exist():
+    """A renamed flag must not leave its check behind under the old name (it would silently stop applying)."""
+    import typer
+
+    from mars_cli import flagchecks as F
+    from mars_cli.main import app
+
+    keys = {F.key(path, p) for path, p in F.walk(typer.main.get_command(app))}
+    stale = sorted(k for k in [*F.RANGES, *F.OUTPUTS, *F.UNBOUNDED] if k not in keys)
+    assert not stale, f"flagchecks names flags no command has: {stale}"
+
+
 # -- C9: corrupt index manifest -----------------------------------------------------------
 
 @pytest.mark.parametrize("content", ["{not json", "[]", '{"format": "mars-text-index"}'])
