@@ -17,6 +17,7 @@ E = "MARS_"
 
 
 def main(
+    ctx: typer.Context,
     files: List[str] = typer.Argument(None, help="Task JSONL files (default: stdin)."),
     policy: Optional[str] = typer.Option(None, "--policy", envvar=E + "POLICY", help="Model directory (hf, vllm) or model name (openai)."),
     n: int = typer.Option(1, "-n", help="Samples per task (a group)."),
@@ -31,6 +32,7 @@ def main(
     temperature: float = typer.Option(1.0, "--temperature"), top_p: float = typer.Option(1.0, "--top-p"),
     top_k: int = typer.Option(0, "--top-k", help="0 = off."), presence_penalty: float = typer.Option(0.0, "--presence-penalty"),
     seed: Optional[int] = typer.Option(None, "--seed"),
+    sampling_preset: Optional[str] = typer.Option(None, "--sampling", help="greedy (T 0) or official (T 0.7, top-p 0.8, top-k 20, presence penalty 1.5, as the official evaluation); explicit flags win."),
     device: str = typer.Option("cpu", "--device", envvar=E + "DEVICE", help="hf engine: cpu, cuda, cuda:1…"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16."),
     tp: int = typer.Option(1, "--tp", help="vllm: tensor-parallel GPUs."),
@@ -53,6 +55,7 @@ def main(
     Each task is run -n times (one group). Episodes stream out as they finish; tool calls
     run concurrently; a Ctrl-C with -o keeps the episodes already finished (use --resume).
     """
+    from mars_cli import presets as _presets
     from mars_cli.agent import run as runner
 
     if check:
@@ -68,7 +71,8 @@ def main(
         files, out=out, resume=resume, skip_bad=skip_bad, n=n,
         engine=dict(name=engine, policy=policy, device=device, dtype=dtype, tp=tp, gpu_memory_utilization=gpu_memory_utilization,
                     base_url=base_url, model=model),
-        sampling=dict(temperature=temperature, top_p=top_p, top_k=top_k, presence_penalty=presence_penalty, seed=seed),
+        sampling=_presets.apply(ctx, dict(temperature=temperature, top_p=top_p, top_k=top_k, presence_penalty=presence_penalty,
+                                          seed=seed), _presets.sampling(sampling_preset)),
         limits=dict(max_turns=max_turns, max_total_tokens=max_total_tokens, max_new_tokens=max_new_tokens),
         batch_size=batch_size, artifacts=artifacts,
         tools=dict(search_backend=search_backend, index=index, image_search_backend=image_search_backend,
