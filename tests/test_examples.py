@@ -220,6 +220,7 @@ def test_gpu_recipe_dry_run_parses_and_has_the_papers_numbers(tmp_path):
         assert flag(u, "--lr") == "1e-6" and float(flag(u, "--beta")) == 1e-4
         assert flag(u, "--ref") == flag(sft, "--out") and flag(u, "--nproc") == "8" and flag(u, "--zero") == "3"
         assert "--bf16" in u and flag(u, "--state")
+        assert flag(u, "--mini-batch") == "256"  # 4 optimizer steps per 1024 trajectories: GSPO's clip can act
     # Each step trains the checkpoint the previous step wrote.
     assert [flag(u, "--policy") for u in updates[1:]] == [flag(u, "--out") for u in updates[:-1]]
     rollouts = by_command(cmds, "rollout")
@@ -229,6 +230,8 @@ def test_gpu_recipe_dry_run_parses_and_has_the_papers_numbers(tmp_path):
         assert flag(c, "--engine") == "vllm" and flag(c, "--max-turns") == "10" and flag(c, "--tp")
         assert flag(c, "--llm-base-url").endswith(":8001/v1") and "--summarize" in c and flag(c, "--cache")
     assert {flag(c, "--seed") for c in train} == {"1", "2", "3"}
+    assert all(flag(c, "--presence-penalty") == "1.5" for c in train)  # the official rollouts' penalty
+    assert all(flag(c, "--sampling") == "official" for c in rollouts if c not in train)  # T 0.7, top-p 0.8, top-k 20
     assert all(flag(a, "--algo") == "bn-gspo" for a in by_command(cmds, "advantage"))
     assert all(flag(j, "--judge-base-url").endswith(":8001/v1") for j in by_command(cmds, "judge"))
     # Held-out evaluation: after SFT, at step 2 and at the last step, on both benchmarks.
@@ -269,6 +272,7 @@ def test_eval_released_checkpoint_dry_run_parses(tmp_path):
     assert flag(convert, "--format") == "sensenova-mars"
     assert flag(roll, "--engine") == "vllm" and flag(roll, "--tp") == "4" and flag(roll, "--policy") == env["MODEL"]
     assert flag(roll, "--image-search-backend") == "precomputed" and flag(roll, "--cache") and "--replay" not in roll
+    assert flag(roll, "--sampling") == "official" and flag(roll, "--seed") == "3407"  # as the official evaluation
     assert flag(ev, "--by") == "difficulty"
     assert lines[4].startswith("cat ")  # the metrics go to stdout
     # A replay re-run reads tools from the same cache only; hf runs on a GPU by default.
