@@ -29,8 +29,8 @@ def artifacts_dir(flag: str | None, out: str | None) -> Path:
 def open_toolbox(artifacts: str | os.PathLike, *, search_backend: str | None = None, index: str | None = None,
                  image_search_backend: str | None = None, image_index: str | None = None, cache: str | None = None,
                  replay: bool = False, summarize: bool = False, k: int = 5, search_opts: dict | None = None,
-                 text_search=None, image_search=None):
-    """A Toolbox with the configured search tools.
+                 text_search=None, image_search=None, **toolbox_opts):
+    """A Toolbox with the configured search tools (`toolbox_opts`: profile, min_pixels, max_pixels, factor).
 
     A `local` backend without an index leaves that tool off (the model is told it is not
     available when it calls it) rather than failing the run: crop-only benchmarks need none.
@@ -57,7 +57,7 @@ def open_toolbox(artifacts: str | os.PathLike, *, search_backend: str | None = N
             from mars_cli.tools.image_search import open_image_search
 
             image_search = open_image_search(backend, index=image_index, cache=tool_cache, replay=replay)
-    return Toolbox(artifacts, text_search=text_search, image_search=image_search, k=k)
+    return Toolbox(artifacts, text_search=text_search, image_search=image_search, k=k, **toolbox_opts)
 
 
 def completed(out: str | os.PathLike) -> tuple[list[dict], set[tuple]]:
