@@ -180,7 +180,8 @@ def test_eval_openai_needs_data(tmp_path):
 def test_eval_openai_with_an_llm_judge_and_keys_from_the_environment(tmp_path):
     """Open questions judged by an LLM judge (a second stub); the keys never reach a file."""
     src = sensenova_jsonl(tmp_path)
-    with OpenAIStub([answer("Eiffel")]) as model, OpenAIStub(["<verdict>yes</verdict>"]) as judge:
+    # the default rubric is the official one: it answers <judge>Yes</judge>
+    with OpenAIStub([answer("Eiffel")]) as model, OpenAIStub(["<judge>Yes</judge>\n<reason>same person</reason>"]) as judge:
         r = run_script("eval_openai.sh", tmp_path, {
             "MODEL": "stub-vlm", "BASE_URL": model.url, "DATA": str(src), "FORMAT": "sensenova-mars", "WORK": "run",
             "BY": "difficulty", "JUDGE_BASE_URL": judge.url, "JUDGE_MODEL": "stub-judge",
