@@ -30,7 +30,9 @@
 #   ENGINE (vllm; hf runs on DEVICE, default cuda; openai: the checkpoint already behind
 #     `vllm serve MODEL` at BASE_URL, MODEL then being the served name)  TP (1)  DTYPE
 #   WORK (runs/released-<model name>)  CACHE ($WORK/tool-cache)  REPLAY (0)  BY (difficulty)
-#   N (1)  SAMPLING (official)  MAX_TURNS (10)  MAX_NEW_TOKENS (2048)  MAX_TOTAL_TOKENS (32768)  LIMIT
+#   N (1)  SAMPLING (official)  MAX_TURNS (10)  MAX_NEW_TOKENS (2048)  LIMIT
+#   MAX_PROMPT_TOKENS, MAX_RESPONSE_TOKENS (16384 each, as the official run)  MAX_TOTAL_TOKENS (unset: no total cap)
+#   MIN_PIXELS, MAX_PIXELS (65536, 8294400: the official image limits)
 #   SEARCH_BACKEND (serper, needs SERPER_API_KEY; local with INDEX)  INDEX  IMAGE_SEARCH_BACKEND (precomputed)
 #   SUMMARY_URL, SUMMARY_MODEL (summarize search pages with an LLM behind an OpenAI-compatible server)
 #   JUDGE_BASE_URL, JUDGE_MODEL (unset: the offline rule judge)
@@ -91,7 +93,10 @@ log "convert $FORMAT: ${data[*]} → $WORK/tasks"
 log "rollout ($tag tools): $MODEL on $ENGINE"
 # --resume: an interrupted run continues with the episodes it had not finished.
 run mars rollout --policy "$MODEL" "${engine[@]}" "${tools[@]}" -n "${N:-1}" --sampling "${SAMPLING:-official}" \
-    --max-turns "${MAX_TURNS:-10}" --max-new-tokens "${MAX_NEW_TOKENS:-2048}" --max-total-tokens "${MAX_TOTAL_TOKENS:-32768}" \
+    --max-turns "${MAX_TURNS:-10}" --max-new-tokens "${MAX_NEW_TOKENS:-2048}" \
+    --max-prompt-tokens "${MAX_PROMPT_TOKENS:-16384}" --max-response-tokens "${MAX_RESPONSE_TOKENS:-16384}" \
+    ${MAX_TOTAL_TOKENS:+--max-total-tokens "$MAX_TOTAL_TOKENS"} \
+    --min-pixels "${MIN_PIXELS:-65536}" --max-pixels "${MAX_PIXELS:-8294400}" \
     --seed 3407 --resume -o "$WORK/$tag.jsonl" "$WORK/tasks/tasks.jsonl"
 run mars judge "${judge[@]}" -o "$WORK/$tag.judged.jsonl" "$WORK/$tag.jsonl"
 run mars eval --by "$BY" --label "$(basename "$MODEL")-$tag" -o "$WORK/$tag.metrics.jsonl" "$WORK/$tag.judged.jsonl"

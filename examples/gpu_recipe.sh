@@ -31,7 +31,8 @@
 #   EVAL_SETS ("FORMAT=PATH …" held-out benchmarks)  EVAL_EVERY (10)  STEPS (300)  SEED (0)
 #   PROMPTS (128)  SAMPLES (8)  MINI_BATCH (256: 4 optimizer steps per batch)  MAX_TURNS (10)
 #   LR (1e-6)  BETA (1e-4)  PRESENCE_PENALTY (1.5)  EVAL_SAMPLING (official; or greedy)  NPROC (8)  TP (1)
-#   SFT_EPOCHS (2)  SFT_LR (1e-5)  SFT_BATCH (64)  MAX_NEW_TOKENS (2048)  MAX_TOTAL_TOKENS (16384)
+#   SFT_EPOCHS (2)  SFT_LR (1e-5)  SFT_BATCH (64)  MAX_NEW_TOKENS (2048)  (budgets 16K prompt + 16K response and
+#   images at 65,536–8,294,400 pixels, as the official run)
 #   JUDGE_URL, JUDGE_MODEL (Qwen/Qwen2.5-72B-Instruct)  SUMMARY_URL, SUMMARY_MODEL (the same)
 #   SEARCH_BACKEND (serper: needs SERPER_API_KEY)  IMAGE_SEARCH_BACKEND (precomputed)
 # Keys only from the environment: SERPER_API_KEY, MARS_JUDGE_API_KEY, MARS_LLM_API_KEY.
@@ -92,7 +93,7 @@ log() { printf '== %s\n' "$*" >&2; }
 
 # Generation and tools, shared by training rollouts and evaluation.
 GEN=(--engine vllm --tp "$TP" --max-turns "$MAX_TURNS" --max-new-tokens "${MAX_NEW_TOKENS:-2048}"
-     --max-total-tokens "${MAX_TOTAL_TOKENS:-16384}")
+     --max-prompt-tokens 16384 --max-response-tokens 16384 --min-pixels 65536 --max-pixels 8294400)
 TOOLS=(--search-backend "${SEARCH_BACKEND:-serper}" --summarize --llm-base-url "$SUMMARY_URL" --llm-model "$SUMMARY_MODEL"
        --image-search-backend "${IMAGE_SEARCH_BACKEND:-precomputed}" --cache "$W/tool-cache")
 JUDGE=(--judge-base-url "$JUDGE_URL" --judge-model "$JUDGE_MODEL" --cache "$W/judge-cache")

@@ -230,6 +230,7 @@ def test_gpu_recipe_dry_run_parses_and_has_the_papers_numbers(tmp_path):
     for c in rollouts:
         assert flag(c, "--engine") == "vllm" and flag(c, "--max-turns") == "10" and flag(c, "--tp")
         assert flag(c, "--llm-base-url").endswith(":8001/v1") and "--summarize" in c and flag(c, "--cache")
+        assert (flag(c, "--min-pixels"), flag(c, "--max-pixels"), flag(c, "--max-prompt-tokens")) == ("65536", "8294400", "16384")
     assert {flag(c, "--seed") for c in train} == {"1", "2", "3"}
     assert all(flag(c, "--presence-penalty") == "1.5" for c in train)  # the official rollouts' penalty
     assert all(flag(c, "--sampling") == "official" for c in rollouts if c not in train)  # T 0.7, top-p 0.8, top-k 20
@@ -274,6 +275,8 @@ def test_eval_released_checkpoint_dry_run_parses(tmp_path):
     assert flag(roll, "--engine") == "vllm" and flag(roll, "--tp") == "4" and flag(roll, "--policy") == env["MODEL"]
     assert flag(roll, "--image-search-backend") == "precomputed" and flag(roll, "--cache") and "--replay" not in roll
     assert flag(roll, "--sampling") == "official" and flag(roll, "--seed") == "3407"  # as the official evaluation
+    assert [flag(roll, f) for f in ("--min-pixels", "--max-pixels", "--max-prompt-tokens", "--max-response-tokens")] == \
+        ["65536", "8294400", "16384", "16384"] and "--max-total-tokens" not in roll
     assert flag(ev, "--by") == "difficulty"
     assert lines[4].startswith("cat ")  # the metrics go to stdout
     # A replay re-run reads tools from the same cache only; hf runs on a GPU by default.
