@@ -152,27 +152,35 @@ def parse_verdict(raw: str, rubric: str = "strict") -> tuple[str | None, float |
     return v, float(v in ("yes", "correct"))
 
 
-def image_data_url(path: str, *, official: bool = False) -> str:
-    """A JPEG data URL of an image (quality 85): its long side at most JUDGE_IMAGE_SIDE
-    pixels, or with `official` resized as eval.py does (smart_resize, 65,536–8,294,400 px)."""
+def image_data_url(path: str) -> str:
+    """A JPEG data URL of an image, its long side at most JUDGE_IMAGE_SIDE pixels."""
     from PIL import Image, ImageOps
-
-    from mars_cli import sensenova
 
     try:
         with Image.open(path) as im:
             im = ImageOps.exif_transpose(im).convert("RGB")
-            if official:
-                h, w = sensenova.smart_resize(im.height, im.width)
-                if (w, h) != im.size:
-                    im = im.resize((w, h), Image.Resampling.BICUBIC)
-            else:
-                im.thumbnail((JUDGE_IMAGE_SIDE, JUDGE_IMAGE_SIDE))
+            im.thumbnail((JUDGE_IMAGE_SIDE, JUDGE_IMAGE_SIDE))
             buf = io.BytesIO()
             im.save(buf, "JPEG", quality=85)
     except (OSError, ValueError) as e:
         raise MarsError(f"{path}: cannot read image for the judge: {e}") from None
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def official_image_data_url(path: str) -> str:
+    """The image as the official judge receives it: resized by the official smart_resize
+    (65,536–8,294,400 pixels, factor 32, bicubic), then JPEG quality 85."""
+    from PIL import Image
+
+    from mars_cli import images, sensenova
+
+    arr = images.load_array(path)  # mars's bounded reader (EXIF applied)
+    h, w = sensenova.smart_resize(arr.shape[0], arr.shape[1])
+    if (h, w) != arr.shape[:2]:
+        import numpy as np
+
+        arr = np.asarray(Image.fromarray(arr).resize((w, h), Image.Resampling.BICUBIC))
+    return "data:image/jpeg;base64," + base64.b64encode(images.encode(arr, "JPEG", quality=85)).decode()
 
 
 def cache_key(model: str, version: str, question: str, golds: list[str], prediction: str, image: str | None = None) -> str:
@@ -315,7 +323,7 @@ class AsyncJudge:
         url = image
         if image and not image.startswith(("http://", "https://", "data:")):
             try:
-                url = await asyncio.to_thread(image_data_url, image, official=True)
+                url = await asyncio.to_thread(official_image_data_url, image)
             except MarsError as e:
                 return Verdict(None, None, None, error=str(e))
         calls = failed = 0
