@@ -6,10 +6,19 @@
 #   REPLAY=1 MODEL=… DATA=… bash examples/eval_released_checkpoint.sh   # re-run from the tool cache only
 #   DRY_RUN=1 bash examples/eval_released_checkpoint.sh                  # print the commands, run nothing
 #
-# The released checkpoints speak this toolchain's agent protocol (hermes-style <tool_call>
-# JSON, the same three tools and system prompt), so no prompt flag is needed. Image search
-# uses the results stored with the benchmark (`precomputed`: the SenseNova-MARS files carry
-# image_search_title_list / image_search_thumbnail_list per task), so it is reproducible.
+# The released checkpoints are run with what they were trained on: the default protocol
+# profile, `sensenova`, renders the official prompt byte for byte (each dataset's "#Role …"
+# system prompt kept by `mars data convert` from the manifest, then the official tools block;
+# check it with `mars prompt`), uses the official tool schemas, result strings and crop rule,
+# and ends an episode on a malformed call as the official code does. Sampling is the
+# official evaluation's (SAMPLING=official: T 0.7, top-p 0.8, top-k 20, presence penalty 1.5,
+# seed 3407; SAMPLING=greedy for argmax), and `mars judge` uses the official rubric
+# (a lenient 13-rule Yes/No judge that sees the image; with JUDGE_BASE_URL set). To
+# evaluate a whole official manifest, pass it as DATA (test_all.json): each dataset then
+# keeps its scorer (em_score_mcq → the mcq rule, llm_score → the LLM judge).
+# Image search uses the results stored with the benchmark (`precomputed`: the SenseNova-MARS
+# files carry image_search_title_list / image_search_thumbnail_list per task), so it is
+# reproducible.
 # Text search results are recorded in CACHE on the first run; REPLAY=1 answers every tool
 # call from that cache (no network; a call not in the cache fails as a tool error).
 #
@@ -21,7 +30,9 @@
 #   ENGINE (vllm; hf runs on DEVICE, default cuda; openai: the checkpoint already behind
 #     `vllm serve MODEL` at BASE_URL, MODEL then being the served name)  TP (1)  DTYPE
 #   WORK (runs/released-<model name>)  CACHE ($WORK/tool-cache)  REPLAY (0)  BY (difficulty)
-#   N (1)  TEMPERATURE (0)  MAX_TURNS (10)  MAX_NEW_TOKENS (2048)  MAX_TOTAL_TOKENS (32768)  LIMIT
+#   N (1)  SAMPLING (official)  MAX_TURNS (10)  MAX_NEW_TOKENS (2048)  LIMIT
+#   MAX_PROMPT_TOKENS, MAX_RESPONSE_TOKENS (16384 each, as the official run)  MAX_TOTAL_TOKENS (unset: no total cap)
+#   MIN_PIXELS, MAX_PIXELS (65536, 8294400: the official image limits)
 #   SEARCH_BACKEND (serper, needs SERPER_API_KEY; local with INDEX)  INDEX  IMAGE_SEARCH_BACKEND (precomputed)
 #   SUMMARY_URL, SUMMARY_MODEL (summarize search pages with an LLM behind an OpenAI-compatible server)
 #   JUDGE_BASE_URL, JUDGE_MODEL (unset: the offline rule judge)
@@ -81,9 +92,12 @@ log "convert $FORMAT: ${data[*]} → $WORK/tasks"
 
 log "rollout ($tag tools): $MODEL on $ENGINE"
 # --resume: an interrupted run continues with the episodes it had not finished.
-run mars rollout --policy "$MODEL" "${engine[@]}" "${tools[@]}" -n "${N:-1}" --temperature "${TEMPERATURE:-0}" \
-    --max-turns "${MAX_TURNS:-10}" --max-new-tokens "${MAX_NEW_TOKENS:-2048}" --max-total-tokens "${MAX_TOTAL_TOKENS:-32768}" \
-    --seed 0 --resume -o "$WORK/$tag.jsonl" "$WORK/tasks/tasks.jsonl"
+run mars rollout --policy "$MODEL" "${engine[@]}" "${tools[@]}" -n "${N:-1}" --sampling "${SAMPLING:-official}" \
+    --max-turns "${MAX_TURNS:-10}" --max-new-tokens "${MAX_NEW_TOKENS:-2048}" \
+    --max-prompt-tokens "${MAX_PROMPT_TOKENS:-16384}" --max-response-tokens "${MAX_RESPONSE_TOKENS:-16384}" \
+    ${MAX_TOTAL_TOKENS:+--max-total-tokens "$MAX_TOTAL_TOKENS"} \
+    --min-pixels "${MIN_PIXELS:-65536}" --max-pixels "${MAX_PIXELS:-8294400}" \
+    --seed 3407 --resume -o "$WORK/$tag.jsonl" "$WORK/tasks/tasks.jsonl"
 run mars judge "${judge[@]}" -o "$WORK/$tag.judged.jsonl" "$WORK/$tag.jsonl"
 run mars eval --by "$BY" --label "$(basename "$MODEL")-$tag" -o "$WORK/$tag.metrics.jsonl" "$WORK/$tag.judged.jsonl"
 run cat "$WORK/$tag.metrics.jsonl"

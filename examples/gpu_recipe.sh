@@ -3,8 +3,13 @@
 #   0. convert the RL prompts and the held-out benchmarks to task records
 #   1. cold-start SFT on agent trajectories (DeepSpeed ZeRO-3 over 8 GPUs, bf16)
 #   2. RL: each step samples 128 prompts, runs 8 episodes per prompt (vLLM, up to 10 turns),
-#      judges them with an LLM judge, computes BN-GSPO advantages and takes one GSPO step
-#      (lr 1e-6, KL β 1e-4 against the SFT model as reference), evaluating every EVAL_EVERY steps.
+#      (presence penalty 1.5, as the official rollouts), judges them with the official LLM
+#      rubric, computes BN-GSPO advantages and trains GSPO on them in mini-batches of
+#      MINI_BATCH trajectories (lr 1e-6, KL β 1e-4 against the SFT model as reference),
+#      evaluating every EVAL_EVERY steps with the official sampling (T 0.7, top-p 0.8, top-k 20).
+#      Why mini-batches: with old log-probs recomputed from the policy before the step, the
+#      GSPO ratio of the first optimizer step is exactly 1, so with one step per batch the
+#      clip never acts; from the second mini-batch on the policy has moved and it does.
 #
 # The policy is served once for the whole run: `mars serve --engine vllm` on all NGPU GPUs
 # (tensor parallel TP, vLLM's data parallelism over the NGPU/TP groups), started after SFT
@@ -31,10 +36,12 @@
 #   SFT_DATA (data/cold_start.jsonl: trajectory records, e.g. a teacher's, see eval_openai.sh)
 #   RL_DATA (data/mars_rl.jsonl, SenseNova-MARS format)  RL_FORMAT (sensenova-mars)
 #   EVAL_SETS ("FORMAT=PATH …" held-out benchmarks)  EVAL_EVERY (10)  STEPS (300)  SEED (0)
-#   PROMPTS (128)  SAMPLES (8)  MAX_TURNS (10)  LR (1e-6)  BETA (1e-4)  NPROC (8)  TP (1)
+#   PROMPTS (128)  SAMPLES (8)  MINI_BATCH (256: 4 optimizer steps per batch)  MAX_TURNS (10)
+#   LR (1e-6)  BETA (1e-4)  PRESENCE_PENALTY (1.5)  EVAL_SAMPLING (official; or greedy)  NPROC (8)  TP (1)
 #   NGPU (8: GPUs the server uses)  SERVE_PORT (8100)  MAX_IMAGES (32: images per episode)
 #   MAX_INFLIGHT (512: episodes in flight against the server)
-#   SFT_EPOCHS (2)  SFT_LR (1e-5)  SFT_BATCH (64)  MAX_NEW_TOKENS (2048)  MAX_TOTAL_TOKENS (16384)
+#   SFT_EPOCHS (2)  SFT_LR (1e-5)  SFT_BATCH (64)  MAX_NEW_TOKENS (2048)  (budgets 16K prompt + 16K response and
+#   images at 65,536–8,294,400 pixels, as the official run)
 #   JUDGE_URL, JUDGE_MODEL (Qwen/Qwen2.5-72B-Instruct)  SUMMARY_URL, SUMMARY_MODEL (the same)
 #   SEARCH_BACKEND (serper: needs SERPER_API_KEY)  IMAGE_SEARCH_BACKEND (precomputed)
 # Keys only from the environment: SERPER_API_KEY, MARS_JUDGE_API_KEY, MARS_LLM_API_KEY.
@@ -54,6 +61,7 @@ STEPS="${STEPS:-300}"
 SEED="${SEED:-0}"
 PROMPTS="${PROMPTS:-128}"
 SAMPLES="${SAMPLES:-8}"
+MINI_BATCH="${MINI_BATCH:-256}"
 MAX_TURNS="${MAX_TURNS:-10}"
 LR="${LR:-1e-6}"
 BETA="${BETA:-1e-4}"
@@ -121,9 +129,9 @@ serve_sleep() {  # lend the GPUs to the trainer: vLLM drops weights and KV cache
 
 # Serving, generation and tools, shared by training rollouts and evaluation.
 SERVE=(--engine vllm --tp "$TP" --dp "$((NGPU / TP))" --port "$SERVE_PORT" --allow-load "$W"
-       --max-model-len "${MAX_TOTAL_TOKENS:-16384}" --limit-mm-per-prompt "$MAX_IMAGES" --gpu-memory-utilization 0.85)
+       --max-model-len 32768 --min-pixels 65536 --max-pixels 8294400 --limit-mm-per-prompt "$MAX_IMAGES" --gpu-memory-utilization 0.85)
 GEN=(--server "$S" --max-inflight "$MAX_INFLIGHT" --max-turns "$MAX_TURNS" --max-new-tokens "${MAX_NEW_TOKENS:-2048}"
-     --max-total-tokens "${MAX_TOTAL_TOKENS:-16384}")
+     --max-prompt-tokens 16384 --max-response-tokens 16384 --min-pixels 65536 --max-pixels 8294400)
 TOOLS=(--search-backend "${SEARCH_BACKEND:-serper}" --summarize --llm-base-url "$SUMMARY_URL" --llm-model "$SUMMARY_MODEL"
        --image-search-backend "${IMAGE_SEARCH_BACKEND:-precomputed}" --cache "$W/tool-cache")
 JUDGE=(--judge-base-url "$JUDGE_URL" --judge-model "$JUDGE_MODEL" --cache "$W/judge-cache")
@@ -144,7 +152,7 @@ evaluate() {  # POLICY LABEL: greedy episodes on every held-out benchmark, one m
         have "$out/$name.metrics.jsonl" && continue
         serve_policy "$1"
         # --policy: refused unless the server serves exactly this checkpoint
-        run mars rollout --policy "$1" "${GEN[@]}" "${TOOLS[@]}" --temperature 0 -n 1 --resume \
+        run mars rollout --policy "$1" "${GEN[@]}" "${TOOLS[@]}" --sampling "${EVAL_SAMPLING:-official}" --seed 3407 -n 1 --resume \
             -o "$out/$name.jsonl" "$W/data/eval/$name/tasks.jsonl"
         run mars judge "${JUDGE[@]}" --allow-missing -o "$out/$name.judged.jsonl" "$out/$name.jsonl"
         run mars eval --by category --label "$2" -o "$out/$name.metrics.jsonl" "$out/$name.judged.jsonl"
@@ -171,6 +179,7 @@ for step in $(seq 1 "$STEPS"); do
         if ! have "$d/batch.jsonl"; then
             serve_policy "$policy"
             run mars rollout --policy "$policy" "${GEN[@]}" "${TOOLS[@]}" -n "$SAMPLES" --temperature 1.0 \
+                --presence-penalty "${PRESENCE_PENALTY:-1.5}" \
                 --seed "$((SEED * 100000 + step))" --resume -o "$d/rollout.jsonl" "$d/prompts.jsonl"
             run mars judge "${JUDGE[@]}" --allow-missing -o "$d/judged.jsonl" "$d/rollout.jsonl"
             run mars advantage --algo bn-gspo -o "$d/batch.jsonl" "$d/judged.jsonl"
@@ -181,7 +190,7 @@ for step in $(seq 1 "$STEPS"); do
             push=(--push "$S")
         fi
         append "$W/update-metrics.jsonl" mars update "$d/batch.jsonl" --policy "$policy" --ref "$SFT" --out "$ckpt" \
-            --state "$W/optimizer" --loss gspo --lr "$LR" --beta "$BETA" --seed "$step" \
+            --state "$W/optimizer" --loss gspo --lr "$LR" --beta "$BETA" --mini-batch "$MINI_BATCH" --seed "$step" \
             --nproc "$NPROC" --zero 3 --bf16 --gradient-checkpointing "${push[@]}"
     fi
     policy="$ckpt"

@@ -153,6 +153,32 @@ MAX_PIXELS = 8294400  # 3840 × 2160
 CROP_MIN_SIDE = 28  # a crop narrower than this is first stretched to it (LANCZOS)
 
 
+def smart_resize(height: int, width: int, *, factor: int = 32, min_pixels: int = MIN_PIXELS,
+                 max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
+    """(height, width) as the official code sizes an image (eval.py's smart_resize).
+
+    It differs from qwen-vl-utils' only in truncating to an integer before rounding up when
+    an image grows, which changes a side by one factor in rare cases; kept for exactness.
+    """
+    import math
+
+    from mars_cli.errors import MarsError
+
+    if height <= 0 or width <= 0 or max(height, width) / min(height, width) > 200:
+        raise MarsError(f"cannot resize a {width}x{height} image (empty, or aspect ratio over 200)")
+    h = max(factor, round(height / factor) * factor)
+    w = max(factor, round(width / factor) * factor)
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h = math.floor(int(height / beta) / factor) * factor
+        w = math.floor(int(width / beta) / factor) * factor
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h = math.ceil(int(height * beta) / factor) * factor
+        w = math.ceil(int(width * beta) / factor) * factor
+    return h, w
+
+
 # --- sampling and the judge -------------------------------------------------------------
 
 # eval.py's defaults and the RL recipe's val_kwargs (seed 3407 there too).

@@ -182,7 +182,8 @@ def test_eval_openai_needs_data(tmp_path):
 def test_eval_openai_with_an_llm_judge_and_keys_from_the_environment(tmp_path):
     """Open questions judged by an LLM judge (a second stub); the keys never reach a file."""
     src = sensenova_jsonl(tmp_path)
-    with OpenAIStub([answer("Eiffel")]) as model, OpenAIStub(["<verdict>yes</verdict>"]) as judge:
+    # the default rubric is the official one: it answers <judge>Yes</judge>
+    with OpenAIStub([answer("Eiffel")]) as model, OpenAIStub(["<judge>Yes</judge>\n<reason>same person</reason>"]) as judge:
         r = run_script("eval_openai.sh", tmp_path, {
             "MODEL": "stub-vlm", "BASE_URL": model.url, "DATA": str(src), "FORMAT": "sensenova-mars", "WORK": "run",
             "BY": "difficulty", "JUDGE_BASE_URL": judge.url, "JUDGE_MODEL": "stub-judge",
@@ -222,6 +223,7 @@ def test_gpu_recipe_dry_run_parses_and_has_the_papers_numbers(tmp_path):
         assert flag(u, "--lr") == "1e-6" and float(flag(u, "--beta")) == 1e-4
         assert flag(u, "--ref") == flag(sft, "--out") and flag(u, "--nproc") == "8" and flag(u, "--zero") == "3"
         assert "--bf16" in u and flag(u, "--state")
+        assert flag(u, "--mini-batch") == "256"  # 4 optimizer steps per 1024 trajectories: GSPO's clip can act
     # Each step trains the checkpoint the previous step wrote.
     assert [flag(u, "--policy") for u in updates[1:]] == [flag(u, "--out") for u in updates[:-1]]
     rollouts = by_command(cmds, "rollout")
@@ -237,12 +239,15 @@ def test_gpu_recipe_dry_run_parses_and_has_the_papers_numbers(tmp_path):
         assert flag(c, "--server") == url and "--engine" not in c and flag(c, "--max-turns") == "10"
         assert flag(c, "--policy") and flag(c, "--max-inflight")  # --policy: the server must serve exactly it
         assert flag(c, "--llm-base-url").endswith(":8001/v1") and "--summarize" in c and flag(c, "--cache")
+        assert (flag(c, "--min-pixels"), flag(c, "--max-pixels"), flag(c, "--max-prompt-tokens")) == ("65536", "8294400", "16384")
     # Each update: the server sleeps (GPUs lent to the trainer), then loads the new checkpoint (no restart).
     for u in updates:
         assert flag(u, "--push") == url
         before = lines[lines.index(next(ln for ln in lines if ln.startswith("mars update") and flag(u, "--out") in ln)) - 1]
         assert before.startswith("curl ") and "/sleep" in before and url in before
     assert {flag(c, "--seed") for c in train} == {"1", "2", "3"}
+    assert all(flag(c, "--presence-penalty") == "1.5" for c in train)  # the official rollouts' penalty
+    assert all(flag(c, "--sampling") == "official" for c in rollouts if c not in train)  # T 0.7, top-p 0.8, top-k 20
     assert all(flag(a, "--algo") == "bn-gspo" for a in by_command(cmds, "advantage"))
     assert all(flag(j, "--judge-base-url").endswith(":8001/v1") for j in by_command(cmds, "judge"))
     # Held-out evaluation: after SFT, at step 2 and at the last step, on both benchmarks.
@@ -283,6 +288,9 @@ def test_eval_released_checkpoint_dry_run_parses(tmp_path):
     assert flag(convert, "--format") == "sensenova-mars"
     assert flag(roll, "--engine") == "vllm" and flag(roll, "--tp") == "4" and flag(roll, "--policy") == env["MODEL"]
     assert flag(roll, "--image-search-backend") == "precomputed" and flag(roll, "--cache") and "--replay" not in roll
+    assert flag(roll, "--sampling") == "official" and flag(roll, "--seed") == "3407"  # as the official evaluation
+    assert [flag(roll, f) for f in ("--min-pixels", "--max-pixels", "--max-prompt-tokens", "--max-response-tokens")] == \
+        ["65536", "8294400", "16384", "16384"] and "--max-total-tokens" not in roll
     assert flag(ev, "--by") == "difficulty"
     assert lines[4].startswith("cat ")  # the metrics go to stdout
     # A replay re-run reads tools from the same cache only; hf runs on a GPU by default.

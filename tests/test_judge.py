@@ -116,14 +116,14 @@ def test_llm_judge_keeps_input_order_under_concurrency():
     # Slow answers first: with concurrency the fast ones finish first but must wait their turn.
     recs = [traj(i, ("slow " if i % 4 == 0 else "") + ("in Paris" if i % 3 else "Lyon")) for i in range(24)]
     with StubJudge(latency=0.05, slow=0.3) as stub:
-        res = Ran(["judge", "--judge-base-url", stub.url, "--judge-model", "stub", "--max-inflight", "8"],
+        res = Ran(["judge", "--judge-base-url", stub.url, "--rubric", "strict", "--judge-model", "stub", "--max-inflight", "8"],
                   input=lines(recs), env={"MARS_JUDGE_API_KEY": "sk-hidden"})
     assert res.exit_code == 0, res.stderr
     out = parse(res.stdout)
     assert [r["id"] for r in out] == [r["id"] for r in recs]
     assert [r["rewards"]["accuracy"] for r in out] == [float(i % 3 != 0) for i in range(24)]
     j = out[1]["judge"]
-    assert (j["model"], j["method"], j["verdict"], j["prompt_version"]) == ("stub", "llm:binary", "yes", "binary-v1")
+    assert (j["model"], j["method"], j["verdict"], j["prompt_version"]) == ("stub", "llm:strict", "yes", "binary-v1")
     assert 2 <= stub.max_in_flight <= 8
     assert all(c["auth"] == "Bearer sk-hidden" for c in stub.calls)
     assert "sk-hidden" not in res.stdout + res.stderr
@@ -132,7 +132,7 @@ def test_llm_judge_keeps_input_order_under_concurrency():
 def test_em_short_circuits_and_simpleqa_scorer_uses_its_rubric():
     recs = [traj(0, "Paris"), traj(1, "I don't know", scorer="simpleqa"), traj(2, None, finish="max_turns")]
     with StubJudge() as stub:
-        out = parse(Ran(["judge", "--judge-base-url", stub.url, "--judge-model", "m"], input=lines(recs)).stdout)
+        out = parse(Ran(["judge", "--judge-base-url", stub.url, "--rubric", "strict", "--judge-model", "m"], input=lines(recs)).stdout)
         assert len(stub.calls) == 1
     assert out[0]["judge"]["method"] == "em-shortcut"
     assert (out[1]["judge"]["verdict"], out[1]["judge"]["prompt_version"], out[1]["rewards"]["accuracy"]) == ("not_attempted", "simpleqa-v1", 0.0)
@@ -144,12 +144,12 @@ def test_judge_failure_gives_null_and_exit_1_and_cache_reuses_verdicts(tmp_path)
     args = ["judge", "--judge-model", "m", "--retries", "0", "--cache", str(tmp_path / "cache")]
     with StubJudge() as stub:
         stub.faults += [500]
-        res = Ran(args + ["--judge-base-url", stub.url, "--max-inflight", "1"], input=lines(recs))
+        res = Ran(args + ["--judge-base-url", stub.url, "--rubric", "strict", "--max-inflight", "1"], input=lines(recs))
         assert res.exit_code == 1
         out = parse(res.stdout)
         assert out[0]["rewards"]["accuracy"] is None and out[0]["reward"] is None
         assert "HTTP 500" in out[0]["judge"]["error"] and out[1]["rewards"]["accuracy"] == 1.0
-        res = Ran(args + ["--judge-base-url", stub.url], input=lines(recs))
+        res = Ran(args + ["--judge-base-url", stub.url, "--rubric", "strict"], input=lines(recs))
         assert res.exit_code == 0 and len(stub.calls) == 3  # only the failed one was asked again
         out = parse(res.stdout)
         assert out[1]["judge"]["cached"] is True and out[0]["judge"]["cached"] is False
@@ -159,7 +159,7 @@ def test_bad_line_with_an_endpoint_is_reported_in_order(tmp_path):
     f = tmp_path / "t.jsonl"
     f.write_text(lines([traj(0, "in Paris"), traj(1, "in Paris")]) + "{not json\n")
     with StubJudge() as stub:
-        res = Ran(["judge", "--judge-base-url", stub.url, "--judge-model", "m", str(f)])
+        res = Ran(["judge", "--judge-base-url", stub.url, "--rubric", "strict", "--judge-model", "m", str(f)])
     assert res.exit_code == 1 and f"{f}:3: invalid JSON" in res.stderr
     assert len(parse(res.stdout)) == 2
 
@@ -167,7 +167,7 @@ def test_bad_line_with_an_endpoint_is_reported_in_order(tmp_path):
 def test_skip_bad_warnings_name_the_program_from_the_reader_thread():
     text = lines([traj(0, "in Paris")]) + "{oops\n" + lines([traj(1, "Lyon")])
     with StubJudge() as stub:
-        res = Ran(["judge", "--judge-base-url", stub.url, "--judge-model", "m", "--skip-bad"], input=text)
+        res = Ran(["judge", "--judge-base-url", stub.url, "--rubric", "strict", "--judge-model", "m", "--skip-bad"], input=text)
     assert res.exit_code == 0, res.stderr
     assert "mars judge: <stdin>:2: skipped: invalid JSON" in res.stderr
     assert [r["rewards"]["accuracy"] for r in parse(res.stdout)] == [1.0, 0.0]
@@ -180,7 +180,7 @@ def test_judge_image_attaches_the_question_image(tmp_path):
     Image.new("RGB", (64, 32), (0, 128, 0)).save(img)
     recs = [traj(0, "in Paris", images=[str(img)]), traj(1, "in Paris", images=["https://example.org/x.jpg"])]
     with StubJudge() as stub:
-        res = Ran(["judge", "--judge-base-url", stub.url, "--judge-model", "m", "--judge-image"],
+        res = Ran(["judge", "--judge-base-url", stub.url, "--rubric", "strict", "--judge-model", "m", "--judge-image"],
                   input=lines(recs))
         urls = [c["body"]["messages"][1]["content"][0]["image_url"]["url"] for c in stub.calls]
     assert res.exit_code == 0, res.stderr

@@ -73,6 +73,15 @@ class StubJudge:
             self.retry_after = str(fault[1])
             return fault[0], None
         user = body["messages"][1]["content"]
+        if body["messages"][0]["content"].startswith("You are an AI assistant tasked with evaluating"):
+            # the official rubric: one gold per request, text first, then the image
+            text = user if isinstance(user, str) else user[0]["text"]
+            gold = re.search(r"Ground Truth Answer: (.*)\n", text).group(1).lower()
+            resp = re.search(r"Model Response: (.*)\n\nEvaluation", text, re.S).group(1).lower()
+            time.sleep(self.latency)
+            if fault == "notag":
+                return 200, "I think it is right."
+            return 200, f"<judge>{'Yes' if gold in resp else 'No'}</judge>\n<reason>stub</reason>"
         text = user if isinstance(user, str) else user[-1]["text"]
         refs = re.search(r"Reference answers \(any one is correct\):\n(.*?)\n\n", text, re.S).group(1)
         refs = [r[2:].lower() for r in refs.splitlines()]
@@ -97,7 +106,7 @@ class StubJudge:
 
 def judge_once(stub, *args, cache=None, api_key=None, **kw):
     async def go():
-        async with AsyncJudge(stub.url, "stub-model", api_key=api_key, timeout=0.5, retries=2, backoff=0.01, cache=cache) as j:
+        async with AsyncJudge(stub.url, "stub-model", api_key=api_key, rubric=kw.pop("rubric", "strict"), timeout=0.5, retries=2, backoff=0.01, cache=cache) as j:
             return await j.judge(*args, **kw)
 
     return asyncio.run(go())

@@ -132,3 +132,16 @@ def test_nll_and_empty_sequences():
     g = L.gspo(logp, logp.detach(), torch.tensor([1.0, 1.0]), mask, denom=2)
     assert g.stats["n"] == 1 and g.loss.item() == pytest.approx(-0.5)
     assert L.reduce_stats({}) == {"clip_fraction": 0.0, "kl": 0.0, "ratio_mean": 1.0, "ratio_min": 1.0, "ratio_max": 1.0}
+
+
+def test_k3_is_clamped_at_ten_as_verl():
+    """verl's kl_penalty("low_var_kl"): log-ratio clamped to ±20, the estimate to ±10."""
+    logp = torch.tensor([0.0, 0.0, -5.0, -30.0], requires_grad=True)
+    ref = torch.tensor([-1.0, 3.0, 0.0, 0.0])
+    kl = L.k3(logp, ref)
+    r = (ref - logp.detach()).clamp(-20, 20)
+    want = (torch.exp(r) - r - 1).clamp(max=10)
+    assert torch.allclose(kl, want) and float(kl.max()) == 10.0
+    assert float(kl[0]) == pytest.approx(math.exp(-1) + 1 - 1)
+    kl.sum().backward()
+    assert logp.grad[2] == 0 and logp.grad[3] == 0 and logp.grad[0] != 0  # past the clamp: no gradient

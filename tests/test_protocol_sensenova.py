@@ -124,6 +124,10 @@ def test_mars_profile_differs_and_policy_template_agrees(tmp_path, tiny_policy_d
     with_policy = prompt_of(task, "--policy", str(tiny_policy_dir))
     assert with_policy["prompt"] == official_prompt(manifest_system_prompt(), "q?")
     assert with_policy["chat_template_equal"] is True
+    # 400x300 at 65,536-8,294,400 px: 392x308 on the 28-px grid → 14 × 11 merged patches
+    big = prompt_of(task, "--policy", str(tiny_policy_dir), "--min-pixels", "65536", "--max-pixels", "8294400")
+    assert big["pixels"] == {"min": 65536, "max": 8294400}
+    assert big["input_tokens"] == big["tokens"] - 1 + 14 * 11
 
 
 def test_unknown_protocol_is_a_usage_error(tmp_path):

@@ -27,6 +27,7 @@ def run(engine, tasks, tmp_path, n=1, limits=None, text=None, image=None, **kw):
     # the loop's mechanics under the mars profile: crops from the source, malformed calls observed
     tb = Toolbox(tmp_path / "artifacts", text_search=text, image_search=image, profile="mars")
     kw.setdefault("on_malformed", "observe")
+    kw.setdefault("profile", "mars")
     return list(AgentLoop(engine, tb, limits=limits or Limits(max_total_tokens=100_000), **kw).run(tasks, n=n))
 
 
@@ -165,7 +166,7 @@ def test_finish_reasons(img, tmp_path, turns, limits, finish):
 
 def test_total_budget_counts_image_tokens(img, tmp_path):
     eng = ScriptedEngine(turn_script([call(protocol.ZOOM, bbox_2d=[0, 0, 500, 500]), answer("a")]), image_cost=400)
-    prompt = len(eng.renderer.render(protocol.initial_messages(task(img)))[0]) - 1 + 400
+    prompt = len(eng.renderer.render(protocol.initial_messages(task(img), profile="mars"))[0]) - 1 + 400
     # room for the first turn but not for the zoomed image's 400 tokens
     [rec] = run(eng, [task(img)], tmp_path, limits=Limits(max_total_tokens=prompt + 300))
     assert rec["finish"] == "max_tokens" and rec["turns"] == 1 and rec["tool_calls"][0]["ok"]

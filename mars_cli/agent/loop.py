@@ -301,7 +301,9 @@ class AgentLoop:
             self._record_call(ep, turn, out)
         else:
             out = self._malformed(ep, turn)
-            if self.on_malformed == "end":
+            # Only a turn that cannot be read ends the episode (protocol.is_malformed), as in the
+            # official loop; an unknown tool or bad arguments get an error result there too.
+            if self.on_malformed == "end" and protocol.is_malformed(turn):
                 ep.finish = "malformed"
                 return
         self._append_result(ep, out, ended)
@@ -343,7 +345,8 @@ class AgentLoop:
         ep.tool_calls.append({"turn": ep.turns, "name": turn.call.name, "arguments": turn.call.arguments,
                               "ok": out.ok, "error": out.error, "latency": round(out.latency, 6),
                               "infra": out.infra})
-        if turn.extra_calls:
+        if turn.extra_calls and protocol.get_profile(self.profile).name != "sensenova":
+            # (the official loop runs the first call and says nothing of the others)
             _add_note(out.message, protocol.ignored_calls_note(turn.extra_calls))
         if self.on_turn is not None:
             self.on_turn(ep, turn, out)
@@ -354,7 +357,8 @@ class AgentLoop:
         args = raw.get("arguments") if isinstance(raw.get("arguments"), dict) else None
         ep.tool_calls.append({"turn": ep.turns, "name": name, "arguments": args, "ok": False,
                               "error": turn.error, "latency": 0.0, "infra": False})
-        out = Outcome(protocol.error_message(turn.error, name), False, turn.error, 0.0)
+        out = Outcome(protocol.malformed_message(turn, ep.messages, profile=protocol.get_profile(self.profile).name),
+                      False, turn.error, 0.0)
         if self.on_turn is not None:
             self.on_turn(ep, turn, out)
         return out

@@ -44,7 +44,8 @@ class PromptRenderer:
     """Renders first prompts with one tokenizer (a policy's, or the Qwen vocabulary)."""
 
     def __init__(self, policy: str | None = None, *, profile: str = protocol.DEFAULT_PROFILE,
-                 system_prompt: str | None = None, arch: str = DEFAULT_ARCH):
+                 system_prompt: str | None = None, arch: str = DEFAULT_ARCH, min_pixels: int | None = None,
+                 max_pixels: int | None = None):
         from mars_cli.models.load import load_tokenizer, special_ids
 
         self.profile = protocol.get_profile(profile).name
@@ -54,6 +55,15 @@ class PromptRenderer:
         self.renderer = protocol.Renderer(self.tokenizer, special_ids(self.tokenizer, path))
         self.source = str(policy) if policy else f"qwen-vocab:{arch}"
         self.has_template = bool(policy) and bool(getattr(self.tokenizer, "chat_template", None))
+        self.vision = None  # with a policy: its image processor, to count each image's tokens
+        if policy:
+            from types import SimpleNamespace
+
+            from mars_cli.models.load import load_image_processor
+
+            proc = load_image_processor(path, min_pixels=min_pixels, max_pixels=max_pixels)
+            self.vision = SimpleNamespace(image_processor=proc)
+            self.pixels = {"min": int(proc.size["shortest_edge"]), "max": int(proc.size["longest_edge"])}
 
     def messages(self, task: dict) -> list[dict]:
         return protocol.initial_messages(task_view(task), profile=self.profile, system_prompt=self.system_prompt)
@@ -64,6 +74,12 @@ class PromptRenderer:
         text = self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
         out = {"id": task["id"], "protocol": self.profile, "prompt": text, "tokens": len(ids),
                "images": images, "tokenizer": self.source}
+        if self.vision is not None:
+            from mars_cli.models.inputs import image_tokens
+
+            # what the model input holds once each placeholder is expanded to the image's patches
+            out["input_tokens"] = len(ids) - len(images) + sum(image_tokens(self.vision, im) for im in images)
+            out["pixels"] = self.pixels
         if self.has_template:
             out["chat_template_equal"] = self._template_text(messages) == text
         return out

@@ -9,6 +9,7 @@ import typer
 
 
 def main(
+    ctx: typer.Context,
     files: Optional[List[Path]] = typer.Argument(None, help="Judged trajectory JSONL files [default: stdin]."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write here (atomically) instead of stdout."),
     algo: str = typer.Option("bn-gspo", "--algo", envvar="MARS_ADVANTAGE_ALGO", help="bn-gspo, grpo, dr-grpo, rloo or grpo-batch-std."),
@@ -21,6 +22,7 @@ def main(
     drop_constant: bool = typer.Option(False, "--drop-constant-groups", help="Drop groups whose rewards are all equal (dynamic sampling)."),
     strict: bool = typer.Option(False, "--strict", help="A null reward is an error, not a dropped group."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unparsable lines with a warning."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="official-script: the released training script's GRPO (no batch normalization); explicit flags win."),
 ) -> None:
     """Add advantages to judged trajectories, group by group.
 
@@ -36,6 +38,10 @@ def main(
     from mars_cli.jsonl import RecordWriter, SkipCounter, read_located
     from mars_cli.rl.advantage import ESTIMATORS, FIELDS, AdvantageConfig, AdvantageStats, advantage_records
 
+    from mars_cli import presets
+
+    v = presets.apply(ctx, dict(algo=algo, batch_norm=batch_norm, ddof=ddof, eps=eps), presets.training(preset, "advantage"))
+    algo, batch_norm, ddof, eps = v["algo"], v["batch_norm"], v["ddof"], v["eps"]
     if algo not in ESTIMATORS:
         raise UsageError(f"--algo must be one of {', '.join(ESTIMATORS)}, got {algo!r}")
     cfg = AdvantageConfig(algo=algo, ddof=ddof, eps=eps, batch_norm=batch_norm, batch_ddof=batch_ddof, batch_eps=batch_eps)

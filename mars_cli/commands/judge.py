@@ -22,8 +22,9 @@ def main(
     tool_cost: float = typer.Option(0.0, "--tool-cost", help="Subtract this per tool call (recorded as rewards.tool_cost)."),
     base_url: Optional[str] = typer.Option(None, "--judge-base-url", envvar="MARS_JUDGE_BASE_URL", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 [default: none: rule judge]."),
     model: Optional[str] = typer.Option(None, "--judge-model", envvar="MARS_JUDGE_MODEL", help="Judge model name (needed with an endpoint)."),
-    rubric: str = typer.Option("binary", "--rubric", help="LLM rubric for llm-scored records: binary (yes/no) or simpleqa."),
-    judge_image: bool = typer.Option(False, "--judge-image", help="Send the question's first image to the judge (as a data URL)."),
+    rubric: str = typer.Option("sensenova", "--rubric", help="LLM rubric for llm-scored records: sensenova (the official lenient 13-rule Yes/No, image sent, one call per gold) or strict (mars's yes/no over all golds)."),
+    judge_image: Optional[bool] = typer.Option(None, "--judge-image/--no-judge-image", help="Send the question's first image to the judge [default: on for sensenova, off for strict]."),
+    min_judge_success: float = typer.Option(0.95, "--min-judge-success", help="Judge health: fail when a smaller share of LLM judge requests succeeded (with an endpoint only)."),
     concurrency: int = typer.Option(32, "--max-inflight", min=1, envvar="MARS_JUDGE_CONCURRENCY", help="Judge requests in flight."),
     timeout: float = typer.Option(60.0, "--timeout", help="Seconds per judge request."),
     retries: int = typer.Option(3, "--retries", min=0, help="Retries of a failed request (exponential backoff)."),
@@ -37,30 +38,38 @@ def main(
 
     Without --judge-base-url (the offline default) llm-scored records use the rule judge: exact match, then a short gold (at most 5 words, not yes/no) contained in the prediction; judge.method then says "rule-fallback:…".
 
-    Format is 1 when the episode ended in a non-empty answer and every tool call was valid. reward = accuracy + w·format − tool_cost. A record the judge could not score gets accuracy and reward null with judge.error, and the exit status is 1 unless --allow-missing. Output keeps the input order; re-judging replaces only rewards, reward and judge.
+    The default rubric is the official SenseNova-MARS judge: a lenient 13-rule Yes/No rubric that sees the image, asked once per gold (the first Yes wins); a reply without a Yes counts as No, and a request that fails after its retries scores 0. Judge health: when fewer than --min-judge-success of the LLM requests succeeded, the command fails (exit 1, nothing written with -o), as the official runs do.
+
+    Format is 1 when the episode ended in a non-empty answer and every tool call was valid; calls that failed for the infrastructure's sake (`infra` in tool_calls: backend errors, replay misses, no stored image results) do not count against it. An episode that ended on a malformed turn (finish "malformed") gets reward 0. reward = accuracy + w·format − tool_cost. A record the judge could not score gets accuracy and reward null with judge.error, and the exit status is 1 unless --allow-missing. Output keeps the input order; re-judging replaces only rewards, reward and judge.
     """
     from mars_cli import streams
     from mars_cli.errors import MarsError, UsageError
     from mars_cli.jsonl import RecordWriter, SkipCounter, read_located
     from mars_cli.progress import count_lines
     from mars_cli.records import SCORERS
-    from mars_cli.rl.judge import FIELDS, JudgeConfig, JudgeStats, judge_records
+    from mars_cli.rl.judge import FIELDS, JudgeConfig, JudgeStats, check_health, judge_records
+    from mars_cli.rl.llm_judge import rubric_name
 
     if scorer is not None and scorer not in SCORERS:
         raise UsageError(f"--scorer must be one of {', '.join(SCORERS)}, got {scorer!r}")
-    if rubric not in ("binary", "simpleqa"):
-        raise UsageError(f"--rubric must be binary or simpleqa, got {rubric!r}")
+    rubric = rubric_name(rubric)
+    if rubric not in ("sensenova", "strict", "simpleqa"):
+        raise UsageError(f"--rubric must be sensenova or strict, got {rubric!r}")
+    if not 0.0 <= min_judge_success <= 1.0:
+        raise UsageError(f"--min-judge-success must be between 0 and 1, got {min_judge_success}")
     if not (math.isfinite(format_weight) and math.isfinite(tool_cost)):
         raise UsageError("--format-weight and --tool-cost must be finite numbers")
     api_key = os.environ.get("MARS_JUDGE_API_KEY") or os.environ.get("OPENAI_API_KEY")
     cfg = JudgeConfig(scorer=scorer, format_weight=format_weight, tool_cost=tool_cost, base_url=base_url or None,
-                      model=model, api_key=api_key, rubric=rubric, judge_image=judge_image, concurrency=concurrency,
+                      model=model, api_key=api_key, rubric=rubric, judge_image=judge_image, min_success=min_judge_success,
+                      concurrency=concurrency,
                       timeout=timeout, retries=retries, cache_dir=str(cache) if cache else None)
     stats, skipped = JudgeStats(), SkipCounter()
     located = read_located(files, skip_bad=skip_bad, skipped=skipped)
     with RecordWriter(output) as w:
         for rec in streams.progress(judge_records(located, cfg, stats), desc="judge", unit="records", total=count_lines(files)):
             w.write(rec, fresh=FIELDS)
+        check_health(stats, cfg)  # inside the writer: a failed check leaves no -o file behind
     skipped.report()
     logging.getLogger("mars.judge").info(stats.summary())
     if stats.missing and not allow_missing:

@@ -18,6 +18,7 @@ E = "MARS_"
 
 
 def main(
+    ctx: typer.Context,
     files: List[str] = typer.Argument(None, help="Task JSONL files (default: stdin)."),
     policy: Optional[str] = typer.Option(None, "--policy", envvar=E + "POLICY", help="Model directory (hf, vllm) or model name (openai)."),
     n: int = typer.Option(1, "-n", help="Samples per task (a group)."),
@@ -46,6 +47,7 @@ def main(
     temperature: float = typer.Option(1.0, "--temperature"), top_p: float = typer.Option(1.0, "--top-p"),
     top_k: int = typer.Option(0, "--top-k", help="0 = off."), presence_penalty: float = typer.Option(0.0, "--presence-penalty"),
     seed: Optional[int] = typer.Option(None, "--seed"),
+    sampling_preset: Optional[str] = typer.Option(None, "--sampling", help="greedy (T 0) or official (T 0.7, top-p 0.8, top-k 20, presence penalty 1.5, as the official evaluation); explicit flags win."),
     device: str = typer.Option("cpu", "--device", envvar=E + "DEVICE", help="hf engine: cpu, cuda, cuda:1…"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16."),
     attn_implementation: Optional[str] = typer.Option(None, "--attn-implementation", envvar="MARS_ATTN_IMPLEMENTATION", help="hf engine: sdpa | flash_attention_2 | eager."),
@@ -73,6 +75,7 @@ def main(
     interrupted run loses nothing finished (continue it with --resume). A bad input line
     stops reading: the started episodes finish, then exit 1. One summary line ends every run.
     """
+    from mars_cli import presets as _presets
     from mars_cli import streams
     from mars_cli.agent import run as runner
 
@@ -108,7 +111,8 @@ def main(
                     attn_implementation=attn_implementation, tp=tp, gpu_memory_utilization=gpu_memory_utilization,
                     base_url=base_url, model=model, timeout=request_timeout, max_retries=retries, urls=urls,
                     min_pixels=min_pixels, max_pixels=max_pixels),
-        sampling=dict(temperature=temperature, top_p=top_p, top_k=top_k, presence_penalty=presence_penalty, seed=seed),
+        sampling=_presets.apply(ctx, dict(temperature=temperature, top_p=top_p, top_k=top_k, presence_penalty=presence_penalty,
+                                          seed=seed), _presets.sampling(sampling_preset)),
         limits=dict(max_turns=max_turns, max_prompt_tokens=max_prompt_tokens, max_response_tokens=max_response_tokens,
                     max_total_tokens=max_total_tokens, max_new_tokens=max_new_tokens),
         max_inflight=max_inflight, artifacts=artifacts, group_order=group_order, max_error_rate=max_error_rate,

@@ -9,6 +9,7 @@ import typer
 
 
 def main(
+    ctx: typer.Context,
     files: Optional[List[Path]] = typer.Argument(None, help="Scored trajectory JSONL (with advantages) [default: stdin]."),
     policy: Path = typer.Option(..., "--policy", envvar="MARS_POLICY", help="The policy checkpoint directory to start from."),
     out: Path = typer.Option(..., "--out", help="Where to write the new checkpoint (atomically)."),
@@ -34,6 +35,7 @@ def main(
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unparsable lines with a warning."),
     push: Optional[str] = typer.Option(None, "--push", help="mars serve URL[,URL…] that load --out once it is written (waits until each serves it)."),
     local_rank: Optional[int] = typer.Option(None, "--local_rank", "--local-rank", hidden=True, help="Set by the deepspeed launcher (LOCAL_RANK is read)."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="official-script: the released training script's token-level clip 0.2/0.28, lr 1e-5, no KL, rollout log-probs; explicit flags win."),
 ) -> None:
     """Train the policy one step on a scored batch; write a checkpoint.
 
@@ -48,6 +50,12 @@ def main(
     from mars_cli.rl.engine import launch_ranks
     from mars_cli.rl.update import UpdateConfig, run_update
 
+    from mars_cli import presets
+
+    v = presets.apply(ctx, dict(loss=loss, eps_low=eps_low, eps_high=eps_high, lr=lr, beta=beta, old_logprobs=old_logprobs,
+                                mini_batch=mini_batch), presets.training(preset, "update"))
+    loss, eps_low, eps_high, lr, beta, old_logprobs, mini_batch = (
+        v[k] for k in ("loss", "eps_low", "eps_high", "lr", "beta", "old_logprobs", "mini_batch"))
     cfg = UpdateConfig(policy=str(policy), out=str(out), ref=str(ref) if ref else None, state=str(state) if state else None,
                        loss=loss, eps_low=eps_low, eps_high=eps_high, beta=beta, lr=lr, weight_decay=weight_decay,
                        grad_clip=grad_clip, mini_batch=mini_batch, micro_batch_tokens=micro_batch_tokens,

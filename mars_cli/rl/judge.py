@@ -9,7 +9,17 @@ The scorer is the record's `scorer` field unless overridden: em, substring, f1, 
 the rules in scorers.py; llm and simpleqa ask the LLM judge, after an exact match has
 short-circuited the call. With no judge endpoint they fall back to the rule judge
 (em, then containment of a short gold) and say so in `judge.method` ("rule-fallback:…").
-An episode without an answer scores 0 without asking anyone.
+An episode without an answer, or one that ended on a malformed turn (finish "malformed"),
+scores 0 without asking anyone.
+
+The default rubric is the official one (`sensenova`: the image is sent, one call per gold,
+max over golds; see llm_judge.py). Judge health: every LLM request is counted, and
+`check_health` fails the stage when fewer than `min_success` of them succeeded, as the
+official runs do (≥ 95%), instead of silently training on missing rewards.
+
+Format: 1 when the episode ended in a non-empty answer and every tool call was valid,
+where a call that failed for the infrastructure's sake (`infra` in its tool_calls entry: a
+backend error, a replay miss, no stored image results) does not count against the model.
 
 With an endpoint, LLM calls run concurrently while records stay in input order: a reader
 thread parses and rule-scores records and starts their LLM calls on an event loop thread;
@@ -44,8 +54,9 @@ class JudgeConfig:
     base_url: str | None = None  # None: llm-scored records use the rule judge
     model: str | None = None
     api_key: str | None = None
-    rubric: str = "binary"
-    judge_image: bool = False
+    rubric: str = "sensenova"
+    judge_image: bool | None = None  # None: on for the sensenova rubric, off otherwise
+    min_success: float = 0.95  # judge health: the least share of LLM requests that must succeed
     concurrency: int = 32
     timeout: float = 60.0
     retries: int = 3
@@ -58,7 +69,8 @@ class JudgeConfig:
 class JudgeStats:
     records: int = 0
     missing: int = 0
-    llm_calls: int = 0
+    llm_calls: int = 0  # LLM requests sent
+    llm_failed: int = 0  # of which failed after their retries
     cache_hits: int = 0
     fallback: int = 0
     accuracy_sum: float = 0.0
@@ -69,7 +81,7 @@ class JudgeStats:
         mean = f"{self.accuracy_sum / done:.4f}" if done else "n/a"
         parts = [f"judged {self.records} records", f"mean accuracy {mean}"]
         if self.llm_calls or self.cache_hits:
-            parts.append(f"{self.llm_calls} judge calls, {self.cache_hits} cached")
+            parts.append(f"{self.llm_calls} judge calls ({self.success_rate:.1%} succeeded), {self.cache_hits} cached")
         if self.fallback:
             parts.append(f"{self.fallback} by the rule judge (no endpoint)")
         if self.missing:
@@ -77,12 +89,29 @@ class JudgeStats:
         return ", ".join(parts)
 
 
+    @property
+    def success_rate(self) -> float:
+        return 1.0 if not self.llm_calls else (self.llm_calls - self.llm_failed) / self.llm_calls
+
+
+def check_health(stats: JudgeStats, cfg: "JudgeConfig") -> None:
+    """Fail (MarsError) when too few LLM judge requests succeeded; no endpoint, no check."""
+    from mars_cli.errors import MarsError
+
+    if not cfg.base_url or not stats.llm_calls or stats.success_rate >= cfg.min_success:
+        return
+    raise MarsError(f"judge health check failed: {stats.llm_calls - stats.llm_failed} of {stats.llm_calls} LLM judge "
+                    f"requests succeeded ({stats.success_rate:.1%}), below --min-judge-success {cfg.min_success:g}; "
+                    "the rewards of this batch are not trustworthy (is the judge server overloaded or down?)")
+
+
 def format_reward(record: dict) -> float:
-    """1 when the episode ended in a non-empty answer and every tool call was valid."""
+    """1 when the episode ended in a non-empty answer and every tool call was valid
+    (infrastructure failures, marked `infra`, are not the model's and do not count)."""
     pred = record.get("prediction")
     if record.get("finish") != "answer" or not isinstance(pred, str) or not pred.strip():
         return 0.0
-    return float(all(tc.get("ok") is True for tc in record.get("tool_calls") or []))
+    return float(all(tc.get("ok") is True or tc.get("infra") is True for tc in record.get("tool_calls") or []))
 
 
 @dataclass
@@ -113,6 +142,8 @@ def prepare(record: dict, where, cfg: JudgeConfig) -> _Pending:
     scorer = cfg.scorer or record.get("scorer") or "llm"
     golds = record.get("answers") or []
     pred = record["prediction"]
+    if record.get("finish") == "malformed":
+        return _Pending(record, scorer, _info(cfg, scorer, "malformed", verdict="incorrect"), 0.0)
     if pred is None or not pred.strip():
         return _Pending(record, scorer, _info(cfg, scorer, "no-answer", verdict="incorrect"), 0.0)
     empty = scorers.empty_golds(golds)
@@ -134,7 +165,8 @@ def prepare(record: dict, where, cfg: JudgeConfig) -> _Pending:
         return _Pending(record, scorer, info, s.accuracy)
     rubric = "simpleqa" if scorer == "simpleqa" else cfg.rubric
     images = record.get("images") or []
-    image = images[0] if cfg.judge_image and images else None
+    send = cfg.judge_image if cfg.judge_image is not None else rubric == "sensenova"
+    image = images[0] if send and images else None
     return _Pending(record, scorer, {}, None, (record["question"], golds, pred, image, rubric))
 
 
@@ -145,9 +177,11 @@ def complete(p: _Pending, cfg: JudgeConfig, stats: JudgeStats, verdict: Verdict 
         rubric = p.call[4]
         p.accuracy = verdict.accuracy
         p.info = _info(cfg, p.scorer, f"llm:{rubric}", model=cfg.model, verdict=verdict.verdict, raw=verdict.raw,
-                       prompt_version=prompt_version(rubric), error=verdict.error, cached=verdict.cached)
+                       prompt_version=prompt_version(rubric), error=verdict.error, cached=verdict.cached,
+                       calls=verdict.calls)
         stats.cache_hits += verdict.cached
-        stats.llm_calls += not verdict.cached
+        stats.llm_calls += verdict.calls
+        stats.llm_failed += verdict.failed
     elif p.info["method"].startswith("rule-fallback"):
         stats.fallback += 1
         streams.warn_once("rule-fallback", f"{p.scorer}-scored records are judged by rules (exact match, then a short "

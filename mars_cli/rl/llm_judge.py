@@ -6,9 +6,15 @@ flight, each with a timeout and retried with exponential backoff on connection e
 timeouts, 429 and 5xx. The API key is only sent as a header: it never reaches a record,
 a log line or a cache key.
 
-Two rubrics, each with its own prompt version (recorded in every judged record, and part
+Rubrics, each with its own prompt version (recorded in every judged record, and part
 of the cache key, so editing a prompt never reuses stale verdicts):
-- `binary`: a strict yes/no equivalence check, answered as `<verdict>yes</verdict>`;
+- `sensenova` (the default): the official judge of SenseNova-MARS (inference/eval.py and
+  verl/utils/reward_score/tool.py): a lenient 13-rule Yes/No rubric that sees the image,
+  asked once per gold answer (the first Yes wins, so the score is the max over golds). A
+  reply without a `<judge>Yes</judge>` tag counts as No, as there; a call that fails after
+  its retries scores 0 and is counted against the judge's health (`Verdict.failed`);
+- `strict`: mars's strict yes/no equivalence check over all golds at once, answered as
+  `<verdict>yes</verdict>` (`binary` is its former name);
 - `simpleqa`: correct / incorrect / not attempted, answered as `<grade>…</grade>`.
 """
 
@@ -52,7 +58,43 @@ SIMPLEQA_RUBRIC = """You grade answers to factual questions against reference an
 
 Reply with the grade inside the tag and nothing else: <grade>correct</grade>, <grade>incorrect</grade> or <grade>not_attempted</grade>."""
 
-RUBRICS = {"binary": (BINARY_VERSION, BINARY_RUBRIC), "simpleqa": (SIMPLEQA_VERSION, SIMPLEQA_RUBRIC)}
+# The official judge's texts, verbatim (eval.py's LLM_JUDGE_SYSTEM_PROMPT / _USER_PROMPT).
+SENSENOVA_VERSION = "sensenova-v1"
+SENSENOVA_SYSTEM = """You are an AI assistant tasked with evaluating the correctness of model responses based on an image, question, and ground truth answer. Your judgment should follow these principles:
+
+1. Consider the image, question, and ground truth answer holistically before evaluating the model's response.
+2. Your decision should be strictly Yes or No, based on whether the model's response is factually accurate and aligns with the ground truth answer.
+3. If the model response is a more specific form of the ground truth answer, it is correct.
+4. If the model response includes all key information but adds minor details, it is correct as long as the extra details are factually correct.
+5. If the model response contradicts, modifies, or omits critical parts of the answer, it is incorrect.
+6. For numerical values, ensure correctness even when presented in different units.
+7. For names, check for first and last name correctness. If the middle name is extra but correct, consider it correct.
+8. For yes/no questions, the response must exactly match "Yes" or "No" to be correct.
+9. If the judgment can be made based solely on the text, you may choose to ignore the input image, as some images may be unfamiliar to you and could affect your judgment. Refer to the image only when necessary to minimize misjudgment.
+10. If there are multiple candidate answers, you can also evaluate the model's response against all of them. If the response aligns with at least one candidate according to the rules above, it should be considered correct.
+11. For multiple choice questions (A, B, C, D), be more lenient. If the model provides the correct letter choice, even with additional text or formatting, consider it correct.
+12. If the model's answer contains the correct choice letter (A, B, C, or D) anywhere in the response, and it's clear this is the intended answer, mark it as correct.
+13. Ignore formatting issues like extra parentheses, brackets, or minor text variations as long as the core answer is correct.
+
+Your output must be in the following format:
+<judge>Yes/No</judge>
+<reason>Explanation of why the answer is correct or incorrect.</reason>"""
+SENSENOVA_USER = """Image, Question, and Model Response Evaluation
+Question: {question}
+Ground Truth Answer: {ground_truth}
+Model Response: {model_response}
+
+Evaluation Instructions
+Evaluate whether the Model Response is correct based on the Image, Question and Ground Truth Answer. Follow the predefined judgment rules and provide a clear Yes/No answer along with a justification.
+
+Output Format
+<judge>Yes/No</judge>
+<reason>Detailed reasoning following the evaluation principles.</reason>"""
+
+RUBRICS = {"sensenova": (SENSENOVA_VERSION, SENSENOVA_SYSTEM), "strict": (BINARY_VERSION, BINARY_RUBRIC),
+           "simpleqa": (SIMPLEQA_VERSION, SIMPLEQA_RUBRIC)}
+ALIASES = {"binary": "strict"}
+_JUDGE_TAG = re.compile(r"<judge>\s*(Yes|No)\s*</judge>", re.IGNORECASE | re.DOTALL)
 _VERDICT = re.compile(r"<verdict>\s*(yes|no)\s*</verdict>", re.IGNORECASE)
 _GRADE = re.compile(r"<grade>\s*(correct|incorrect|not[ _]attempted)\s*</grade>", re.IGNORECASE)
 _JSON = {"Content-Type": "application/json"}
@@ -61,15 +103,29 @@ JUDGE_IMAGE_SIDE = 1024
 MAX_REPLY_BYTES = 1 << 20  # a verdict is a few hundred bytes; a larger reply is an error, not read on
 
 
+def rubric_name(rubric: str) -> str:
+    return ALIASES.get(rubric, rubric)
+
+
 def prompt_version(rubric: str) -> str:
+    rubric = rubric_name(rubric)
     if rubric not in RUBRICS:
         raise MarsError(f"unknown rubric {rubric!r} (choose {', '.join(RUBRICS)})")
     return RUBRICS[rubric][0]
 
 
-def build_messages(question: str, golds: list[str], prediction: str, *, rubric: str = "binary", image_url: str | None = None) -> list[dict]:
-    """The chat sent to the judge: the rubric as system text, the case as user text."""
+def build_messages(question: str, golds: list[str], prediction: str, *, rubric: str = "strict", image_url: str | None = None) -> list[dict]:
+    """The chat sent to the judge: the rubric as system text, the case as user text.
+
+    sensenova: one gold per call (golds[0]); the text first, then the image, as eval.py.
+    """
+    rubric = rubric_name(rubric)
     prompt_version(rubric)
+    if rubric == "sensenova":
+        text = SENSENOVA_USER.format(question=question, ground_truth=golds[0], model_response=prediction)
+        user_s: list[dict] | str = [{"type": "text", "text": text}, {"type": "image_url", "image_url": {"url": image_url}}] \
+            if image_url else text
+        return [{"role": "system", "content": SENSENOVA_SYSTEM}, {"role": "user", "content": user_s}]
     refs = "\n".join(f"- {g}" for g in golds)
     case = f"Question:\n{question}\n\nReference answers (any one is correct):\n{refs}\n\nCandidate answer:\n{prediction}"
     user: list[dict] | str = case
@@ -78,12 +134,17 @@ def build_messages(question: str, golds: list[str], prediction: str, *, rubric: 
     return [{"role": "system", "content": RUBRICS[rubric][1]}, {"role": "user", "content": user}]
 
 
-def parse_verdict(raw: str, rubric: str = "binary") -> tuple[str | None, float | None]:
+def parse_verdict(raw: str, rubric: str = "strict") -> tuple[str | None, float | None]:
     """(verdict, accuracy) from the judge's text; (None, None) when no tag is found.
 
     The LAST tag counts: a reasoning model may quote the format before answering.
+    sensenova reads as the official code does: the first <judge> tag; no tag means "no".
     """
-    rx = _VERDICT if rubric == "binary" else _GRADE
+    rubric = rubric_name(rubric)
+    if rubric == "sensenova":
+        m = _JUDGE_TAG.search(raw or "")
+        return ("yes", 1.0) if m and m.group(1).lower() == "yes" else ("no", 0.0)
+    rx = _VERDICT if rubric == "strict" else _GRADE
     found = rx.findall(raw or "")
     if not found:
         return None, None
@@ -98,6 +159,22 @@ def image_data_url(path: str) -> str:
     # The bounded reader: mars's pixel limit (not Pillow's lower one), regular files only.
     data = thumbnail_jpeg(path, JUDGE_IMAGE_SIDE, quality=85)
     return "data:image/jpeg;base64," + base64.b64encode(data).decode()
+
+
+def official_image_data_url(path: str) -> str:
+    """The image as the official judge receives it: resized by the official smart_resize
+    (65,536–8,294,400 pixels, factor 32, bicubic), then JPEG quality 85."""
+    from PIL import Image
+
+    from mars_cli import images, sensenova
+
+    arr = images.load_array(path)  # mars's bounded reader (EXIF applied)
+    h, w = sensenova.smart_resize(arr.shape[0], arr.shape[1])
+    if (h, w) != arr.shape[:2]:
+        import numpy as np
+
+        arr = np.asarray(Image.fromarray(arr).resize((w, h), Image.Resampling.BICUBIC))
+    return "data:image/jpeg;base64," + base64.b64encode(images.encode(arr, "JPEG", quality=85)).decode()
 
 
 def cache_key(model: str, version: str, question: str, golds: list[str], prediction: str, image: str | None = None) -> str:
@@ -144,6 +221,8 @@ class Verdict:
     raw: str | None
     error: str | None = None
     cached: bool = False
+    calls: int = 0  # requests sent (not cached)
+    failed: int = 0  # requests that failed after their retries
 
 
 class AsyncJudge:
@@ -155,7 +234,7 @@ class AsyncJudge:
         model: str,
         *,
         api_key: str | None = None,
-        rubric: str = "binary",
+        rubric: str = "sensenova",
         concurrency: int = 32,
         timeout: float = 60.0,
         retries: int = 3,
@@ -168,7 +247,7 @@ class AsyncJudge:
         base_url, basic = split_credentials(base_url)  # user:password@ → a header, never logged
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model = model
-        self.rubric = rubric
+        self.rubric = rubric_name(rubric)
         prompt_version(rubric)  # an unknown rubric fails here, before any call
         self.timeout, self.retries, self.backoff = timeout, retries, backoff
         self.max_tokens = max_tokens
@@ -205,7 +284,9 @@ class AsyncJudge:
     async def judge(self, question: str, golds: list[str], prediction: str, *, image: str | None = None,
                     rubric: str | None = None) -> Verdict:
         """Grade one answer; never raises for a failed call (the Verdict carries the error)."""
-        rubric = rubric or self.rubric
+        rubric = rubric_name(rubric or self.rubric)
+        if rubric == "sensenova":
+            return await self._judge_each_gold(question, golds, prediction, image)
         key = cache_key(self.model, prompt_version(rubric), question, golds, prediction, image)
         if self.cache is not None and (hit := self.cache.get(key)):
             _, acc = parse_verdict(hit[1], rubric)
@@ -228,13 +309,53 @@ class AsyncJudge:
         finally:
             self._free.put_nowait(client)
         if raw is None:
-            return Verdict(None, None, None, error=error)
+            return Verdict(None, None, None, error=error, calls=1, failed=1)
         verdict, acc = parse_verdict(raw, rubric)
         if verdict is None:
-            return Verdict(None, None, raw, error="judge reply has no verdict tag")
+            return Verdict(None, None, raw, error="judge reply has no verdict tag", calls=1)
         if self.cache is not None:
             self.cache.put(key, verdict, raw)
-        return Verdict(acc, verdict, raw)
+        return Verdict(acc, verdict, raw, calls=1)
+
+    async def _judge_each_gold(self, question: str, golds: list[str], prediction: str, image: str | None) -> Verdict:
+        """The official judge: one call per gold until one says Yes; a failed call scores 0."""
+        url = image
+        if image and not image.startswith(("http://", "https://", "data:")):
+            try:
+                url = await asyncio.to_thread(official_image_data_url, image)
+            except MarsError as e:
+                return Verdict(None, None, None, error=str(e))
+        calls = failed = 0
+        errors: list[str] = []
+        cached_all = True
+        last_raw = None
+        for gold in golds:
+            key = cache_key(self.model, SENSENOVA_VERSION, question, [gold], prediction, image)
+            hit = self.cache.get(key) if self.cache is not None else None
+            if hit:
+                raw = hit[1]
+            else:
+                cached_all = False
+                body = {"model": self.model, "temperature": 0.0, "max_tokens": self.max_tokens,
+                        "messages": build_messages(question, [gold], prediction, rubric="sensenova", image_url=url)}
+                client = await self._free.get()
+                try:
+                    raw, error = await self._post(client, body)
+                finally:
+                    self._free.put_nowait(client)
+                calls += 1
+                if raw is None:
+                    failed += 1
+                    errors.append(error)
+                    continue
+                if self.cache is not None:
+                    self.cache.put(key, parse_verdict(raw, "sensenova")[0], raw)
+            last_raw = raw
+            if parse_verdict(raw, "sensenova")[1] == 1.0:
+                return Verdict(1.0, "yes", raw, cached=cached_all, calls=calls, failed=failed,
+                               error="; ".join(errors) or None)
+        return Verdict(0.0, "no", last_raw, error="; ".join(errors) or None, cached=cached_all and not calls,
+                       calls=calls, failed=failed)
 
     async def _post(self, client, body: dict) -> tuple[str | None, str | None]:
         import httpx

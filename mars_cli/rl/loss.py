@@ -36,13 +36,20 @@ def _masked_mean_per_seq(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum(dim=1) / n.clamp(min=1)
 
 
+K3_LOG_RATIO_CLAMP = 20.0
+K3_VALUE_CLAMP = 10.0
+
+
 def k3(logp: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """Per-token k3 estimate of KL(π_θ‖π_ref): exp(r) − r − 1 with r = log π_ref − log π_θ.
 
-    Unbiased for the KL and never negative; the gradient flows through logp only.
+    Never negative; the gradient flows through logp only. As verl's kl_penalty
+    ("low_var_kl"/"k3"): r is clamped to ±20 (an exp overflow would make one token
+    dominate) and the estimate to ±10, so a token far from the reference adds at most 10
+    and, past that, no gradient.
     """
-    r = (ref - logp).clamp(-20.0, 20.0)  # an exp overflow would make one token dominate
-    return torch.exp(r) - r - 1.0
+    r = (ref - logp).clamp(-K3_LOG_RATIO_CLAMP, K3_LOG_RATIO_CLAMP)
+    return (torch.exp(r) - r - 1.0).clamp(-K3_VALUE_CLAMP, K3_VALUE_CLAMP)
 
 
 def _seq_stats(ratio: torch.Tensor, clipped: torch.Tensor, kl_seq: torch.Tensor | None, has_tokens: torch.Tensor) -> dict:

@@ -28,7 +28,7 @@ from mars_cli.fsutil import atomic_file, sha256_bytes
 def _resized(im, factor: int, min_pixels: int, max_pixels: int):
     from PIL import Image
 
-    h, w = images.smart_resize(im.height, im.width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
+    h, w = sensenova.smart_resize(im.height, im.width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
     return im if (w, h) == im.size else im.resize((w, h), Image.Resampling.BICUBIC)
 
 

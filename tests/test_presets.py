@@ -1,0 +1,59 @@
+"""Presets: the official evaluation sampling and the released training script's settings."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from mars_cli.main import app
+
+
+def judged(n_groups=2, size=3):
+    recs = []
+    for g in range(n_groups):
+        for s in range(size):
+            recs.append({"schema_version": 1, "id": f"g{g}", "question": "q", "images": [], "answers": ["a"], "group": f"g{g}",
+                         "sample": s, "messages": [], "tool_calls": [], "prediction": "a", "finish": "answer",
+                         "tokens": None, "rewards": {"accuracy": float(s == g)}, "reward": float(s == g) + g})
+    return "".join(json.dumps(r) + "\n" for r in recs)
+
+
+def test_advantage_official_script_is_grpo_without_batch_norm():
+    res = CliRunner().invoke(app, ["advantage", "--preset", "official-script"], input=judged())
+    assert res.exit_code == 0, res.output
+    stats = [json.loads(x)["advantage_stats"] for x in res.stdout.splitlines()]
+    assert {s["algo"] for s in stats} == {"grpo"} and all(s.get("batch_mean") is None for s in stats)
+    res = CliRunner().invoke(app, ["advantage", "--preset", "official-script", "--algo", "bn-gspo"], input=judged())
+    assert {json.loads(x)["advantage_stats"]["algo"] for x in res.stdout.splitlines()} == {"bn-gspo"}  # a flag wins
+    res = CliRunner().invoke(app, ["advantage", "--preset", "nope"], input=judged())
+    assert res.exit_code == 2
+
+
+def test_update_official_script_settings(monkeypatch, tmp_path):
+    import mars_cli.rl.engine as engine
+    import mars_cli.rl.update as update
+
+    seen = {}
+    monkeypatch.setattr(engine, "launch_ranks", lambda *a, **k: None)
+    monkeypatch.setattr(update, "run_update", lambda paths, cfg, **k: seen.setdefault("cfg", cfg) and {"loss": 0.0})
+    args = ["update", "b.jsonl", "--policy", str(tmp_path), "--out", str(tmp_path / "o"), "--preset", "official-script"]
+    res = CliRunner().invoke(app, args + ["--lr", "2e-6"])
+    assert res.exit_code == 0, res.output
+    cfg = seen["cfg"]
+    assert (cfg.loss, cfg.eps_low, cfg.eps_high, cfg.beta, cfg.old_logprobs, cfg.mini_batch) == ("grpo", 0.2, 0.28, 0.0, "rollout", None)
+    assert cfg.lr == 2e-6  # the explicit flag
+    seen.clear()
+    assert CliRunner().invoke(app, args[:-2]).exit_code == 0
+    assert (seen["cfg"].loss, seen["cfg"].lr, seen["cfg"].beta) == ("gspo", 1e-6, 1e-4)  # the paper's BN-GSPO recipe
+
+
+def test_rollout_sampling_profiles(monkeypatch):
+    import mars_cli.agent.run as run
+
+    seen = {}
+    monkeypatch.setattr(run, "rollout", lambda files, **kw: seen.update(kw))
+    assert CliRunner().invoke(app, ["rollout", "--sampling", "official"], input="").exit_code == 0
+    assert seen["sampling"] == {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "presence_penalty": 1.5, "seed": None}
+    assert CliRunner().invoke(app, ["rollout", "--sampling", "greedy", "--top-k", "5"], input="").exit_code == 0
+    assert seen["sampling"]["temperature"] == 0.0 and seen["sampling"]["top_k"] == 5
