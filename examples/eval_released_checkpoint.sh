@@ -91,6 +91,7 @@ log "convert $FORMAT: ${data[*]} → $WORK/tasks"
 [ -e "$WORK/tasks/tasks.jsonl" ] || quiet mars data convert --format "$FORMAT" --out "$WORK/tasks" ${LIMIT:+--limit "$LIMIT"} "${data[@]}"
 
 log "rollout ($tag tools): $MODEL on $ENGINE"
+run mkdir -p "$WORK"  # outputs are checked before any model loads: their folder must exist
 # --resume: an interrupted run continues with the episodes it had not finished.
 run mars rollout --policy "$MODEL" "${engine[@]}" "${tools[@]}" -n "${N:-1}" --sampling "${SAMPLING:-official}" \
     --max-turns "${MAX_TURNS:-10}" --max-new-tokens "${MAX_NEW_TOKENS:-2048}" \

@@ -39,7 +39,7 @@ RANGES: dict[str, tuple] = {
     "rollout --batch-groups": GE1, "rollout --max-staleness": GE0,
     "ask --max-prompt-tokens": GE1, "ask --max-response-tokens": GE1, "ask --min-pixels": GE1, "ask --max-pixels": GE1,
     "serve --gpu-memory-utilization": UNIT_OPEN_LOW, "serve --min-pixels": GE1, "serve --max-pixels": GE1,
-    "judge --format-weight": GE0, "judge --tool-cost": GE0, "judge --timeout": GT0,
+    "judge --format-weight": GE0, "judge --min-judge-success": UNIT, "judge --tool-cost": GE0, "judge --timeout": GT0,
     "advantage --eps": GE0, "advantage --batch-eps": GE0,
     "update --eps-low": (0, 1, False, True), "update --eps-high": GE0, "update --beta": GE0, "update --lr": GT0,
     "update --weight-decay": GE0, "update --grad-clip": GT0, "update --zero": (0, 3, False, False),

@@ -218,7 +218,9 @@ class RecordWriter:
             raise MarsError(f"{self._where}: cannot write record {self.count + 1}: {e}") from None
         with self._errors(self._where, self._tmp):
             self._f.write(line)
-            if self.flush_each and self.out is None:
+            # stdout and a device or FIFO stream like a pipe: each record goes out whole at
+            # once (a write error then surfaces at that record, before any summary line).
+            if self.flush_each and (self.out is None or self._direct):
                 self._f.flush()
         self.count += 1
 

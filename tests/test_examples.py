@@ -79,16 +79,34 @@ def dry_run_commands(name: str, tmp_path: Path, env: dict) -> tuple[list[list[st
     assert r.returncode == 0, r.stderr
     lines = [ln for ln in r.stdout.splitlines() if ln.strip()]
     assert lines, "a dry run printed nothing"
-    cmds = []
-    for line in lines:
-        argv = shlex.split(line)
-        if argv[0] != "mars":
-            continue
-        ctx = parse_mars(argv[1:])
-        check_values(ctx)
-        cmds.append(argv)
+    cmds = parse_lines(lines, tmp_path / "parse")
     assert not list(tmp_path.rglob("*.jsonl")), "a dry run wrote files"
     return cmds, lines
+
+
+def parse_lines(lines: list[str], scratch: Path) -> list[list[str]]:
+    """Each `mars …` line parsed by the real CLI; the argv lists.
+
+    Output flags are checked as they are parsed (their folder must exist), so this parses
+    in `scratch` where the run's own `mkdir -p` lines are carried out in order, as a real run does.
+    """
+    cmds = []
+    scratch.mkdir()
+    cwd = os.getcwd()
+    os.chdir(scratch)
+    try:
+        for line in lines:
+            argv = shlex.split(line)
+            if argv[:2] == ["mkdir", "-p"]:
+                for d in argv[2:]:
+                    Path(d).mkdir(parents=True, exist_ok=True)
+            if argv[0] != "mars":
+                continue
+            check_values(parse_mars(argv[1:]))
+            cmds.append(argv)
+    finally:
+        os.chdir(cwd)
+    return cmds
 
 
 def flag(argv: list[str], name: str) -> str:
@@ -267,9 +285,7 @@ def test_gpu_recipe_resumes_after_the_last_checkpoint(tmp_path):
     env = {"STEPS": "3", "EVAL_EVERY": "100", "EVAL_SETS": "vstar=v"}
     r = run_script("gpu_recipe.sh", tmp_path, {"DRY_RUN": "1", **env}, timeout=60)
     assert r.returncode == 0, r.stderr
-    cmds = [shlex.split(ln) for ln in r.stdout.splitlines() if ln.startswith("mars ")]
-    for c in cmds:
-        parse_mars(c[1:])
+    cmds = parse_lines(r.stdout.splitlines(), tmp_path / "parse")
     assert not by_command(cmds, "sft")
     assert [flag(c, "--format") for c in by_command(cmds, "data", "convert")] == ["vstar"]
     updates = by_command(cmds, "update")
@@ -292,7 +308,7 @@ def test_eval_released_checkpoint_dry_run_parses(tmp_path):
     assert [flag(roll, f) for f in ("--min-pixels", "--max-pixels", "--max-prompt-tokens", "--max-response-tokens")] == \
         ["65536", "8294400", "16384", "16384"] and "--max-total-tokens" not in roll
     assert flag(ev, "--by") == "difficulty"
-    assert lines[4].startswith("cat ")  # the metrics go to stdout
+    assert lines[lines.index(next(ln for ln in lines if ln.startswith("mars eval"))) + 1].startswith("cat ")  # metrics to stdout
     # A replay re-run reads tools from the same cache only; hf runs on a GPU by default.
     cmds, _ = dry_run_commands("eval_released_checkpoint.sh", tmp_path, {**env, "REPLAY": "1", "ENGINE": "hf"})
     (roll2,) = by_command(cmds, "rollout")

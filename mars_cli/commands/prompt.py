@@ -18,8 +18,8 @@ def main(
     protocol_name: str = typer.Option("sensenova", "--protocol", envvar="MARS_PROTOCOL", help="Protocol profile: sensenova (the released checkpoints') or mars."),
     system_prompt: Optional[str] = typer.Option(None, "--system-prompt", help="Replace the system prompt text (sensenova: the part before the tools block)."),
     arch: str = typer.Option("qwen3-vl", "--arch", help="Without --policy: qwen3-vl or qwen2.5-vl special tokens."),
-    min_pixels: Optional[int] = typer.Option(None, "--min-pixels", min=1, help="With --policy: the image processor's min pixels [default: the checkpoint's]."),
-    max_pixels: Optional[int] = typer.Option(None, "--max-pixels", min=1, help="With --policy: the image processor's max pixels [default: the checkpoint's]."),
+    min_pixels: Optional[int] = typer.Option(None, "--min-pixels", min=1, help="With --policy: the image processor's min pixels [default: the checkpoint's min_pixels]."),
+    max_pixels: Optional[int] = typer.Option(None, "--max-pixels", min=1, help="With --policy: the image processor's max pixels [default: the checkpoint's max_pixels]."),
     out: Optional[Path] = typer.Option(None, "-o", "--out", help="Write records here (atomically) instead of stdout."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unparsable lines with a warning."),
 ) -> None:
