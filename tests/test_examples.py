@@ -91,7 +91,7 @@ def parse_lines(lines: list[str], scratch: Path) -> list[list[str]]:
     in `scratch` where the run's own `mkdir -p` lines are carried out in order, as a real run does.
     """
     cmds = []
-    scratch.mkdir()
+    scratch.mkdir(exist_ok=True)
     cwd = os.getcwd()
     os.chdir(scratch)
     try:
