@@ -1,4 +1,4 @@
-"""Several processes (gloo on a CPU) take the same step as one: sharding and all-reduce."""
+"""Several processes (gloo on a CPU) take the same step as one: sharding, all-reduce, ZeRO-3 gathers."""
 
 from __future__ import annotations
 
@@ -33,3 +33,68 @@ def test_two_processes_equal_one(tiny_policy_dir, tmp_path):
     for n in a:
         diff = (a[n] - b[n]).abs()
         assert diff.max() <= 5e-5 and int((diff > 1e-5).sum()) <= max(1, diff.numel() // 1000), n
+
+
+@pytest.fixture(scope="module")
+def small_policy_dir(tmp_path_factory):
+    """The tiny model with an 8k vocabulary: the output layer no longer dominates a CPU step."""
+    from mars_cli.models.tiny import make_tiny_model
+
+    return str(make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-8k", seed=0, vocab=8192))
+
+
+def _uneven_batch(policy_dir, tmp_path):
+    """Three trajectories, sharded 2 + 1: rank 0 gets both images, rank 1 none."""
+    from mars_cli.jsonl import read_records, write_records
+
+    path = H.write_batch(policy_dir, tmp_path / "b.jsonl", [1.0, -1.0, 0.5])
+    recs = list(read_records([str(path)]))
+    pad = recs[0]["tokens"]["ids"]
+    imaged = H.write_batch(policy_dir, tmp_path / "img.jsonl", [1.0, -1.0, 0.5], image_dir=tmp_path)
+    with_images = list(read_records([str(imaged)]))
+    recs[0], recs[2] = with_images[0], with_images[2]
+    assert pad and not recs[1]["tokens"]["images"] and recs[0]["tokens"]["images"]
+    write_records(recs, path)
+    return path
+
+
+def _weights_close(a_dir, b_dir):
+    from mars_cli.models.load import load_policy
+
+    a = dict(load_policy(a_dir).model.named_parameters())
+    b = dict(load_policy(b_dir).model.named_parameters())
+    for n in a:  # the bound of test_two_processes_equal_one
+        diff = (a[n] - b[n]).abs()
+        assert diff.max() <= 5e-5 and int((diff > 1e-5).sum()) <= max(1, diff.numel() // 1000), n
+
+
+def _one_record(ran):
+    assert ran.exit_code == 0, ran.stderr
+    return [json.loads(x) for x in ran.stdout.splitlines()][-1]
+
+
+@pytest.mark.slow
+def test_zero3_two_ranks_uneven_update_equals_zero2(small_policy_dir, tmp_path):
+    batch = _uneven_batch(small_policy_dir, tmp_path)
+    # --mini-batch 2: the second step's one trajectory leaves rank 1 nothing but a filler.
+    common = ["--policy", small_policy_dir, "--lr", "1e-3", "--micro-batch-tokens", "60", "--beta", "0",
+              "--mini-batch", "2"]
+    ref = _one_record(H.Ran(["update", batch, "--out", tmp_path / "z2", "--zero", "2", *common]))
+    got = _one_record(H.Ran(["update", batch, "--out", tmp_path / "z3", "--zero", "3", "--nproc", "2", *common]))
+    for k in ("loss", "grad_norm", "grad_norm_max", "ratio_mean"):
+        assert got[k] == pytest.approx(ref[k], rel=1e-3), k
+    assert ref["grad_norm"] > 0.1 and got["tokens"] == ref["tokens"] and got["steps"] == ref["steps"] == 2
+    _weights_close(tmp_path / "z2", tmp_path / "z3")
+
+
+@pytest.mark.slow
+def test_zero3_two_ranks_uneven_sft_equals_zero2(small_policy_dir, tmp_path):
+    batch = _uneven_batch(small_policy_dir, tmp_path)
+    common = ["--policy", small_policy_dir, "--lr", "1e-3", "--micro-batch-tokens", "60", "--batch-size", "3",
+              "--warmup", "0"]
+    ref = _one_record(H.Ran(["sft", batch, "--out", tmp_path / "z2", "--zero", "2", *common]))
+    got = _one_record(H.Ran(["sft", batch, "--out", tmp_path / "z3", "--zero", "3", "--nproc", "2", *common]))
+    for k in ("nll_before", "nll_after", "train_nll", "grad_norm"):
+        assert got[k] == pytest.approx(ref[k], rel=1e-3), k
+    assert ref["nll_after"] < ref["nll_before"] and got["tokens"] == ref["tokens"]
+    _weights_close(tmp_path / "z2", tmp_path / "z3")

@@ -143,24 +143,39 @@ def rank_plan(indices: Sequence[int], lengths: Sequence[int], budget: int, rank:
 
     Ranks must run the same number of forward/backward passes (gradient reduction and ZeRO-3
     parameter gathering are collective), so a rank with fewer micro-batches repeats one of
-    its own with weight 0. Under ZeRO-3 the vision tower's parameters are gathered only by
-    forwards that carry images: pass `has_images` to refuse a plan where, at the same step,
-    some ranks would run the vision tower and others not (that would hang).
+    its own with weight 0. With `has_images`, each rank runs its micro-batches that hold
+    images first, so they line up across ranks: a micro-batch without images beside one
+    with images on another rank costs a filler run of the vision tower (micro_logprobs).
     """
     per_rank = [pack(shard(indices, r, world), lengths.__getitem__, budget) for r in range(world)]
+    if has_images is not None:
+        per_rank = [sorted(groups, key=lambda g: not any(has_images[i] for i in g)) for groups in per_rank]
     n = max(len(p) for p in per_rank)
     padded = []
     for groups in per_rank:
         filler = groups[0] if groups else [indices[0]]
         padded.append([(g, 1.0) for g in groups] + [(filler, 0.0)] * (n - len(groups)))
-    if has_images is not None and world > 1:
-        for j in range(n):
-            flags = {any(has_images[i] for i in p[j][0]) for p in padded}
-            if len(flags) > 1:
-                raise MarsError("with ZeRO-3 on several ranks every micro-batch must hold images on all ranks or "
-                                "on none (the vision tower's gather is collective); this batch mixes text-only and "
-                                "image trajectories: use --zero 2, or one process")
     return padded[rank]
+
+
+def _vision_is_collective(net) -> bool:
+    """Whether running the vision tower takes every rank: ZeRO-3 gathers its weights in each
+    forward, and a trained tower's gradient is reduced over ranks."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return False
+    visual = [p for name, p in net.named_parameters() if ".visual." in f".{name}"]
+    return any(hasattr(p, "ds_id") or p.requires_grad for p in visual)
+
+
+def _any_rank(flag: bool, device) -> bool:
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def pad_rows(rows: Sequence, value: float = 0.0):
@@ -174,10 +189,16 @@ def micro_logprobs(policy, examples: Sequence[Example], *, model=None, grad: boo
     """One micro-batch forward: per-token log-probs and mask as [B, T] tensors (mask 1 only scored)."""
     import torch
 
-    from mars_cli.models.inputs import build_inputs, token_logprobs
+    from mars_cli.models.inputs import build_inputs, token_logprobs, unwrap_model
 
     seqs = [(ex.ids, ex.images) for ex in examples]
-    batch = build_inputs(policy, seqs)
+    net = unwrap_model(model if model is not None else policy.model)
+    filler = False
+    if _vision_is_collective(net):
+        # Every rank runs the vision tower in this forward or none does.
+        mine = any(ex.images for ex in examples)
+        filler = _any_rank(mine, next(net.parameters()).device) and not mine
+    batch = build_inputs(policy, seqs, vision_filler=filler)
     lps = token_logprobs(policy, seqs, grad=grad, model=model, masks=[ex.mask for ex in examples], batch=batch)
     logp = pad_rows(lps)
     mask = pad_rows([torch.tensor(ex.mask, dtype=torch.float32) for ex in examples]).to(logp.device)

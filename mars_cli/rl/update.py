@@ -173,10 +173,10 @@ def run_update(paths, cfg: UpdateConfig, *, skip_bad: bool = False, trainer_hook
                 exs = [examples[i] for i in group]
                 with torch.no_grad():  # filler groups too: ZeRO-3 forwards are collective
                     lp, mask, _ = batching.micro_logprobs(policy, exs, model=trainer.model)
-                for row, i in enumerate(group if w else ()):
+                for row, i in enumerate(group):  # a filler group's too: its rank trains on it (weight 0)
                     n = len(examples[i].ids)
                     old[i] = lp[row, :n].float()
-                    if examples[i].rollout_logprobs is not None:
+                    if w and examples[i].rollout_logprobs is not None:
                         _gap(gap, old[i], torch.tensor(examples[i].rollout_logprobs, device=dev), mask[row, :n])
     if cfg.old_logprobs == "rollout":
         old = {i: torch.tensor(ex.rollout_logprobs, dtype=torch.float32, device=dev) for i, ex in enumerate(examples)}
