@@ -87,9 +87,15 @@ def load_ds_config(zero: int | None, config_file: str | None, *, bf16: bool, gra
     elif zero in (2, 3):
         cfg = json.loads((CONFIG_DIR / f"zero{zero}.json").read_text())
     elif zero in (0, None):
-        cfg = {"zero_optimization": {"stage": 0}}
+        # Under bf16, DeepSpeed accumulates gradients in fp32 only inside a ZeRO optimizer:
+        # stage 1 (its bf16 optimizer) keeps fp32 gradients and master weights, and on one
+        # rank partitions nothing. Without bf16, plain stage 0.
+        cfg = {"zero_optimization": {"stage": 1 if bf16 else 0}}
     else:
         raise UsageError(f"--zero must be 0, 2 or 3, got {zero}")
+    if int(cfg.get("zero_optimization", {}).get("stage", 0)) > 0:
+        # bf16 micro-batch gradients add up in fp32 (DeepSpeed's default is the model's dtype).
+        cfg.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
     # Batch sizes are ours (token-budget micro-batches): DeepSpeed sees one row per step.
     cfg["train_micro_batch_size_per_gpu"] = 1
     cfg["gradient_accumulation_steps"] = 1
@@ -171,6 +177,11 @@ class Trainer:
             if not math.isfinite(norm):
                 raise MarsError(f"non-finite gradient norm ({norm}): nothing written")
         return norm
+
+    @property
+    def grad_accum_dtype(self):
+        """The dtype micro-batch gradients are summed in (fp32 unless a config says otherwise)."""
+        return self.engine.get_data_types()[1]
 
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
