@@ -75,7 +75,7 @@ def completed(out: str | os.PathLike) -> tuple[list[dict], set[tuple]]:
     return old, done
 
 
-ENGINE_OPTS = {"hf": ("device", "dtype", "max_batch"), "vllm": ("tp", "gpu_memory_utilization", "dtype"),
+ENGINE_OPTS = {"hf": ("device", "dtype", "max_batch", "attn_implementation"), "vllm": ("tp", "gpu_memory_utilization", "dtype"),
                "openai": ("base_url", "model")}
 
 

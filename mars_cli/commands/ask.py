@@ -28,6 +28,7 @@ def main(
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy (the default here)."),
     seed: Optional[int] = typer.Option(None, "--seed"),
     device: str = typer.Option("cpu", "--device", envvar=E + "DEVICE"),
+    attn_implementation: Optional[str] = typer.Option(None, "--attn-implementation", envvar=E + "ATTN_IMPLEMENTATION", help="hf engine: sdpa | flash_attention_2 | eager."),
     base_url: Optional[str] = typer.Option(None, "--base-url", help="openai: endpoint URL."),
     model: Optional[str] = typer.Option(None, "--model", help="openai: model name."),
     artifacts: Optional[str] = typer.Option(None, "--artifacts", help="Crops folder (default: MARS_ARTIFACTS or ./artifacts)."),
@@ -45,7 +46,7 @@ def main(
 
     rec = run.ask(
         image, question, artifacts=artifacts, trace=not quiet,
-        engine=dict(name=engine, policy=policy, device=device, base_url=base_url, model=model),
+        engine=dict(name=engine, policy=policy, device=device, attn_implementation=attn_implementation, base_url=base_url, model=model),
         sampling=dict(temperature=temperature, seed=seed),
         limits=dict(max_turns=max_turns, max_total_tokens=max_total_tokens, max_new_tokens=max_new_tokens),
         tools=dict(search_backend=search_backend, index=index, image_search_backend=image_search_backend,

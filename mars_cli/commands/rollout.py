@@ -33,6 +33,7 @@ def main(
     seed: Optional[int] = typer.Option(None, "--seed"),
     device: str = typer.Option("cpu", "--device", envvar=E + "DEVICE", help="hf engine: cpu, cuda, cuda:1…"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16."),
+    attn_implementation: Optional[str] = typer.Option(None, "--attn-implementation", envvar="MARS_ATTN_IMPLEMENTATION", help="hf engine: sdpa | flash_attention_2 | eager."),
     tp: int = typer.Option(1, "--tp", help="vllm: tensor-parallel GPUs."),
     gpu_memory_utilization: float = typer.Option(0.85, "--gpu-memory-utilization"),
     base_url: Optional[str] = typer.Option(None, "--base-url", help="openai: endpoint URL."),
@@ -66,7 +67,7 @@ def main(
         raise UsageError(f"-n must be at least 1, got {n}")
     runner.rollout(
         files, out=out, resume=resume, skip_bad=skip_bad, n=n,
-        engine=dict(name=engine, policy=policy, device=device, dtype=dtype, tp=tp, gpu_memory_utilization=gpu_memory_utilization,
+        engine=dict(name=engine, policy=policy, device=device, dtype=dtype, attn_implementation=attn_implementation, tp=tp, gpu_memory_utilization=gpu_memory_utilization,
                     base_url=base_url, model=model),
         sampling=dict(temperature=temperature, top_p=top_p, top_k=top_k, presence_penalty=presence_penalty, seed=seed),
         limits=dict(max_turns=max_turns, max_total_tokens=max_total_tokens, max_new_tokens=max_new_tokens),

@@ -44,6 +44,7 @@ class UpdateConfig:
     gradient_checkpointing: bool = False
     bf16: bool | None = None  # None: on when training on a GPU
     seed: int = 0
+    attn_implementation: str | None = None  # None: transformers' default (sdpa)
 
 
 def _device() -> str:
@@ -64,7 +65,8 @@ def token_budget(requested: int | None, policy) -> int:
     return 4096 if policy.device.type == "cuda" else 1024
 
 
-def prepare_policy(path: str, *, train_vision: bool, gradient_checkpointing: bool, bf16: bool | None, seed: int):
+def prepare_policy(path: str, *, train_vision: bool, gradient_checkpointing: bool, bf16: bool | None, seed: int,
+                   attn_implementation: str | None = None):
     """Load a policy for training: device, dtype, frozen vision, checkpointing."""
     import torch
 
@@ -75,7 +77,8 @@ def prepare_policy(path: str, *, train_vision: bool, gradient_checkpointing: boo
     torch.manual_seed(seed)
     device = _device()
     use_bf16 = device.startswith("cuda") if bf16 is None else bf16
-    policy = load_policy(path, device=device, dtype="bfloat16" if use_bf16 else "float32", trainable=True)
+    policy = load_policy(path, device=device, dtype="bfloat16" if use_bf16 else "float32", trainable=True,
+                         attn_implementation=attn_implementation)
     freeze_vision(policy.model, train_vision)
     if gradient_checkpointing:
         policy.model.config.use_cache = False
@@ -135,7 +138,8 @@ def run_update(paths, cfg: UpdateConfig, *, skip_bad: bool = False, trainer_hook
     eps_low, eps_high = (cfg.eps_low if cfg.eps_low is not None else L.DEFAULT_EPS[cfg.loss][0],
                          cfg.eps_high if cfg.eps_high is not None else L.DEFAULT_EPS[cfg.loss][1])
     policy, bf16 = prepare_policy(cfg.policy, train_vision=cfg.train_vision,
-                                  gradient_checkpointing=cfg.gradient_checkpointing, bf16=cfg.bf16, seed=cfg.seed)
+                                  gradient_checkpointing=cfg.gradient_checkpointing, bf16=cfg.bf16, seed=cfg.seed,
+                                  attn_implementation=cfg.attn_implementation)
     examples = batching.update_examples(read_located(paths, skip_bad=skip_bad), policy.special["image_pad"])
     if cfg.old_logprobs == "rollout":
         for ex in examples:
@@ -145,7 +149,8 @@ def run_update(paths, cfg: UpdateConfig, *, skip_bad: bool = False, trainer_hook
     if cfg.ref and cfg.beta > 0:
         from mars_cli.models.load import load_policy
 
-        ref = load_policy(cfg.ref, device=str(policy.device), dtype=next(policy.model.parameters()).dtype)
+        ref = load_policy(cfg.ref, device=str(policy.device), dtype=next(policy.model.parameters()).dtype,
+                          attn_implementation=cfg.attn_implementation)
     trainer = Trainer(policy.model, zero=cfg.zero, config_file=cfg.deepspeed, lr=cfg.lr,
                       weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, bf16=bf16)
     resume_state(trainer, cfg.state, policy)
