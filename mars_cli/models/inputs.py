@@ -54,10 +54,37 @@ def _image_size(image) -> tuple[int, int]:
     return image_size(image)
 
 
-def image_tokens(policy, image) -> int:
-    """How many <|image_pad|> tokens one image expands to for this policy."""
-    w, h = _image_size(image)
+def image_processor_for(policy, pixels=None):
+    """The policy's image processor, or one of the same checkpoint with other pixel limits.
+
+    `pixels` = (min, max) total pixels per image, as a trajectory records the limits its
+    rollout used (policy.pixels); None or the policy's own limits → policy.image_processor.
+    Built by the same loader as the rollout's, so the patch counts agree exactly.
+    """
     proc = policy.image_processor
+    if pixels is None:
+        return proc
+    lo, hi = (int(x) for x in pixels)
+    if (proc.size["shortest_edge"], proc.size["longest_edge"]) == (lo, hi):
+        return proc
+    from mars_cli.models.load import load_image_processor
+
+    key = (str(policy.path), lo, hi)
+    with _PROCESSORS_LOCK:
+        hit = _PROCESSORS.get(key)
+        if hit is None:
+            hit = _PROCESSORS[key] = load_image_processor(policy.path, min_pixels=lo, max_pixels=hi)
+    return hit
+
+
+_PROCESSORS: dict = {}
+_PROCESSORS_LOCK = threading.Lock()
+
+
+def image_tokens(policy, image, pixels=None) -> int:
+    """How many <|image_pad|> tokens one image expands to for this policy (and pixel limits)."""
+    w, h = _image_size(image)
+    proc = image_processor_for(policy, pixels)
     try:
         patches = proc.get_number_of_image_patches(h, w, {})
     except ValueError as e:  # smart_resize refuses aspect ratios over 200
@@ -146,12 +173,15 @@ def _file_key(im) -> tuple | None:
     return (os.path.realpath(s), st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-def _process_images(policy, images: list):
-    """pixel_values and image_grid_thw for the images, in order (files cached, see _PixelCache)."""
-    proc = policy.image_processor
-    pkey = _processor_key(proc)
+def _process_images(policy, images: list, pixels: list | None = None):
+    """pixel_values and image_grid_thw for the images, in order (files cached, see _PixelCache).
+
+    `pixels[i]`: image i's (min, max) pixel limits, or None for the policy's own.
+    """
     values, grids = [], []
-    for im in images:
+    for n, im in enumerate(images):
+        proc = image_processor_for(policy, pixels[n] if pixels is not None else None)
+        pkey = _processor_key(proc)
         key = _file_key(im)
         hit = _pixels.get(key + pkey) if key else None
         if hit is None:
@@ -185,8 +215,11 @@ def _filler_pixels(policy):
 
 
 def build_inputs(policy, seqs: Sequence[tuple[Sequence[int], Sequence]], *, pad_side: str = "right",
-                 device=None, vision_filler: bool = False) -> Batch:
+                 device=None, vision_filler: bool = False, pixels: Sequence | None = None) -> Batch:
     """Stored (ids, images) pairs → a padded, placeholder-expanded model input.
+
+    `pixels[b]`: the (min, max) pixel limits sequence b's images were sampled with (None:
+    the policy's own), so each image expands to exactly the patches its rollout saw.
 
     `vision_filler`: when no sequence has an image, still run the vision tower, on the
     smallest blank image, whose placeholders follow the last token of the shortest row.
@@ -203,7 +236,9 @@ def build_inputs(policy, seqs: Sequence[tuple[Sequence[int], Sequence]], *, pad_
     pad_id, image_pad = sp["pad"], sp["image_pad"]
     merge2 = int(policy.image_processor.merge_size) ** 2
 
-    all_images = []
+    if pixels is not None and len(pixels) != len(seqs):
+        raise MarsError(f"build_inputs: {len(pixels)} pixel limits for {len(seqs)} sequences")
+    all_images, all_pixels = [], []
     for n, (ids, images) in enumerate(seqs):
         count = sum(1 for t in ids if t == image_pad)
         if count != len(images):
@@ -212,9 +247,10 @@ def build_inputs(policy, seqs: Sequence[tuple[Sequence[int], Sequence]], *, pad_
         if not ids:
             raise MarsError(f"sequence {n}: no token ids")
         all_images.extend(images)
+        all_pixels.extend([pixels[n] if pixels is not None else None] * len(images))
     pixel_values = grid = None
     if all_images:
-        pixel_values, grid = _process_images(policy, all_images)
+        pixel_values, grid = _process_images(policy, all_images, all_pixels)
         sizes = (grid.prod(-1) // merge2).tolist()
     elif vision_filler:
         pixel_values, grid = _filler_pixels(policy)

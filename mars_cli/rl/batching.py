@@ -28,6 +28,7 @@ class Example:
     advantage: float = 0.0
     rollout_logprobs: list | None = None
     where: object = None  # jsonl.Where, for error messages
+    pixels: tuple | None = None  # (min, max) pixel limits the rollout's image processor used
 
     @property
     def policy_tokens(self) -> int:
@@ -57,6 +58,19 @@ def _check_tokens(ids, mask, images, image_pad: int, where) -> None:
                           f"but tokens.images lists {len(images)} image{'s' if len(images) != 1 else ''}")
 
 
+def record_pixels(rec: dict, where) -> tuple[int, int] | None:
+    """policy.pixels of a trajectory record as (min, max), or None when it has none."""
+    pol = rec.get("policy")
+    px = pol.get("pixels") if isinstance(pol, dict) else None
+    if px is None:
+        return None
+    ok = isinstance(px, dict) and all(isinstance(px.get(k), int) and not isinstance(px.get(k), bool) and px[k] > 0
+                                      for k in ("min", "max"))
+    if not ok or px["min"] > px["max"]:
+        raise where.error(f"policy.pixels must be {{\"min\": int, \"max\": int}} with 0 < min <= max, got {px!r}")
+    return px["min"], px["max"]
+
+
 def update_examples(located: Iterable, image_pad: int) -> list[Example]:
     """Scored trajectory records (with token ids and an advantage) → examples."""
     out = []
@@ -72,7 +86,7 @@ def update_examples(located: Iterable, image_pad: int) -> list[Example]:
         lp = tok.get("logprobs")
         if lp is not None and not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in lp):
             raise where.error("tokens.logprobs must be finite numbers")
-        out.append(Example(ids, mask, images, float(rec["advantage"]), lp, where))
+        out.append(Example(ids, mask, images, float(rec["advantage"]), lp, where, record_pixels(rec, where)))
     if not out:
         raise MarsError("no trajectories in the batch")
     return out
@@ -101,7 +115,7 @@ def sft_examples(located: Iterable, renderer, image_pad: int, *, min_reward: flo
         _check_tokens(ids, mask, images, image_pad, where)
         if not any(mask):
             raise where.error("trajectory has no assistant tokens to train on")
-        out.append(Example(list(ids), list(mask), images, 0.0, None, where))
+        out.append(Example(list(ids), list(mask), images, 0.0, None, where, record_pixels(rec, where)))
     if not out:
         raise MarsError("no trajectories to train on" + (f" with reward >= {min_reward}" if min_reward is not None else ""))
     return out
@@ -198,7 +212,7 @@ def micro_logprobs(policy, examples: Sequence[Example], *, model=None, grad: boo
         # Every rank runs the vision tower in this forward or none does.
         mine = any(ex.images for ex in examples)
         filler = _any_rank(mine, next(net.parameters()).device) and not mine
-    batch = build_inputs(policy, seqs, vision_filler=filler)
+    batch = build_inputs(policy, seqs, vision_filler=filler, pixels=[ex.pixels for ex in examples])
     lps = token_logprobs(policy, seqs, grad=grad, model=model, masks=[ex.mask for ex in examples], batch=batch)
     logp = pad_rows(lps)
     mask = pad_rows([torch.tensor(ex.mask, dtype=torch.float32) for ex in examples]).to(logp.device)
@@ -212,7 +226,8 @@ def expanded_length(policy, ex: Example, cache: dict | None = None) -> int:
     cache = {} if cache is None else cache
     extra = 0
     for im in ex.images:
-        if im not in cache:
-            cache[im] = image_tokens(policy, im)
-        extra += cache[im] - 1
+        key = (im, ex.pixels)
+        if key not in cache:
+            cache[key] = image_tokens(policy, im, ex.pixels)
+        extra += cache[key] - 1
     return len(ex.ids) + extra

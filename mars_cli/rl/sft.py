@@ -45,6 +45,8 @@ class SFTConfig:
     seed: int = 0
     eval: bool = True
     attn_implementation: str | None = None  # None: transformers' default (sdpa)
+    min_pixels: int | None = None  # image pixel limits for records without policy.pixels
+    max_pixels: int | None = None
 
 
 def lr_factor(step: int, total: int, warmup: int, min_ratio: float = 0.0) -> float:
@@ -82,7 +84,8 @@ def run_sft(paths, cfg: SFTConfig, *, skip_bad: bool = False, on_epoch=None) -> 
     t0 = time.time()
     policy, bf16 = prepare_policy(cfg.policy, train_vision=cfg.train_vision,
                                   gradient_checkpointing=cfg.gradient_checkpointing, bf16=cfg.bf16, seed=cfg.seed,
-                                  attn_implementation=cfg.attn_implementation)
+                                  attn_implementation=cfg.attn_implementation, min_pixels=cfg.min_pixels,
+                                  max_pixels=cfg.max_pixels)
     renderer = Renderer(policy.tokenizer, policy.special)
     examples = batching.sft_examples(read_located(paths, skip_bad=skip_bad), renderer, policy.special["image_pad"],
                                      min_reward=cfg.min_reward)

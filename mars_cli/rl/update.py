@@ -45,6 +45,8 @@ class UpdateConfig:
     bf16: bool | None = None  # None: on when training on a GPU
     seed: int = 0
     attn_implementation: str | None = None  # None: transformers' default (sdpa)
+    min_pixels: int | None = None  # image pixel limits for records without policy.pixels
+    max_pixels: int | None = None
 
 
 def _device() -> str:
@@ -66,7 +68,8 @@ def token_budget(requested: int | None, policy) -> int:
 
 
 def prepare_policy(path: str, *, train_vision: bool, gradient_checkpointing: bool, bf16: bool | None, seed: int,
-                   attn_implementation: str | None = None):
+                   attn_implementation: str | None = None, min_pixels: int | None = None,
+                   max_pixels: int | None = None):
     """Load a policy for training: device, dtype, frozen vision, checkpointing."""
     import torch
 
@@ -78,7 +81,7 @@ def prepare_policy(path: str, *, train_vision: bool, gradient_checkpointing: boo
     device = _device()
     use_bf16 = device.startswith("cuda") if bf16 is None else bf16
     policy = load_policy(path, device=device, dtype="bfloat16" if use_bf16 else "float32", trainable=True,
-                         attn_implementation=attn_implementation)
+                         attn_implementation=attn_implementation, min_pixels=min_pixels, max_pixels=max_pixels)
     freeze_vision(policy.model, train_vision)
     if gradient_checkpointing:
         policy.model.config.use_cache = False
@@ -139,7 +142,8 @@ def run_update(paths, cfg: UpdateConfig, *, skip_bad: bool = False, trainer_hook
                          cfg.eps_high if cfg.eps_high is not None else L.DEFAULT_EPS[cfg.loss][1])
     policy, bf16 = prepare_policy(cfg.policy, train_vision=cfg.train_vision,
                                   gradient_checkpointing=cfg.gradient_checkpointing, bf16=cfg.bf16, seed=cfg.seed,
-                                  attn_implementation=cfg.attn_implementation)
+                                  attn_implementation=cfg.attn_implementation, min_pixels=cfg.min_pixels,
+                                  max_pixels=cfg.max_pixels)
     examples = batching.update_examples(read_located(paths, skip_bad=skip_bad), policy.special["image_pad"])
     if cfg.old_logprobs == "rollout":
         for ex in examples:
@@ -150,7 +154,8 @@ def run_update(paths, cfg: UpdateConfig, *, skip_bad: bool = False, trainer_hook
         from mars_cli.models.load import load_policy
 
         ref = load_policy(cfg.ref, device=str(policy.device), dtype=next(policy.model.parameters()).dtype,
-                          attn_implementation=cfg.attn_implementation)
+                          attn_implementation=cfg.attn_implementation, min_pixels=cfg.min_pixels,
+                          max_pixels=cfg.max_pixels)
     trainer = Trainer(policy.model, zero=cfg.zero, config_file=cfg.deepspeed, lr=cfg.lr,
                       weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, bf16=bf16)
     resume_state(trainer, cfg.state, policy)
