@@ -98,3 +98,54 @@ def test_zero3_two_ranks_uneven_sft_equals_zero2(small_policy_dir, tmp_path):
         assert got[k] == pytest.approx(ref[k], rel=1e-3), k
     assert ref["nll_after"] < ref["nll_before"] and got["tokens"] == ref["tokens"]
     _weights_close(tmp_path / "z2", tmp_path / "z3")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["update", "sft"])
+def test_two_nodes_equal_two_processes_on_one(small_policy_dir, tmp_path, command):
+    """Two launcher groups on localhost (one process each) take the step one node with --nproc 2 takes."""
+    import os
+    import subprocess
+    import sys
+
+    batch = _uneven_batch(small_policy_dir, tmp_path)
+    common = ["--policy", small_policy_dir, "--lr", "1e-3", "--micro-batch-tokens", "60", "--zero", "3"]
+    common += ["--beta", "0"] if command == "update" else ["--batch-size", "3", "--warmup", "0", "--no-eval"]
+    ref = _one_record(H.Ran([command, batch, "--out", tmp_path / "one", "--nproc", "2", *common]))
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    nodes = [subprocess.Popen([sys.executable, "-m", "mars_cli", command, str(batch), "--out", str(tmp_path / "two"),
+                               "--nnodes", "2", "--node-rank", str(r), "--master-addr", "127.0.0.1",
+                               "--master-port", str(port), *common], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    outs = [p.communicate(timeout=300) for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], outs[0][1][-3000:] + outs[1][1][-3000:]
+    assert outs[1][0] == ""  # node 1 writes nothing: global rank 0 (node 0) reports
+    got = [json.loads(x) for x in outs[0][0].splitlines()][-1]
+    keys = ("loss", "grad_norm", "tokens") if command == "update" else ("train_nll", "grad_norm", "tokens")
+    for k in keys:
+        assert got[k] == pytest.approx(ref[k], rel=1e-6), k
+    meta = json.loads((tmp_path / "two" / "mars_meta.json").read_text())
+    assert meta["flags"]["world_size"] == 2
+    _weights_close(tmp_path / "one", tmp_path / "two")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--nnodes", "2"], "--nnodes needs --master-addr"),
+    (["--nnodes", "2", "--node-rank", "2", "--master-addr", "127.0.0.1"], "--node-rank must be in [0, 2)"),
+])
+def test_node_flags_are_checked_before_launching(tiny_policy_dir, tmp_path, flags, message):
+    batch = H.write_batch(tiny_policy_dir, tmp_path / "b.jsonl", [1.0])
+    for command in ("update", "sft"):
+        ran = H.Ran([command, batch, "--policy", tiny_policy_dir, "--out", tmp_path / "o", *flags])
+        assert ran.exit_code == 2 and message in ran.stderr, ran.stderr

@@ -292,30 +292,46 @@ def config_argv(cfg) -> list[str]:
 
 
 def launch_ranks(command: str, paths: list[str], cfg, *, nproc: int, local_rank: int | None,
-                 skip_bad: bool, what: str) -> int | None:
+                 skip_bad: bool, what: str, nnodes: int = 1, node_rank: int = 0, master_addr: str | None = None,
+                 master_port: int | None = None) -> int | None:
     """Shared start of `mars update`/`mars sft`: take a launcher's --local_rank, and with
-    --nproc N outside a launcher relaunch as N ranks; their exit code, or None to train here."""
+    --nproc N (and --nnodes M) outside a launcher relaunch as N ranks on this node; their
+    exit code, or None to train here."""
     if local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(local_rank))
-    if nproc <= 1 or under_launcher():
+    if nnodes < 1 or not 0 <= node_rank < nnodes:
+        raise UsageError(f"--node-rank must be in [0, {nnodes}) for --nnodes {nnodes}, got {node_rank}")
+    if nnodes > 1 and not master_addr:
+        raise UsageError("--nnodes needs --master-addr (node 0's address, reachable from every node)")
+    if (nproc <= 1 and nnodes == 1) or under_launcher():
         return None
     if not paths or "-" in paths:
-        raise UsageError(f"--nproc needs the {what} as a file (every process reads it)")
-    return relaunch(nproc, command, [*paths, *config_argv(cfg), *(["--skip-bad"] if skip_bad else [])])
+        raise UsageError(f"--nproc/--nnodes need the {what} as a file (every process reads it)")
+    nodes = None
+    if nnodes > 1:
+        nodes = {"nnodes": nnodes, "node_rank": node_rank, "master_addr": master_addr, "master_port": master_port or 29500}
+    return relaunch(nproc, command, [*paths, *config_argv(cfg), *(["--skip-bad"] if skip_bad else [])], nodes=nodes)
 
 
-def relaunch(nproc: int, command: str, args: list[str]) -> int:
+def relaunch(nproc: int, command: str, args: list[str], *, nodes: dict | None = None) -> int:
     """Run `mars COMMAND ARGS` in `nproc` processes under torch.distributed.run; its exit code.
 
-    Each child reads the whole batch and trains on its rank's share; rank 0 alone writes
-    the checkpoint and the metrics record (to this process's stdout, which it inherits).
+    Each child reads the whole batch and trains on its rank's share; global rank 0 alone
+    writes the checkpoint and the metrics record (to this process's stdout, which it
+    inherits). `nodes` (nnodes, node_rank, master_addr, master_port): this is one node of
+    several, each started the same way; they meet at master_addr:master_port (node 0).
     """
     import subprocess
     import sys
 
     from mars_cli import streams
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+    if nodes is None:
+        where = ["--standalone"]
+    else:
+        where = [f"--nnodes={nodes['nnodes']}", f"--node-rank={nodes['node_rank']}",
+                 f"--master-addr={nodes['master_addr']}", f"--master-port={nodes['master_port']}"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", *where, f"--nproc-per-node={nproc}",
            "-m", "mars_cli", command, *args]
     out = streams.records_out()
     out.flush()
