@@ -199,11 +199,17 @@ def pad_rows(rows: Sequence, value: float = 0.0):
     return pad_sequence(list(rows), batch_first=True, padding_value=value)
 
 
-def micro_logprobs(policy, examples: Sequence[Example], *, model=None, grad: bool = False):
-    """One micro-batch forward: per-token log-probs and mask as [B, T] tensors (mask 1 only scored)."""
+def micro_logprobs(policy, examples: Sequence[Example], *, model=None, grad: bool = False,
+                   upcoming: Sequence[Example] | None = None):
+    """One micro-batch forward: per-token log-probs and mask as [B, T] tensors (mask 1 only scored).
+
+    `upcoming`: the micro-batch the caller runs next; its input (images decoded, resized,
+    patchified) is built in a background thread while this one computes (rl.prefetch).
+    """
     import torch
 
-    from mars_cli.models.inputs import build_inputs, token_logprobs, unwrap_model
+    from mars_cli.models.inputs import token_logprobs, unwrap_model
+    from mars_cli.rl.prefetch import PREFETCHER, build_for
 
     seqs = [(ex.ids, ex.images) for ex in examples]
     net = unwrap_model(model if model is not None else policy.model)
@@ -212,11 +218,25 @@ def micro_logprobs(policy, examples: Sequence[Example], *, model=None, grad: boo
         # Every rank runs the vision tower in this forward or none does.
         mine = any(ex.images for ex in examples)
         filler = _any_rank(mine, next(net.parameters()).device) and not mine
-    batch = build_inputs(policy, seqs, vision_filler=filler, pixels=[ex.pixels for ex in examples])
+    batch = PREFETCHER.take(policy, examples)
+    if upcoming and prefetch_enabled():
+        PREFETCHER.submit(policy, upcoming)
+    if batch is None or filler:  # a filler batch has no images of its own: cheap to build here
+        batch = build_for(policy, examples, vision_filler=filler)
     lps = token_logprobs(policy, seqs, grad=grad, model=model, masks=[ex.mask for ex in examples], batch=batch)
     logp = pad_rows(lps)
     mask = pad_rows([torch.tensor(ex.mask, dtype=torch.float32) for ex in examples]).to(logp.device)
     return logp, mask, sum(batch.lengths)
+
+
+def prefetch_enabled() -> bool:
+    """MARS_PREFETCH=0 builds every micro-batch's input inline (for comparison and debugging)."""
+    return os.environ.get("MARS_PREFETCH", "1") not in ("0", "false", "no")
+
+
+def upcoming(examples: Sequence[Example], groups: Sequence, j: int) -> list[Example] | None:
+    """The examples of micro-batch j+1 of a rank plan (None after the last), for micro_logprobs."""
+    return [examples[i] for i in groups[j + 1][0]] if j + 1 < len(groups) else None
 
 
 def expanded_length(policy, ex: Example, cache: dict | None = None) -> int:

@@ -112,9 +112,11 @@ def run_sft(paths, cfg: SFTConfig, *, skip_bad: bool = False, on_epoch=None) -> 
         if not cfg.eval:
             return None
         acc: dict = {}
-        for group, w in plan(list(range(len(examples)))):
+        groups = plan(list(range(len(examples))))
+        for j, (group, w) in enumerate(groups):
             with torch.no_grad():
-                lp, mask, _ = batching.micro_logprobs(policy, [examples[i] for i in group], model=trainer.model)
+                lp, mask, _ = batching.micro_logprobs(policy, [examples[i] for i in group], model=trainer.model,
+                                                      upcoming=batching.upcoming(examples, groups, j))
             if w:
                 L.merge_stats(acc, L.nll(lp.float(), mask).stats)
         acc = trainer.all_reduce({"n": acc.get("n", 0.0), "nll_sum": acc.get("nll_sum", 0.0)})
@@ -138,7 +140,8 @@ def run_sft(paths, cfg: SFTConfig, *, skip_bad: bool = False, on_epoch=None) -> 
             denom = max(1, sum(examples[i].policy_tokens for i in idx))
             groups = plan(idx)
             for j, (group, w) in enumerate(groups):
-                lp, mask, ntok = batching.micro_logprobs(policy, [examples[i] for i in group], model=trainer.model, grad=True)
+                lp, mask, ntok = batching.micro_logprobs(policy, [examples[i] for i in group], model=trainer.model,
+                                                         grad=True, upcoming=batching.upcoming(examples, groups, j))
                 out = L.nll(lp.float(), mask, denom=denom)
                 if w and not math.isfinite(float(out.loss.detach())):
                     raise MarsError(f"non-finite loss at step {step + 1}: nothing written")

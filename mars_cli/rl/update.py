@@ -179,10 +179,12 @@ def run_update(paths, cfg: UpdateConfig, *, skip_bad: bool = False, trainer_hook
     several = len(minis) > 1
     if several:
         for mb in minis:
-            for group, w in plan(mb):
+            groups = plan(mb)
+            for j, (group, w) in enumerate(groups):
                 exs = [examples[i] for i in group]
                 with torch.no_grad():  # filler groups too: ZeRO-3 forwards are collective
-                    lp, mask, _ = batching.micro_logprobs(policy, exs, model=trainer.model)
+                    lp, mask, _ = batching.micro_logprobs(policy, exs, model=trainer.model,
+                                                          upcoming=batching.upcoming(examples, groups, j))
                 for row, i in enumerate(group):  # a filler group's too: its rank trains on it (weight 0)
                     n = len(examples[i].ids)
                     old[i] = lp[row, :n].float()
@@ -201,7 +203,8 @@ def run_update(paths, cfg: UpdateConfig, *, skip_bad: bool = False, trainer_hook
         step_loss = 0.0
         for j, (group, weight) in enumerate(groups):
             exs = [examples[i] for i in group]
-            lp, mask, ntok = batching.micro_logprobs(policy, exs, model=trainer.model, grad=True)
+            lp, mask, ntok = batching.micro_logprobs(policy, exs, model=trainer.model, grad=True,
+                                                     upcoming=batching.upcoming(examples, groups, j))
             lp = lp.float()
             if not several:
                 rollout = [examples[i].rollout_logprobs for i in group]
