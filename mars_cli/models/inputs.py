@@ -359,6 +359,8 @@ def token_logprobs(policy, seqs, *, pad_side: str = "right", grad: bool = False,
     (batch × length × vocabulary) logits never exist, the projection runs once per call
     whatever the number of rows, and DeepSpeed's hooks on the top-level module (ZeRO-3's
     step reset and prefetch) and on the projection (one gather) run as in any forward.
+    This relies on the top-level forward returning the projection's output unchanged as
+    `logits`, as Qwen2.5-VL and Qwen3-VL do (no soft-capping or scaling after it).
     """
     import torch
 
