@@ -149,3 +149,15 @@ def test_node_flags_are_checked_before_launching(tiny_policy_dir, tmp_path, flag
     for command in ("update", "sft"):
         ran = H.Ran([command, batch, "--policy", tiny_policy_dir, "--out", tmp_path / "o", *flags])
         assert ran.exit_code == 2 and message in ran.stderr, ran.stderr
+
+
+@pytest.mark.parametrize("argv", [["--local_rank=1", "update", "b.jsonl"], ["--local-rank", "1", "update", "b.jsonl"]])
+def test_deepspeed_launchers_local_rank_before_the_command(monkeypatch, argv):
+    """`deepspeed --module mars_cli update …` runs `mars --local_rank=N update …` on each rank."""
+    import os
+
+    from mars_cli.main import _launcher_local_rank
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert _launcher_local_rank(argv) == ["update", "b.jsonl"] and os.environ["LOCAL_RANK"] == "1"
+    assert _launcher_local_rank(["update", "--local_rank=0"]) == ["update", "--local_rank=0"]  # the command's own flag
