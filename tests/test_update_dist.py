@@ -73,7 +73,6 @@ def _one_record(ran):
     return [json.loads(x) for x in ran.stdout.splitlines()][-1]
 
 
-@pytest.mark.slow
 def test_zero3_two_ranks_uneven_update_equals_zero2(small_policy_dir, tmp_path):
     batch = _uneven_batch(small_policy_dir, tmp_path)
     # --mini-batch 2: the second step's one trajectory leaves rank 1 nothing but a filler.
@@ -87,7 +86,6 @@ def test_zero3_two_ranks_uneven_update_equals_zero2(small_policy_dir, tmp_path):
     _weights_close(tmp_path / "z2", tmp_path / "z3")
 
 
-@pytest.mark.slow
 def test_zero3_two_ranks_uneven_sft_equals_zero2(small_policy_dir, tmp_path):
     batch = _uneven_batch(small_policy_dir, tmp_path)
     common = ["--policy", small_policy_dir, "--lr", "1e-3", "--micro-batch-tokens", "60", "--batch-size", "3",
