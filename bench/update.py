@@ -1,6 +1,7 @@
 """Benchmark `mars update` against a plain forward+backward of the same batch.
 
     .venv/bin/python bench/update.py [--policy DIR] [--n 8] [--reps 3] [--zero 0 2]
+    .venv/bin/python bench/update.py --image-size 3840x2160 --micro-batch-tokens 1024 --prefetch both --zero 0
 
 Builds (or takes) a policy, writes a batch of N one-image trajectories with the default
 system prompt and a ~200-token answer, then runs, each in its own fresh process so peak
@@ -12,6 +13,9 @@ memory is per method, interleaved rep by rep so the ratios are side by side:
   update zN   mars update's training loop (run_update, ZeRO stage N): input rebuild,
               forward/backward, DeepSpeed accumulation, clipping, AdamW step; its
               `train_seconds` (model load and checkpoint write are reported apart)
+
+With `--prefetch both`, each `update` method also runs with MARS_PREFETCH=0 (every
+micro-batch's images decoded and resized inline, no background build of the next one).
 
 Figures: tokens/s (expanded tokens through forward+backward per second of training),
 the overhead ratio update/plain, peak RSS, and CUDA max allocated on a GPU. Wall and CPU
@@ -33,7 +37,7 @@ import time
 from pathlib import Path
 
 
-def make_batch(policy_dir: str, out: Path, n: int) -> Path:
+def make_batch(policy_dir: str, out: Path, n: int, size: tuple[int, int] | None = None) -> Path:
     from PIL import Image
 
     from mars_cli import protocol
@@ -44,8 +48,16 @@ def make_batch(policy_dir: str, out: Path, n: int) -> Path:
     renderer = protocol.Renderer(tok, special_ids(tok))
     recs = []
     for i in range(n):
-        img = out.parent / f"img{i}.png"
-        Image.new("RGB", (448 + 28 * i, 448), (30 * i % 255, 120, 200)).save(img)
+        if size is None:
+            img = out.parent / f"img{i}.png"
+            Image.new("RGB", (448 + 28 * i, 448), (30 * i % 255, 120, 200)).save(img)
+        else:  # a photo-like JPEG (noise upscaled), a different one per trajectory
+            import numpy as np
+
+            img = out.parent / f"img{i}.jpg"
+            rng = np.random.default_rng(i)
+            small = Image.fromarray(rng.integers(0, 256, (size[1] // 16, size[0] // 16, 3), dtype=np.uint8))
+            small.resize(size, Image.Resampling.BILINEAR).save(img, quality=90)
         task = {"id": f"t{i}", "question": f"What is written on the sign in picture {i}?", "images": [str(img)]}
         msgs = protocol.initial_messages(task)
         thinking = " ".join(f"Step {k}: the sign shows letters that I read one by one." for k in range(12))
@@ -111,8 +123,9 @@ def worker_update(policy_dir: str, batch: str, budget: int, zero: int) -> dict:
     return _peak({"wall": m["train_seconds"], "cpu": m["train_cpu_seconds"], "cpu_total": cpu, "total_seconds": m["seconds"], "tokens": m["tokens"]})
 
 
-def run_worker(args: list[str]) -> dict:
-    p = subprocess.run([sys.executable, __file__, "--worker", *args], capture_output=True, text=True)
+def run_worker(args: list[str], prefetch: str | None = None) -> dict:
+    env = {**os.environ, **({"MARS_PREFETCH": prefetch} if prefetch is not None else {})}
+    p = subprocess.run([sys.executable, __file__, "--worker", *args], capture_output=True, text=True, env=env)
     if p.returncode != 0:
         sys.stderr.write(p.stderr[-3000:])
         raise SystemExit(f"worker {args[0]} failed")
@@ -126,6 +139,9 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--micro-batch-tokens", type=int, default=4096)
     ap.add_argument("--zero", type=int, nargs="+", default=[0, 2])
+    ap.add_argument("--image-size", help="WxH of each trajectory's image (a JPEG photo) [default: ~448x448 PNG]")
+    ap.add_argument("--prefetch", choices=["on", "off", "both"], default="on",
+                    help="update methods with the background input build, without it, or both")
     ap.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
@@ -140,18 +156,23 @@ def main() -> None:
         from mars_cli.models.tiny import make_tiny_model
 
         policy = str(make_tiny_model(tmp / "tiny"))
-    batch = str(make_batch(policy, tmp / "batch.jsonl", a.n))
-    methods = {"plain": ["plain", "fwdbwd"], "plain+adam": ["plain", "adam"]}
-    methods.update({f"update z{z}": ["update", str(z)] for z in a.zero})
+    size = tuple(int(x) for x in a.image_size.lower().split("x")) if a.image_size else None
+    batch = str(make_batch(policy, tmp / "batch.jsonl", a.n, size))
+    methods = {"plain": ["plain", "fwdbwd", None], "plain+adam": ["plain", "adam", None]}
+    for z in a.zero:
+        if a.prefetch in ("on", "both"):
+            methods[f"update z{z}"] = ["update", str(z), "1"]
+        if a.prefetch in ("off", "both"):
+            methods[f"update z{z} inline"] = ["update", str(z), "0"]
     runs: dict[str, list[dict]] = {k: [] for k in methods}
     for _ in range(a.reps):
-        for name, (kind, extra) in methods.items():
-            runs[name].append(run_worker([kind, policy, batch, str(a.micro_batch_tokens), extra]))
+        for name, (kind, extra, pf) in methods.items():
+            runs[name].append(run_worker([kind, policy, batch, str(a.micro_batch_tokens), extra], prefetch=pf))
     out = {"policy": "tiny-qwen2.5-vl" if a.policy is None else a.policy, "n": a.n, "reps": a.reps,
            "device": "cuda" if _cuda() else "cpu", "tokens": runs["plain"][0]["tokens"]}
     base = statistics.median(r["wall"] for r in runs["plain"])
     base_cpu = statistics.median(r["cpu"] for r in runs["plain"])
-    sys.stderr.write(f"{'method':<12} {'wall s':>8} {'tok/s':>9} {'ratio':>6} {'cpu s':>8} {'cpu ratio':>9} {'peak RSS MB':>12}\n")
+    sys.stderr.write(f"{'method':<18} {'wall s':>8} {'tok/s':>9} {'ratio':>6} {'cpu s':>8} {'cpu ratio':>9} {'peak RSS MB':>12}\n")
     for name, rs in runs.items():
         wall = statistics.median(r["wall"] for r in rs)
         key = name.replace(" ", "_").replace("+", "_")
@@ -164,7 +185,7 @@ def main() -> None:
         out[f"{key}_cpu_overhead_ratio"] = round(cpu / base_cpu, 3)
         if "cuda_max_allocated_mb" in rs[0]:
             out[f"{key}_cuda_max_allocated_mb"] = round(max(r["cuda_max_allocated_mb"] for r in rs), 1)
-        sys.stderr.write(f"{name:<12} {wall:>8.3f} {rs[0]['tokens'] / wall:>9.1f} {wall / base:>6.2f} "
+        sys.stderr.write(f"{name:<18} {wall:>8.3f} {rs[0]['tokens'] / wall:>9.1f} {wall / base:>6.2f} "
                          f"{cpu:>8.3f} {cpu / base_cpu:>9.2f} {out[f'{key}_peak_rss_mb']:>12.1f}\n")
     print(json.dumps(out))
 

@@ -147,9 +147,24 @@ def _register() -> None:
 _register()
 
 
+def _launcher_local_rank(argv: list[str]) -> list[str]:
+    """The deepspeed launcher puts --local_rank=N before the command (`mars --local_rank=0 update …`):
+    take it into LOCAL_RANK, as torchrun would have set it."""
+    import os
+
+    if argv and argv[0].startswith(("--local_rank", "--local-rank")):
+        flag, _, value = argv[0].partition("=")
+        rest = argv[1:]
+        if not value and rest:
+            value, rest = rest[0], rest[1:]
+        os.environ.setdefault("LOCAL_RANK", value)
+        return rest
+    return argv
+
+
 def run(argv: list[str] | None = None) -> None:
     """Console entry: guard stdout, run the app, map failures to exit codes."""
-    argv = sys.argv[1:] if argv is None else list(argv)
+    argv = _launcher_local_rank(sys.argv[1:] if argv is None else list(argv))
     streams.reopen_closed_std()
     # Help and version are text for a person: leave them on stdout.
     if any(a in ("-h", "--help", "--version") for a in argv) or not argv:

@@ -27,3 +27,5 @@ class Ran:
             self.exit_code = e.exit_code
         elif e is not None and not isinstance(e, SystemExit):
             raise e
+        elif e is None and isinstance(res.return_value, int) and res.return_value:
+            self.exit_code = res.return_value  # typer.Exit(code) outside standalone mode, as main.run maps it

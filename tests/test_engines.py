@@ -117,7 +117,9 @@ def test_vision_placeholders_are_never_sampled_but_logprobs_stay_the_models(tiny
     head = policy.model.lm_head
     bias = torch.zeros(head.out_features)
     bias[banned] = 30.0  # the banned tokens take nearly all the probability
-    hook = head.register_forward_hook(lambda mod, inp, out: out + bias.to(out.dtype))
+    # A bias in the output layer itself (not a hook on its output): token_logprobs runs that
+    # layer as one fused log-prob node, which reads the layer's weight and bias.
+    head.bias = torch.nn.Parameter(bias, requires_grad=False)
     try:
         eng = open_engine("hf", policy=None, sampling=Sampling(temperature=1.0, seed=3), loaded=policy)
         ids, _, images = prompt(eng, tmp_path)
@@ -129,7 +131,7 @@ def test_vision_placeholders_are_never_sampled_but_logprobs_stay_the_models(tiny
             lp = token_logprobs(policy, [(ids + r.ids, images)])[0][len(ids):].tolist()
             assert r.logprobs == pytest.approx(lp, abs=2e-3) and max(r.logprobs) < -10
     finally:
-        hook.remove()
+        head.bias = None
 
 
 def test_sampling_validation_and_unknown_engine():

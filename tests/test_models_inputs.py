@@ -12,7 +12,7 @@ from PIL import Image
 
 from mars_cli import protocol
 from mars_cli.errors import MarsError
-from mars_cli.models import inputs
+from mars_cli.models import inputs, vocab
 from mars_cli.models.inputs import build_inputs, image_tokens, token_logprobs
 from mars_cli.models.load import load_policy
 
@@ -154,12 +154,37 @@ def test_the_image_reaches_the_model(policy, images):
     assert (base[first_pad + 2:] - swapped[first_pad + 2:]).abs().max() > 1e-4  # after it: not
 
 
+def test_vision_filler_runs_the_tower_and_leaves_log_probs_unchanged(policy):
+    """A rank without images runs the vision tower on a blank image after the shortest row."""
+    short = protocol.render([{"role": "user", "content": "Name a colour."}], policy.tokenizer, policy.special)[0]
+    long = protocol.render([{"role": "user", "content": "Name three colours and a shape."}], policy.tokenizer,
+                           policy.special)[0]
+    seqs = [(long, []), (short, [])]
+    plain = build_inputs(policy, seqs)
+    filled = build_inputs(policy, seqs, vision_filler=True)
+    assert "pixel_values" not in plain.tensors and filled.tensors["pixel_values"].shape[0] > 0
+    k = int(filled.tensors["image_grid_thw"].prod()) // policy.image_processor.merge_size ** 2
+    pads = (filled.tensors["input_ids"][1] == policy.special["image_pad"]).nonzero().squeeze(1)
+    assert pads.tolist() == list(range(len(short), len(short) + k))  # after the short row's last token
+    assert filled.lengths == plain.lengths and int(filled.tensors["mm_token_type_ids"].sum()) == k
+    calls = []
+    hook = policy.model.model.visual.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        a = token_logprobs(policy, seqs, batch=plain)
+        b = token_logprobs(policy, seqs, batch=filled)
+    finally:
+        hook.remove()
+    assert calls == [1]
+    for x, y in zip(a, b):
+        assert torch.allclose(x, y, atol=1e-6)
+
+
 def test_grad_path_matches_and_backpropagates(tiny_policy_dir, images, monkeypatch):
     policy = load_policy(tiny_policy_dir, trainable=True)
     assert policy.model.training
     conv = _conversation(policy, images)
     seqs = [(conv[0], conv[2])]
-    monkeypatch.setattr(inputs, "LOGIT_CHUNK", 7)  # several chunks, recomputed in backward
+    monkeypatch.setattr(vocab, "LOGIT_CHUNK", 7)  # several chunks, recomputed in backward
     with_grad = token_logprobs(policy, seqs, grad=True, masks=[conv[1]])[0]
     assert with_grad.requires_grad
     with_grad.sum().backward()

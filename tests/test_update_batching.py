@@ -25,16 +25,14 @@ def test_minibatches_and_shards_cover_the_batch():
     assert batching.pack([3, 1, 2], {1: 10, 2: 30, 3: 20}.__getitem__, 60) == [[2, 3], [1]]
 
 
-def test_rank_plans_have_equal_lengths_and_refuse_mixed_vision_under_zero3():
-    import pytest
-
-    from mars_cli.errors import MarsError
-
+def test_rank_plans_have_equal_lengths_and_put_image_micro_batches_first():
     lengths = [100, 100, 100, 100, 100]
     plans = [batching.rank_plan(range(5), lengths, 100, r, 2) for r in range(2)]
     assert [len(p) for p in plans] == [3, 3]
     assert plans[1][-1][1] == 0.0 and all(w == 1.0 for _, w in plans[0])  # rank 1 repeats one, weight 0
     assert sorted(i for p in plans for g, w in p if w for i in g) == [0, 1, 2, 3, 4]
-    with pytest.raises(MarsError, match="ZeRO-3"):
-        batching.rank_plan(range(2), [100, 100], 100, 0, 2, has_images=[True, False])
-    batching.rank_plan(range(2), [100, 100], 100, 0, 2, has_images=[True, True])
+    # Rank 0 holds 0, 2, 4 and rank 1 holds 1, 3; only 4 and 3 have images: both run them first.
+    images = [False, False, False, True, True]
+    plans = [batching.rank_plan(range(5), lengths, 100, r, 2, has_images=images) for r in range(2)]
+    assert [p[0][0] for p in plans] == [[4], [3]]
+    assert sorted(i for p in plans for g, w in p if w for i in g) == [0, 1, 2, 3, 4]

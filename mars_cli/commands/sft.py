@@ -30,7 +30,14 @@ def main(
     bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help="bf16 weights and DeepSpeed bf16 [default: on a GPU]."),
     seed: int = typer.Option(0, "--seed", help="Seed of the data order and torch."),
     eval: bool = typer.Option(True, "--eval/--no-eval", help="Measure the data's NLL before and after each epoch."),
+    min_pixels: Optional[int] = typer.Option(None, "--min-pixels", min=1, help="Image pixel floor for records without policy.pixels (which keep the limits their rollout used) [default: the checkpoint's]."),
+    max_pixels: Optional[int] = typer.Option(None, "--max-pixels", min=1, help="Image pixel cap for records without policy.pixels [default: the checkpoint's]."),
+    attn_implementation: Optional[str] = typer.Option(None, "--attn-implementation", envvar="MARS_ATTN_IMPLEMENTATION", help="sdpa | flash_attention_2 (flash-attn package, CUDA) | eager [default: sdpa]."),
     nproc: int = typer.Option(1, "--nproc", min=1, help="Run N processes (torch.distributed.run); records sharded by rank."),
+    nnodes: int = typer.Option(1, "--nnodes", min=1, help="Nodes in the job: start this same command on each, with its --node-rank."),
+    node_rank: int = typer.Option(0, "--node-rank", min=0, help="This node's index; node 0 is at --master-addr and writes the outputs."),
+    master_addr: Optional[str] = typer.Option(None, "--master-addr", help="Node 0's address, reachable from every node (with --nnodes)."),
+    master_port: int = typer.Option(29500, "--master-port", min=1, max=65535, help="Node 0's rendezvous port (with --nnodes)."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unparsable lines with a warning."),
     local_rank: Optional[int] = typer.Option(None, "--local_rank", "--local-rank", hidden=True, help="Set by the deepspeed launcher (LOCAL_RANK is read)."),
 ) -> None:
@@ -48,9 +55,11 @@ def main(
                     weight_decay=weight_decay, grad_clip=grad_clip, batch_size=batch_size,
                     micro_batch_tokens=micro_batch_tokens, warmup=warmup, min_lr_ratio=min_lr_ratio,
                     max_steps=max_steps, min_reward=min_reward, zero=zero, deepspeed=str(deepspeed) if deepspeed else None,
-                    train_vision=train_vision, gradient_checkpointing=gradient_checkpointing, bf16=bf16, seed=seed, eval=eval)
+                    train_vision=train_vision, gradient_checkpointing=gradient_checkpointing, bf16=bf16, seed=seed, eval=eval,
+                    attn_implementation=attn_implementation, min_pixels=min_pixels, max_pixels=max_pixels)
     paths = [str(f) for f in files or []]
-    code = launch_ranks("sft", paths, cfg, nproc=nproc, local_rank=local_rank, skip_bad=skip_bad, what="data")
+    code = launch_ranks("sft", paths, cfg, nproc=nproc, local_rank=local_rank, skip_bad=skip_bad, what="data",
+                        nnodes=nnodes, node_rank=node_rank, master_addr=master_addr, master_port=master_port)
     if code is not None:
         raise typer.Exit(code)
     with RecordWriter() as w:

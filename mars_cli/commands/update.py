@@ -31,7 +31,14 @@ def main(
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute activations in backward."),
     bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help="bf16 weights and DeepSpeed bf16 [default: on a GPU]."),
     seed: int = typer.Option(0, "--seed", help="Torch seed."),
+    min_pixels: Optional[int] = typer.Option(None, "--min-pixels", min=1, help="Image pixel floor for records without policy.pixels (which keep the limits their rollout used) [default: the checkpoint's]."),
+    max_pixels: Optional[int] = typer.Option(None, "--max-pixels", min=1, help="Image pixel cap for records without policy.pixels [default: the checkpoint's]."),
+    attn_implementation: Optional[str] = typer.Option(None, "--attn-implementation", envvar="MARS_ATTN_IMPLEMENTATION", help="sdpa | flash_attention_2 (flash-attn package, CUDA) | eager [default: sdpa]."),
     nproc: int = typer.Option(1, "--nproc", min=1, help="Run N processes (torch.distributed.run); records sharded by rank."),
+    nnodes: int = typer.Option(1, "--nnodes", min=1, help="Nodes in the job: start this same command on each, with its --node-rank."),
+    node_rank: int = typer.Option(0, "--node-rank", min=0, help="This node's index; node 0 is at --master-addr and writes the outputs."),
+    master_addr: Optional[str] = typer.Option(None, "--master-addr", help="Node 0's address, reachable from every node (with --nnodes)."),
+    master_port: int = typer.Option(29500, "--master-port", min=1, max=65535, help="Node 0's rendezvous port (with --nnodes)."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unparsable lines with a warning."),
     push: Optional[str] = typer.Option(None, "--push", help="mars serve URL[,URL…] that load --out once it is written (waits until each serves it)."),
     local_rank: Optional[int] = typer.Option(None, "--local_rank", "--local-rank", hidden=True, help="Set by the deepspeed launcher (LOCAL_RANK is read)."),
@@ -60,12 +67,14 @@ def main(
                        loss=loss, eps_low=eps_low, eps_high=eps_high, beta=beta, lr=lr, weight_decay=weight_decay,
                        grad_clip=grad_clip, mini_batch=mini_batch, micro_batch_tokens=micro_batch_tokens,
                        old_logprobs=old_logprobs, zero=zero, deepspeed=str(deepspeed) if deepspeed else None,
-                       train_vision=train_vision, gradient_checkpointing=gradient_checkpointing, bf16=bf16, seed=seed)
+                       train_vision=train_vision, gradient_checkpointing=gradient_checkpointing, bf16=bf16, seed=seed,
+                       attn_implementation=attn_implementation, min_pixels=min_pixels, max_pixels=max_pixels)
     paths = [str(f) for f in files or []]
     urls = [u.strip() for u in push.split(",") if u.strip()] if push else []
     if push is not None and not urls:
         raise UsageError("--push needs URL[,URL…]")
-    code = launch_ranks("update", paths, cfg, nproc=nproc, local_rank=local_rank, skip_bad=skip_bad, what="batch")
+    code = launch_ranks("update", paths, cfg, nproc=nproc, local_rank=local_rank, skip_bad=skip_bad, what="batch",
+                        nnodes=nnodes, node_rank=node_rank, master_addr=master_addr, master_port=master_port)
     if code is not None:
         if code == 0 and urls:  # every rank has exited: the GPUs are free for the servers
             from mars_cli import streams

@@ -95,9 +95,8 @@ class HFEngine(Engine):
         if loaded is None:
             if not policy:
                 raise MarsError("the hf engine needs --policy (a model directory)")
-            extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
             loaded = load_policy(policy, device=device, dtype=dtype, min_pixels=min_pixels, max_pixels=max_pixels,
-                                 **extra)
+                                 attn_implementation=attn_implementation)
         self.policy = loaded
         self.path = str(loaded.path)
         self.fingerprint = loaded.fingerprint

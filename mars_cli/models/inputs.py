@@ -10,6 +10,8 @@ aligned to the stored ids that rollout, judge and update all index by.
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import threading
 from collections import OrderedDict
@@ -18,9 +20,6 @@ from typing import Any, Sequence
 
 from mars_cli.errors import MarsError
 
-# Rows of the vocabulary projection computed at once: bounds the float32 (rows × vocab)
-# block to ~150 MB at a 152k vocabulary, large enough to keep a GPU matmul efficient.
-LOGIT_CHUNK = 256
 
 
 @dataclass
@@ -29,7 +28,7 @@ class Batch:
 
     tensors: dict
     positions: list = field(default_factory=list)
-    lengths: list = field(default_factory=list)  # expanded (unpadded) length of each row
+    lengths: list = field(default_factory=list)  # expanded (unpadded) length of each row, filler excluded
     pad_side: str = "right"
 
 
@@ -55,10 +54,37 @@ def _image_size(image) -> tuple[int, int]:
     return image_size(image)
 
 
-def image_tokens(policy, image) -> int:
-    """How many <|image_pad|> tokens one image expands to for this policy."""
-    w, h = _image_size(image)
+def image_processor_for(policy, pixels=None):
+    """The policy's image processor, or one of the same checkpoint with other pixel limits.
+
+    `pixels` = (min, max) total pixels per image, as a trajectory records the limits its
+    rollout used (policy.pixels); None or the policy's own limits → policy.image_processor.
+    Built by the same loader as the rollout's, so the patch counts agree exactly.
+    """
     proc = policy.image_processor
+    if pixels is None:
+        return proc
+    lo, hi = (int(x) for x in pixels)
+    if (proc.size["shortest_edge"], proc.size["longest_edge"]) == (lo, hi):
+        return proc
+    from mars_cli.models.load import load_image_processor
+
+    key = (str(policy.path), lo, hi)
+    with _PROCESSORS_LOCK:
+        hit = _PROCESSORS.get(key)
+        if hit is None:
+            hit = _PROCESSORS[key] = load_image_processor(policy.path, min_pixels=lo, max_pixels=hi)
+    return hit
+
+
+_PROCESSORS: dict = {}
+_PROCESSORS_LOCK = threading.Lock()
+
+
+def image_tokens(policy, image, pixels=None) -> int:
+    """How many <|image_pad|> tokens one image expands to for this policy (and pixel limits)."""
+    w, h = _image_size(image)
+    proc = image_processor_for(policy, pixels)
     try:
         patches = proc.get_number_of_image_patches(h, w, {})
     except ValueError as e:  # smart_resize refuses aspect ratios over 200
@@ -147,12 +173,15 @@ def _file_key(im) -> tuple | None:
     return (os.path.realpath(s), st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-def _process_images(policy, images: list):
-    """pixel_values and image_grid_thw for the images, in order (files cached, see _PixelCache)."""
-    proc = policy.image_processor
-    pkey = _processor_key(proc)
+def _process_images(policy, images: list, pixels: list | None = None):
+    """pixel_values and image_grid_thw for the images, in order (files cached, see _PixelCache).
+
+    `pixels[i]`: image i's (min, max) pixel limits, or None for the policy's own.
+    """
     values, grids = [], []
-    for im in images:
+    for n, im in enumerate(images):
+        proc = image_processor_for(policy, pixels[n] if pixels is not None else None)
+        pkey = _processor_key(proc)
         key = _file_key(im)
         hit = _pixels.get(key + pkey) if key else None
         if hit is None:
@@ -170,9 +199,33 @@ def _cat(parts):
     return parts[0].clone() if len(parts) == 1 else torch.cat(parts)
 
 
+def _filler_pixels(policy):
+    """pixel_values and grid of the smallest image the processor makes (a blank square)."""
+    from PIL import Image
+
+    proc = policy.image_processor
+    key = ("<filler>",) + _processor_key(proc)
+    hit = _pixels.get(key)
+    if hit is None:
+        factor = int(proc.patch_size) * int(proc.merge_size)
+        side = factor * max(1, math.ceil(math.sqrt(proc.size["shortest_edge"]) / factor))
+        hit = _process_one(proc, Image.new("RGB", (side, side)))
+        _pixels.put(key, hit)
+    return hit[0].clone(), hit[1].clone()
+
+
 def build_inputs(policy, seqs: Sequence[tuple[Sequence[int], Sequence]], *, pad_side: str = "right",
-                 device=None) -> Batch:
-    """Stored (ids, images) pairs → a padded, placeholder-expanded model input."""
+                 device=None, vision_filler: bool = False, pixels: Sequence | None = None) -> Batch:
+    """Stored (ids, images) pairs → a padded, placeholder-expanded model input.
+
+    `pixels[b]`: the (min, max) pixel limits sequence b's images were sampled with (None:
+    the policy's own), so each image expands to exactly the patches its rollout saw.
+
+    `vision_filler`: when no sequence has an image, still run the vision tower, on the
+    smallest blank image, whose placeholders follow the last token of the shortest row.
+    Causal attention keeps every real token's output unchanged; under ZeRO-3 this lets a
+    rank without images join the vision tower's parameter gathers of a rank with some.
+    """
     import torch
 
     if pad_side not in ("left", "right"):
@@ -183,7 +236,9 @@ def build_inputs(policy, seqs: Sequence[tuple[Sequence[int], Sequence]], *, pad_
     pad_id, image_pad = sp["pad"], sp["image_pad"]
     merge2 = int(policy.image_processor.merge_size) ** 2
 
-    all_images = []
+    if pixels is not None and len(pixels) != len(seqs):
+        raise MarsError(f"build_inputs: {len(pixels)} pixel limits for {len(seqs)} sequences")
+    all_images, all_pixels = [], []
     for n, (ids, images) in enumerate(seqs):
         count = sum(1 for t in ids if t == image_pad)
         if count != len(images):
@@ -192,10 +247,13 @@ def build_inputs(policy, seqs: Sequence[tuple[Sequence[int], Sequence]], *, pad_
         if not ids:
             raise MarsError(f"sequence {n}: no token ids")
         all_images.extend(images)
+        all_pixels.extend([pixels[n] if pixels is not None else None] * len(images))
     pixel_values = grid = None
     if all_images:
-        pixel_values, grid = _process_images(policy, all_images)
+        pixel_values, grid = _process_images(policy, all_images, all_pixels)
         sizes = (grid.prod(-1) // merge2).tolist()
+    elif vision_filler:
+        pixel_values, grid = _filler_pixels(policy)
     # Each stored id becomes `repeats` ids (an image pad: its patch count); its expanded
     # index is the sum of the repeats before it.
     rows, positions = [], []
@@ -209,6 +267,10 @@ def build_inputs(policy, seqs: Sequence[tuple[Sequence[int], Sequence]], *, pad_
         rows.append(torch.repeat_interleave(ids_t, repeats))
         positions.append(torch.cumsum(repeats, 0) - repeats)
 
+    lengths = [len(r) for r in rows]
+    if vision_filler and not all_images:
+        r = min(range(len(rows)), key=lambda b: len(rows[b]))
+        rows[r] = torch.cat([rows[r], torch.full((int(grid.prod()) // merge2,), image_pad, dtype=torch.long)])
     width = max(len(r) for r in rows)
     input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     attention = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -224,25 +286,63 @@ def build_inputs(policy, seqs: Sequence[tuple[Sequence[int], Sequence]], *, pad_
         tensors["image_grid_thw"] = grid
     if device is not None:
         tensors = {key: v.to(device) for key, v in tensors.items()}
-    return Batch(tensors=tensors, positions=positions, lengths=[len(r) for r in rows], pad_side=pad_side)
+    return Batch(tensors=tensors, positions=positions, lengths=lengths, pad_side=pad_side)
 
 
-def _unwrap(model):
+def unwrap_model(model):
     """The transformers model inside a DeepSpeed engine / DDP wrapper."""
     while hasattr(model, "module") and not hasattr(model, "lm_head"):
         model = model.module
     return model
 
 
-def _chunk_logprobs(hidden, weight_fn, targets):
-    """log softmax(lm_head(hidden))[target] in float32.
+def _forward_of(net):
+    """What a training forward calls: the DeepSpeed engine around `net` when it has one.
 
-    As −cross_entropy: one fused log-softmax whose backward is a single pass over the
-    logits, about 20% faster on a CPU than logsumexp minus the gathered logit.
+    The engine's forward is where ZeRO-3 counts micro-steps: a forward that bypasses it
+    makes each micro-batch's gradient overwrite the previous one's instead of adding up.
+    rl.engine.Trainer leaves a weak reference to its engine on the module it wraps.
     """
-    import torch.nn.functional as F
+    ref = getattr(net, "ds_engine_ref", None)
+    engine = ref() if ref is not None else None
+    return engine if engine is not None else net
 
-    return -F.cross_entropy(weight_fn(hidden).float(), targets, reduction="none")
+
+def _scored(batch: Batch, seqs, masks, dev):
+    """Which (row, expanded position) of the hidden states score which stored token.
+
+    Returns (rows, cols, targets, spans): the logits at expanded position p−1 score the
+    token at p; `spans[b]` = (the stored indices of sequence b that are scored, their
+    slice of the flat arrays).
+    """
+    import torch
+
+    rows, cols, targets, spans = [], [], [], []
+    at = 0
+    for b, (ids, _images) in enumerate(seqs):
+        n = len(ids)
+        want = torch.arange(1, n, device=dev)
+        if masks is not None:
+            m = torch.as_tensor(list(masks[b]), device=dev)
+            if len(m) != n:
+                raise MarsError(f"sequence {b}: mask has {len(m)} entries for {n} ids")
+            want = want[m[1:] != 0]
+        rows.append(torch.full((len(want),), b, dtype=torch.long, device=dev))
+        cols.append(batch.positions[b].to(dev)[want] - 1)
+        targets.append(torch.as_tensor(list(ids), dtype=torch.long, device=dev)[want])
+        spans.append((want, slice(at, at + len(want))))
+        at += len(want)
+    return torch.cat(rows), torch.cat(cols), torch.cat(targets), spans
+
+
+@contextlib.contextmanager
+def _head_as(head, forward):
+    """Run `forward` as the output projection's forward (an instance attribute shadows the class's)."""
+    head.forward = forward
+    try:
+        yield
+    finally:
+        del head.forward
 
 
 def token_logprobs(policy, seqs, *, pad_side: str = "right", grad: bool = False, model=None,
@@ -250,49 +350,37 @@ def token_logprobs(policy, seqs, *, pad_side: str = "right", grad: bool = False,
     """Per sequence, log p(ids[i] | ids[:i]) at every stored index (index 0 → 0.0).
 
     Computed from one forward of the expanded input: the logits at expanded position p−1
-    score the token at expanded position p. With `masks`, only indices whose mask is 1 are
-    scored (the rest are 0.0), which skips the vocabulary projection for prompt and tool
-    tokens. `model` overrides policy.model (a DeepSpeed engine's module, for training).
+    score the token at p. With `masks`, only indices whose mask is 1 are scored (the rest
+    are 0.0), which skips the vocabulary projection for prompt and tool tokens. `model`
+    overrides policy.model (a DeepSpeed engine's module, for training).
+
+    The forward goes through the model's own top-level forward with the output projection
+    replaced, for this call, by models.vocab.VocabLogprob on the scored rows: the full
+    (batch × length × vocabulary) logits never exist, the projection runs once per call
+    whatever the number of rows, and DeepSpeed's hooks on the top-level module (ZeRO-3's
+    step reset and prefetch) and on the projection (one gather) run as in any forward.
+    This relies on the top-level forward returning the projection's output unchanged as
+    `logits`, as Qwen2.5-VL and Qwen3-VL do (no soft-capping or scaling after it).
     """
-    import contextlib
-
     import torch
-    from torch.utils.checkpoint import checkpoint
 
-    net = _unwrap(model if model is not None else policy.model)
+    from mars_cli.models.vocab import VocabLogprob
+
+    net = unwrap_model(model if model is not None else policy.model)
     if batch is None:
         batch = build_inputs(policy, seqs, pad_side=pad_side)
     dev = next(net.parameters()).device
     tensors = {k: v.to(dev) for k, v in batch.tensors.items()}
+    rows, cols, targets, spans = _scored(batch, seqs, masks, dev)
+    head = net.get_output_embeddings()
+
+    def project(hidden):
+        return VocabLogprob.apply(hidden[rows, cols], head.weight, head.bias, targets)
+
     ctx = contextlib.nullcontext() if grad else torch.no_grad()
-    results = []
-    with ctx:
-        # The backbone's hidden states, then the vocabulary projection only at the rows that
-        # are scored, in chunks: a full (batch × length × 151k) logits tensor never exists.
-        hidden = net.model(**tensors, use_cache=False).last_hidden_state
-        lm_head = net.lm_head
-        for b, (ids, _images) in enumerate(seqs):
-            n = len(ids)
-            ids_t = torch.as_tensor(list(ids), dtype=torch.long, device=dev)
-            want = torch.arange(1, n, device=dev)
-            if masks is not None:
-                m = torch.as_tensor(list(masks[b]), device=dev)
-                if len(m) != n:
-                    raise MarsError(f"sequence {b}: mask has {len(m)} entries for {n} ids")
-                want = want[m[1:] != 0]
-            out = torch.zeros(n, dtype=torch.float32, device=dev)
-            if len(want):
-                rows = batch.positions[b].to(dev)[want] - 1
-                h = hidden[b, rows]
-                tgt = ids_t[want]
-                parts = []
-                for s in range(0, len(want), LOGIT_CHUNK):
-                    hs, ts = h[s:s + LOGIT_CHUNK], tgt[s:s + LOGIT_CHUNK]
-                    if grad and torch.is_grad_enabled():
-                        # Recompute the chunk's logits in backward instead of keeping them.
-                        parts.append(checkpoint(_chunk_logprobs, hs, lm_head, ts, use_reentrant=False))
-                    else:
-                        parts.append(_chunk_logprobs(hs, lm_head, ts))
-                out = out.index_put((want,), torch.cat(parts))
-            results.append(out)
-    return results
+    with ctx, _head_as(head, project):
+        flat = _forward_of(net)(**tensors, use_cache=False, logits_to_keep=0).logits
+    # Every sequence stays connected to the projection's output (even with nothing
+    # scored), so every rank runs the same backward.
+    return [torch.zeros(len(ids), dtype=torch.float32, device=dev).index_put((want,), flat[part])
+            for (ids, _images), (want, part) in zip(seqs, spans)]

@@ -166,6 +166,35 @@ def _dtype(dtype, device: str):
     return dtype
 
 
+# --attn-implementation choices. sdpa (torch's fused attention) is the default and runs
+# anywhere; flash_attention_2 needs the flash-attn package and a CUDA GPU, and skips the
+# padded positions of a batch; eager is the reference implementation.
+ATTN_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "eager")
+
+
+def check_attn_implementation(name: str | None, *, device: str = "cpu", dtype=None) -> None:
+    """Refuse an attention implementation this machine cannot run, before any weights load."""
+    if name is None:
+        return
+    from mars_cli.errors import UsageError
+
+    if name not in ATTN_IMPLEMENTATIONS:
+        raise UsageError(f"--attn-implementation must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, got {name!r}")
+    if name == "flash_attention_2":
+        import importlib.util
+
+        import torch
+
+        if importlib.util.find_spec("flash_attn") is None:
+            raise MarsError("--attn-implementation flash_attention_2 needs the flash-attn package "
+                            "(pip install flash-attn --no-build-isolation, on a machine with CUDA); "
+                            "use sdpa without it")
+        if not str(device).startswith("cuda"):
+            raise MarsError(f"--attn-implementation flash_attention_2 runs on CUDA GPUs only, not on {device}")
+        if _dtype(dtype, device) == torch.float32:
+            raise MarsError("--attn-implementation flash_attention_2 needs bfloat16 or float16 weights, not float32")
+
+
 _TOKENIZERS: dict[tuple, Any] = {}
 
 
@@ -241,6 +270,7 @@ def load_policy(path, *, device: str = "cpu", dtype=None, trainable: bool = Fals
     import transformers
 
     quiet_transformers()
+    check_attn_implementation(attn_implementation, device=device, dtype=dtype)
     path = Path(path)
     cfg = read_config(path)
     arch = arch_of(cfg, path / "config.json")

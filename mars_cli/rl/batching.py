@@ -26,6 +26,7 @@ class Example:
     advantage: float = 0.0
     rollout_logprobs: list | None = None
     where: object = None  # jsonl.Where, for error messages
+    pixels: tuple | None = None  # (min, max) pixel limits the rollout's image processor used
 
     @property
     def policy_tokens(self) -> int:
@@ -54,6 +55,19 @@ def _check_tokens(ids, mask, images, image_pad: int, where, vocab_size: int | No
     if pads != len(images):
         raise where.error(f"tokens.ids has {pads} image placeholder{'s' if pads != 1 else ''} "
                           f"but tokens.images lists {len(images)} image{'s' if len(images) != 1 else ''}")
+
+
+def record_pixels(rec: dict, where) -> tuple[int, int] | None:
+    """policy.pixels of a trajectory record as (min, max), or None when it has none."""
+    pol = rec.get("policy")
+    px = pol.get("pixels") if isinstance(pol, dict) else None
+    if px is None:
+        return None
+    ok = isinstance(px, dict) and all(isinstance(px.get(k), int) and not isinstance(px.get(k), bool) and px[k] > 0
+                                      for k in ("min", "max"))
+    if not ok or px["min"] > px["max"]:
+        raise where.error(f"policy.pixels must be {{\"min\": int, \"max\": int}} with 0 < min <= max, got {px!r}")
+    return px["min"], px["max"]
 
 
 def update_examples(located: Iterable, image_pad: int, *, vocab_size: int | None = None) -> list[Example]:
@@ -85,7 +99,7 @@ def update_examples(located: Iterable, image_pad: int, *, vocab_size: int | None
             streams.warn(f"{where}: skipped: the trajectory has no policy tokens (finish {rec.get('finish')!r})")
             skipped += 1
             continue
-        out.append(Example(ids, mask, images, float(rec["advantage"]), lp, where))
+        out.append(Example(ids, mask, images, float(rec["advantage"]), lp, where, record_pixels(rec, where)))
     if not out:
         raise MarsError("no trajectories in the batch" + (f" with policy tokens ({skipped} without)" if skipped else ""))
     return out
@@ -116,7 +130,7 @@ def sft_examples(located: Iterable, renderer, image_pad: int, *, min_reward: flo
         _check_tokens(ids, mask, images, image_pad, where, vocab_size)
         if not any(mask):
             raise where.error("trajectory has no assistant tokens to train on")
-        out.append(Example(list(ids), list(mask), images, 0.0, None, where))
+        out.append(Example(list(ids), list(mask), images, 0.0, None, where, record_pixels(rec, where)))
     if not out:
         raise MarsError("no trajectories to train on" + (f" with reward >= {min_reward}" if min_reward is not None else ""))
     return out
@@ -158,24 +172,39 @@ def rank_plan(indices: Sequence[int], lengths: Sequence[int], budget: int, rank:
 
     Ranks must run the same number of forward/backward passes (gradient reduction and ZeRO-3
     parameter gathering are collective), so a rank with fewer micro-batches repeats one of
-    its own with weight 0. Under ZeRO-3 the vision tower's parameters are gathered only by
-    forwards that carry images: pass `has_images` to refuse a plan where, at the same step,
-    some ranks would run the vision tower and others not (that would hang).
+    its own with weight 0. With `has_images`, each rank runs its micro-batches that hold
+    images first, so they line up across ranks: a micro-batch without images beside one
+    with images on another rank costs a filler run of the vision tower (micro_logprobs).
     """
     per_rank = [pack(shard(indices, r, world), lengths.__getitem__, budget) for r in range(world)]
+    if has_images is not None:
+        per_rank = [sorted(groups, key=lambda g: not any(has_images[i] for i in g)) for groups in per_rank]
     n = max(len(p) for p in per_rank)
     padded = []
     for groups in per_rank:
         filler = groups[0] if groups else [indices[0]]
         padded.append([(g, 1.0) for g in groups] + [(filler, 0.0)] * (n - len(groups)))
-    if has_images is not None and world > 1:
-        for j in range(n):
-            flags = {any(has_images[i] for i in p[j][0]) for p in padded}
-            if len(flags) > 1:
-                raise MarsError("with ZeRO-3 on several ranks every micro-batch must hold images on all ranks or "
-                                "on none (the vision tower's gather is collective); this batch mixes text-only and "
-                                "image trajectories: use --zero 2, or one process")
     return padded[rank]
+
+
+def _vision_is_collective(net) -> bool:
+    """Whether running the vision tower takes every rank: ZeRO-3 gathers its weights in each
+    forward, and a trained tower's gradient is reduced over ranks."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return False
+    visual = [p for name, p in net.named_parameters() if ".visual." in f".{name}"]
+    return any(hasattr(p, "ds_id") or p.requires_grad for p in visual)
+
+
+def _any_rank(flag: bool, device) -> bool:
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
 
 
 def pad_rows(rows: Sequence, value: float = 0.0):
@@ -185,18 +214,44 @@ def pad_rows(rows: Sequence, value: float = 0.0):
     return pad_sequence(list(rows), batch_first=True, padding_value=value)
 
 
-def micro_logprobs(policy, examples: Sequence[Example], *, model=None, grad: bool = False):
-    """One micro-batch forward: per-token log-probs and mask as [B, T] tensors (mask 1 only scored)."""
+def micro_logprobs(policy, examples: Sequence[Example], *, model=None, grad: bool = False,
+                   upcoming: Sequence[Example] | None = None):
+    """One micro-batch forward: per-token log-probs and mask as [B, T] tensors (mask 1 only scored).
+
+    `upcoming`: the micro-batch the caller runs next; its input (images decoded, resized,
+    patchified) is built in a background thread while this one computes (rl.prefetch).
+    """
     import torch
 
-    from mars_cli.models.inputs import build_inputs, token_logprobs
+    from mars_cli.models.inputs import token_logprobs, unwrap_model
+    from mars_cli.rl.prefetch import PREFETCHER, build_for
 
     seqs = [(ex.ids, ex.images) for ex in examples]
-    batch = build_inputs(policy, seqs)
+    net = unwrap_model(model if model is not None else policy.model)
+    filler = False
+    if _vision_is_collective(net):
+        # Every rank runs the vision tower in this forward or none does.
+        mine = any(ex.images for ex in examples)
+        filler = _any_rank(mine, next(net.parameters()).device) and not mine
+    batch = PREFETCHER.take(policy, examples)
+    if upcoming and prefetch_enabled():
+        PREFETCHER.submit(policy, upcoming)
+    if batch is None or filler:  # a filler batch has no images of its own: cheap to build here
+        batch = build_for(policy, examples, vision_filler=filler)
     lps = token_logprobs(policy, seqs, grad=grad, model=model, masks=[ex.mask for ex in examples], batch=batch)
     logp = pad_rows(lps)
     mask = pad_rows([torch.tensor(ex.mask, dtype=torch.float32) for ex in examples]).to(logp.device)
     return logp, mask, sum(batch.lengths)
+
+
+def prefetch_enabled() -> bool:
+    """MARS_PREFETCH=0 builds every micro-batch's input inline (for comparison and debugging)."""
+    return os.environ.get("MARS_PREFETCH", "1") not in ("0", "false", "no")
+
+
+def upcoming(examples: Sequence[Example], groups: Sequence, j: int) -> list[Example] | None:
+    """The examples of micro-batch j+1 of a rank plan (None after the last), for micro_logprobs."""
+    return [examples[i] for i in groups[j + 1][0]] if j + 1 < len(groups) else None
 
 
 def expanded_length(policy, ex: Example, cache: dict | None = None) -> int:
@@ -206,7 +261,8 @@ def expanded_length(policy, ex: Example, cache: dict | None = None) -> int:
     cache = {} if cache is None else cache
     extra = 0
     for im in ex.images:
-        if im not in cache:
-            cache[im] = image_tokens(policy, im)
-        extra += cache[im] - 1
+        key = (im, ex.pixels)
+        if key not in cache:
+            cache[key] = image_tokens(policy, im, ex.pixels)
+        extra += cache[key] - 1
     return len(ex.ids) + extra

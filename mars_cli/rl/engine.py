@@ -18,6 +18,7 @@ import json
 import math
 import os
 import socket
+import weakref
 from pathlib import Path
 
 from mars_cli.errors import MarsError, UsageError
@@ -85,9 +86,15 @@ def load_ds_config(zero: int | None, config_file: str | None, *, bf16: bool, gra
     elif zero in (2, 3):
         cfg = json.loads((CONFIG_DIR / f"zero{zero}.json").read_text())
     elif zero in (0, None):
-        cfg = {"zero_optimization": {"stage": 0}}
+        # Under bf16, DeepSpeed accumulates gradients in fp32 only inside a ZeRO optimizer:
+        # stage 1 (its bf16 optimizer) keeps fp32 gradients and master weights, and on one
+        # rank partitions nothing. Without bf16, plain stage 0.
+        cfg = {"zero_optimization": {"stage": 1 if bf16 else 0}}
     else:
         raise UsageError(f"--zero must be 0, 2 or 3, got {zero}")
+    if int(cfg.get("zero_optimization", {}).get("stage", 0)) > 0:
+        # bf16 micro-batch gradients add up in fp32 (DeepSpeed's default is the model's dtype).
+        cfg.setdefault("data_types", {}).setdefault("grad_accum_dtype", "fp32")
     # Batch sizes are ours (token-budget micro-batches): DeepSpeed sees one row per step.
     cfg["train_micro_batch_size_per_gpu"] = 1
     cfg["gradient_accumulation_steps"] = 1
@@ -143,6 +150,9 @@ class Trainer:
             model=model, optimizer=opt, config=self.config, lr_scheduler=sched,
             dist_init_required=None)
         self.model = self.engine.module
+        # models.inputs forwards through the engine (see its _forward_of); a weak reference
+        # keeps the module free of a cycle and of a submodule that state_dict would walk.
+        self.model.ds_engine_ref = weakref.ref(self.engine)
 
     # --- one optimizer step: backward × micro-batches, then step ---------------------
 
@@ -169,6 +179,11 @@ class Trainer:
             if not math.isfinite(norm):
                 raise MarsError(f"non-finite gradient norm ({norm}): nothing written")
         return norm
+
+    @property
+    def grad_accum_dtype(self):
+        """The dtype micro-batch gradients are summed in (fp32 unless a config says otherwise)."""
+        return self.engine.get_data_types()[1]
 
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
@@ -286,30 +301,46 @@ def config_argv(cfg) -> list[str]:
 
 
 def launch_ranks(command: str, paths: list[str], cfg, *, nproc: int, local_rank: int | None,
-                 skip_bad: bool, what: str) -> int | None:
+                 skip_bad: bool, what: str, nnodes: int = 1, node_rank: int = 0, master_addr: str | None = None,
+                 master_port: int | None = None) -> int | None:
     """Shared start of `mars update`/`mars sft`: take a launcher's --local_rank, and with
-    --nproc N outside a launcher relaunch as N ranks; their exit code, or None to train here."""
+    --nproc N (and --nnodes M) outside a launcher relaunch as N ranks on this node; their
+    exit code, or None to train here."""
     if local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(local_rank))
-    if nproc <= 1 or under_launcher():
+    if nnodes < 1 or not 0 <= node_rank < nnodes:
+        raise UsageError(f"--node-rank must be in [0, {nnodes}) for --nnodes {nnodes}, got {node_rank}")
+    if nnodes > 1 and not master_addr:
+        raise UsageError("--nnodes needs --master-addr (node 0's address, reachable from every node)")
+    if (nproc <= 1 and nnodes == 1) or under_launcher():
         return None
     if not paths or "-" in paths:
-        raise UsageError(f"--nproc needs the {what} as a file (every process reads it)")
-    return relaunch(nproc, command, [*paths, *config_argv(cfg), *(["--skip-bad"] if skip_bad else [])])
+        raise UsageError(f"--nproc/--nnodes need the {what} as a file (every process reads it)")
+    nodes = None
+    if nnodes > 1:
+        nodes = {"nnodes": nnodes, "node_rank": node_rank, "master_addr": master_addr, "master_port": master_port or 29500}
+    return relaunch(nproc, command, [*paths, *config_argv(cfg), *(["--skip-bad"] if skip_bad else [])], nodes=nodes)
 
 
-def relaunch(nproc: int, command: str, args: list[str]) -> int:
+def relaunch(nproc: int, command: str, args: list[str], *, nodes: dict | None = None) -> int:
     """Run `mars COMMAND ARGS` in `nproc` processes under torch.distributed.run; its exit code.
 
-    Each child reads the whole batch and trains on its rank's share; rank 0 alone writes
-    the checkpoint and the metrics record (to this process's stdout, which it inherits).
+    Each child reads the whole batch and trains on its rank's share; global rank 0 alone
+    writes the checkpoint and the metrics record (to this process's stdout, which it
+    inherits). `nodes` (nnodes, node_rank, master_addr, master_port): this is one node of
+    several, each started the same way; they meet at master_addr:master_port (node 0).
     """
     import subprocess
     import sys
 
     from mars_cli import streams
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+    if nodes is None:
+        where = ["--standalone"]
+    else:
+        where = [f"--nnodes={nodes['nnodes']}", f"--node-rank={nodes['node_rank']}",
+                 f"--master-addr={nodes['master_addr']}", f"--master-port={nodes['master_port']}"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", *where, f"--nproc-per-node={nproc}",
            "-m", "mars_cli", command, *args]
     out = streams.records_out()
     out.flush()

@@ -45,6 +45,9 @@ class SFTConfig:
     bf16: bool | None = None
     seed: int = 0
     eval: bool = True
+    attn_implementation: str | None = None  # None: transformers' default (sdpa)
+    min_pixels: int | None = None  # image pixel limits for records without policy.pixels
+    max_pixels: int | None = None
 
 
 def lr_factor(step: int, total: int, warmup: int, min_ratio: float = 0.0) -> float:
@@ -81,7 +84,9 @@ def run_sft(paths, cfg: SFTConfig, *, skip_bad: bool = False, on_epoch=None) -> 
     _check(cfg)
     t0 = time.time()
     policy, bf16 = prepare_policy(cfg.policy, train_vision=cfg.train_vision,
-                                  gradient_checkpointing=cfg.gradient_checkpointing, bf16=cfg.bf16, seed=cfg.seed)
+                                  gradient_checkpointing=cfg.gradient_checkpointing, bf16=cfg.bf16, seed=cfg.seed,
+                                  attn_implementation=cfg.attn_implementation, min_pixels=cfg.min_pixels,
+                                  max_pixels=cfg.max_pixels)
     renderer = Renderer(policy.tokenizer, policy.special)
     examples = batching.sft_examples(read_located(paths, skip_bad=skip_bad), renderer, policy.special["image_pad"],
                                      min_reward=cfg.min_reward, vocab_size=policy.model.get_input_embeddings().num_embeddings)
@@ -108,9 +113,11 @@ def run_sft(paths, cfg: SFTConfig, *, skip_bad: bool = False, on_epoch=None) -> 
         if not cfg.eval:
             return None
         acc: dict = {}
-        for group, w in plan(list(range(len(examples)))):
+        groups = plan(list(range(len(examples))))
+        for j, (group, w) in enumerate(groups):
             with torch.no_grad():
-                lp, mask, _ = batching.micro_logprobs(policy, [examples[i] for i in group], model=trainer.model)
+                lp, mask, _ = batching.micro_logprobs(policy, [examples[i] for i in group], model=trainer.model,
+                                                      upcoming=batching.upcoming(examples, groups, j))
             if w:
                 L.merge_stats(acc, L.nll(lp.float(), mask).stats)
         acc = trainer.all_reduce({"n": acc.get("n", 0.0), "nll_sum": acc.get("nll_sum", 0.0)})
@@ -135,7 +142,8 @@ def run_sft(paths, cfg: SFTConfig, *, skip_bad: bool = False, on_epoch=None) -> 
             denom = max(1, sum(examples[i].policy_tokens for i in idx))
             groups = plan(idx)
             for j, (group, w) in enumerate(groups):
-                lp, mask, ntok = batching.micro_logprobs(policy, [examples[i] for i in group], model=trainer.model, grad=True)
+                lp, mask, ntok = batching.micro_logprobs(policy, [examples[i] for i in group], model=trainer.model,
+                                                         grad=True, upcoming=batching.upcoming(examples, groups, j))
                 out = L.nll(lp.float(), mask, denom=denom)
                 if w and not math.isfinite(float(out.loss.detach())):
                     raise MarsError(f"non-finite loss at step {step + 1}: nothing written")

@@ -45,6 +45,9 @@ class UpdateConfig:
     gradient_checkpointing: bool = False
     bf16: bool | None = None  # None: on when training on a GPU
     seed: int = 0
+    attn_implementation: str | None = None  # None: transformers' default (sdpa)
+    min_pixels: int | None = None  # image pixel limits for records without policy.pixels
+    max_pixels: int | None = None
 
 
 def _device() -> str:
@@ -65,7 +68,9 @@ def token_budget(requested: int | None, policy) -> int:
     return 4096 if policy.device.type == "cuda" else 1024
 
 
-def prepare_policy(path: str, *, train_vision: bool, gradient_checkpointing: bool, bf16: bool | None, seed: int):
+def prepare_policy(path: str, *, train_vision: bool, gradient_checkpointing: bool, bf16: bool | None, seed: int,
+                   attn_implementation: str | None = None, min_pixels: int | None = None,
+                   max_pixels: int | None = None):
     """Load a policy for training: device, dtype, frozen vision, checkpointing."""
     import torch
 
@@ -76,7 +81,8 @@ def prepare_policy(path: str, *, train_vision: bool, gradient_checkpointing: boo
     torch.manual_seed(seed)
     device = _device()
     use_bf16 = device.startswith("cuda") if bf16 is None else bf16
-    policy = load_policy(path, device=device, dtype="bfloat16" if use_bf16 else "float32", trainable=True)
+    policy = load_policy(path, device=device, dtype="bfloat16" if use_bf16 else "float32", trainable=True,
+                         attn_implementation=attn_implementation, min_pixels=min_pixels, max_pixels=max_pixels)
     freeze_vision(policy.model, train_vision)
     if gradient_checkpointing:
         policy.model.config.use_cache = False
@@ -137,7 +143,9 @@ def run_update(paths, cfg: UpdateConfig, *, skip_bad: bool = False, trainer_hook
     eps_low, eps_high = (cfg.eps_low if cfg.eps_low is not None else L.DEFAULT_EPS[cfg.loss][0],
                          cfg.eps_high if cfg.eps_high is not None else L.DEFAULT_EPS[cfg.loss][1])
     policy, bf16 = prepare_policy(cfg.policy, train_vision=cfg.train_vision,
-                                  gradient_checkpointing=cfg.gradient_checkpointing, bf16=cfg.bf16, seed=cfg.seed)
+                                  gradient_checkpointing=cfg.gradient_checkpointing, bf16=cfg.bf16, seed=cfg.seed,
+                                  attn_implementation=cfg.attn_implementation, min_pixels=cfg.min_pixels,
+                                  max_pixels=cfg.max_pixels)
     # The batch may come from an older policy (a server that had not loaded the last step
     # yet, `--follow` staleness): counted and reported, never refused.
     sampled_by = SampledBy()
@@ -152,7 +160,9 @@ def run_update(paths, cfg: UpdateConfig, *, skip_bad: bool = False, trainer_hook
     if cfg.ref and cfg.beta > 0:
         from mars_cli.models.load import load_policy
 
-        ref = load_policy(cfg.ref, device=str(policy.device), dtype=next(policy.model.parameters()).dtype)
+        ref = load_policy(cfg.ref, device=str(policy.device), dtype=next(policy.model.parameters()).dtype,
+                          attn_implementation=cfg.attn_implementation, min_pixels=cfg.min_pixels,
+                          max_pixels=cfg.max_pixels)
     trainer = Trainer(policy.model, zero=cfg.zero, config_file=cfg.deepspeed, lr=cfg.lr,
                       weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, bf16=bf16)
     resume_state(trainer, cfg.state, policy)
@@ -179,14 +189,16 @@ def run_update(paths, cfg: UpdateConfig, *, skip_bad: bool = False, trainer_hook
     several = len(minis) > 1
     if several:
         for mb in minis:
-            for group, w in plan(mb):
+            groups = plan(mb)
+            for j, (group, w) in enumerate(groups):
                 exs = [examples[i] for i in group]
                 with torch.no_grad():  # filler groups too: ZeRO-3 forwards are collective
-                    lp, mask, _ = batching.micro_logprobs(policy, exs, model=trainer.model)
-                for row, i in enumerate(group if w else ()):
+                    lp, mask, _ = batching.micro_logprobs(policy, exs, model=trainer.model,
+                                                          upcoming=batching.upcoming(examples, groups, j))
+                for row, i in enumerate(group):  # a filler group's too: its rank trains on it (weight 0)
                     n = len(examples[i].ids)
                     old[i] = lp[row, :n].float()
-                    if examples[i].rollout_logprobs is not None:
+                    if w and examples[i].rollout_logprobs is not None:
                         _gap(gap, old[i], torch.tensor(examples[i].rollout_logprobs, device=dev), mask[row, :n])
     if cfg.old_logprobs == "rollout":
         old = {i: torch.tensor(ex.rollout_logprobs, dtype=torch.float32, device=dev) for i, ex in enumerate(examples)}
@@ -202,7 +214,8 @@ def run_update(paths, cfg: UpdateConfig, *, skip_bad: bool = False, trainer_hook
         step_loss = 0.0
         for j, (group, weight) in enumerate(groups):
             exs = [examples[i] for i in group]
-            lp, mask, ntok = batching.micro_logprobs(policy, exs, model=trainer.model, grad=True)
+            lp, mask, ntok = batching.micro_logprobs(policy, exs, model=trainer.model, grad=True,
+                                                     upcoming=batching.upcoming(examples, groups, j))
             lp = lp.float()
             if not several:
                 rollout = [examples[i].rollout_logprobs for i in group]
