@@ -128,7 +128,7 @@ def test_s1_crop_and_image_search_on_a_fifo_are_exit_1_first_line(tmp_path):
     _img(tmp_path / "imgs" / "a.png")
     for args in (["crop", fifo, "0", "0", "1", "1", "-o", tmp_path / "c.jpg"],
                  ["index", "images", tmp_path / "imgs", "--out", tmp_path / "idx"],
-                 ["image-search", fifo, "--index", tmp_path / "idx"]):
+                 ["image-search", fifo, "--image-index", tmp_path / "idx"]):
         p = subprocess.run([sys.executable, "-m", "mars_cli", *map(str, args)], capture_output=True, text=True, timeout=60)
         if args[0] == "index":
             assert p.returncode == 0, p.stderr
@@ -233,11 +233,18 @@ def test_w4_llm_judge_reply_size_is_bounded(monkeypatch):
         import asyncio
 
         async def go():
-            async with llm_judge.AsyncJudge(srv.url + "/v1", "m", concurrency=1, retries=0, timeout=10) as j:
-                return await j.judge("q", ["a"], "a")
+            out = []
+            for rubric in ("strict", "sensenova"):
+                async with llm_judge.AsyncJudge(srv.url + "/v1", "m", rubric=rubric, concurrency=1, retries=0,
+                                                timeout=10) as j:
+                    out.append(await j.judge("q", ["a"], "a"))
+            return out
 
-        v = asyncio.run(go())
-    assert v.accuracy is None and "over 10000 bytes" in v.error
+        strict, official = asyncio.run(go())
+    # The oversized reply is a failed call under either rubric: strict leaves the record
+    # unjudged, the official rubric scores a failed call 0 (and the health check counts it).
+    assert strict.accuracy is None and "over 10000 bytes" in strict.error
+    assert official.failed == 1 and official.accuracy == 0.0 and "over 10000 bytes" in official.error
 
 
 def test_w4_summarizer_failure_falls_back_to_plain_results():

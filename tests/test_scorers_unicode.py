@@ -78,7 +78,12 @@ def test_unreachable_judge_shows_its_cause(tmp_path):
     s.close()  # nothing listens there now
     f = tmp_path / "t.jsonl"
     f.write_text(json.dumps(rec(0, "Rome", ["Paris"])) + "\n")
-    r = Ran(["judge", f, "--judge-base-url", f"http://127.0.0.1:{port}/v1", "--judge-model", "m", "--retries", "0"])
+    base = ["judge", f, "--judge-base-url", f"http://127.0.0.1:{port}/v1", "--judge-model", "m", "--retries", "0"]
+    r = Ran(base + ["--rubric", "strict"])  # a failed call leaves the record unjudged
     assert r.exit_code == 1
     assert "mars judge: could not judge 't0': judge request failed: ConnectError" in r.stderr
-    assert "1 record(s) could not be judged (first: judge request failed: ConnectError" in r.stderr
+    assert "first failure: judge request failed: ConnectError" in r.stderr  # the health check names it too
+    r = Ran(base)  # the official rubric scores it 0; the health check fails, naming the cause
+    assert r.exit_code == 1
+    assert "mars judge: judge request for 't0' failed, scored 0: judge request failed: ConnectError" in r.stderr
+    assert "first failure: judge request failed: ConnectError" in r.stderr

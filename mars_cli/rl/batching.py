@@ -9,6 +9,7 @@ through the protocol's Renderer, which masks everything but the assistant's own 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 

@@ -75,6 +75,7 @@ class JudgeStats:
     fallback: int = 0
     accuracy_sum: float = 0.0
     first_error: str | None = None  # why the first unjudged record could not be judged
+    first_failure: str | None = None  # the first LLM judge request that failed after its retries
 
     def summary(self) -> str:
         done = self.records - self.missing
@@ -102,7 +103,8 @@ def check_health(stats: JudgeStats, cfg: "JudgeConfig") -> None:
         return
     raise MarsError(f"judge health check failed: {stats.llm_calls - stats.llm_failed} of {stats.llm_calls} LLM judge "
                     f"requests succeeded ({stats.success_rate:.1%}), below --min-judge-success {cfg.min_success:g}; "
-                    "the rewards of this batch are not trustworthy (is the judge server overloaded or down?)")
+                    "the rewards of this batch are not trustworthy (is the judge server overloaded or down?)"
+                    + (f"; first failure: {stats.first_failure}" if stats.first_failure else ""))
 
 
 def format_reward(record: dict) -> float:
@@ -182,6 +184,10 @@ def complete(p: _Pending, cfg: JudgeConfig, stats: JudgeStats, verdict: Verdict 
         stats.cache_hits += verdict.cached
         stats.llm_calls += verdict.calls
         stats.llm_failed += verdict.failed
+        if verdict.failed and stats.first_failure is None and verdict.error:
+            stats.first_failure = verdict.error
+            if p.accuracy is not None:  # (an unjudged record is named below with the same cause)
+                streams.warn(f"judge request for {rec.get('id')!r} failed, scored {p.accuracy:g}: {verdict.error}")
     elif p.info["method"].startswith("rule-fallback"):
         stats.fallback += 1
         streams.warn_once("rule-fallback", f"{p.scorer}-scored records are judged by rules (exact match, then a short "
