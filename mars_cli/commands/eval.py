@@ -15,6 +15,9 @@ def main(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the records to this file instead of stdout."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unparsable lines with a warning instead of failing."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No table on stderr."),
+    report_to: str = typer.Option("none", "--report-to", envvar="MARS_REPORT_TO", help="Also log metrics to tensorboard or wandb (none: only the records)."),
+    logging_dir: Optional[Path] = typer.Option(None, "--logging-dir", envvar="MARS_LOGGING_DIR", help="Where --report-to writes [default: ./runs/CMD-TIME/]."),
+    step: Optional[int] = typer.Option(None, "--step", min=0, help="The training step of the evaluated checkpoint (x axis for --report-to) [default: 0]."),
 ) -> None:
     """Score judged trajectories: Pass@1, Avg@k, Pass@k, tool use.
 
@@ -33,5 +36,12 @@ def main(
     with RecordWriter(out) as w:
         for r in records:
             w.write(r)
+    if report_to != "none":
+        from mars_cli.tracking import open_tracker, run_settings
+
+        with open_tracker(report_to, logging_dir=logging_dir, command="eval", config=run_settings()) as t:
+            for r in records:
+                sub = "" if r.get("by") is None else f"{r['by']}={r['subset']}/"
+                t.log(r, step=step, prefix=f"eval/{r['benchmark']}/{sub}")
     if not quiet and records:
         sys.stderr.write(format_table(records) + "\n")

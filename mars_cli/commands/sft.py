@@ -31,6 +31,8 @@ def main(
     seed: int = typer.Option(0, "--seed", help="Seed of the data order and torch."),
     eval: bool = typer.Option(True, "--eval/--no-eval", help="Measure the data's NLL before and after each epoch."),
     nproc: int = typer.Option(1, "--nproc", min=1, help="Run N processes (torch.distributed.run); records sharded by rank."),
+    report_to: str = typer.Option("none", "--report-to", envvar="MARS_REPORT_TO", help="Also log metrics to tensorboard or wandb (none: only the records)."),
+    logging_dir: Optional[Path] = typer.Option(None, "--logging-dir", envvar="MARS_LOGGING_DIR", help="Where --report-to writes [default: ./runs/CMD-TIME/]."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unparsable lines with a warning."),
     local_rank: Optional[int] = typer.Option(None, "--local_rank", "--local-rank", hidden=True, help="Set by the deepspeed launcher (LOCAL_RANK is read)."),
 ) -> None:
@@ -53,6 +55,16 @@ def main(
     code = launch_ranks("sft", paths, cfg, nproc=nproc, local_rank=local_rank, skip_bad=skip_bad, what="data")
     if code is not None:
         raise typer.Exit(code)
-    with RecordWriter() as w:
-        rank0 = int(os.environ.get("RANK", "0")) == 0
-        run_sft(paths, cfg, skip_bad=skip_bad, on_epoch=(lambda rec: w.write(rec)) if rank0 else None)
+    from mars_cli.settings import write_settings
+    from mars_cli.tracking import open_tracker, run_settings
+
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    with RecordWriter() as w, open_tracker(report_to if rank0 else "none", logging_dir=logging_dir, command="sft",
+                                           config=run_settings()) as t:
+        def on_epoch(rec):
+            t.log(rec, step=rec.get("steps"), prefix="train/")
+            w.write(rec)
+
+        run_sft(paths, cfg, skip_bad=skip_bad, on_epoch=on_epoch if rank0 else None)
+    if rank0:
+        write_settings(out)

@@ -31,6 +31,8 @@ def main(
     bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help="bf16 weights and DeepSpeed bf16 [default: on a GPU]."),
     seed: int = typer.Option(0, "--seed", help="Torch seed."),
     nproc: int = typer.Option(1, "--nproc", min=1, help="Run N processes (torch.distributed.run); records sharded by rank."),
+    report_to: str = typer.Option("none", "--report-to", envvar="MARS_REPORT_TO", help="Also log metrics to tensorboard or wandb (none: only the records)."),
+    logging_dir: Optional[Path] = typer.Option(None, "--logging-dir", envvar="MARS_LOGGING_DIR", help="Where --report-to writes [default: ./runs/CMD-TIME/]."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unparsable lines with a warning."),
     local_rank: Optional[int] = typer.Option(None, "--local_rank", "--local-rank", hidden=True, help="Set by the deepspeed launcher (LOCAL_RANK is read)."),
 ) -> None:
@@ -57,5 +59,11 @@ def main(
         raise typer.Exit(code)
     metrics = run_update(paths, cfg, skip_bad=skip_bad)
     if int(os.environ.get("RANK", "0")) == 0:
+        from mars_cli.settings import write_settings
+        from mars_cli.tracking import open_tracker, run_settings
+
+        write_settings(out)
+        with open_tracker(report_to, logging_dir=logging_dir, command="update", config=run_settings()) as t:
+            t.log(metrics, step=metrics.get("step"), prefix="train/")
         with RecordWriter() as w:
             w.write(metrics)
