@@ -18,7 +18,7 @@ import os
 import time
 from pathlib import Path
 
-from mars_cli.errors import MarsError
+from mars_cli.errors import MarsError, UsageError
 
 REPORT_TO = ("none", "tensorboard", "wandb")
 
@@ -105,7 +105,7 @@ def open_tracker(report_to: str | None, *, logging_dir: str | os.PathLike | None
     """A Tracker for `report_to` (none, tensorboard, wandb); `logging_dir` None = runs/<command>-<time>/."""
     report_to = (report_to or "none").lower()
     if report_to not in REPORT_TO:
-        raise MarsError(f"unknown --report-to {report_to!r} (choose from {', '.join(REPORT_TO)})")
+        raise UsageError(f"unknown --report-to {report_to!r} (choose from {', '.join(REPORT_TO)})")
     where = Path(logging_dir) if logging_dir else default_logging_dir(command)
     return Tracker(report_to, where, command, config)
 

@@ -30,18 +30,16 @@ def main(
 
     from mars_cli.eval.metrics import compute_metrics, format_table
     from mars_cli.jsonl import RecordWriter, read_located
+    from mars_cli.tracking import open_tracker, run_settings
 
     items = read_located([str(f) for f in files or []], skip_bad=skip_bad)
-    records = compute_metrics(items, by=list(by or []), label=label)
-    with RecordWriter(out) as w:
-        for r in records:
-            w.write(r)
-    if report_to != "none":
-        from mars_cli.tracking import open_tracker, run_settings
-
-        with open_tracker(report_to, logging_dir=logging_dir, command="eval", config=run_settings()) as t:
+    with open_tracker(report_to, logging_dir=logging_dir, command="eval", config=run_settings()) as t:
+        records = compute_metrics(items, by=list(by or []), label=label)
+        with RecordWriter(out) as w:
             for r in records:
-                sub = "" if r.get("by") is None else f"{r['by']}={r['subset']}/"
-                t.log(r, step=step, prefix=f"eval/{r['benchmark']}/{sub}")
+                w.write(r)
+        for r in records:
+            sub = "" if r.get("by") is None else f"{r['by']}={r['subset']}/"
+            t.log(r, step=step, prefix=f"eval/{r['benchmark']}/{sub}")
     if not quiet and records:
         sys.stderr.write(format_table(records) + "\n")

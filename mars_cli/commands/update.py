@@ -57,13 +57,14 @@ def main(
     code = launch_ranks("update", paths, cfg, nproc=nproc, local_rank=local_rank, skip_bad=skip_bad, what="batch")
     if code is not None:
         raise typer.Exit(code)
-    metrics = run_update(paths, cfg, skip_bad=skip_bad)
-    if int(os.environ.get("RANK", "0")) == 0:
-        from mars_cli.settings import write_settings
-        from mars_cli.tracking import open_tracker, run_settings
+    from mars_cli.settings import write_settings
+    from mars_cli.tracking import open_tracker, run_settings
 
-        write_settings(out)
-        with open_tracker(report_to, logging_dir=logging_dir, command="update", config=run_settings()) as t:
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    with open_tracker(report_to if rank0 else "none", logging_dir=logging_dir, command="update", config=run_settings()) as t:
+        metrics = run_update(paths, cfg, skip_bad=skip_bad)
+        if rank0:
+            write_settings(out)
             t.log(metrics, step=metrics.get("step"), prefix="train/")
-        with RecordWriter() as w:
-            w.write(metrics)
+            with RecordWriter() as w:
+                w.write(metrics)
