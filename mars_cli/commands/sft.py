@@ -46,6 +46,9 @@ def main(
     from mars_cli.rl.engine import launch_ranks
     from mars_cli.rl.sft import SFTConfig, run_sft
 
+    from mars_cli.models.load import resolve_policy
+
+    policy = resolve_policy(policy)  # a Hub name → its cached snapshot
     cfg = SFTConfig(policy=str(policy), out=str(out), state=str(state) if state else None, epochs=epochs, lr=lr,
                     weight_decay=weight_decay, grad_clip=grad_clip, batch_size=batch_size,
                     micro_batch_tokens=micro_batch_tokens, warmup=warmup, min_lr_ratio=min_lr_ratio,

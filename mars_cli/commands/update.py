@@ -48,6 +48,9 @@ def main(
     from mars_cli.rl.engine import launch_ranks
     from mars_cli.rl.update import UpdateConfig, run_update
 
+    from mars_cli.models.load import resolve_policy
+
+    policy, ref = resolve_policy(policy), resolve_policy(ref) if ref else None  # Hub names → cached snapshots
     cfg = UpdateConfig(policy=str(policy), out=str(out), ref=str(ref) if ref else None, state=str(state) if state else None,
                        loss=loss, eps_low=eps_low, eps_high=eps_high, beta=beta, lr=lr, weight_decay=weight_decay,
                        grad_clip=grad_clip, mini_batch=mini_batch, micro_batch_tokens=micro_batch_tokens,

@@ -65,9 +65,16 @@ def weight_files(model_dir: str | Path) -> list[Path]:
                   and not p.name.startswith(".") and p.name not in ("training_args.bin", "optimizer.pt"))
 
 
+def resolve_policy(path: str | Path) -> Path:
+    """A model directory: the path itself, or a Hub name (ORG/NAME) from the local HF cache."""
+    from mars_cli.hub import resolve_model
+
+    return resolve_model(path)
+
+
 def read_config(path: str | Path) -> dict:
     """config.json of a model directory, with clear errors for what is not one."""
-    path = Path(path)
+    path = resolve_policy(path)
     if not path.exists():
         raise MarsError(f"{path}: no such model directory")
     if not path.is_dir():
@@ -97,7 +104,7 @@ def fingerprint(path: str | Path) -> str:
     unchanged and the weights files still have the sizes and mtimes it recorded; otherwise the id hashes config.json and
     each weights file's name, size and mtime (a copy without -p gets a new id: safe side).
     """
-    path = Path(path)
+    path = resolve_policy(path)
     read_config(path)  # validates the directory
     config = (path / "config.json").read_bytes()
     files = weight_files(path)
@@ -150,7 +157,7 @@ def load_tokenizer(path: str | Path):
     """
     from transformers import AutoTokenizer
 
-    path = Path(path)
+    path = resolve_policy(path)
     if not (path / "tokenizer.json").is_file() and not (path / "vocab.json").is_file():
         raise MarsError(f"{path}: no tokenizer files (tokenizer.json or vocab.json + merges.txt)")
     key = (str(path.resolve()),) + tuple(
@@ -172,7 +179,7 @@ def load_image_processor(path: str | Path, *, min_pixels: int | None = None, max
     """Qwen2VLImageProcessorPil from preprocessor_config.json (no torchvision needed)."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    path = Path(path)
+    path = resolve_policy(path)
     cfg_path = path / "preprocessor_config.json"
     if not cfg_path.is_file():
         raise MarsError(f"{path}: no preprocessor_config.json (the image processor settings)")
@@ -213,7 +220,7 @@ def load_policy(path, *, device: str = "cpu", dtype=None, trainable: bool = Fals
     import transformers
 
     quiet_transformers()
-    path = Path(path)
+    path = resolve_policy(path)
     cfg = read_config(path)
     arch = arch_of(cfg, path / "config.json")
     if not weight_files(path):
