@@ -188,11 +188,17 @@ def build_text_index(
             "tokens": n_tokens,
             "method": "bm25+dense" if dense is not None else "bm25",
             "bm25": {"variant": "lucene", "k1": K1, "b": B, "stemmer": "english", "stopwords": "en"},
-            "dense": None if dense is None else {"model": getattr(embedder, "name", "custom"), "dim": dense.d, "faiss": "IndexFlatIP"},
+            "dense": None if dense is None else _describe(embedder, dense.d),
             "build_seconds": round(time.time() - t0, 3),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def _describe(embedder, dim: int) -> dict:
+    """The manifest's record of the embedding model: its name, and its path so search can load it."""
+    d = embedder.describe() if hasattr(embedder, "describe") else {"model": getattr(embedder, "name", "custom")}
+    return {**d, "dim": dim, "faiss": "IndexFlatIP"}
 
 
 def _add_dense(index, embedder, batch: list[dict]):
@@ -281,6 +287,22 @@ class TextIndex:
         start, end = int(self.offsets[i]), int(self.offsets[i + 1])
         return orjson.loads(os.pread(self._fd, end - start, start))
 
+    def ensure_embedder(self):
+        """The embedding model: as given, else loaded from the path the manifest records."""
+        if self.embedder is None and self.dense is not None:
+            from mars_cli.tools.embed import load_embedder
+
+            rec = self.manifest["dense"]
+            where = rec.get("path")
+            if not where:
+                raise MarsError(f"{self.path}: the index does not record where its embedding model {rec.get('model')!r} is: "
+                                "give it with --dense-model PATH (or search with --method bm25)")
+            if not Path(where).exists():
+                raise MarsError(f"{self.path}: its embedding model {where} does not exist (moved?): give it with "
+                                "--dense-model PATH (or search with --method bm25)")
+            self.embedder = load_embedder(where)
+        return self.embedder
+
     def bm25_top(self, query: str, k: int) -> list[tuple[int, float]]:
         ids = sorted({self.vocab[t] for t in self.analyzer(query) if t in self.vocab})
         if not ids:
@@ -291,18 +313,20 @@ class TextIndex:
     def dense_top(self, query: str, k: int) -> list[tuple[int, float]]:
         if self.dense is None:
             raise MarsError(f"{self.path}: built without dense vectors (rebuild with --dense-model)")
-        if self.embedder is None:
-            raise MarsError(f"{self.path}: dense search needs the embedding model {self.manifest['dense']['model']!r} (--dense-model)")
+        embedder = self.ensure_embedder()
         import faiss
 
-        q = np.ascontiguousarray(self.embedder.encode([query], kind="query"), dtype=np.float32)
+        q = np.ascontiguousarray(embedder.encode([query], kind="query"), dtype=np.float32)
+        if q.shape[1] != self.dense.d:
+            raise MarsError(f"{self.path}: the embedding model gives {q.shape[1]}-dim vectors, the index holds "
+                            f"{self.dense.d}-dim ones (built with {self.manifest['dense'].get('model')!r})")
         faiss.normalize_L2(q)
         scores, idx = self.dense.search(q, min(k, self.n))
         return [(int(i), float(s)) for i, s in zip(idx[0], scores[0]) if i >= 0]
 
     def search(self, query: str, k: int = 5, *, method: str | None = None, rrf_k: int = 60) -> list[tuple[int, float]]:
-        """(passage number, score) best first. method: bm25, dense, hybrid (RRF); default hybrid when dense was built and an embedder is set."""
-        method = method or ("hybrid" if self.dense is not None and self.embedder is not None else "bm25")
+        """(passage number, score) best first. method: bm25, dense, hybrid (RRF); default hybrid when the index has vectors."""
+        method = method or ("hybrid" if self.dense is not None else "bm25")
         if method == "bm25":
             return self.bm25_top(query, k)
         if method == "dense":
