@@ -81,11 +81,10 @@ class MarsGroup(TyperGroup):
         finally:
             streams.program.reset(token)
 
-    def get_command(self, ctx, name):
-        cmd = super().get_command(ctx, name)
-        if cmd is not None:
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for cmd in self.commands.values():  # every command, and every command of a group, takes --config
             _with_config_option(cmd)
-        return cmd
 
     def list_commands(self, ctx):
         # Keep the table's order (the pipeline's order), not alphabetical.
