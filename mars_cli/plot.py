@@ -36,7 +36,7 @@ TRAIN_METRICS = [
     ("grad norm", ("grad_norm",)),
     ("KL", ("kl",)),
     ("clip fraction", ("clip_fraction",)),
-    ("staleness", ("staleness", "staleness_mean", "batch.staleness")),
+    ("staleness", ("staleness.mean", "staleness", "staleness_mean")),
     ("step time (s)", ("seconds", "step_seconds")),
 ]
 EVAL_METRICS = [
