@@ -164,7 +164,9 @@ class PooledEmbedder:
         summed, n = (hidden * m).sum(1), m.sum(1).clamp(min=1.0)
         return summed / (torch.sqrt(n) if mode == "mean_sqrt_len" else n)
 
-    def encode_ids(self, ids: list[list[int]]) -> np.ndarray:
+    reports_progress = True  # encode(..., on_progress=callable(n_done_in_batch))
+
+    def encode_ids(self, ids: list[list[int]], on_progress=None) -> np.ndarray:
         """Embeddings of tokenized texts, batched longest first; rows in the input order."""
         torch = self.torch
         dim = self.model.config.hidden_size
@@ -186,9 +188,11 @@ class PooledEmbedder:
                 hidden = self.model(**kwargs).last_hidden_state
                 vec = torch.nn.functional.normalize(self._pool(hidden, mask).float(), dim=-1)
                 out[rows] = vec.numpy()
+                if on_progress is not None:
+                    on_progress(len(rows))
         return out
 
-    def encode(self, items: list, *, kind: str = "passage") -> np.ndarray:
+    def encode(self, items: list, *, kind: str = "passage", on_progress=None) -> np.ndarray:
         if items and not isinstance(items[0], str):
             raise MarsError("image embeddings (CLIP) need the sentence-transformers package (pip install sentence-transformers)")
         texts = [self.prefix.get(kind, "") + t for t in items]
@@ -198,7 +202,7 @@ class PooledEmbedder:
                 hit = self.encode_ids(self.tokenize(texts))[0]
                 self._queries.put(texts[0], hit)
             return hit[None, :].copy()
-        return self.encode_ids(self.tokenize(texts))
+        return self.encode_ids(self.tokenize(texts), on_progress)
 
     def describe(self) -> dict:
         """What the index records about the model."""

@@ -159,11 +159,12 @@ def build_text_index(
                 pair_f["term"].write(t_ids.astype(np.int32).tobytes())
                 pair_f["doc"].write(d_ids.astype(np.int32).tobytes())
                 pair_f["tf"].write(tf.astype(np.float32).tobytes())
-            if embedder is not None:
-                dense = _add_dense(dense, embedder, batch)
+            if embedder is not None:  # embedding is the slow part: the bar follows its batches
+                dense = _add_dense(dense, embedder, batch, bar)
+            else:
+                bar.update(len(batch))
             n_docs += len(batch)
             n_tokens += len(terms)
-            bar.update(len(batch))
         bar.close()
         for f in (passages_f, offsets_f, doclen_f, *pair_f.values()):
             f.close()
@@ -201,10 +202,16 @@ def _describe(embedder, dim: int) -> dict:
     return {**d, "dim": dim, "faiss": "IndexFlatIP"}
 
 
-def _add_dense(index, embedder, batch: list[dict]):
+def _add_dense(index, embedder, batch: list[dict], bar):
     import faiss
 
-    vecs = np.ascontiguousarray(embedder.encode([f"{p['title']}\n{p['text']}".strip() for p in batch], kind="passage"), dtype=np.float32)
+    texts = [f"{p['title']}\n{p['text']}".strip() for p in batch]
+    if getattr(embedder, "reports_progress", False):
+        vecs = embedder.encode(texts, kind="passage", on_progress=bar.update)
+    else:
+        vecs = embedder.encode(texts, kind="passage")
+        bar.update(len(batch))
+    vecs = np.ascontiguousarray(vecs, dtype=np.float32)
     if index is None:
         index = faiss.IndexFlatIP(vecs.shape[1])
     faiss.normalize_L2(vecs)
