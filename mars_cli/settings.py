@@ -63,13 +63,16 @@ def config_defaults(command, path: str | os.PathLike) -> dict:
     """The file's settings as click's default_map for `command`; unknown keys are errors."""
     data = read_config_file(path)
     keys = option_names(command)
+    params = {p.name: p for p in command.params}
     out, unknown = {}, []
     for k, v in data.items():
         name = keys.get(str(k))
         if name is None:
             unknown.append(str(k))
-        else:
-            out[name] = [str(x) if isinstance(x, Path) else x for x in v] if isinstance(v, list) else v
+            continue
+        if getattr(params[name], "multiple", False) and not isinstance(v, list):
+            v = [v]  # `by: category` means one value, not the letters of a string
+        out[name] = v
     if unknown:
         known = sorted({o[2:] for p in command.params if p.name in keys.values() for o in p.opts if o.startswith("--")})
         raise UsageError(f"--config {path}: unknown option{'s' if len(unknown) > 1 else ''} "

@@ -103,3 +103,18 @@ def test_config_reaches_a_subcommand_of_a_group(tmp_path):
     r = Ran(["index", "text", corpus, "--config", cfg])
     assert r.exit_code == 0, r.stderr
     assert (tmp_path / "idx" / "manifest.json").exists()
+
+
+def test_a_repeatable_option_takes_a_list_or_one_value(tmp_path):
+    f = tmp_path / "j.jsonl"
+    recs = [{"schema_version": 1, "id": f"t{i}", "question": "q", "images": [], "answers": ["a"], "group": f"t{i}",
+             "sample": 0, "messages": [], "tool_calls": [], "prediction": "a", "finish": "answer",
+             "rewards": {"accuracy": float(i % 2), "format": 1.0}, "reward": 1.0, "meta": {"category": f"c{i % 2}"}}
+            for i in range(4)]
+    f.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    (tmp_path / "one.yaml").write_text("by: category\nquiet: true\n")
+    (tmp_path / "list.toml").write_text('by = ["category"]\nquiet = true\n')
+    flag = Ran(["eval", f, "--by", "category", "-q"])
+    assert flag.exit_code == 0 and len(flag.stdout.splitlines()) == 3
+    assert Ran(["eval", f, "--config", tmp_path / "one.yaml"]).stdout == flag.stdout
+    assert Ran(["eval", f, "--config", tmp_path / "list.toml"]).stdout == flag.stdout
