@@ -14,7 +14,7 @@ Measured side by side in one run:
 - build: the BM25 index alone; a bare length-sorted encode of the same passage texts the
   index embeds; the full dense build (BM25 + encode + faiss). Target: dense ≤ 1.2× bare.
 - padding: padded tokens / real tokens of the batches, length-sorted and in corpus order.
-- fidelity (with --st-path DIR holding sentence-transformers): cosine of mars's encoder to
+- fidelity (when sentence-transformers is importable, or from --st-path DIR): cosine of mars's encoder to
   sentence-transformers' own embeddings over 300 passages, the longest included.
 - recall@1/3/5 of bm25, dense and hybrid; targets: hybrid@3 ≥ 85% and never below BM25.
 - in-process query latency p50/p95 (first-time queries: the query cache is cleared).
@@ -114,8 +114,9 @@ def latency(index, method: str, rounds: int = 3) -> dict:
     return {"p50_ms": round(statistics.median(times), 2), "p95_ms": round(times[int(0.95 * (len(times) - 1))], 2)}
 
 
-def fidelity(mdir: Path, texts: list[str], st_path: str, emb) -> float:
-    sys.path.insert(0, st_path)
+def fidelity(mdir: Path, texts: list[str], st_path: str | None, emb) -> float:
+    if st_path:
+        sys.path.insert(0, st_path)
     from sentence_transformers import SentenceTransformer
 
     ref = SentenceTransformer(str(mdir), device="cpu").encode(texts, normalize_embeddings=True, batch_size=32)
@@ -126,7 +127,8 @@ def fidelity(mdir: Path, texts: list[str], st_path: str, emb) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--limit", type=int, default=None, help="use this many articles (the 20 gold ones always included)")
-    ap.add_argument("--st-path", default=None, help="a directory holding sentence-transformers, for the fidelity check")
+    ap.add_argument("--st-path", default=None, help="a directory holding sentence-transformers, for the fidelity check "
+                    "(default: the installed package, when there is one)")
     a = ap.parse_args()
 
     import torch
@@ -162,7 +164,7 @@ def main() -> None:
             out[method] = recall(index, method) | latency(index, method)
             sys.stderr.write(f"{method}: {json.dumps(out[method])}\n")
         index.close()
-    if a.st_path:
+    if a.st_path or importlib.util.find_spec("sentence_transformers") is not None:
         longest = sorted(range(len(texts)), key=lambda i: -len(texts[i]))[:100]
         sample = [texts[i] for i in longest] + texts[:200]
         try:
