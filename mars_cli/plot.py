@@ -63,6 +63,7 @@ class Panel:
     xlabel: str
     series: list[tuple[str, list, list]]               # (legend name, xs, ys)
     categories: list[str] | None = None                # eval panels: x is a label index
+    legend: bool = False                               # several runs: name even a lone line
 
 
 def _field(rec: dict, name: str):
@@ -124,7 +125,7 @@ def panels(runs: list[Run]) -> list[Panel]:
             if pts:
                 series.append((run.name, [x for x, _ in pts], [y for _, y in pts]))
         if series:
-            out.append(Panel(title, "step", series))
+            out.append(Panel(title, "step", series, legend=len(runs) > 1))
     labels: list[str] = []
     for run in runs:
         for r in run.evals:
@@ -158,7 +159,7 @@ def _draw(ax, panel: Panel) -> None:
         ax.set_xticks(range(len(panel.categories)))
         ax.set_xticklabels(panel.categories, rotation=20, ha="right")
         ax.set_xlim(-0.5, len(panel.categories) - 0.5)
-    if len(panel.series) > 1 or panel.categories is not None:
+    if len(panel.series) > 1 or panel.categories is not None or panel.legend:
         ax.legend(fontsize=7)
 
 
