@@ -64,6 +64,8 @@ def main(
         warn(f"serving {index or 'MARS_INDEX'} ({server.method}) on {server.url}/retrieve; Ctrl-C stops")
         try:
             server.serve_forever()
+        except KeyboardInterrupt:  # Ctrl-C is how a server is meant to stop
+            warn("stopped")
         finally:
             server.server_close()
         return
