@@ -100,6 +100,35 @@ class Tracker:
         self.close()
 
 
+def check_report_to(report_to: str | None) -> str:
+    """Validate --report-to before any work (a typo must not cost a training run): the choice and its package."""
+    report_to = (report_to or "none").lower()
+    if report_to not in REPORT_TO:
+        raise UsageError(f"unknown --report-to {report_to!r} (choose from {', '.join(REPORT_TO)})")
+    package = {"tensorboard": "tensorboardX", "wandb": "wandb"}.get(report_to)
+    if package:
+        import importlib.util
+
+        if importlib.util.find_spec(package) is None:
+            raise UsageError(f"--report-to {report_to} needs the {package} package (pip install {package})")
+    return report_to
+
+
+def report(records: list[dict], *, report_to: str | None, logging_dir, command: str, step_key: str = "step",
+           prefix: str = "train/") -> None:
+    """Log finished metrics records; after the work is done a tracker failure is a warning, not a lost run."""
+    if (report_to or "none").lower() == "none":
+        return
+    from mars_cli import streams
+
+    try:
+        with open_tracker(report_to, logging_dir=logging_dir, command=command, config=run_settings()) as t:
+            for rec in records:
+                t.log(rec, step=rec.get(step_key), prefix=prefix)
+    except (MarsError, OSError) as e:
+        streams.warn(f"--report-to {report_to}: nothing logged: {e}")
+
+
 def open_tracker(report_to: str | None, *, logging_dir: str | os.PathLike | None, command: str,
                  config: dict | None = None) -> Tracker:
     """A Tracker for `report_to` (none, tensorboard, wandb); `logging_dir` None = runs/<command>-<time>/."""

@@ -82,3 +82,11 @@ def test_default_logging_dir_is_runs_command_time(tmp_path, monkeypatch):
         t.log({"loss": 1.0}, step=1)
     [d] = list((tmp_path / "runs").iterdir())
     assert d.name.startswith("sft-") and list(d.glob("events.out.tfevents.*"))
+
+
+def test_a_bad_report_to_stops_update_and_sft_before_any_work(tmp_path):
+    for cmd in ("update", "sft"):
+        r = Ran([cmd, tmp_path / "no-batch.jsonl", "--policy", tmp_path / "no-policy", "--out", tmp_path / "o",
+                 "--report-to", "tensorbord"])
+        assert r.exit_code == 2 and "unknown --report-to 'tensorbord'" in r.stderr, (cmd, r.stderr)
+        assert not (tmp_path / "o").exists()

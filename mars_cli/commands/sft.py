@@ -43,11 +43,13 @@ def main(
     import os
 
     from mars_cli.jsonl import RecordWriter
+    from mars_cli.models.load import resolve_policy
     from mars_cli.rl.engine import launch_ranks
     from mars_cli.rl.sft import SFTConfig, run_sft
+    from mars_cli.settings import write_settings
+    from mars_cli.tracking import check_report_to, open_tracker, run_settings
 
-    from mars_cli.models.load import resolve_policy
-
+    check_report_to(report_to)  # before the work: a typo must not cost a training run
     policy = resolve_policy(policy)  # a Hub name → its cached snapshot
     cfg = SFTConfig(policy=str(policy), out=str(out), state=str(state) if state else None, epochs=epochs, lr=lr,
                     weight_decay=weight_decay, grad_clip=grad_clip, batch_size=batch_size,
@@ -58,13 +60,10 @@ def main(
     code = launch_ranks("sft", paths, cfg, nproc=nproc, local_rank=local_rank, skip_bad=skip_bad, what="data")
     if code is not None:
         raise typer.Exit(code)
-    from mars_cli.settings import write_settings
-    from mars_cli.tracking import open_tracker, run_settings
-
     rank0 = int(os.environ.get("RANK", "0")) == 0
     with RecordWriter() as w, open_tracker(report_to if rank0 else "none", logging_dir=logging_dir, command="sft",
                                            config=run_settings()) as t:
-        def on_epoch(rec):
+        def on_epoch(rec):  # live: an SFT epoch can take hours
             t.log(rec, step=rec.get("steps"), prefix="train/")
             w.write(rec)
 

@@ -46,10 +46,12 @@ def main(
 
     from mars_cli.jsonl import RecordWriter
     from mars_cli.rl.engine import launch_ranks
-    from mars_cli.rl.update import UpdateConfig, run_update
-
     from mars_cli.models.load import resolve_policy
+    from mars_cli.rl.update import UpdateConfig, run_update
+    from mars_cli.settings import write_settings
+    from mars_cli.tracking import check_report_to, report
 
+    check_report_to(report_to)  # before the work: a typo must not cost a training run
     policy, ref = resolve_policy(policy), resolve_policy(ref) if ref else None  # Hub names → cached snapshots
     cfg = UpdateConfig(policy=str(policy), out=str(out), ref=str(ref) if ref else None, state=str(state) if state else None,
                        loss=loss, eps_low=eps_low, eps_high=eps_high, beta=beta, lr=lr, weight_decay=weight_decay,
@@ -60,14 +62,9 @@ def main(
     code = launch_ranks("update", paths, cfg, nproc=nproc, local_rank=local_rank, skip_bad=skip_bad, what="batch")
     if code is not None:
         raise typer.Exit(code)
-    from mars_cli.settings import write_settings
-    from mars_cli.tracking import open_tracker, run_settings
-
-    rank0 = int(os.environ.get("RANK", "0")) == 0
-    with open_tracker(report_to if rank0 else "none", logging_dir=logging_dir, command="update", config=run_settings()) as t:
-        metrics = run_update(paths, cfg, skip_bad=skip_bad)
-        if rank0:
-            write_settings(out)
-            t.log(metrics, step=metrics.get("step"), prefix="train/")
-            with RecordWriter() as w:
-                w.write(metrics)
+    metrics = run_update(paths, cfg, skip_bad=skip_bad)
+    if int(os.environ.get("RANK", "0")) == 0:
+        write_settings(out)
+        report([metrics], report_to=report_to, logging_dir=logging_dir, command="update")
+        with RecordWriter() as w:
+            w.write(metrics)
