@@ -90,8 +90,13 @@ class Tracker:
             self._tb.close()
             self._tb = None
         if self._wandb is not None:
+            import wandb
+
             self._wandb.finish()
             self._wandb = None
+            # The run's file is written by wandb's service process; tearing it down waits for
+            # every record to reach the disk (finish alone may return first).
+            wandb.teardown()
 
     def __enter__(self):
         return self
