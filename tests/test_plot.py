@@ -28,10 +28,14 @@ def real_run(tiny_policy_dir, tmp_path_factory):
     assert sft.exit_code == 0, sft.stderr
     (d / "sft.jsonl").write_text(sft.stdout)
     lines, policy = [], d / "sft"
+    (d / "rl.yaml").write_text(f"lr: 1e-3\nbeta: 1e-3\nmicro-batch-tokens: 300\nref: {d / 'sft'}\n")
     for step in (1, 2):
         out = d / f"rl-{step}"
-        r = H.Ran(["update", batch, "--policy", policy, "--out", out, "--lr", "1e-3", "--ref", d / "sft", "--beta", "1e-3",
-                   "--micro-batch-tokens", "300", "--report-to", "tensorboard", "--logging-dir", tb])
+        # step 1 from flags, step 2 from the config file: the same settings
+        how = (["--lr", "1e-3", "--ref", d / "sft", "--beta", "1e-3", "--micro-batch-tokens", "300"] if step == 1
+               else ["--config", d / "rl.yaml"])
+        r = H.Ran(["update", batch, "--policy", policy, "--out", out, *how,
+                   "--report-to", "tensorboard", "--logging-dir", tb])
         assert r.exit_code == 0, r.stderr
         lines.append(r.stdout)
         e = H.Ran(["eval", batch, "-q", "--label", f"step-{step}", "--report-to", "tensorboard",
@@ -45,9 +49,14 @@ def real_run(tiny_policy_dir, tmp_path_factory):
 
 def test_update_and_sft_write_their_settings_beside_the_checkpoint(real_run):
     s = json.loads((real_run / "rl-2" / "mars_settings.json").read_text())
-    assert s["command"] == "update" and s["settings"]["lr"] == 1e-3 and s["sources"]["lr"] == "flag"
+    assert s["command"] == "update" and s["settings"]["lr"] == 1e-3 and s["sources"]["lr"] == "config"
+    assert s["config"] == str(real_run / "rl.yaml") and s["sources"]["report_to"] == "flag"
     assert s["sources"]["weight_decay"] == "default" and s["settings"]["report_to"] == "tensorboard"
     assert s["settings"]["policy"] == str(real_run / "rl-1")
+    first = json.loads((real_run / "rl-1" / "mars_settings.json").read_text())
+    assert first["sources"]["lr"] == "flag" and first["config"] is None
+    same = {k: v for k, v in first["settings"].items() if k not in ("policy", "out")}
+    assert same == {k: v for k, v in s["settings"].items() if k not in ("policy", "out")}
     sft = json.loads((real_run / "sft" / "mars_settings.json").read_text())
     assert sft["command"] == "sft" and sft["settings"]["epochs"] == 2
 
