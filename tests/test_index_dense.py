@@ -149,12 +149,12 @@ def test_a_dense_index_searches_hybrid_with_the_model_it_records(tiny_encoder, t
     bm25 = runner.invoke(app, q + ["--method", "bm25"])
     assert implicit.exit_code == explicit.exit_code == bm25.exit_code == 0, implicit.stderr
     assert implicit.stdout == explicit.stdout and implicit.stdout != bm25.stdout  # hybrid, not a quiet BM25
-    shutil.move(model, tmp_path / "moved")
+    shutil.move(model, tmp_path / "moved-e5-model")
     gone = runner.invoke(app, q, standalone_mode=False)
     assert gone.exception is not None and f"its embedding model {model.resolve()} does not exist" in str(gone.exception)
     assert gone.stdout == ""
     assert runner.invoke(app, q + ["--method", "bm25"]).stdout == bm25.stdout
-    moved = runner.invoke(app, q + ["--dense-model", str(tmp_path / "moved")])
+    moved = runner.invoke(app, q + ["--dense-model", str(tmp_path / "moved-e5-model")])
     assert moved.exit_code == 0 and moved.stdout == implicit.stdout
 
 

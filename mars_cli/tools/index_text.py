@@ -34,6 +34,7 @@ from mars_cli.fsutil import atomic_dir
 
 FORMAT = "mars-text-index"
 K1, B = 1.5, 0.75
+DENSE_WEIGHT = 0.75  # relative-score fusion's weight of the dense list (Weaviate's hybrid default)
 _TOKEN = re.compile(r"(?u)\b\w\w+\b")
 
 
@@ -331,8 +332,17 @@ class TextIndex:
         scores, idx = self.dense.search(q, min(k, self.n))
         return [(int(i), float(s)) for i, s in zip(idx[0], scores[0]) if i >= 0]
 
-    def search(self, query: str, k: int = 5, *, method: str | None = None, rrf_k: int = 60) -> list[tuple[int, float]]:
-        """(passage number, score) best first. method: bm25, dense, hybrid (RRF); default hybrid when the index has vectors."""
+    def search(self, query: str, k: int = 5, *, method: str | None = None, fusion: str = "relative",
+               dense_weight: float = DENSE_WEIGHT, rrf_k: int = 60) -> list[tuple[int, float]]:
+        """(passage number, score) best first. method: bm25, dense, hybrid; default hybrid when the index has vectors.
+
+        Hybrid fuses the top max(50, 4k) of each: `relative` (the default) rescales each
+        list's scores to 0–1 (min–max over the list) and sums dense_weight·dense +
+        (1 − dense_weight)·bm25, a passage missing from a list counting 0 there; `rrf` sums
+        1/(rrf_k + rank). Relative fusion keeps how far apart the scores are, so a weak BM25
+        list (a paraphrase shares few words with its article) cannot outvote a confident
+        dense one, which rank fusion lets it do.
+        """
         method = method or ("hybrid" if self.dense is not None else "bm25")
         if method == "bm25":
             return self.bm25_top(query, k)
@@ -341,10 +351,21 @@ class TextIndex:
         if method != "hybrid":
             raise MarsError(f"unknown retrieval method {method!r} (bm25, dense, hybrid)")
         depth = max(50, 4 * k)
+        lists = (self.bm25_top(query, depth), self.dense_top(query, depth))
         fused: dict[int, float] = {}
-        for ranked in (self.bm25_top(query, depth), self.dense_top(query, depth)):
-            for r, (i, _) in enumerate(ranked):
-                fused[i] = fused.get(i, 0.0) + 1.0 / (rrf_k + r + 1)
+        if fusion == "rrf":
+            for ranked in lists:
+                for r, (i, _) in enumerate(ranked):
+                    fused[i] = fused.get(i, 0.0) + 1.0 / (rrf_k + r + 1)
+        elif fusion == "relative":
+            for ranked, w in zip(lists, (1.0 - dense_weight, dense_weight)):
+                if not ranked:
+                    continue
+                hi, lo = ranked[0][1], ranked[-1][1]
+                for i, score in ranked:
+                    fused[i] = fused.get(i, 0.0) + w * ((score - lo) / (hi - lo) if hi > lo else 1.0)
+        else:
+            raise MarsError(f"unknown fusion {fusion!r} (relative, rrf)")
         return sorted(fused.items(), key=lambda x: (-x[1], x[0]))[:k]
 
     def close(self) -> None:
