@@ -71,6 +71,8 @@ evaluate "$policy" rl
 
 log "5. a page of the last RL rollout: $W/episodes.html"
 mars judge "$W/eval-rl.jsonl" | mars show -o "$W/episodes.html" >/dev/null
+log "   and the curves (update and sft steps, eval per stage): $W/run.html"
+mars plot "$W/update-metrics.jsonl" "$W/sft-metrics.jsonl" "$W/metrics.jsonl" -o "$W/run.html" >/dev/null
 
 log "results on the held-out tasks (2 samples each, temperature 1)"
 python3 - "$W/metrics.jsonl" <<'PY'

@@ -10,6 +10,7 @@ import importlib
 import logging
 import os
 import sys
+from typing import Optional
 
 import typer
 from typer.core import TyperGroup
@@ -45,6 +46,7 @@ COMMANDS = {
     "serve": "serve",
     "prompt": "prompt",
     "env": "env",
+    "plot": "plot",
 }
 
 
@@ -71,6 +73,8 @@ class MarsGroup(TyperGroup):
         from mars_cli import flagchecks
         from mars_cli.flags import finish_tree
 
+        for cmd in self.commands.values():  # every command, and every command of a group, takes --config
+            _with_config_option(cmd)
         finish_tree(self)
         flagchecks.install(self, click_exc)  # every numeric flag finite and in its range
 
@@ -96,6 +100,40 @@ class MarsGroup(TyperGroup):
     def list_commands(self, ctx):
         # Keep the table's order (the pipeline's order), not alphabetical.
         return list(self.commands)
+
+
+def _load_config(ctx: typer.Context, value: Optional[str]):
+    """Eager: fill the default map from the file before the other options are read."""
+    if value:
+        from mars_cli.settings import config_defaults
+
+        ctx.default_map = {**(ctx.default_map or {}), **config_defaults(ctx.command, value)}
+        ctx.meta["mars.config"] = str(value)
+    return value
+
+
+def _with_config_option(cmd) -> None:
+    """Give a command (every command of a group) the `--config FILE` option, once."""
+    if getattr(cmd, "commands", None) is not None:
+        for sub in cmd.commands.values():
+            _with_config_option(sub)
+        return
+    if any(p.name == "config" for p in cmd.params):
+        return
+    cmd.params.append(_config_param())
+
+
+def _config_param():
+    """A fresh `--config` option, made by typer (its vendored click has no public Option)."""
+    holder = typer.Typer()
+
+    @holder.command()
+    def _cmd(config: Optional[str] = typer.Option(
+            None, "--config", metavar="FILE", is_eager=True, expose_value=False, callback=_load_config,
+            help="Read options from a YAML or TOML file (keys: long option names); flags and MARS_* variables win.")):
+        pass  # pragma: no cover - never invoked
+
+    return typer.main.get_command(holder).params[0]
 
 
 app = typer.Typer(

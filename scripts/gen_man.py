@@ -65,8 +65,15 @@ go to stderr. Piping rollout, judge and advantage and then running update is one
 a shell loop is the trainer. The record fields are described in mars-records(5).
 
 Options take their value from the command line, then from a MARS_* environment variable
-where one is listed, then from the default. Secrets (API keys) are read from the
-environment only and are never written into records, logs or checkpoints."""
+where one is listed, then from the file given with --config (YAML, or TOML by its suffix:
+the long option names without the dashes as top-level keys, e.g. `lr: 1e-6`), then from
+the default. update and sft write the settings they ran with into their checkpoint as
+mars_settings.json. Secrets (API keys) are read from the environment only and are never
+written into records, logs or checkpoints.
+
+A policy may be named as on the Hugging Face Hub (`--policy Qwen/Qwen2.5-VL-7B-Instruct`):
+an existing local path wins; otherwise the name is looked up in the local Hugging Face
+cache (HF_HUB_CACHE, else HF_HOME/hub), and never downloaded on the way."""
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from man_examples import EXAMPLES  # noqa: E402

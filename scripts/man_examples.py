@@ -145,4 +145,9 @@ EXAMPLES: dict[str, list[Example]] = {
         E("vLLM on 8 GPUs: tensor parallel 2, data parallel 4, official pixel limits.",
           "mars serve --policy ckpt/ --engine vllm --tp 2 --dp 4 --min-pixels 65536 --max-pixels 8294400", False),
     ],
+    "plot": [
+        E("Training curves of a run: the metrics records update prints, evaluations interleaved.",
+          "mars plot rl-metrics.jsonl -o run.html", False),
+        E("Two runs overlaid, as a PNG.", "mars plot baseline.jsonl tuned.jsonl -o compare.png", False),
+    ],
 }

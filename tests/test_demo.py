@@ -30,6 +30,7 @@ def test_offline_demo_runs_the_whole_recipe(tmp_path):
     update = json.loads((work / "update-metrics.jsonl").read_text().splitlines()[-1])
     assert update["trajectories"] > 0 and (work / "policy-rl-1" / "config.json").exists()
     assert (work / "episodes.html").stat().st_size > 1000
+    assert (work / "run.html").read_text().count("<svg") >= 6  # training and eval curves
 
 
 def test_demo_refuses_to_delete_a_folder_it_did_not_make(tmp_path):

@@ -161,7 +161,7 @@ def test_dense_and_hybrid_fusion(tmp_path):
         open_text_search("local", index=str(tmp_path / "d"), embedder=emb, method="bm25").search("automobile")
     assert ts.search("automobile produced 1908", k=3)[0]["doc_id"] == "car"
     ix = TextIndex(tmp_path / "d", embedder=emb)
-    fused = ix.search("automobile produced 1908", 3, method="hybrid")
+    fused = ix.search("automobile produced 1908", 3, method="hybrid", fusion="rrf")
     bm, de = dict(ix.bm25_top("automobile produced 1908", 50)), dict(ix.dense_top("automobile produced 1908", 50))
     car = 6
     assert car in bm and car in de  # "produced"/"1908" match lexically too
@@ -169,6 +169,17 @@ def test_dense_and_hybrid_fusion(tmp_path):
     rb = sorted(bm, key=lambda i: -bm[i]).index(car) + 1
     rd = sorted(de, key=lambda i: -de[i]).index(car) + 1
     assert dict(fused)[car] == pytest.approx(1 / (60 + rb) + 1 / (60 + rd))
+    # the default, relative-score fusion: each list min-max scaled, 0.75 dense + 0.25 bm25
+    rel = dict(ix.search("automobile produced 1908", 50, method="hybrid"))
+
+    def scaled(d, i):
+        if i not in d:
+            return 0.0
+        lo, hi = min(d.values()), max(d.values())
+        return (d[i] - lo) / (hi - lo) if hi > lo else 1.0
+
+    for i in set(bm) | set(de):
+        assert rel[i] == pytest.approx(0.75 * scaled(de, i) + 0.25 * scaled(bm, i))
 
 
 def test_dense_without_package_names_it(tmp_path):

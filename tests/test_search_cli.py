@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import orjson
 import pytest
@@ -13,6 +17,7 @@ from mars_cli.main import app
 from clirun import Ran
 
 runner = CliRunner()
+ROOT = Path(__file__).resolve().parents[1]
 
 
 
@@ -141,3 +146,25 @@ def test_search_summarize_group_context(tmp_path, monkeypatch):
     assert b"sk-never-shown" not in (tmp_path / "c" / "tools.sqlite").read_bytes()
     r = invoke(["search", "--backend", "retriever", "--retriever-url", "http://127.0.0.1:9", "--summarize"], input='{"query": "x"}\n')
     assert r.exit_code == 1 and "--summarize needs an LLM endpoint" in r.stderr
+
+
+def test_search_serve_answers_retrieve_and_stops_on_ctrl_c(idx, tmp_path):
+    import re
+    import signal
+
+    import httpx
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    p = subprocess.Popen([sys.executable, "-m", "mars_cli", "search", "--serve", "--index", str(idx), "--port", "0"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    try:
+        line = p.stderr.readline()
+        m = re.search(r"on (http://127\.0\.0\.1:\d+)/retrieve", line)
+        assert m, line
+        r = httpx.post(f"{m.group(1)}/retrieve", json={"queries": ["Great Wall of China"], "topk": 2, "return_scores": True}, timeout=30)
+        assert r.status_code == 200 and len(r.json()["result"][0]) == 2
+        assert "bm25" in line  # an index without vectors is served by BM25, and says so
+    finally:
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=30)
+    assert p.returncode == 0 and out == "" and "stopped" in err

@@ -46,12 +46,38 @@ def convert(
 
     if fmt != "auto" and fmt not in FORMATS:
         raise UsageError(f"unknown --format {fmt!r}; choose one of: auto, {', '.join(FORMATS)}")
+    from mars_cli.hub import is_hub_id, resolve_dataset
+
+    inputs = [str(resolve_dataset(i)) if is_hub_id(i) else i for i in inputs]  # ORG/NAME: the cached dataset
     bar = progress(desc="converting", unit=" tasks", summary=False)  # the "wrote" line sums up
     summary = run(fmt, inputs, out, seed=seed, image_root=image_root, benchmark=benchmark, limit=limit, on_task=lambda _: bar.update())
     bar.close()
     summary_line(f"wrote {summary['tasks']} {summary['format']} tasks and {summary['images']} images to {summary['out']}")
     with RecordWriter() as w:
         w.write(summary)
+
+
+@app.command("fetch")
+def fetch(
+    names: List[str] = typer.Argument(..., help="Benchmarks by --format name (vstar, hr-bench, …) or Hub dataset names ORG/NAME."),
+) -> None:
+    """Download benchmarks into the Hugging Face cache (needs the network).
+
+    Known names: hr-mmsearch, sensenova-mars, mmsearch, fvqa, vstar, hr-bench,
+    mme-realworld. An already cached copy is used as it is; HF_HUB_OFFLINE=1 refuses to
+    download. Prints one record per name {name, repo, path}; convert with
+    `mars data convert PATH -f FORMAT -o DIR` (or give the ORG/NAME to convert directly).
+    Gated datasets take the token from HF_TOKEN.
+    """
+    from mars_cli.hub import fetch_dataset
+    from mars_cli.jsonl import RecordWriter
+    from mars_cli.streams import warn
+
+    with RecordWriter() as w:
+        for name in names:
+            repo, path = fetch_dataset(name)
+            warn(f"{name}: {repo} at {path}")
+            w.write({"name": name, "repo": repo, "path": str(path)})
 
 
 @app.command("synth")

@@ -15,6 +15,9 @@ def main(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the records to this file instead of stdout."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unparsable lines with a warning instead of failing."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No table on stderr."),
+    report_to: str = typer.Option("none", "--report-to", envvar="MARS_REPORT_TO", help="Also log metrics to tensorboard or wandb (none: only the records)."),
+    logging_dir: Optional[Path] = typer.Option(None, "--logging-dir", envvar="MARS_LOGGING_DIR", help="Where --report-to writes [default: ./runs/CMD-TIME/]."),
+    step: Optional[int] = typer.Option(None, "--step", min=0, help="The training step of the evaluated checkpoint (x axis for --report-to) [default: 0]."),
 ) -> None:
     """Score judged trajectories: Pass@1, Avg@k, Pass@k, tool use.
 
@@ -33,17 +36,22 @@ def main(
     from mars_cli.jsonl import RecordWriter, read_located
     from mars_cli.progress import count_lines
     from mars_cli.streams import progress, warn
+    from mars_cli.tracking import open_tracker, run_settings
 
     paths = [str(f) for f in files or []]
     items = progress(read_located(paths, skip_bad=skip_bad), desc="eval", unit="records", total=count_lines(paths),
                      summary=False, disable=quiet)  # the table is the summary
-    records = compute_metrics(items, by=list(by or []), label=label)
-    warnings, fatal = problems(records)
-    if fatal:
-        raise MarsError(fatal)  # before writing: a metrics file without a score is no result
-    with RecordWriter(out) as w:
+    with open_tracker(report_to, logging_dir=logging_dir, command="eval", config=run_settings()) as t:
+        records = compute_metrics(items, by=list(by or []), label=label)
+        warnings, fatal = problems(records)
+        if fatal:
+            raise MarsError(fatal)  # before writing: a metrics file without a score is no result
+        with RecordWriter(out) as w:
+            for r in records:
+                w.write(r)
         for r in records:
-            w.write(r)
+            sub = "" if r.get("by") is None else f"{r['by']}={r['subset']}/"
+            t.log(r, step=step, prefix=f"eval/{r['benchmark']}/{sub}")
     if not quiet and records:
         sys.stderr.write(format_table(records) + "\n")
     for line in warnings:

@@ -17,8 +17,8 @@ def main(
     index: Optional[Path] = typer.Option(None, "--index", envvar="MARS_INDEX", help="Index directory for the local backend."),
     k: int = typer.Option(5, "-k", "--num-results", min=1, max=50, help="Number of results per query."),
     group: bool = typer.Option(False, "--group", help="One record per query (results + rendered context) instead of one per result."),
-    method: Optional[str] = typer.Option(None, "--method", help="local retrieval: bm25, dense or hybrid (default: hybrid when dense was built and --dense-model is given)."),
-    dense_model: Optional[Path] = typer.Option(None, "--dense-model", envvar="MARS_DENSE_MODEL", help="Local embedding model path for dense/hybrid retrieval."),
+    method: Optional[str] = typer.Option(None, "--method", help="local retrieval: bm25, dense or hybrid [default: hybrid when the index has vectors, else bm25]."),
+    dense_model: Optional[Path] = typer.Option(None, "--dense-model", envvar="MARS_DENSE_MODEL", help="Embedding model for dense/hybrid retrieval [default: the path the index records]."),
     serper_url: Optional[str] = typer.Option(None, "--serper-url", envvar="MARS_SERPER_URL", help="serper.dev base URL (key from SERPER_API_KEY)."),
     searxng_url: Optional[str] = typer.Option(None, "--searxng-url", envvar="MARS_SEARXNG_URL", help="SearXNG base URL."),
     retriever_url: Optional[str] = typer.Option(None, "--retriever-url", envvar="MARS_RETRIEVER_URL", help="Search-R1 retrieval server URL."),
@@ -35,10 +35,15 @@ def main(
     budget: int = typer.Option(3000, "--budget", min=100, help="Character budget of the rendered context (--group)."),
     output: Optional[Path] = typer.Option(None, "--out", "-o", help="Write here (atomically) instead of stdout."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unparsable input lines with a warning."),
+    serve: bool = typer.Option(False, "--serve", help="Serve the local index over the Search-R1 retriever protocol (POST /retrieve) until Ctrl-C."),
+    host: str = typer.Option("127.0.0.1", "--host", envvar="MARS_RETRIEVER_HOST", help="--serve: address to bind (0.0.0.0 exposes the index to the network)."),
+    port: int = typer.Option(8001, "--port", min=0, max=65535, envvar="MARS_RETRIEVER_PORT", help="--serve: TCP port (0: any free one)."),
 ) -> None:
     """Search text: a local index, the web, or a retrieval server.
 
     With a QUERY, prints one record per result {query, rank, title, text, url or doc_id, score, backend}. Without one, reads stdin: {"query": …} records get the results added (every other field passes through), and a plain-text line is a query of its own. A query that fails (timeout, no results, replay miss) is reported on stderr; the others are still written, and the exit status is 1.
+
+    With --serve, answers POST /retrieve in the Search-R1 retriever protocol from the local index (the embedding model loaded once), for `--backend retriever`, Search-R1, verl or SenseNova-MARS training.
 
     Example: mars index text wiki.jsonl --out wiki-idx && mars search --index wiki-idx "eiffel tower height"
     """
@@ -52,6 +57,22 @@ def main(
                           serper_url=serper_url, searxng_url=searxng_url, retriever_url=retriever_url,
                           llm_base_url=llm_base_url, llm_model=llm_model, rate_limit=rate_limit, timeout=timeout,
                           retries=retries, backoff=backoff, allow_private=allow_private)
+    if serve:
+        from mars_cli.errors import UsageError
+        from mars_cli.streams import warn
+        from mars_cli.tools.retriever_server import RetrieverServer
+
+        if query or ts.backend.name != "local":
+            raise UsageError("--serve serves a local index (--index DIR) and takes no query")
+        server = RetrieverServer(ts.backend.index, host=host, port=port, method=method, default_k=k)
+        warn(f"serving {index or 'MARS_INDEX'} ({server.method}) on {server.url}/retrieve; Ctrl-C stops")
+        try:
+            server.serve_forever()
+        except KeyboardInterrupt:  # Ctrl-C is how a server is meant to stop
+            warn("stopped")
+        finally:
+            server.server_close()
+        return
     items = [(Where("<args>", 1), {"query": " ".join(query)})] if query else query_items(skip_bad=skip_bad)
     failures: list[str] = []
     with RecordWriter(output) as w:

@@ -38,6 +38,8 @@ def main(
     node_rank: int = typer.Option(0, "--node-rank", min=0, help="This node's index; node 0 is at --master-addr and writes the outputs."),
     master_addr: Optional[str] = typer.Option(None, "--master-addr", help="Node 0's address, reachable from every node (with --nnodes)."),
     master_port: int = typer.Option(29500, "--master-port", min=1, max=65535, help="Node 0's rendezvous port (with --nnodes)."),
+    report_to: str = typer.Option("none", "--report-to", envvar="MARS_REPORT_TO", help="Also log metrics to tensorboard or wandb (none: only the records)."),
+    logging_dir: Optional[Path] = typer.Option(None, "--logging-dir", envvar="MARS_LOGGING_DIR", help="Where --report-to writes [default: ./runs/CMD-TIME/]."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unparsable lines with a warning."),
     local_rank: Optional[int] = typer.Option(None, "--local_rank", "--local-rank", hidden=True, help="Set by the deepspeed launcher (LOCAL_RANK is read)."),
 ) -> None:
@@ -48,9 +50,14 @@ def main(
     import os
 
     from mars_cli.jsonl import RecordWriter
+    from mars_cli.models.load import resolve_policy
     from mars_cli.rl.engine import launch_ranks
     from mars_cli.rl.sft import SFTConfig, run_sft
+    from mars_cli.settings import write_settings
+    from mars_cli.tracking import check_report_to, open_tracker, run_settings
 
+    check_report_to(report_to)  # before the work: a typo must not cost a training run
+    policy = resolve_policy(policy)  # a Hub name → its cached snapshot
     cfg = SFTConfig(policy=str(policy), out=str(out), state=str(state) if state else None, epochs=epochs, lr=lr,
                     weight_decay=weight_decay, grad_clip=grad_clip, batch_size=batch_size,
                     micro_batch_tokens=micro_batch_tokens, warmup=warmup, min_lr_ratio=min_lr_ratio,
@@ -62,6 +69,13 @@ def main(
                         nnodes=nnodes, node_rank=node_rank, master_addr=master_addr, master_port=master_port)
     if code is not None:
         raise typer.Exit(code)
-    with RecordWriter() as w:
-        rank0 = int(os.environ.get("RANK", "0")) == 0
-        run_sft(paths, cfg, skip_bad=skip_bad, on_epoch=(lambda rec: w.write(rec)) if rank0 else None)
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    with RecordWriter() as w, open_tracker(report_to if rank0 else "none", logging_dir=logging_dir, command="sft",
+                                           config=run_settings()) as t:
+        def on_epoch(rec):  # live: an SFT epoch can take hours
+            t.log(rec, step=rec.get("steps"), prefix="train/")
+            w.write(rec)
+
+        run_sft(paths, cfg, skip_bad=skip_bad, on_epoch=on_epoch if rank0 else None)
+    if rank0:
+        write_settings(out)

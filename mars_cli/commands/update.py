@@ -39,6 +39,8 @@ def main(
     node_rank: int = typer.Option(0, "--node-rank", min=0, help="This node's index; node 0 is at --master-addr and writes the outputs."),
     master_addr: Optional[str] = typer.Option(None, "--master-addr", help="Node 0's address, reachable from every node (with --nnodes)."),
     master_port: int = typer.Option(29500, "--master-port", min=1, max=65535, help="Node 0's rendezvous port (with --nnodes)."),
+    report_to: str = typer.Option("none", "--report-to", envvar="MARS_REPORT_TO", help="Also log metrics to tensorboard or wandb (none: only the records)."),
+    logging_dir: Optional[Path] = typer.Option(None, "--logging-dir", envvar="MARS_LOGGING_DIR", help="Where --report-to writes [default: ./runs/CMD-TIME/]."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unparsable lines with a warning."),
     push: Optional[str] = typer.Option(None, "--push", help="mars serve URL[,URL…] that load --out once it is written (waits until each serves it)."),
     local_rank: Optional[int] = typer.Option(None, "--local_rank", "--local-rank", hidden=True, help="Set by the deepspeed launcher (LOCAL_RANK is read)."),
@@ -55,7 +57,13 @@ def main(
     from mars_cli.errors import UsageError
     from mars_cli.jsonl import RecordWriter
     from mars_cli.rl.engine import launch_ranks
+    from mars_cli.models.load import resolve_policy
     from mars_cli.rl.update import UpdateConfig, run_update
+    from mars_cli.settings import write_settings
+    from mars_cli.tracking import check_report_to, report
+
+    check_report_to(report_to)  # before the work: a typo must not cost a training run
+    policy, ref = resolve_policy(policy), resolve_policy(ref) if ref else None  # Hub names → cached snapshots
 
     from mars_cli import presets
 
@@ -85,6 +93,8 @@ def main(
         raise typer.Exit(code)
     metrics = run_update(paths, cfg, skip_bad=skip_bad)
     if int(os.environ.get("RANK", "0")) == 0:
+        write_settings(out)
+        report([metrics], report_to=report_to, logging_dir=logging_dir, command="update")
         failure = None
         if urls:
             from mars_cli.serve.push import PushError, push_checkpoint

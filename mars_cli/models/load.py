@@ -65,9 +65,17 @@ def weight_files(model_dir: str | Path) -> list[Path]:
                   and not p.name.startswith(".") and p.name not in ("training_args.bin", "optimizer.pt"))
 
 
+def resolve_policy(path: str | Path) -> Path:
+    """A model directory: the path itself, or a Hub name (ORG/NAME) from the local HF cache."""
+    from mars_cli.hub import resolve_model
+
+    return resolve_model(path)
+
+
 def model_dir(path: str | Path) -> Path:
-    """`path` checked to be a directory, after finishing an interrupted replacement of it."""
-    path = Path(path)
+    """`path` (or the Hub name's cached snapshot) checked to be a directory, after finishing
+    an interrupted replacement of it."""
+    path = resolve_policy(path)
     recover_dir(path)
     if not path.exists():
         raise MarsError(f"{path}: no such model directory")
@@ -104,7 +112,7 @@ def fingerprint(path: str | Path) -> str:
     unchanged and the weights files still have the sizes and mtimes it recorded; otherwise the id hashes config.json and
     each weights file's name, size and mtime (a copy without -p gets a new id: safe side).
     """
-    path = Path(path)
+    path = resolve_policy(path)
     read_config(path)  # validates the directory
     config = (path / "config.json").read_bytes()
     files = weight_files(path)
@@ -271,7 +279,7 @@ def load_policy(path, *, device: str = "cpu", dtype=None, trainable: bool = Fals
 
     quiet_transformers()
     check_attn_implementation(attn_implementation, device=device, dtype=dtype)
-    path = Path(path)
+    path = model_dir(path)
     cfg = read_config(path)
     arch = arch_of(cfg, path / "config.json")
     if not weight_files(path):

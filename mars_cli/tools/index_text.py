@@ -34,6 +34,7 @@ from mars_cli.fsutil import atomic_dir, read_manifest
 
 FORMAT = "mars-text-index"
 K1, B = 1.5, 0.75
+DENSE_WEIGHT = 0.75  # relative-score fusion's weight of the dense list (Weaviate's hybrid default)
 _TOKEN = re.compile(r"(?u)\b\w\w+\b")
 
 
@@ -163,7 +164,7 @@ def build_text_index(
                 pair_f["term"].write(t_ids.astype(np.int32).tobytes())
                 pair_f["doc"].write(d_ids.astype(np.int32).tobytes())
                 pair_f["tf"].write(tf.astype(np.float32).tobytes())
-            if embedder is not None:
+            if embedder is not None:  # embedding is the slow part: the bar follows its batches
                 dense = _add_dense(dense, embedder, batch, bar)
             else:
                 bar.update(len(batch))
@@ -193,27 +194,33 @@ def build_text_index(
             "tokens": n_tokens,
             "method": "bm25+dense" if dense is not None else "bm25",
             "bm25": {"variant": "lucene", "k1": K1, "b": B, "stemmer": "english", "stopwords": "en"},
-            "dense": None if dense is None else {"model": getattr(embedder, "name", "custom"), "dim": dense.d, "faiss": "IndexFlatIP"},
+            "dense": None if dense is None else _describe(embedder, dense.d),
             "build_seconds": round(time.time() - t0, 3),
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 
-def _add_dense(index, embedder, batch: list[dict], bar=None):
-    """Embed and add `batch` a few encoder batches at a time, so progress moves while it runs."""
+def _describe(embedder, dim: int) -> dict:
+    """The manifest's record of the embedding model: its name, and its path so search can load it."""
+    d = embedder.describe() if hasattr(embedder, "describe") else {"model": getattr(embedder, "name", "custom")}
+    return {**d, "dim": dim, "faiss": "IndexFlatIP"}
+
+
+def _add_dense(index, embedder, batch: list[dict], bar):
     import faiss
 
-    step = 8 * int(getattr(embedder, "batch_size", 32) or 32)  # whole encoder batches: same vectors
-    for s in range(0, len(batch), step):
-        part = batch[s : s + step]
-        vecs = np.ascontiguousarray(embedder.encode([f"{p['title']}\n{p['text']}".strip() for p in part], kind="passage"), dtype=np.float32)
-        if index is None:
-            index = faiss.IndexFlatIP(vecs.shape[1])
-        faiss.normalize_L2(vecs)
-        index.add(vecs)
-        if bar is not None:
-            bar.update(len(part))
+    texts = [f"{p['title']}\n{p['text']}".strip() for p in batch]
+    if getattr(embedder, "reports_progress", False):
+        vecs = embedder.encode(texts, kind="passage", on_progress=bar.update)
+    else:
+        vecs = embedder.encode(texts, kind="passage")
+        bar.update(len(batch))
+    vecs = np.ascontiguousarray(vecs, dtype=np.float32)
+    if index is None:
+        index = faiss.IndexFlatIP(vecs.shape[1])
+    faiss.normalize_L2(vecs)
+    index.add(vecs)
     return index
 
 
@@ -287,6 +294,22 @@ class TextIndex:
         start, end = int(self.offsets[i]), int(self.offsets[i + 1])
         return orjson.loads(os.pread(self._fd, end - start, start))
 
+    def ensure_embedder(self):
+        """The embedding model: as given, else loaded from the path the manifest records."""
+        if self.embedder is None and self.dense is not None:
+            from mars_cli.tools.embed import load_embedder
+
+            rec = self.manifest["dense"]
+            where = rec.get("path")
+            if not where:
+                raise MarsError(f"{self.path}: the index does not record where its embedding model {rec.get('model')!r} is: "
+                                "give it with --dense-model PATH (or search with --method bm25)")
+            if not Path(where).exists():
+                raise MarsError(f"{self.path}: its embedding model {where} does not exist (moved?): give it with "
+                                "--dense-model PATH (or search with --method bm25)")
+            self.embedder = load_embedder(where)
+        return self.embedder
+
     def bm25_top(self, query: str, k: int) -> list[tuple[int, float]]:
         ids = sorted({self.vocab[t] for t in self.analyzer(query) if t in self.vocab})
         if not ids:
@@ -297,18 +320,29 @@ class TextIndex:
     def dense_top(self, query: str, k: int) -> list[tuple[int, float]]:
         if self.dense is None:
             raise MarsError(f"{self.path}: built without dense vectors (rebuild with --dense-model)")
-        if self.embedder is None:
-            raise MarsError(f"{self.path}: dense search needs the embedding model {self.manifest['dense']['model']!r} (--dense-model)")
+        embedder = self.ensure_embedder()
         import faiss
 
-        q = np.ascontiguousarray(self.embedder.encode([query], kind="query"), dtype=np.float32)
+        q = np.ascontiguousarray(embedder.encode([query], kind="query"), dtype=np.float32)
+        if q.shape[1] != self.dense.d:
+            raise MarsError(f"{self.path}: the embedding model gives {q.shape[1]}-dim vectors, the index holds "
+                            f"{self.dense.d}-dim ones (built with {self.manifest['dense'].get('model')!r})")
         faiss.normalize_L2(q)
         scores, idx = self.dense.search(q, min(k, self.n))
         return [(int(i), float(s)) for i, s in zip(idx[0], scores[0]) if i >= 0]
 
-    def search(self, query: str, k: int = 5, *, method: str | None = None, rrf_k: int = 60) -> list[tuple[int, float]]:
-        """(passage number, score) best first. method: bm25, dense, hybrid (RRF); default hybrid when dense was built and an embedder is set."""
-        method = method or ("hybrid" if self.dense is not None and self.embedder is not None else "bm25")
+    def search(self, query: str, k: int = 5, *, method: str | None = None, fusion: str = "relative",
+               dense_weight: float = DENSE_WEIGHT, rrf_k: int = 60) -> list[tuple[int, float]]:
+        """(passage number, score) best first. method: bm25, dense, hybrid; default hybrid when the index has vectors.
+
+        Hybrid fuses the top max(50, 4k) of each: `relative` (the default) rescales each
+        list's scores to 0–1 (min–max over the list) and sums dense_weight·dense +
+        (1 − dense_weight)·bm25, a passage missing from a list counting 0 there; `rrf` sums
+        1/(rrf_k + rank). Relative fusion keeps how far apart the scores are, so a weak BM25
+        list (a paraphrase shares few words with its article) cannot outvote a confident
+        dense one, which rank fusion lets it do.
+        """
+        method = method or ("hybrid" if self.dense is not None else "bm25")
         if method == "bm25":
             return self.bm25_top(query, k)
         if method == "dense":
@@ -316,10 +350,21 @@ class TextIndex:
         if method != "hybrid":
             raise MarsError(f"unknown retrieval method {method!r} (bm25, dense, hybrid)")
         depth = max(50, 4 * k)
+        lists = (self.bm25_top(query, depth), self.dense_top(query, depth))
         fused: dict[int, float] = {}
-        for ranked in (self.bm25_top(query, depth), self.dense_top(query, depth)):
-            for r, (i, _) in enumerate(ranked):
-                fused[i] = fused.get(i, 0.0) + 1.0 / (rrf_k + r + 1)
+        if fusion == "rrf":
+            for ranked in lists:
+                for r, (i, _) in enumerate(ranked):
+                    fused[i] = fused.get(i, 0.0) + 1.0 / (rrf_k + r + 1)
+        elif fusion == "relative":
+            for ranked, w in zip(lists, (1.0 - dense_weight, dense_weight)):
+                if not ranked:
+                    continue
+                hi, lo = ranked[0][1], ranked[-1][1]
+                for i, score in ranked:
+                    fused[i] = fused.get(i, 0.0) + w * ((score - lo) / (hi - lo) if hi > lo else 1.0)
+        else:
+            raise MarsError(f"unknown fusion {fusion!r} (relative, rrf)")
         return sorted(fused.items(), key=lambda x: (-x[1], x[0]))[:k]
 
     def close(self) -> None:

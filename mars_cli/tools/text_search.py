@@ -65,11 +65,15 @@ class LocalBackend:
         self.method = opts.get("method")
         if self.method not in (None, "bm25", "dense", "hybrid"):
             raise MarsError(f"unknown retrieval method {self.method!r} (bm25, dense, hybrid)")
-        if self.method in ("dense", "hybrid") and (self.index.dense is None or embedder is None):
-            raise MarsError(f"--method {self.method} needs an index built with --dense-model and the same --dense-model here")
+        if self.method in ("dense", "hybrid") and self.index.dense is None:
+            raise MarsError(f"--method {self.method} needs an index built with --dense-model (this one has no vectors)")
+        if self.method != "bm25" and self.index.dense is not None:
+            # Hybrid by default: the model the index records is loaded now, once, and stays
+            # resident for every query; a missing model is an error, never a quiet BM25.
+            embedder = self.index.ensure_embedder()
         # The corpus hash (not the path) keys the cache: a rebuilt index is a new corpus.
         self.params = {"index": self.index.manifest["passages_sha256"], "method": self.method,
-                       "dense": getattr(embedder, "name", None)}
+                       "dense": None if embedder is None or self.method == "bm25" else getattr(embedder, "name", None)}
 
     def search(self, query: str, k: int) -> list[dict]:
         out = []

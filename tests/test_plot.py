@@ -1,0 +1,154 @@
+"""`mars plot` on a real run (sft, two updates, evals of each checkpoint), TensorBoard events
+read back by TensorBoard's own reader, and the page checked in headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import helpers_train as H
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="module")
+def real_run(tiny_policy_dir, tmp_path_factory):
+    """Metrics files written by the real commands on the tiny model."""
+    d = tmp_path_factory.mktemp("run")
+    batch = H.write_batch(tiny_policy_dir, d / "batch.jsonl", [1.0, -1.0, 0.5, -0.5], image_dir=d)
+    tb = d / "tb"
+    sft = H.Ran(["sft", batch, "--policy", tiny_policy_dir, "--out", d / "sft", "--epochs", "2", "--lr", "3e-3",
+                 "--batch-size", "2", "--micro-batch-tokens", "300", "--report-to", "tensorboard",
+                 "--logging-dir", d / "tb-sft"])
+    assert sft.exit_code == 0, sft.stderr
+    (d / "sft.jsonl").write_text(sft.stdout)
+    lines, policy = [], d / "sft"
+    (d / "rl.yaml").write_text(f"lr: 1e-3\nbeta: 1e-3\nmicro-batch-tokens: 300\nref: {d / 'sft'}\n")
+    for step in (1, 2):
+        out = d / f"rl-{step}"
+        # step 1 from flags, step 2 from the config file: the same settings
+        how = (["--lr", "1e-3", "--ref", d / "sft", "--beta", "1e-3", "--micro-batch-tokens", "300"] if step == 1
+               else ["--config", d / "rl.yaml"])
+        r = H.Ran(["update", batch, "--policy", policy, "--out", out, *how,
+                   "--report-to", "tensorboard", "--logging-dir", tb])
+        assert r.exit_code == 0, r.stderr
+        lines.append(r.stdout)
+        e = H.Ran(["eval", batch, "-q", "--label", f"step-{step}", "--report-to", "tensorboard",
+                   "--logging-dir", tb, "--step", str(step)])
+        assert e.exit_code == 0, e.stderr
+        lines.append(e.stdout)
+        policy = out
+    (d / "rl.jsonl").write_text("".join(lines))
+    return d
+
+
+def test_update_and_sft_write_their_settings_beside_the_checkpoint(real_run):
+    s = json.loads((real_run / "rl-2" / "mars_settings.json").read_text())
+    assert s["command"] == "update" and s["settings"]["lr"] == 1e-3 and s["sources"]["lr"] == "config"
+    assert s["config"] == str(real_run / "rl.yaml") and s["sources"]["report_to"] == "flag"
+    assert s["sources"]["weight_decay"] == "default" and s["settings"]["report_to"] == "tensorboard"
+    assert s["settings"]["policy"] == str(real_run / "rl-1")
+    first = json.loads((real_run / "rl-1" / "mars_settings.json").read_text())
+    assert first["sources"]["lr"] == "flag" and first["config"] is None
+    same = {k: v for k, v in first["settings"].items() if k not in ("policy", "out")}
+    assert same == {k: v for k, v in s["settings"].items() if k not in ("policy", "out")}
+    sft = json.loads((real_run / "sft" / "mars_settings.json").read_text())
+    assert sft["command"] == "sft" and sft["settings"]["epochs"] == 2
+
+
+def test_tensorboard_events_load_in_tensorboards_reader(real_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(real_run / "tb"))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    rl = [json.loads(x) for x in (real_run / "rl.jsonl").read_text().splitlines()]
+    updates = [r for r in rl if r["kind"] == "update"]
+    gn = acc.Scalars("train/grad_norm")
+    assert [e.step for e in gn] == [r["step"] for r in updates]
+    assert [e.value for e in gn] == pytest.approx([r["grad_norm"] for r in updates], rel=1e-6)
+    assert "train/clip_fraction" in tags and "train/logprob_gap/tokens" in tags
+    p1 = acc.Scalars("eval/unknown/pass_1")  # TensorBoard tags allow no "@"
+    assert [e.step for e in p1] == [1, 2] and p1[0].value == pytest.approx(1.0)
+    sft = EventAccumulator(str(real_run / "tb-sft"))
+    sft.Reload()
+    nll = [json.loads(x)["train_nll"] for x in (real_run / "sft.jsonl").read_text().splitlines()]
+    assert [e.value for e in sft.Scalars("train/train_nll")] == pytest.approx(nll, rel=1e-6)
+
+
+def test_plot_draws_the_run_as_png_and_html(real_run, tmp_path):
+    from PIL import Image
+
+    r = H.Ran(["plot", real_run / "rl.jsonl", real_run / "sft.jsonl", "-o", tmp_path / "run.png"])
+    assert r.exit_code == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["runs"] == ["rl", "sft"]
+    for panel in ("grad norm", "KL", "clip fraction", "step time (s)", "SFT NLL", "eval pass@1", "eval format rate"):
+        assert panel in summary["panels"]
+    assert "staleness" not in summary["panels"]  # no record carries it: left out, not drawn empty
+    with Image.open(tmp_path / "run.png") as im:
+        assert im.width > 800 and im.height > 600
+        assert len(im.convert("RGB").getcolors(1 << 24)) > 20  # lines and text, not a blank canvas
+    r = H.Ran(["plot", real_run / "rl.jsonl", real_run / "sft.jsonl", "-o", tmp_path / "run.html"])
+    assert r.exit_code == 0, r.stderr
+    page = (tmp_path / "run.html").read_text()
+    # self-contained: nothing fetched (xmlns URIs are names, not loads)
+    assert "<script" not in page and "<link" not in page and not re.search(r'(src|href)="(https?:)?//', page)
+    assert page.count("<svg") == len(json.loads(r.stdout)["panels"])
+
+
+def test_missing_fields_are_skipped_and_eval_points_follow_file_order(tmp_path):
+    from mars_cli.plot import load_runs, panels
+
+    f = tmp_path / "m.jsonl"
+    recs = [{"kind": "update", "step": 1, "grad_norm": 0.5}, {"kind": "update", "step": 2, "kl": 0.1},
+            {"kind": "update", "step": 3, "grad_norm": 0.25, "staleness": 1},
+            {"kind": "metrics", "benchmark": "vstar", "label": "base", "by": None, "pass@1": 0.2},
+            {"kind": "metrics", "benchmark": "vstar", "label": "base", "by": "category", "subset": "x", "pass@1": 0.9},
+            {"kind": "metrics", "benchmark": "hrbench", "label": "rl-10", "by": None, "pass@1": 0.4},
+            {"kind": "metrics", "benchmark": "vstar", "label": "rl-10", "by": None, "pass@1": 0.3}]
+    f.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    ps = {p.title: p for p in panels(load_runs([str(f)]))}
+    assert ps["grad norm"].series == [("m", [1.0, 3.0], [0.5, 0.25])]
+    assert ps["KL"].series == [("m", [2.0], [0.1])]
+    assert ps["staleness"].series == [("m", [3.0], [1.0])]
+    ev = ps["eval pass@1"]
+    assert ev.categories == ["base", "rl-10"]
+    assert ev.series == [("vstar", [0, 1], [0.2, 0.3]), ("hrbench", [1], [0.4])]  # the --by subset is not a point
+
+
+def test_plot_errors(tmp_path):
+    f = tmp_path / "x.jsonl"
+    f.write_text('{"kind": "judge", "reward": 1}\n')
+    r = H.Ran(["plot", f, "-o", tmp_path / "p.html"])
+    assert r.exit_code == 1 and "no metrics records to plot" in r.stderr
+    g = tmp_path / "g.jsonl"
+    g.write_text('{"kind": "update", "step": 1, "grad_norm": 1}\n')
+    r = H.Ran(["plot", g, "-o", tmp_path / "p.svgz"])
+    assert r.exit_code == 1 and "use .html or .png" in r.stderr and not (tmp_path / "p.svgz").exists()
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists() or shutil.which(CHROMIUM) is None,
+                    reason="headless check needs Debian's chromium at /usr/bin/chromium (apt-get install -y chromium)")
+def test_page_renders_in_headless_chromium(real_run, tmp_path):
+    page = tmp_path / "run.html"
+    r = H.Ran(["plot", real_run / "rl.jsonl", real_run / "sft.jsonl", "-o", page])
+    assert r.exit_code == 0, r.stderr
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-quic",
+           f"--user-data-dir={tmp_path / 'chromium'}", "--dump-dom", page.as_uri()]
+    dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
+    assert dom.count("<figure") == len(json.loads(r.stdout)["panels"]) and dom.count("<svg") >= dom.count("<figure")
+    assert "grad norm" in dom and "eval pass@1" in dom and "step-2" in dom
+    shot = tmp_path / "shot.png"
+    subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-quic",
+                    f"--user-data-dir={tmp_path / 'chromium2'}", "--window-size=1400,1200",
+                    f"--screenshot={shot}", page.as_uri()], capture_output=True, timeout=120)
+    from PIL import Image
+
+    with Image.open(shot) as im:
+        assert len(im.convert("RGB").getcolors(1 << 24)) > 30  # drawn, not blank
