@@ -77,6 +77,10 @@ EXAMPLES: dict[str, list[Example]] = {
         E("Name the format, and convert only the first tasks.", "mars data convert fvqa.parquet -f fvqa --limit 1 -o fvqa-1"),
         E("V* Bench from its folder of per-image JSON files.", "mars data convert --format vstar vstar_bench/ -o vstar", False),
     ],
+    "data fetch": [
+        E("Download two benchmarks into the Hugging Face cache, then convert one by its Hub name.",
+          "mars data fetch vstar hr-bench\nmars data convert craigwu/vstar_bench -f vstar -o vstar/", False),
+    ],
     "data synth": [
         E("Four tasks, their corpus and reference trajectories.", "mars data synth --tasks 4 --seed 0 -o synth"),
         E("A train/test split for the offline demo.", "mars data synth --tasks 64 --test-fraction 0.25 -o synth64", False),

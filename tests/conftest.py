@@ -2,7 +2,25 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+LAUNCHER_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE")
+
+
+@pytest.fixture(autouse=True)
+def _launcher_env():
+    """A trainer run in-process fills in single-process launcher variables (rl.engine.
+    setup_distributed) and keeps its rendezvous port open; a command a later test starts as
+    a subprocess must not inherit that port (EADDRINUSE)."""
+    saved = {k: os.environ.get(k) for k in LAUNCHER_ENV}
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 @pytest.fixture(scope="session")

@@ -103,11 +103,14 @@ def test_index_progress_moves_per_encoder_batch_not_per_chunk(tmp_path, monkeypa
     from mars_cli.tools.index_text import build_text_index
 
     class Embedder:
-        batch_size = 32
+        """Reports its own progress (as the real encoder does: every 8 length-sorted batches)."""
+        reports_progress = True
         calls = []
 
-        def encode(self, items, kind="passage"):
+        def encode(self, items, kind="passage", on_progress=None):
             self.calls.append(len(items))
+            for s in range(0, len(items), 256):
+                on_progress(min(256, len(items) - s))
             return np.ones((len(items), 4), dtype=np.float32)
 
     monkeypatch.setenv("MARS_PROGRESS", "log")
@@ -116,7 +119,7 @@ def test_index_progress_moves_per_encoder_batch_not_per_chunk(tmp_path, monkeypa
     emb = Embedder()
     build_text_index(passages, tmp_path / "idx", embedder=emb, chunk=20_000, total=600)
     lines = capsys.readouterr().err.splitlines()
-    assert emb.calls == [256, 256, 88]  # whole encoder batches of 32
+    assert emb.calls == [600]  # the whole chunk at once: length-sorted batches across all of it
     assert [ln.split(" (")[0] for ln in lines[:3]] == ["mars: index 256/600 passages", "mars: index 512/600 passages",
                                                        "mars: index 600/600 passages"]
     assert lines[-1].startswith("mars: index: 600 passages in ")

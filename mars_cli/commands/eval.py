@@ -16,7 +16,7 @@ def main(
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unparsable lines with a warning instead of failing."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No table on stderr."),
     report_to: str = typer.Option("none", "--report-to", envvar="MARS_REPORT_TO", help="Also log metrics to tensorboard or wandb (none: only the records)."),
-    logging_dir: Optional[Path] = typer.Option(None, "--logging-dir", envvar="MARS_LOGGING_DIR", help="Where --report-to writes [default: ./runs/CMD-TIME/]."),
+    logging_dir: Optional[Path] = typer.Option(None, "--logging-dir", envvar="MARS_LOGGING_DIR", help="Where --report-to writes [default: under ./runs/, named by the command and the time]."),
     step: Optional[int] = typer.Option(None, "--step", min=0, help="The training step of the evaluated checkpoint (x axis for --report-to) [default: 0]."),
 ) -> None:
     """Score judged trajectories: Pass@1, Avg@k, Pass@k, tool use.

@@ -39,7 +39,7 @@ def main(
     master_addr: Optional[str] = typer.Option(None, "--master-addr", help="Node 0's address, reachable from every node (with --nnodes)."),
     master_port: int = typer.Option(29500, "--master-port", min=1, max=65535, help="Node 0's rendezvous port (with --nnodes)."),
     report_to: str = typer.Option("none", "--report-to", envvar="MARS_REPORT_TO", help="Also log metrics to tensorboard or wandb (none: only the records)."),
-    logging_dir: Optional[Path] = typer.Option(None, "--logging-dir", envvar="MARS_LOGGING_DIR", help="Where --report-to writes [default: ./runs/CMD-TIME/]."),
+    logging_dir: Optional[Path] = typer.Option(None, "--logging-dir", envvar="MARS_LOGGING_DIR", help="Where --report-to writes [default: under ./runs/, named by the command and the time]."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unparsable lines with a warning."),
     local_rank: Optional[int] = typer.Option(None, "--local_rank", "--local-rank", hidden=True, help="Set by the deepspeed launcher (LOCAL_RANK is read)."),
 ) -> None:
