@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from mars_cli.dirswap import apply_umask, make_temp_dir, recover_dir, replace_dir  # noqa: F401
 from mars_cli.errors import MarsError
 
 
@@ -47,23 +48,20 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
 def atomic_dir(path: str | os.PathLike, *, replace: bool = True) -> Iterator[Path]:
     """Yield a temporary directory beside `path`; swap it into place on success.
 
-    An existing `path` is replaced only after the new one is complete, so a kill during
-    the write leaves the previous directory intact (at worst a stray `.name.tmp-*`).
+    An existing `path` is replaced only after the new one is complete, and the swap is
+    journalled (replace_dir), so a kill at any instant leaves the previous or the new
+    directory at `path` once recover_dir has run; a kill while writing leaves a
+    temporary folder that the next run deletes.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    recover_dir(path)
     if path.exists() and not replace:
         raise MarsError(f"{path}: already exists")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp = make_temp_dir(path)
     try:
         yield tmp
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-            os.replace(path, old / "x")
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        replace_dir(tmp, path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -88,3 +86,27 @@ def read_json(path: str | os.PathLike):
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise MarsError(f"{path}: invalid JSON: {e}") from None
+
+
+def read_manifest(index_dir: str | os.PathLike, fmt: str, what: str, fields: dict[str, type]) -> dict:
+    """An index folder's manifest.json, checked: its format and the fields a reader uses.
+
+    A truncated or hand-edited manifest is a one-line error naming the file, not a
+    KeyError deep in the loader.
+    """
+    index_dir = Path(index_dir)
+    recover_dir(index_dir)
+    mf = index_dir / "manifest.json"
+    if not mf.is_file():
+        raise MarsError(f"{index_dir}: not {what} (no manifest.json; build one with `mars index`)")
+    manifest = read_json(mf)
+    if not isinstance(manifest, dict):
+        raise MarsError(f"{mf}: expected a JSON object")
+    if manifest.get("format") != fmt:
+        raise MarsError(f"{index_dir}: not {what} (format {manifest.get('format')!r})")
+    for key, typ in fields.items():
+        v = manifest.get(key)
+        if not isinstance(v, typ) or isinstance(v, bool):
+            name = typ.__name__ if isinstance(typ, type) else "/".join(t.__name__ for t in typ)
+            raise MarsError(f"{mf}: field {key!r} is missing or not a {name} (rebuild the index)")
+    return manifest

@@ -18,8 +18,11 @@ def test_two_processes_equal_one(tiny_policy_dir, tmp_path):
     common = ["--policy", tiny_policy_dir, "--zero", "2", "--lr", "1e-3", "--micro-batch-tokens", "60", "--beta", "0"]
     one = H.Ran(["update", batch, "--out", tmp_path / "one", *common])
     assert one.exit_code == 0, one.stderr
-    two = H.Ran(["update", batch, "--out", tmp_path / "two", "--nproc", "2", *common])
+    two = H.Ran(["update", batch, "--out", tmp_path / "two", "--nproc", "2", "--state", tmp_path / "st", *common])
     assert two.exit_code == 0, two.stderr
+    # Both ranks wrote their optimizer shards into the one directory rank 0 swapped in.
+    assert json.loads((tmp_path / "st" / "mars_state.json").read_text())["step"] == 1
+    assert sorted(q.name for q in tmp_path.iterdir() if q.name.startswith(".")) == []
     [m1], [m2] = [json.loads(x) for x in one.stdout.splitlines()], [json.loads(x) for x in two.stdout.splitlines()]
     for k in ("loss", "grad_norm", "tokens", "policy_tokens", "trajectories", "ratio_mean"):
         assert m1[k] == pytest.approx(m2[k], rel=1e-5), k

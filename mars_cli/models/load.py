@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from mars_cli.errors import MarsError
-from mars_cli.fsutil import read_json
+from mars_cli.fsutil import read_json, recover_dir
 
 # config.json model_type → (our arch name, transformers class name)
 ARCHITECTURES = {
@@ -65,13 +65,20 @@ def weight_files(model_dir: str | Path) -> list[Path]:
                   and not p.name.startswith(".") and p.name not in ("training_args.bin", "optimizer.pt"))
 
 
-def read_config(path: str | Path) -> dict:
-    """config.json of a model directory, with clear errors for what is not one."""
+def model_dir(path: str | Path) -> Path:
+    """`path` checked to be a directory, after finishing an interrupted replacement of it."""
     path = Path(path)
+    recover_dir(path)
     if not path.exists():
         raise MarsError(f"{path}: no such model directory")
     if not path.is_dir():
         raise MarsError(f"{path}: not a directory (expected a model checkpoint directory)")
+    return path
+
+
+def read_config(path: str | Path) -> dict:
+    """config.json of a model directory, with clear errors for what is not one."""
+    path = model_dir(path)
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
         raise MarsError(f"{path}: not a model directory (no config.json)")
@@ -150,7 +157,7 @@ def load_tokenizer(path: str | Path):
     """
     from transformers import AutoTokenizer
 
-    path = Path(path)
+    path = model_dir(path)
     if not (path / "tokenizer.json").is_file() and not (path / "vocab.json").is_file():
         raise MarsError(f"{path}: no tokenizer files (tokenizer.json or vocab.json + merges.txt)")
     key = (str(path.resolve()),) + tuple(
@@ -172,7 +179,7 @@ def load_image_processor(path: str | Path, *, min_pixels: int | None = None, max
     """Qwen2VLImageProcessorPil from preprocessor_config.json (no torchvision needed)."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    path = Path(path)
+    path = model_dir(path)
     cfg_path = path / "preprocessor_config.json"
     if not cfg_path.is_file():
         raise MarsError(f"{path}: no preprocessor_config.json (the image processor settings)")

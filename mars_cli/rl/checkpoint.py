@@ -6,9 +6,10 @@ policy. Two small JSON files travel with it: `mars_model.json` (the content fing
 that models.load.fingerprint trusts) and `mars_meta.json` (step, parent fingerprint,
 batch hash, metrics and the resolved flags of the run that made it).
 
-Everything is written into a temporary directory beside the target and renamed into
-place at the end (fsutil.atomic_dir), so a crash or kill mid-write leaves the previous
-checkpoint at that path loadable and untouched.
+Everything is written into a temporary directory beside the target and swapped into
+place at the end (fsutil.atomic_dir → replace_dir, journalled), so a kill at any instant
+leaves the previous or the new checkpoint at that path once recover_dir has run (every
+loader runs it: models.load.model_dir).
 """
 
 from __future__ import annotations

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import socket
 from pathlib import Path
 
@@ -220,30 +219,34 @@ class Trainer:
         return param.grad if self.stage == 0 else safe_get_full_grad(param)
 
     def save_state(self, state_dir: str | Path, meta: dict) -> None:
-        """Optimizer (and master weights) state for the next invocation, swapped in atomically."""
+        """Optimizer (and master weights) state for the next invocation, swapped in crash-safely."""
+        from mars_cli.fsutil import make_temp_dir, recover_dir, replace_dir
+
         state_dir = Path(state_dir)
-        # Every rank writes its shard into the same temporary directory (named from the
-        # shared rendezvous port so all ranks agree); rank 0 swaps it in after the barrier.
-        tmp = state_dir.parent / f".{state_dir.name}.tmp-{os.environ.get('MASTER_PORT', '0')}"
+        # Every rank writes its shard into the same temporary directory; rank 0 makes it
+        # (named after its own process, so a kill -9 leaves something the next run can
+        # recognise as stale) and swaps it in after the barrier (fsutil.replace_dir).
+        name = [None]
         if self.rank == 0:
             state_dir.parent.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
-        self.barrier()
+            recover_dir(state_dir)
+            name[0] = make_temp_dir(state_dir).name
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.broadcast_object_list(name, src=0)
+        tmp = state_dir.parent / name[0]
         self.engine.save_checkpoint(str(tmp), tag=STATE_TAG, save_latest=False)
         self.barrier()
         if self.rank == 0:
             (tmp / STATE_META).write_text(json.dumps(meta, indent=2) + "\n")
-            old = state_dir.parent / f".{state_dir.name}.old-{os.environ.get('MASTER_PORT', '0')}"
-            if state_dir.exists():
-                os.replace(state_dir, old)
-            os.replace(tmp, state_dir)
-            shutil.rmtree(old, ignore_errors=True)
+            replace_dir(tmp, state_dir)
         self.barrier()
 
     def load_state(self, state_dir: str | Path) -> dict:
         """Restore the optimizer state saved by save_state; return its meta."""
         state_dir = Path(state_dir)
-        meta = read_state_meta(state_dir)
+        meta = read_state_meta(state_dir)  # recovers an interrupted save first
         path, _ = self.engine.load_checkpoint(str(state_dir), tag=STATE_TAG, load_optimizer_states=True,
                                               load_lr_scheduler_states=True)
         if path is None:
@@ -253,6 +256,9 @@ class Trainer:
 
 def read_state_meta(state_dir: str | Path) -> dict:
     """mars_state.json of a state directory ({} when there is none yet)."""
+    from mars_cli.fsutil import recover_dir
+
+    recover_dir(state_dir)
     p = Path(state_dir) / STATE_META
     if not p.is_file():
         return {}

@@ -25,7 +25,7 @@ import orjson
 
 from mars_cli import __version__, streams
 from mars_cli.errors import MarsError
-from mars_cli.fsutil import atomic_dir, sha256_file
+from mars_cli.fsutil import atomic_dir, read_manifest, sha256_file
 
 FORMAT = "mars-image-index"
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -179,12 +179,7 @@ class ImageIndex:
 
     def __init__(self, path: str | os.PathLike, *, embedder=None):
         self.path = Path(path)
-        mf = self.path / "manifest.json"
-        if not mf.exists():
-            raise MarsError(f"{self.path}: not an image index (no manifest.json; build one with `mars index images`)")
-        self.manifest = json.loads(mf.read_text())
-        if self.manifest.get("format") != FORMAT:
-            raise MarsError(f"{self.path}: not an image index (format {self.manifest.get('format')!r})")
+        self.manifest = read_manifest(self.path, FORMAT, "an image index", {"descriptor": str, "items_sha256": str})
         self.items = [orjson.loads(x) for x in (self.path / "items.jsonl").read_bytes().splitlines() if x]
         self.embedder = embedder
         if self.manifest["descriptor"] == WEIGHT_FREE:

@@ -30,7 +30,7 @@ import orjson
 
 from mars_cli import __version__, streams
 from mars_cli.errors import MarsError
-from mars_cli.fsutil import atomic_dir
+from mars_cli.fsutil import atomic_dir, read_manifest
 
 FORMAT = "mars-text-index"
 K1, B = 1.5, 0.75
@@ -258,12 +258,7 @@ class TextIndex:
         import bm25s
 
         self.path = Path(path)
-        mf = self.path / "manifest.json"
-        if not mf.exists():
-            raise MarsError(f"{self.path}: not a text index (no manifest.json; build one with `mars index text`)")
-        self.manifest = json.loads(mf.read_text())
-        if self.manifest.get("format") != FORMAT:
-            raise MarsError(f"{self.path}: not a text index (format {self.manifest.get('format')!r})")
+        self.manifest = read_manifest(self.path, FORMAT, "a text index", {"passages": int, "passages_sha256": str})
         self.bm25 = bm25s.BM25.load(self.path / "bm25", mmap=True, show_progress=False)
         self.vocab = self.bm25.vocab_dict
         self.n = self.manifest["passages"]
