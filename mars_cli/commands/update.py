@@ -1,4 +1,4 @@
-"""`mars update`: one policy step on a scored batch (GSPO + KL, DeepSpeed)."""
+"""`mars update`: a policy step per scored batch (GSPO + KL, DeepSpeed); --follow stays resident."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import typer
 def main(
     files: Optional[List[Path]] = typer.Argument(None, help="Scored trajectory JSONL (with advantages) [default: stdin]."),
     policy: Path = typer.Option(..., "--policy", envvar="MARS_POLICY", help="The policy checkpoint directory to start from."),
-    out: Path = typer.Option(..., "--out", help="Where to write the new checkpoint (atomically)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Where to write the new checkpoint (atomically); with --follow the folder of step-N/ checkpoints."),
     ref: Optional[Path] = typer.Option(None, "--ref", envvar="MARS_REF", help="Reference model for the KL term (none: no KL)."),
     state: Optional[Path] = typer.Option(None, "--state", envvar="MARS_STATE", help="Optimizer state dir: resumed if present, then saved."),
     loss: str = typer.Option("gspo", "--loss", help="gspo (sequence level) or grpo (token-level PPO clip)."),
@@ -31,6 +31,12 @@ def main(
     bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help="bf16 weights and DeepSpeed bf16 [default: on a GPU]."),
     seed: int = typer.Option(0, "--seed", help="Torch seed."),
     nproc: int = typer.Option(1, "--nproc", min=1, help="Run N processes (torch.distributed.run); records sharded by rank."),
+    follow: bool = typer.Option(False, "--follow", help="Stay resident: read a stream of batches, one optimizer step as each completes."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="With --follow: exit after N steps [default: at the end of input]."),
+    save_every: int = typer.Option(1, "--save-every", min=1, help="With --follow: write OUT/step-N every K steps (the last step always)."),
+    keep_last: int = typer.Option(3, "--keep-last", min=0, help="With --follow: keep the newest N step folders (0: all)."),
+    push: Optional[str] = typer.Option(None, "--push", envvar="MARS_PUSH", help="Policy servers (URL[,URL…]) that load each new checkpoint."),
+    push_dir: Optional[Path] = typer.Option(None, "--push-dir", help="With --follow --push: where weights of unsaved steps go [default: OUT/.push; /dev/shm/… avoids the disk]."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unparsable lines with a warning."),
     local_rank: Optional[int] = typer.Option(None, "--local_rank", "--local-rank", hidden=True, help="Set by the deepspeed launcher (LOCAL_RANK is read)."),
 ) -> None:
@@ -38,12 +44,15 @@ def main(
 
     Rebuilds each trajectory's model input from its stored token ids and images and trains only on the policy's own tokens (mask 1). GSPO: s = exp(mean over policy tokens of log π_θ − log π_old), loss = −mean over trajectories of min(s·A, clip(s, 1−ε_low, 1+ε_high)·A) + β·KL(π_θ‖π_ref). Records without token ids (openai engine) are refused.
 
-    Writes --out (an HF safetensors checkpoint with mars_meta.json) atomically and prints one metrics record: loss, clip_fraction, kl, ratio_mean/min/max, grad_norm, tokens, trajectories, seconds, logprob_gap. Under a launcher (deepspeed, accelerate, torchrun) every rank runs this command; --nproc N does that for you on one machine.
+    Writes --out (an HF safetensors checkpoint with mars_meta.json) atomically and prints one metrics record: loss, clip_fraction, kl, ratio_mean/min/max, grad_norm, tokens, trajectories, seconds, logprob_gap. With --push, the servers load --out before the command returns (a refused load: exit 1, the checkpoint stays). Under a launcher (deepspeed, accelerate, torchrun) every rank runs this command; --nproc N does that for you on one machine.
+
+    --follow keeps the policy, the reference model and the optimizer in memory and reads a stream of batches written by `mars advantage` (each record's `batch` {id, size}), taking one optimizer step as soon as a batch's last record arrives and printing exactly one metrics record per step (with the batch, `staleness` of its records in steps, push result, timings and bytes written). --out then holds OUT/step-N/ checkpoints, every --save-every steps and after the last one; the newest also holds the optimizer state (OUT/step-N/optimizer/), so the same command restarted resumes from it with the same step numbering, skipping batches it already trained. --keep-last bounds the disk. With --push each step's weights go to the servers; a refused push is a warning and the next step's push retries. A trajectory without policy tokens is skipped with a warning; a token id beyond the vocabulary stops the trainer before that step.
     """
     import os
 
+    from mars_cli.errors import UsageError
     from mars_cli.jsonl import RecordWriter
-    from mars_cli.rl.engine import launch_ranks
+    from mars_cli.rl.engine import config_argv, launch_ranks, relaunch, under_launcher
     from mars_cli.rl.update import UpdateConfig, run_update
 
     cfg = UpdateConfig(policy=str(policy), out=str(out), ref=str(ref) if ref else None, state=str(state) if state else None,
@@ -52,10 +61,40 @@ def main(
                        old_logprobs=old_logprobs, zero=zero, deepspeed=str(deepspeed) if deepspeed else None,
                        train_vision=train_vision, gradient_checkpointing=gradient_checkpointing, bf16=bf16, seed=seed)
     paths = [str(f) for f in files or []]
+    urls = [u.strip() for u in (push or "").split(",") if u.strip()]
+    if urls:
+        try:
+            import mars_cli.serve.push  # noqa: F401
+        except ImportError:
+            raise UsageError("--push needs the policy server's push client (mars_cli.serve.push), which this build lacks") from None
+    if follow:
+        from mars_cli.rl.follow import FollowConfig, check_follow, follow as run_follow
+
+        fcfg = FollowConfig(max_steps=max_steps, save_every=save_every, keep_last=keep_last, push=urls,
+                            push_dir=str(push_dir) if push_dir else None)
+        check_follow(cfg, fcfg)
+        if local_rank is not None:
+            os.environ.setdefault("LOCAL_RANK", str(local_rank))
+        if nproc > 1 and not under_launcher():  # rank 0 reads the stream (stdin too) and shares each batch
+            extra = ["--follow", "--save-every", str(save_every), "--keep-last", str(keep_last)]
+            extra += ["--max-steps", str(max_steps)] if max_steps else []
+            extra += ["--push", push] if push else []
+            extra += ["--push-dir", str(push_dir)] if push_dir else []
+            raise typer.Exit(relaunch(nproc, "update", [*paths, *config_argv(cfg), *extra, *(["--skip-bad"] if skip_bad else [])]))
+        with RecordWriter() as w:
+            run_follow(paths, cfg, fcfg, emit=w.write, skip_bad=skip_bad)
+        return
+    if max_steps is not None or push_dir is not None:
+        raise UsageError("--max-steps and --push-dir go with --follow")
     code = launch_ranks("update", paths, cfg, nproc=nproc, local_rank=local_rank, skip_bad=skip_bad, what="batch")
     if code is not None:
         raise typer.Exit(code)
     metrics = run_update(paths, cfg, skip_bad=skip_bad)
     if int(os.environ.get("RANK", "0")) == 0:
+        if urls:
+            from mars_cli.serve.push import push_checkpoint
+
+            metrics["push"] = push_checkpoint(urls, str(out), fingerprint=metrics["fingerprint"],
+                                              api_key=os.environ.get("MARS_SERVE_API_KEY"))
         with RecordWriter() as w:
             w.write(metrics)
