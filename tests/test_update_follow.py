@@ -262,3 +262,43 @@ def test_push_refused_then_retried_with_staleness_save_every_and_keep_last(tiny_
     assert sorted(x.name for x in ck.iterdir() if not x.name.startswith(".")) == ["step-2", "step-3"]
     assert not (ck / "step-2" / "optimizer").exists() and (ck / "step-3" / "optimizer").is_dir()
     assert ms[0]["bytes_written"] > 0 and ms[1]["bytes_written"] > ms[0]["bytes_written"]  # + optimizer state
+
+
+KILLED_IN_SAVE = """
+import os, signal, sys
+from pathlib import Path
+from mars_cli import fsutil
+
+real = fsutil.replace_dir
+
+def swap_or_die(tmp, dest):
+    if Path(dest).name == "optimizer" and Path(dest).parent.name == "step-2":
+        os.kill(os.getpid(), signal.SIGKILL)  # step 2's optimizer state written, not yet swapped in
+    return real(tmp, dest)
+
+fsutil.replace_dir = swap_or_die
+from mars_cli.main import run
+run(sys.argv[1:])
+"""
+
+
+def test_kill_while_saving_the_optimizer_state_resumes_from_the_previous_step(tiny_policy_dir, tmp_path):
+    from mars_cli.models.load import load_policy
+
+    bs = [advantage(judged_file(tiny_policy_dir, tmp_path / f"j{i}.jsonl", f"k{i}-", 2), tmp_path / f"b{i}.jsonl")
+          for i in (1, 2)]
+    ck = tmp_path / "ck"
+    args = ["update", "--follow", *map(str, bs), "--policy", str(tiny_policy_dir), "--out", str(ck), *COMMON]
+    p = subprocess.run([sys.executable, "-c", KILLED_IN_SAVE, *args], capture_output=True, text=True, env=ENV, timeout=600)
+    assert p.returncode == -9, p.stderr
+    # Step 2's weights were written, its optimizer state was not: step 1 still holds a whole one.
+    assert (ck / "step-2" / "model.safetensors").is_file() and not (ck / "step-2" / "optimizer").exists()
+    assert [x.name for x in (ck / "step-2").iterdir() if x.name.startswith(".optimizer.tmp-")]
+    assert (ck / "step-1" / "optimizer" / "mars_state.json").is_file()
+    r = subprocess.run([*MARS, *args], capture_output=True, text=True, env=ENV, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert [m["step"] for m in metrics(r.stdout)] == [2]
+    assert "step-2: saved without optimizer state (interrupted): removed, trained again" in r.stderr
+    assert sorted(x.name for x in ck.iterdir() if not x.name.startswith(".")) == ["step-1", "step-2"]
+    assert (ck / "step-2" / "optimizer").is_dir() and not (ck / "step-1" / "optimizer").exists()
+    assert load_policy(ck / "step-2").fingerprint == metrics(r.stdout)[0]["fingerprint"]
