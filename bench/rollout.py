@@ -5,7 +5,7 @@
 1. Loop overhead (hf engine, tiny Qwen2.5-VL made locally, CPU). The same batch of
    one-image tasks is run, interleaved rep by rep so the two are side by side:
      raw   build_inputs + model.generate (greedy, fixed new-token count, nothing else)
-     loop  AgentLoop.run over the same tasks: rendering, generate with output_logits and
+     loop  AgentLoop.run over the same tasks: rendering, generate with the log-prob recorder and
            log-probs, decoding, parsing, budget accounting, record building
    Both generate the same number of tokens with the same settings (greedy; eos set to an
    impossible id in both, so every turn runs to the limit). Target: loop ≤ 1.10 × raw.

@@ -42,6 +42,8 @@ COMMANDS = {
     "sft": "sft",
     "eval": "eval",
     "show": "show",
+    "serve": "serve",
+    "prompt": "prompt",
 }
 
 

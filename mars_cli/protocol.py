@@ -1,8 +1,17 @@
 """The agent protocol: prompt, tool schemas, parsing, answer extraction, chat rendering.
 
 One owner for everything the model reads or writes, so rollout, SFT, judge and eval can
-never disagree. The format is compatible with the released SenseNova-MARS checkpoints
-(Qwen-VL hermes-style calls): each assistant turn is
+never disagree. Two profiles (`--protocol`), one turn format (Qwen-VL hermes-style calls):
+
+- `sensenova` (the default): byte-identical to the released SenseNova-MARS code: the
+  dataset's "#Role …" system prompt, a blank line, the official tools block
+  (mars_cli/sensenova.py), the official tool schemas, result strings and crop rule; a
+  malformed call ends the episode (`on_malformed="end"`), as it does there.
+- `mars`: mars's own system prompt and schemas, crops cut from the full-resolution
+  source, and a malformed call answered with an error the model can read
+  (`on_malformed="observe"`).
+
+Each assistant turn is
 
     <thinking>…</thinking>
     <tool_call>
@@ -22,6 +31,8 @@ import json
 import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
+
+from mars_cli import sensenova
 
 ZOOM, TEXT_SEARCH, IMAGE_SEARCH = "image_zoom_in_tool", "text_search_tool", "image_search_tool"
 TOOL_NAMES = (ZOOM, TEXT_SEARCH, IMAGE_SEARCH)
@@ -86,7 +97,7 @@ TOOL_SCHEMAS: list[dict] = [
     },
 ]
 
-SYSTEM_PROMPT = """You are a visual research agent. You answer questions about images, which may be very large, by reasoning step by step and using tools.
+MARS_SYSTEM_PROMPT = """You are a visual research agent. You answer questions about images, which may be very large, by reasoning step by step and using tools.
 
 Each of your turns has two parts. First think inside <thinking> and </thinking>: what you know, what is missing, and what to do next. Then take exactly one action:
 - call one tool: <tool_call>
@@ -104,11 +115,59 @@ You may call one of these functions per turn:
 </tools>"""
 
 
-def build_system_prompt(custom: str | None = None) -> str:
-    """The system prompt with the tool schemas filled in (a custom text may use {tools})."""
-    text = SYSTEM_PROMPT if custom is None else custom
+SYSTEM_PROMPT = MARS_SYSTEM_PROMPT  # the mars profile's; the sensenova one is sensenova.SYSTEM_PROMPT
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A protocol profile: what the model is told and shown, and how a malformed call ends."""
+
+    name: str
+    on_malformed: str  # "end": the episode finishes `malformed` (reward 0); "observe": an error message
+    tool_schemas: list
+    crop: str  # "model-view": cut from the image as the model sees it (official); "source": full resolution
+    summary: str
+
+
+PROFILES: dict[str, Profile] = {
+    "sensenova": Profile("sensenova", "end", sensenova.TOOL_SCHEMAS, "model-view",
+                         "the released SenseNova-MARS prompt, schemas, results and crop rule"),
+    "mars": Profile("mars", "observe", TOOL_SCHEMAS, "source",
+                    "mars's prompt; crops from the full-resolution source; malformed calls get an error message"),
+}
+DEFAULT_PROFILE = "sensenova"
+ON_MALFORMED = ("end", "observe")
+
+
+def get_profile(name: str | None) -> Profile:
+    """The profile called `name` (None: the default); a UsageError names the choices."""
+    from mars_cli.errors import UsageError
+
+    name = name or DEFAULT_PROFILE
+    if name not in PROFILES:
+        raise UsageError(f"--protocol must be one of {', '.join(PROFILES)}, got {name!r}")
+    return PROFILES[name]
+
+
+def build_system_prompt(custom: str | None = None, *, profile: str = "mars") -> str:
+    """The system prompt with the tools filled in.
+
+    mars: mars's text (a custom text may place the schemas with {tools}). sensenova: the
+    official rule: `custom` (or the official prompt), a blank line, the tools block.
+    """
+    if get_profile(profile).name == "sensenova":
+        return sensenova.system_text(custom)
+    text = MARS_SYSTEM_PROMPT if custom is None else custom
     tools = "\n".join(json.dumps(t, ensure_ascii=False) for t in TOOL_SCHEMAS)
     return text.replace("{tools}", tools)
+
+
+def task_system_prompt(task: dict) -> str | None:
+    """The dataset system prompt a task carries (converters keep the manifest's), if any."""
+    for v in (task.get("system_prompt"), (task.get("meta") or {}).get("system_prompt")):
+        if isinstance(v, str) and v:
+            return v
+    return None
 
 
 def question_text(task: dict) -> str:
@@ -122,11 +181,19 @@ def question_text(task: dict) -> str:
     return q
 
 
-def initial_messages(task: dict, *, system_prompt: str | None = None) -> list[dict]:
-    """The conversation an episode starts from: system prompt, then images and question."""
+def initial_messages(task: dict, *, profile: str = DEFAULT_PROFILE, system_prompt: str | None = None) -> list[dict]:
+    """The conversation an episode starts from: system prompt, then images and question.
+
+    `system_prompt` overrides the prompt text (sensenova: the dataset part, before the
+    tools block); otherwise sensenova uses the task's own dataset prompt when it has one.
+    """
+    prof = get_profile(profile)
+    if prof.name == "sensenova" and system_prompt is None:
+        system_prompt = task_system_prompt(task)
     content: list[dict] = [{"type": "image", "image": str(p)} for p in task.get("images") or []]
     content.append({"type": "text", "text": question_text(task)})
-    return [{"role": "system", "content": build_system_prompt(system_prompt)}, {"role": "user", "content": content}]
+    return [{"role": "system", "content": build_system_prompt(system_prompt, profile=prof.name)},
+            {"role": "user", "content": content}]
 
 
 # --- parsing -------------------------------------------------------------------------
@@ -308,6 +375,45 @@ def error_message(text: str, name: str | None = None) -> dict:
     return tool_message(name, f"Error: {text}")
 
 
+def is_malformed(turn: Turn) -> bool:
+    """A turn whose action cannot be read at all: a call that is not a JSON object naming a
+    tool, or an empty answer. The official loop ends the episode on these (it finds no call);
+    a call to an unknown tool or with bad arguments gets an error result there instead.
+    """
+    if turn.error is None or turn.call is not None:
+        return False
+    if turn.answer is None and turn.raw_call is None:
+        return True  # an empty <answer></answer>
+    raw = turn.raw_call
+    return not (isinstance(raw, dict) and isinstance(raw.get("name"), str))
+
+
+def malformed_message(turn: Turn, messages: Sequence[dict], *, profile: str = DEFAULT_PROFILE) -> dict:
+    """The tool message a call that could not run gets (the `observe` path).
+
+    mars: mars's explanation. sensenova: the official tools' own error texts, so a
+    released checkpoint reads what it was trained on.
+    """
+    raw = turn.raw_call if isinstance(turn.raw_call, dict) else {}
+    name = raw.get("name") if isinstance(raw.get("name"), str) else None
+    if get_profile(profile).name == "sensenova" and name is not None:
+        args = raw.get("arguments", {})
+        if isinstance(args, str):
+            try:
+                args = json.loads(args)
+            except json.JSONDecodeError as e:
+                return tool_message(name, f"Error: Invalid JSON in tool arguments: {e}")
+        if name not in TOOL_NAMES:
+            return tool_message(name, sensenova.unknown_tool(name))
+        if name == ZOOM and isinstance(args, dict):
+            text = sensenova.zoom_error(args, len(message_images(messages)))
+            if text:
+                return tool_message(name, text)
+        if name == TEXT_SEARCH:
+            return tool_message(name, "Error: query parameter is required and must be a string.")
+    return error_message(turn.error or "the tool call could not be read", name)
+
+
 def ignored_calls_note(n: int) -> str:
     return f"\n(Note: only the first tool call of a turn runs; {n} more call{'s were' if n > 1 else ' was'} ignored.)"
 
@@ -325,6 +431,10 @@ def message_images(messages: Sequence[dict]) -> list[str]:
 # --- rendering to tokens ----------------------------------------------------------------
 
 SPECIAL_NAMES = ("im_start", "im_end", "vision_start", "vision_end", "image_pad")
+# Template tags some Qwen tokenizers hold as added tokens (Qwen3-VL); inside the template
+# they are those tokens, inside a tool's text they are just characters.
+TEMPLATE_TAGS = ("<tool_response>", "</tool_response>")
+_TAG_SPLIT = re.compile("(" + "|".join(re.escape(t) for t in TEMPLATE_TAGS) + ")")
 
 
 class Renderer:
@@ -333,6 +443,11 @@ class Renderer:
     Text between special tokens is encoded as one piece, and the pieces are the same
     whether a conversation is rendered whole or turn by turn, so the ids a rollout builds
     incrementally equal the ids of rendering the finished conversation.
+
+    Tool results are plain text: a web page containing `<|im_end|>` or `<|image_pad|>` is
+    encoded as those characters, never as the special tokens, so it can neither end the
+    turn early nor add an image placeholder (`plain`). Template text is encoded with the
+    tokenizer's added tokens, as the chat template would be.
     """
 
     def __init__(self, tokenizer, special: dict):
@@ -342,6 +457,31 @@ class Renderer:
         self.tok = tokenizer
         self.sp = special
         self._cache: dict[str, list[int]] = {}
+        added = {}
+        try:
+            added = dict(tokenizer.get_added_vocab())
+        except (AttributeError, NotImplementedError, TypeError):
+            pass
+        self._tags = {t: int(added[t]) for t in TEMPLATE_TAGS if t in added}
+
+    def plain(self, s: str) -> list[int]:
+        """Ids of `s` as ordinary text: no special or added token is recognised in it.
+
+        Runs the fast tokenizer's own normalizer, pre-tokenizer and BPE model, skipping only
+        its added-token matching, so text without special tokens encodes exactly as `text`.
+        """
+        if not s:
+            return []
+        backend = getattr(self.tok, "backend_tokenizer", None)
+        if backend is None:  # a plain-Python tokenizer (tests' fakes) has no added tokens to skip
+            return list(self.tok.encode(s, add_special_tokens=False))
+        if backend.normalizer is not None:
+            s = backend.normalizer.normalize_str(s)
+        pieces = backend.pre_tokenizer.pre_tokenize_str(s) if backend.pre_tokenizer is not None else [(s, None)]
+        ids: list[int] = []
+        for piece, _ in pieces:
+            ids.extend(t.id for t in backend.model.tokenize(piece))
+        return ids
 
     def text(self, s: str) -> list[int]:
         if not s:
@@ -367,6 +507,34 @@ class Renderer:
                 buf += p.get("text", "")
         ids += self.text(buf + wrap[1])
 
+    def _tool_content(self, content, ids: list[int], images: list[str]) -> None:
+        """A tool result's body inside its template: the tool's text encoded as plain text."""
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else list(content or [])
+        run: list[str] = []
+
+        def flush() -> None:
+            ids.extend(self.plain("".join(run)))
+            run.clear()
+
+        def template(s: str) -> None:
+            for piece in _TAG_SPLIT.split(s):
+                if piece in self._tags:
+                    flush()
+                    ids.append(self._tags[piece])
+                elif piece:
+                    run.append(piece)
+
+        template("user\n<tool_response>\n")
+        for p in parts:
+            if p.get("type") == "image":
+                flush()
+                ids += [self.sp["vision_start"], self.sp["image_pad"], self.sp["vision_end"]]
+                images.append(str(p["image"]))
+            else:
+                run.append(p.get("text", ""))
+        template("\n</tool_response>")
+        flush()
+
     def message(self, m: dict) -> tuple[list[int], list[int], list[str]]:
         """One message with its header and <|im_end|>\\n; assistant content is mask 1."""
         role = m["role"]
@@ -374,7 +542,7 @@ class Renderer:
         images: list[str] = []
         if role == "tool":
             ids.append(self.sp["im_start"])
-            self._content(m.get("content"), ids, images, wrap=("user\n<tool_response>\n", "\n</tool_response>"))
+            self._tool_content(m.get("content"), ids, images)
             ids += [self.sp["im_end"]] + self.text("\n")
             return ids, [0] * len(ids), images
         head = [self.sp["im_start"]] + self.text(f"{role}\n")

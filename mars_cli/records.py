@@ -15,7 +15,7 @@ from mars_cli.errors import MarsError, RecordError
 SCHEMA_VERSION = 1
 
 SCORERS = ("llm", "mcq", "em", "substring", "f1", "simpleqa")
-FINISH_REASONS = ("answer", "max_turns", "max_tokens", "no_action", "error")
+FINISH_REASONS = ("answer", "max_turns", "max_tokens", "no_action", "malformed", "error")
 KINDS = ("task", "trajectory", "judged", "scored")
 
 

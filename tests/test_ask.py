@@ -32,7 +32,7 @@ def test_ask_trace_and_answer(env, tmp_path):
     err = r.stderr
     assert "turn 1" in err and "thinking" in err and "image_zoom_in_tool" in err
     assert "crop      box (0.100, 0.100, 0.500, 0.500)" in err and str(tmp_path / "art") in "".join(err.split())
-    assert "text search is not available" in err  # no index configured: the model is told
+    assert "text search is not available" in err or "Search not available" in err  # no index: the model is told (per profile)
     assert "answer    STOP" in err and "finish    answer after 3 turns, 2 tool calls (1 failed)" in err
 
 

@@ -202,7 +202,8 @@ def test_sensenova_manifest_keeps_precomputed_image_search(tmp_path):
     r = run(manifest, "-f", "sensenova-mars", "-o", out)
     assert r.exit_code == 0, r.stderr
     (t,) = tasks_of(out)
-    assert t["id"] == "mars-train-4" and t["question"] == "Who built this?" and t["benchmark"] == "mars-train"
+    # a manifest's dataset name names the tasks, "{dataset}-{line index}", as eval.py does
+    assert t["id"] == "train-0" and t["question"] == "Who built this?" and t["benchmark"] == "train"
     assert t["image_search_title_list"] == ["Eiffel Tower - Wikipedia"]
     assert Path(t["image_search_thumbnail_list"][0]).read_bytes() == jpeg((1, 2, 3))
 

@@ -48,7 +48,9 @@ def test_loop_never_crashes(world, turns, max_new, budget):
     assert len(recs) == 2
     for rec in recs:
         validate(rec, "trajectory")
-        assert rec["finish"] in FINISH_REASONS and rec["finish"] != "error"
+        assert rec["finish"] in FINISH_REASONS
+        # the only error: a first prompt over the budget, said plainly (never run silently cut)
+        assert rec["finish"] != "error" or "the first prompt needs" in rec["error"]
         assert (rec["prediction"] is not None) == (rec["finish"] == "answer")
         assert rec["turns"] <= 3 and len(rec["tool_calls"]) <= rec["turns"]
         assert check_trajectory(rec, eng.renderer) == []

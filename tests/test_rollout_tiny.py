@@ -97,3 +97,21 @@ def test_real_crop_and_local_index_with_tiny_tokenizer(tiny_policy_dir, tmp_path
     assert rec["finish"] == "answer" and [c["ok"] for c in rec["tool_calls"]] == [True, True]
     assert "red octagon" in rec["messages"][5]["content"][0]["text"]
     assert check_trajectory(rec, eng.renderer) == []
+
+
+def test_pixel_limits_reach_the_engine_and_the_record(tiny_policy_dir, tmp_path):
+    from clirun import Ran
+
+    img = make_image(tmp_path / "big.jpg", size=(640, 480))
+    r = Ran(["ask", img, "What?", "--policy", tiny_policy_dir, "--json", "-q", "--max-turns", "1",
+             "--max-new-tokens", "4", "--min-pixels", "3136", "--max-pixels", "50176", "--artifacts", tmp_path / "a"])
+    assert r.exit_code == 0, r.stderr
+    rec = json.loads(r.stdout)
+    assert rec["policy"]["pixels"] == {"min": 3136, "max": 50176}
+    # the record holds the limits the image processor used; without flags, the checkpoint's own
+    r = Ran(["ask", img, "What?", "--policy", tiny_policy_dir, "--json", "-q", "--max-turns", "1",
+             "--max-new-tokens", "4", "--artifacts", tmp_path / "a"])
+    from mars_cli.models.load import load_image_processor
+
+    size = load_image_processor(tiny_policy_dir).size
+    assert json.loads(r.stdout)["policy"]["pixels"] == {"min": size["shortest_edge"], "max": size["longest_edge"]}

@@ -30,7 +30,7 @@ def zoom(box, idx=None):
 
 def test_zoom_chain_is_cut_from_the_original(tmp_path, conv):
     img, msgs, state = conv
-    tb = Toolbox(tmp_path / "art")
+    tb = Toolbox(tmp_path / "art", profile="mars")
     a = tb.run(zoom([200, 250, 600, 750]), msgs, state)
     assert a.ok and a.detail["box_px"] == [200, 200, 600, 600] and a.detail["source"] == img
     msgs = msgs + [{"role": "assistant", "content": "z"}, a.message]
@@ -47,7 +47,7 @@ def test_zoom_chain_is_cut_from_the_original(tmp_path, conv):
 
 def test_failures_become_error_messages(tmp_path, conv):
     img, msgs, state = conv
-    tb = Toolbox(tmp_path / "art", text_search=FakeTextSearch({"A": "alpha beta"}))
+    tb = Toolbox(tmp_path / "art", profile="mars", text_search=FakeTextSearch({"A": "alpha beta"}))
     out = tb.run(zoom([0, 0, 10, 10], idx=3), msgs, state)
     assert not out.ok and "img_idx 3 is out of range" in out.error
     assert out.message["content"][0]["text"].startswith("Error: ") and out.message["name"] == protocol.ZOOM
@@ -65,7 +65,7 @@ def test_failures_become_error_messages(tmp_path, conv):
 def test_text_search_result_block(tmp_path, conv):
     _, msgs, state = conv
     ts = FakeTextSearch({"Alpha page": "alpha beta gamma", "Other": "delta"}, latency=0.05)
-    out = Toolbox(tmp_path / "art", text_search=ts).run(protocol.ToolCall(protocol.TEXT_SEARCH, {"query": "alpha"}), msgs, state)
+    out = Toolbox(tmp_path / "art", profile="mars", text_search=ts).run(protocol.ToolCall(protocol.TEXT_SEARCH, {"query": "alpha"}), msgs, state)
     assert out.ok and out.latency >= 0.05 and out.detail["titles"] == ["Alpha page"]
     assert "Alpha page" in out.message["content"][0]["text"] and out.message["name"] == protocol.TEXT_SEARCH
 
@@ -81,7 +81,7 @@ def test_image_search_thumbnails_follow_their_lines(tmp_path, conv):
             return [{"rank": 1, "title": "one", "thumbnail": t1}, {"rank": 2, "title": "two (no thumbnail)"},
                     {"rank": 3, "title": "three", "thumbnail": t3}]
 
-    out = Toolbox(tmp_path / "art", image_search=Search()).run(protocol.ToolCall(protocol.IMAGE_SEARCH, {}), msgs, state)
+    out = Toolbox(tmp_path / "art", profile="mars", image_search=Search()).run(protocol.ToolCall(protocol.IMAGE_SEARCH, {}), msgs, state)
     parts = out.message["content"]
     assert out.ok and protocol.message_images([out.message]) == [t1, t3]
     i1 = next(i for i, p in enumerate(parts) if p.get("image") == t1)
@@ -98,7 +98,7 @@ def test_interleave_keeps_every_thumbnail():
 
 def test_calls_of_many_episodes_run_safely_in_threads(tmp_path, conv):
     img, msgs, _ = conv
-    tb = Toolbox(tmp_path / "art")
+    tb = Toolbox(tmp_path / "art", profile="mars")
     states = [EpisodeState(task={"id": i}) for i in range(8)]
     outs = [None] * 8
 
@@ -122,7 +122,7 @@ def test_tool_error_type_is_caught(tmp_path, conv):
         def search(self, query, k=5):
             raise ToolError("backend timed out after 10 s")
 
-    out = Toolbox(tmp_path / "art", text_search=Failing()).run(protocol.ToolCall(protocol.TEXT_SEARCH, {"query": "q"}), msgs, state)
+    out = Toolbox(tmp_path / "art", profile="mars", text_search=Failing()).run(protocol.ToolCall(protocol.TEXT_SEARCH, {"query": "q"}), msgs, state)
     assert not out.ok and out.error == "backend timed out after 10 s"
     assert out.message["content"][0]["text"] == "Error: backend timed out after 10 s"
 
@@ -134,7 +134,7 @@ def test_unexpected_tool_bug_is_contained(tmp_path, conv, capsys):
         def search(self, query, k=5):
             return sorted([{"rank": 1}, {"rank": 2}])  # a TypeError inside a backend
 
-    out = Toolbox(tmp_path / "art", text_search=Buggy()).run(protocol.ToolCall(protocol.TEXT_SEARCH, {"query": "q"}), msgs, state)
+    out = Toolbox(tmp_path / "art", profile="mars", text_search=Buggy()).run(protocol.ToolCall(protocol.TEXT_SEARCH, {"query": "q"}), msgs, state)
     assert not out.ok and "internal error in text_search_tool: TypeError" in out.error
     assert out.message["content"][0]["text"] == "Error: the text_search_tool tool failed"
     assert "internal error" in capsys.readouterr().err

@@ -1,54 +1,69 @@
-"""Batched multi-turn episodes: the agent loop behind `mars rollout` and `mars ask`.
+"""Asynchronous multi-turn episodes: the agent loop behind `mars rollout` and `mars ask`.
 
-All live episodes step together: one `engine.generate` call per turn for all of them.
-The tool calls of a turn run concurrently on a thread pool while finished episodes are
-replaced by new ones from the input (their prompts rendered), then each episode's tool
-result is appended and the next turn is generated. Finished trajectories are yielded as
-soon as they end, so records stream.
+Every episode is its own task under one event loop (`AgentLoop.arun`): it asks the engine
+for a turn (`await engine.agenerate`), runs the tool call on a bounded thread pool, appends
+the result and asks for the next turn the moment it is back. No episode waits for
+another's generation or tools; in-process engines still batch on the GPU, because their
+`agenerate` micro-batches whatever requests are pending (engines/__init__.py). At most
+`max_inflight` episodes are live; a new one starts as soon as one ends. Each finished
+trajectory goes to `emit` at once, from the loop's thread, so a record is written whole
+or not at all: cancelling the run (Ctrl-C) loses only unfinished episodes.
 
 Token-in, token-out: an episode's `ids` are the rendered initial prompt, then for each
 turn the exact ids the engine sampled (mask 1, with their log-probs), then the template
 tokens of the tool result (protocol.Renderer.continuation, mask 0). Generated text is never
-re-tokenized. Images are one placeholder each; the token budget counts each image at the
-size it expands to (engine.image_tokens).
+re-tokenized. Images are one placeholder each; budgets count each image at the size it
+expands to (engine.image_tokens).
+
+Budgets (as the official run): the first prompt gets `max_prompt_tokens`; everything after
+it (generated turns AND tool results) shares `max_response_tokens`; `max_total_tokens`, when
+set, caps the two together. A first prompt that does not fit ends the episode `error`,
+saying how many tokens it needed: it is never run silently cut.
 
 Finish reasons: `answer`; `max_turns` (the turn limit was reached without an answer; the
-last call is not run); `max_tokens` (the total budget is used up, or a turn was cut at its
-token limit without a usable action); `no_action` (a complete turn with neither call nor
-answer); `error` (the engine failed for that episode). A malformed call gets an error tool
-message and the episode goes on.
+last call is not run); `max_tokens` (the response budget is used up, or a turn was cut at
+its token limit without a usable action); `no_action` (a complete turn with neither call
+nor answer); `malformed` (a malformed call under `on_malformed="end"`); `error` (the engine
+failed for that episode, or its prompt cannot fit). With `on_malformed="observe"` a
+malformed call gets an error tool message and the episode goes on.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator
+from typing import Awaitable, Callable, Iterable
 
 from mars_cli import protocol, streams
+from mars_cli.agent import workflow as wf
 from mars_cli.agent.toolbox import EpisodeState, Outcome, Toolbox
 from mars_cli.engines import Engine, GenRequest, GenResult, strip_eos
-from mars_cli.errors import MarsError
+from mars_cli.errors import MarsError, UsageError
 from mars_cli.records import task_view
 
 
 @dataclass
 class Limits:
     max_turns: int = 10
-    max_total_tokens: int = 16384
+    max_prompt_tokens: int = 16384
+    max_response_tokens: int = 16384
+    max_total_tokens: int | None = None  # optional cap on prompt + response
     max_new_tokens: int = 2048
 
     def __post_init__(self) -> None:
-        for name in ("max_turns", "max_total_tokens", "max_new_tokens"):
-            if getattr(self, name) < 1:
-                raise MarsError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for name in ("max_turns", "max_prompt_tokens", "max_response_tokens", "max_total_tokens", "max_new_tokens"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
 
 
 @dataclass
 class Episode:
     record: dict
     sample: int
+    group: str
     messages: list[dict]
     state: EpisodeState
     ids: list[int] = field(default_factory=list)
@@ -57,71 +72,131 @@ class Episode:
     images: list[str] = field(default_factory=list)
     tool_calls: list[dict] = field(default_factory=list)
     turns: int = 0
-    used: int = 0  # tokens of the model input so far, images at their expanded size
+    prompt: int = 0  # model-input tokens of the first prompt, images expanded
+    used: int = 0  # model-input tokens so far (prompt + response)
     finish: str | None = None
     prediction: str | None = None
     error: str | None = None
+    versions: list = field(default_factory=list)  # (weight_version, fingerprint) of each turn
+    rag: dict | None = None
     started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def response(self) -> int:
+        return self.used - self.prompt
 
 
 class AgentLoop:
     """Runs episodes of tasks on one engine with one toolbox."""
 
-    def __init__(self, engine: Engine, toolbox: Toolbox, *, limits: Limits | None = None, batch_size: int = 64,
-                 tool_workers: int = 16, system_prompt: str | None = None,
-                 on_turn: Callable[[Episode, protocol.Turn, Outcome | None], None] | None = None):
+    def __init__(self, engine: Engine, toolbox: Toolbox, *, limits: Limits | None = None, max_inflight: int = 64,
+                 batch_size: int | None = None, tool_workers: int = 16, system_prompt: str | None = None,
+                 on_turn: Callable[[Episode, protocol.Turn, Outcome | None], None] | None = None,
+                 profile: str | None = None, on_malformed: str | None = None, workflow: str = "agent"):
+        if workflow not in wf.WORKFLOWS:
+            raise UsageError(f"unknown --workflow {workflow!r} (choose from {', '.join(wf.WORKFLOWS)})")
         self.engine = engine
         self.toolbox = toolbox
         self.limits = limits or Limits()
-        self.batch_size = max(1, batch_size)
+        self.max_inflight = max(1, batch_size if batch_size is not None else max_inflight)
         self.tool_workers = max(1, tool_workers)
         self.system_prompt = system_prompt
         self.on_turn = on_turn  # traces (`mars ask`)
+        self.profile = profile
+        self.on_malformed = on_malformed or wf.default_on_malformed(profile)
+        if self.on_malformed not in ("end", "observe"):
+            raise UsageError(f"--on-malformed must be end or observe, got {self.on_malformed!r}")
+        self.workflow = workflow
+        if workflow != "agent":
+            self.limits = Limits(**{**self.limits.__dict__, "max_turns": 1})
         self._image_cost: dict[str, int] = {}
+        self._tools: ThreadPoolExecutor | None = None
+        self.fatal: str | None = None  # the engine is gone: no new episodes start
 
     # --- public ------------------------------------------------------------------------
 
-    def run(self, tasks: Iterable[dict], n: int = 1, skip: set | None = None) -> Iterator[dict]:
-        """Yield one trajectory record per (task, sample), in the order episodes finish.
+    def run(self, tasks: Iterable[dict], n: int = 1, skip: set | None = None) -> list[dict]:
+        """Every trajectory of (task, sample) pairs, in the order episodes finish (blocking)."""
+        out: list[dict] = []
+        self.run_sync(self.arun(tasks, n=n, skip=skip, emit=out.append))
+        return out
 
-        `skip` holds (str(task id), sample) pairs not to run (--resume).
+    def run_sync(self, coro: Awaitable):
+        """Run `coro` on a fresh event loop that owns every thread it starts."""
+        with asyncio.Runner() as runner:
+            # generation of chat engines and the input reader run on the default executor
+            runner.get_loop().set_default_executor(
+                ThreadPoolExecutor(self.max_inflight + 2, thread_name_prefix="mars-engine"))
+            return runner.run(coro)
+
+    async def arun(self, tasks: Iterable[dict], *, n: int = 1, skip: set | None = None,
+                   emit: Callable[[dict], None], group_of: Callable[[dict], str] | None = None,
+                   admit: Callable[[int], Awaitable[None]] | None = None) -> None:
+        """Run every (task, sample) not in `skip`; `emit(record)` as each finishes.
+
+        `tasks` is read lazily, one ahead of need, off the loop's thread; an exception it
+        raises (a bad input line) stops new episodes, lets the started ones finish and
+        emit, and is then re-raised. `admit(k)` is awaited before the k-th group starts
+        (--max-staleness). When the engine itself fails, no new episode starts and
+        MarsError is raised after the live ones end.
         """
+        from mars_cli.agent.feed import prefetch
+
         skip = skip or set()
-        pending = ((rec, s) for rec in tasks for s in range(n) if (str(rec["id"]), s) not in skip)
-        live: list[Episode] = []
-        with ThreadPoolExecutor(self.tool_workers, thread_name_prefix="mars-tool") as pool:
-            exhausted = False
-            while True:
-                exhausted, done = self._fill(live, pending, exhausted)
-                yield from done
-                if not live:
-                    if exhausted:
-                        return
-                    continue
-                results = self._generate(live)
-                jobs: list[tuple[Episode, bool, Future | Outcome]] = []
-                for ep, res in zip(live, results):
-                    job = self._take_turn(ep, res, pool)
-                    if job is not None:
-                        jobs.append((ep, *job))
-                # The tools run on the pool while finished episodes are replaced.
-                finished = [ep for ep in live if ep.finish]
-                live[:] = [ep for ep in live if not ep.finish]
-                yield from (self.record(ep) for ep in finished)
-                exhausted, done = self._fill(live, pending, exhausted)
-                yield from done
-                for ep, ended, job in jobs:
-                    outcome = job.result() if isinstance(job, Future) else job
-                    self._append_result(ep, outcome, ended)
-                finished = [ep for ep in live if ep.finish]
-                live[:] = [ep for ep in live if not ep.finish]
-                yield from (self.record(ep) for ep in finished)
+        group_of = group_of or (lambda rec: str(rec["id"]))
+        slots = asyncio.Semaphore(self.max_inflight)
+        self._tools = ThreadPoolExecutor(self.tool_workers, thread_name_prefix="mars-tool")
+        input_error: BaseException | None = None
+        try:
+            async with asyncio.TaskGroup() as tg:
+                async with prefetch(tasks, ahead=self.max_inflight) as items:
+                    k = 0
+                    while self.fatal is None:
+                        try:
+                            rec = await items.next()
+                        except StopAsyncIteration:
+                            break
+                        except MarsError as e:
+                            input_error = e
+                            break
+                        group = group_of(rec)
+                        samples = [s for s in range(n) if (group, s) not in skip]
+                        if not samples:
+                            continue
+                        if admit is not None:
+                            await admit(k)
+                        k += 1
+                        for s in samples:
+                            await slots.acquire()
+                            if self.fatal is not None:
+                                slots.release()
+                                break
+                            tg.create_task(self._episode(rec, s, group, slots, emit))
+        finally:
+            self._tools.shutdown(wait=False, cancel_futures=True)
+            aclose = getattr(self.engine, "aclose", None)
+            if aclose is not None:  # a remote engine's HTTP client belongs to this loop
+                await aclose()
+        if input_error is not None:
+            raise input_error
+        if self.fatal is not None:
+            raise MarsError(self.fatal)
 
     def record(self, ep: Episode) -> dict:
         """The trajectory record of a finished episode (task fields passed through)."""
         rec = dict(ep.record)
+        policy = self.engine.describe()
+        if ep.versions:
+            # the oldest weights that sampled any of its tokens: what staleness is measured from
+            oldest = min(ep.versions, key=lambda v: (v[0] is None, v[0] if v[0] is not None else 0))
+            if oldest[0] is not None:
+                policy["weight_version"] = oldest[0]
+                if len({v[0] for v in ep.versions}) > 1:
+                    policy["weight_versions"] = [v[0] for v in ep.versions]
+            if oldest[1] is not None:
+                policy["fingerprint"] = oldest[1]
         rec.update({
-            "group": ep.record["id"],
+            "group": ep.group,
             "sample": ep.sample,
             "messages": ep.messages,
             "tool_calls": ep.tool_calls,
@@ -130,46 +205,157 @@ class AgentLoop:
             "turns": ep.turns,
             "tokens": {"ids": ep.ids, "mask": ep.mask, "logprobs": ep.logprobs, "images": ep.images}
             if self.engine.tokens else None,
-            "policy": self.engine.describe(),
+            "policy": policy,
             "elapsed": round(time.perf_counter() - ep.started, 4),
         })
+        if self.workflow != "agent":
+            rec["workflow"] = self.workflow
+        if ep.rag is not None:
+            rec["rag"] = ep.rag
         if ep.error is not None:
             rec["error"] = ep.error
         return rec
 
-    # --- steps -------------------------------------------------------------------------
+    # --- one episode ---------------------------------------------------------------------
 
-    def _fill(self, live: list[Episode], pending, exhausted: bool):
-        """Start episodes until `batch_size` are live; return (exhausted, records of any that ended at once)."""
-        done = []
-        while not exhausted and len(live) < self.batch_size:
-            try:
-                rec, s = next(pending)
-            except StopIteration:
-                return True, done
-            ep = self._start(rec, s)
-            if ep.finish:
-                done.append(self.record(ep))
-            else:
-                live.append(ep)
-        return exhausted, done
+    async def _episode(self, rec: dict, sample: int, group: str, slots: asyncio.Semaphore, emit) -> None:
+        ep = Episode(record=rec, sample=sample, group=group, messages=[], state=EpisodeState(task=rec))
+        try:
+            ep = await self._start(rec, sample, group)
+            while ep.finish is None:
+                await self._step(ep)
+        except (asyncio.CancelledError, KeyboardInterrupt):
+            raise
+        except Exception as e:  # noqa: BLE001 — a bug in one episode must not end a long rollout
+            streams.warn(f"episode {group}/{sample} failed: {type(e).__name__}: {e}")
+            ep.finish, ep.error = "error", f"internal error: {type(e).__name__}: {e}"
+        finally:
+            slots.release()
+        emit(self.record(ep))
 
-    def _start(self, rec: dict, sample: int) -> Episode:
+    async def _start(self, rec: dict, sample: int, group: str) -> Episode:
         task = task_view(rec)
-        messages = protocol.initial_messages(task, system_prompt=self.system_prompt)
-        ep = Episode(record=rec, sample=sample, messages=messages, state=EpisodeState(task=rec))
-        if self.engine.tokens:
-            try:
-                ids, mask, images = self.engine.renderer.render(messages, add_generation_prompt=True)
-                ep.ids, ep.mask, ep.images = ids, mask, images
-                ep.logprobs = [0.0] * len(ids)
-                ep.used = self._cost(len(ids), images)
-            except MarsError as e:  # an unreadable task image: this episode fails, the run goes on
-                ep.finish, ep.error = "error", str(e)
-                return ep
-            if ep.used >= self.limits.max_total_tokens:
-                ep.finish = "max_tokens"
+        messages = wf.initial_messages(task, workflow=self.workflow, profile=self.profile,
+                                       system_prompt=self.system_prompt)
+        ep = Episode(record=rec, sample=sample, group=group, messages=messages, state=EpisodeState(task=rec))
+        if self.workflow == "rag":
+            text, ep.rag = await asyncio.get_running_loop().run_in_executor(self._tools, wf.retrieve, self.toolbox, rec)
+            wf.prepend_text(messages, text)
+        if not self.engine.tokens:
+            return ep
+        try:
+            ids, mask, images = self.engine.renderer.render(messages, add_generation_prompt=True)
+            ep.ids, ep.mask, ep.images = ids, mask, images
+            ep.logprobs = [0.0] * len(ids)
+            ep.used = ep.prompt = self._cost(len(ids), images)
+        except MarsError as e:  # an unreadable task image: this episode fails, the run goes on
+            ep.finish, ep.error = "error", str(e)
+            return ep
+        lim, cap = self.limits, self.engine.max_images
+        if cap is not None and len(images) > cap:
+            ep.finish, ep.error = "error", f"the task has {len(images)} images; the engine takes at most {cap} per episode"
+        elif ep.prompt > lim.max_prompt_tokens:
+            ep.finish, ep.error = "error", (f"the first prompt needs {ep.prompt} tokens (images expanded), over "
+                                            f"--max-prompt-tokens {lim.max_prompt_tokens}; lower --max-pixels or raise the limit")
+        elif lim.max_total_tokens is not None and ep.prompt >= lim.max_total_tokens:
+            ep.finish, ep.error = "error", (f"the first prompt needs {ep.prompt} tokens (images expanded), leaving no room "
+                                            f"under --max-total-tokens {lim.max_total_tokens}")
         return ep
+
+    def _room(self, ep: Episode) -> int:
+        """Tokens the episode may still add after its first prompt."""
+        room = self.limits.max_response_tokens - ep.response
+        if self.limits.max_total_tokens is not None:
+            room = min(room, self.limits.max_total_tokens - ep.used)
+        return room
+
+    async def _step(self, ep: Episode) -> None:
+        room = self._room(ep)
+        if room < 1:
+            ep.finish = "max_tokens"
+            return
+        req = GenRequest(ids=ep.ids if self.engine.tokens else None, images=list(ep.images), messages=ep.messages,
+                         max_new_tokens=min(self.limits.max_new_tokens, room))
+        try:
+            res = await self.engine.agenerate(req)
+        except (asyncio.CancelledError, KeyboardInterrupt):
+            raise
+        except Exception as e:  # noqa: BLE001 — the engine is gone: end this episode and the run
+            msg = str(e) if isinstance(e, MarsError) else f"{type(e).__name__}: {e}"
+            if self.fatal is None:
+                self.fatal = msg
+            ep.finish, ep.error = "error", msg
+            return
+        action = self._take_turn(ep, res)
+        if action is None:
+            return
+        ended, turn = action
+        if turn.call is not None:
+            snapshot = list(ep.messages)  # tools read the conversation as it was at the call
+            out = await asyncio.get_running_loop().run_in_executor(
+                self._tools, self.toolbox.run, turn.call, snapshot, ep.state)
+            self._record_call(ep, turn, out)
+        else:
+            out = self._malformed(ep, turn)
+            if self.on_malformed == "end":
+                ep.finish = "malformed"
+                return
+        self._append_result(ep, out, ended)
+
+    def _take_turn(self, ep: Episode, res: GenResult):
+        """Record a generated turn; return (ended_with_eos, turn) when a tool result must follow."""
+        if res.error is not None:
+            ep.finish, ep.error = "error", res.error
+            return None
+        ep.versions.append((res.weight_version if res.weight_version is not None else self.engine.weight_version,
+                            res.fingerprint))
+        ended = True
+        if self.engine.tokens:
+            ep.ids += res.ids
+            ep.mask += [1] * len(res.ids)
+            ep.logprobs += [float(x) for x in res.logprobs]
+            ep.used += len(res.ids)
+            _, ended = strip_eos(res.ids, self.engine.special["im_end"])
+        elif res.usage is not None:
+            ep.used = res.usage  # chat engines: prompt and response are not told apart
+        ep.messages.append({"role": "assistant", "content": res.text})
+        ep.turns += 1
+        turn = protocol.parse_turn(res.text)
+        if turn.answer is not None:
+            ep.finish, ep.prediction = "answer", turn.answer
+        elif res.finish == "length" and turn.call is None:
+            ep.finish = "max_tokens"
+        elif turn.call is None and turn.error is None:
+            ep.finish = "no_action"
+        elif ep.turns >= self.limits.max_turns:
+            ep.finish = "max_turns"
+        else:
+            return ended, turn
+        if self.on_turn is not None:
+            self.on_turn(ep, turn, None)
+        return None
+
+    def _record_call(self, ep: Episode, turn: protocol.Turn, out: Outcome) -> None:
+        ep.tool_calls.append({"turn": ep.turns, "name": turn.call.name, "arguments": turn.call.arguments,
+                              "ok": out.ok, "error": out.error, "latency": round(out.latency, 6),
+                              "infra": bool(getattr(out, "infra", False))})
+        if turn.extra_calls:
+            _add_note(out.message, protocol.ignored_calls_note(turn.extra_calls))
+        if self.on_turn is not None:
+            self.on_turn(ep, turn, out)
+
+    def _malformed(self, ep: Episode, turn: protocol.Turn) -> Outcome:
+        raw = turn.raw_call if isinstance(turn.raw_call, dict) else {}
+        name = raw.get("name") if isinstance(raw.get("name"), str) else None
+        args = raw.get("arguments") if isinstance(raw.get("arguments"), dict) else None
+        ep.tool_calls.append({"turn": ep.turns, "name": name, "arguments": args, "ok": False,
+                              "error": turn.error, "latency": 0.0, "infra": False})
+        out = Outcome(protocol.error_message(turn.error, name), False, turn.error, 0.0)
+        if self.on_turn is not None:
+            self.on_turn(ep, turn, out)
+        return out
+
+    # --- tool results --------------------------------------------------------------------
 
     def _cost(self, n_ids: int, images: list[str]) -> int:
         """Model-input tokens of `n_ids` ids holding `images` placeholders."""
@@ -180,94 +366,35 @@ class AgentLoop:
             total += self._image_cost[img]
         return total
 
-    def _generate(self, live: list[Episode]) -> list[GenResult]:
-        reqs = []
-        for ep in live:
-            room = self.limits.max_total_tokens - ep.used
-            reqs.append(GenRequest(ids=ep.ids if self.engine.tokens else None, images=list(ep.images),
-                                   messages=ep.messages, max_new_tokens=max(1, min(self.limits.max_new_tokens, room))))
-        try:
-            results = self.engine.generate(reqs)
-            if len(results) != len(reqs):
-                raise MarsError(f"engine {self.engine.name} returned {len(results)} results for {len(reqs)} requests")
-            return results
-        except Exception as e:  # noqa: BLE001 — isolate the failing episode, keep the others
-            if len(reqs) == 1:
-                return [_failed(e)]
-            out = []
-            for r in reqs:
-                try:
-                    out.extend(self.engine.generate([r]))
-                except Exception as e1:  # noqa: BLE001
-                    out.append(_failed(e1))
-            return out
+    def _cap_images(self, ep: Episode, message: dict) -> dict:
+        """The tool message without its images when they would pass the engine's per-episode cap.
 
-    def _take_turn(self, ep: Episode, res: GenResult, pool: ThreadPoolExecutor):
-        """Record a generated turn; return (ended_with_eos, tool job) when a tool result must follow."""
-        if res.error is not None:
-            ep.finish, ep.error = "error", res.error
-            return None
-        ended = True
-        if self.engine.tokens:
-            ep.ids += res.ids
-            ep.mask += [1] * len(res.ids)
-            ep.logprobs += [float(x) for x in res.logprobs]
-            ep.used += len(res.ids)
-            _, ended = strip_eos(res.ids, self.engine.special["im_end"])
-        elif res.usage is not None:
-            ep.used = res.usage
-        ep.messages.append({"role": "assistant", "content": res.text})
-        ep.turns += 1
-        turn = protocol.parse_turn(res.text)
-        job = None
-        if turn.answer is not None:
-            ep.finish, ep.prediction = "answer", turn.answer
-        elif res.finish == "length" and turn.call is None:
-            ep.finish = "max_tokens"
-        elif turn.call is None and turn.error is None:
-            ep.finish = "no_action"
-        elif ep.turns >= self.limits.max_turns:
-            ep.finish = "max_turns"
-        elif turn.call is not None:
-            snapshot = list(ep.messages)  # tools read the conversation as it was at the call
-            job = (ended, pool.submit(self._run_call, ep, turn, snapshot))
-        else:
-            job = (ended, self._malformed(ep, turn))
-        if self.on_turn is not None and job is None:
-            self.on_turn(ep, turn, None)
-        return job
-
-    def _run_call(self, ep: Episode, turn: protocol.Turn, messages: list[dict]) -> Outcome:
-        out = self.toolbox.run(turn.call, messages, ep.state)
-        ep.tool_calls.append({"turn": ep.turns, "name": turn.call.name, "arguments": turn.call.arguments,
-                              "ok": out.ok, "error": out.error, "latency": round(out.latency, 6)})
-        if turn.extra_calls:
-            _add_note(out.message, protocol.ignored_calls_note(turn.extra_calls))
-        if self.on_turn is not None:
-            self.on_turn(ep, turn, out)
-        return out
-
-    def _malformed(self, ep: Episode, turn: protocol.Turn) -> Outcome:
-        raw = turn.raw_call if isinstance(turn.raw_call, dict) else {}
-        name = raw.get("name") if isinstance(raw.get("name"), str) else None
-        args = raw.get("arguments") if isinstance(raw.get("arguments"), dict) else None
-        ep.tool_calls.append({"turn": ep.turns, "name": name, "arguments": args, "ok": False,
-                              "error": turn.error, "latency": 0.0})
-        out = Outcome(protocol.error_message(turn.error, name), False, turn.error, 0.0)
-        if self.on_turn is not None:
-            self.on_turn(ep, turn, out)
-        return out
+        The model is told in the message; the request that the server would refuse is never sent.
+        """
+        cap = self.engine.max_images
+        new = [p for p in message.get("content") or [] if p.get("type") == "image"]
+        have = len(ep.images) if self.engine.tokens else len(protocol.message_images(ep.messages))
+        if cap is None or not new or have + len(new) <= cap:
+            return message
+        parts = [dict(p) for p in message["content"] if p.get("type") != "image"] or [{"type": "text", "text": ""}]
+        parts[-1]["text"] = parts[-1].get("text", "") + (
+            f"\n(Note: {len(new)} image{'s were' if len(new) != 1 else ' was'} left out: this conversation already "
+            f"holds {have} of at most {cap} images. Answer with what you have, or use text search.)")
+        if ep.tool_calls:
+            ep.tool_calls[-1]["images_dropped"] = len(new)
+        return {**message, "content": parts}
 
     def _append_result(self, ep: Episode, out: Outcome, ended: bool) -> None:
         """Add the tool message (and its template tokens) unless it would exceed the budget."""
+        message = self._cap_images(ep, out.message)
         if self.engine.tokens:
             try:
-                ids, mask, images = self.engine.renderer.continuation([out.message], ended_with_eos=ended)
+                ids, mask, images = self.engine.renderer.continuation([message], ended_with_eos=ended)
                 cost = self._cost(len(ids), images)
             except MarsError as e:  # a tool wrote an image the processor cannot read
                 ep.finish, ep.error = "error", str(e)
                 return
-            if ep.used + cost >= self.limits.max_total_tokens:
+            if cost >= self._room(ep):
                 ep.finish = "max_tokens"  # no room left to generate after this result
                 return
             ep.ids += ids
@@ -275,13 +402,7 @@ class AgentLoop:
             ep.logprobs += [0.0] * len(ids)
             ep.images += images
             ep.used += cost
-        ep.messages.append(out.message)
-
-
-def _failed(e: BaseException) -> GenResult:
-    msg = f"{type(e).__name__}: {e}" if not isinstance(e, MarsError) else str(e)
-    streams.warn(f"engine failed for an episode: {msg}")
-    return GenResult(text="", error=msg)
+        ep.messages.append(message)
 
 
 def _add_note(message: dict, note: str) -> None:

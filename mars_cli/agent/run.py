@@ -1,13 +1,15 @@
 """Run setup shared by `mars rollout` and `mars ask`: engine, tools, resume, output, --check.
 
-Where artifacts go, which search tools are configured, which (task, sample) pairs
-`--resume` skips, and how records reach stdout or `-o FILE` (atomically: a temporary file
-renamed when the run ends; on Ctrl-C the episodes already finished are kept, so `--resume`
-can continue).
+Where artifacts go, which search tools are configured, which engine runs the policy, how
+records reach stdout or `-o FILE` (agent/output.py: appended per finished episode, so
+`--resume` continues after any interruption), and the summary line every rollout ends with.
+Exit status: 1 for a bad input line (after the episodes already started are written), a
+lost engine (no server left), or more `error` episodes than `--max-error-rate` allows.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 
@@ -29,7 +31,7 @@ def artifacts_dir(flag: str | None, out: str | None) -> Path:
 def open_toolbox(artifacts: str | os.PathLike, *, search_backend: str | None = None, index: str | None = None,
                  image_search_backend: str | None = None, image_index: str | None = None, cache: str | None = None,
                  replay: bool = False, summarize: bool = False, k: int = 5, search_opts: dict | None = None,
-                 text_search=None, image_search=None):
+                 text_search=None, image_search=None, profile: str | None = None, engine=None):
     """A Toolbox with the configured search tools.
 
     A `local` backend without an index leaves that tool off (the model is told it is not
@@ -57,73 +59,137 @@ def open_toolbox(artifacts: str | os.PathLike, *, search_backend: str | None = N
             from mars_cli.tools.image_search import open_image_search
 
             image_search = open_image_search(backend, index=image_index, cache=tool_cache, replay=replay)
-    return Toolbox(artifacts, text_search=text_search, image_search=image_search, k=k)
+    kwargs = {}
+    accepted = inspect.signature(Toolbox).parameters
+    if profile is not None and "profile" in accepted:
+        kwargs["profile"] = profile  # tool result strings per protocol profile
+    # the official crop rule works on the image as the model sees it: the engine's limits
+    pixels = getattr(engine, "pixels", None) or {}
+    for key, value in (("min_pixels", pixels.get("min")), ("max_pixels", pixels.get("max")),
+                       ("factor", getattr(engine, "image_factor", None))):
+        if value is not None and key in accepted:
+            kwargs[key] = value
+    return Toolbox(artifacts, text_search=text_search, image_search=image_search, k=k, **kwargs)
 
 
-def completed(out: str | os.PathLike) -> tuple[list[dict], set[tuple]]:
-    """For --resume: the records already in `out` and the (group, sample) pairs they finish."""
-    from mars_cli.jsonl import read_located
-
-    path = Path(out)
-    if not path.exists():
-        return [], set()
-    old, done = [], set()
-    for where, rec in read_located([path]):
-        if "group" in rec and "sample" in rec and rec.get("finish"):
-            old.append(rec)
-            done.add((str(rec["group"]), rec["sample"]))
-    return old, done
-
-
-ENGINE_OPTS = {"hf": ("device", "dtype", "max_batch"), "vllm": ("tp", "gpu_memory_utilization", "dtype"),
-               "openai": ("base_url", "model")}
+ENGINE_OPTS = {"hf": ("device", "dtype", "max_batch", "min_pixels", "max_pixels"),
+               "vllm": ("tp", "gpu_memory_utilization", "dtype", "min_pixels", "max_pixels"),
+               "openai": ("base_url", "model"),
+               "server": ("urls", "api_key", "min_pixels", "max_pixels")}
 
 
 def make_engine(name: str, policy: str | None, sampling: dict | None = None, **opts):
     """open_engine with the options that engine takes (the CLI passes all of them)."""
     from mars_cli.engines import Sampling, open_engine
 
+    if name == "server" and opts.get("api_key") is None:
+        opts["api_key"] = os.environ.get("MARS_SERVE_API_KEY") or None
     keep = {k: v for k, v in opts.items() if k in ENGINE_OPTS.get(name, ()) and v is not None}
     return open_engine(name, policy=policy, sampling=Sampling(**(sampling or {})), **keep)
 
 
+def _task_total(files, n: int, done: int) -> int | None:
+    """Episodes this run will start, when the input is regular files (a cheap line count)."""
+    paths = [str(f) for f in files or []]
+    if not paths or any(p == "-" or not Path(p).is_file() for p in paths):
+        return None
+    lines = 0
+    for p in paths:
+        with open(p, "rb") as f:
+            lines += sum(1 for line in f if line.strip())
+    return max(0, lines * n - done)
+
+
 def rollout(files, *, out: str | None, n: int, engine: dict, sampling: dict, limits: dict, tools: dict,
-            batch_size: int = 64, artifacts: str | None = None, resume: bool = False, skip_bad: bool = False,
-            system_prompt: str | None = None) -> dict:
+            max_inflight: int = 64, artifacts: str | None = None, resume: bool = False, skip_bad: bool = False,
+            system_prompt: str | None = None, group_order: bool = False, max_error_rate: float = 0.5,
+            loop: bool = False, seed: int | None = None, batch_groups: int | None = None, max_staleness: int = 1,
+            protocol: str | None = None, on_malformed: str | None = None, workflow: str = "agent") -> dict:
     """`mars rollout`: read tasks, run episodes, write trajectories; return finish counts."""
+    import time
+
+    from mars_cli.agent import feed
     from mars_cli.agent.loop import AgentLoop, Limits
-    from mars_cli.jsonl import RecordWriter, read_located
+    from mars_cli.agent.output import EpisodeOutput
+    from mars_cli.jsonl import read_located
     from mars_cli.records import validate
 
     lim = Limits(**limits)
-    old, done = completed(out) if resume else ([], set())
-    toolbox = open_toolbox(artifacts_dir(artifacts, out), **tools)
-    eng = make_engine(**engine, sampling=sampling)
-    loop = AgentLoop(eng, toolbox, limits=lim, batch_size=batch_size, system_prompt=system_prompt)
-    tasks = (validate(rec, "task", where) for where, rec in read_located(files, skip_bad=skip_bad))
+    writer = EpisodeOutput(out, resume=resume, n=n, group_order=group_order)
     counts: dict[str, int] = {}
-    writer = RecordWriter(out)
-    bar = streams.progress(unit="episode", desc="rollout")
-    ok = False
+    errors: list[str] = []
+    t0 = time.perf_counter()
+    eng = None
+    bar = None
     try:
-        for rec in old:
-            writer.write(rec, fresh=())
-        for rec in loop.run(tasks, n=n, skip=done):
-            writer.write(rec, fresh=("tokens", "tool_calls", "elapsed"))
+        eng = make_engine(**engine, sampling=sampling)
+        toolbox = open_toolbox(artifacts_dir(artifacts, out), **tools, profile=protocol, engine=eng)
+        agent = AgentLoop(eng, toolbox, limits=lim, max_inflight=max_inflight, system_prompt=system_prompt,
+                          profile=protocol, on_malformed=on_malformed, workflow=workflow)
+        gate = feed.StalenessGate(eng, batch_groups, max_staleness) if batch_groups else None
+
+        def read():
+            return (validate(_resolve_images(rec, where), "task", where)
+                    for where, rec in read_located(files, skip_bad=skip_bad))
+
+        stdin = not files or any(str(f) == "-" for f in files)
+        tasks = feed.passes(read, stdin=stdin, seed=seed, forever=loop)
+        total = None if loop else _task_total(files, n, len(writer.done))
+        # the summary line below sums up (summary=False: a progress that would print its own)
+        bar = streams.progress(unit="episodes", desc="rollout", total=total,
+                               **({"summary": False} if hasattr(streams, "summary") else {}))
+
+        def emit(rec: dict) -> None:
+            writer.write(rec)
             counts[rec["finish"]] = counts.get(rec["finish"], 0) + 1
+            if rec["finish"] == "error" and len(errors) < 3:
+                errors.append(f"{rec['group']}/{rec['sample']}: {rec.get('error')}")
             bar.update(1)
             bar.set_postfix(counts, refresh=False)
-        ok = True
-    except KeyboardInterrupt:
-        ok = out is not None  # keep the finished episodes of an interrupted run
-        raise
+
+        agent.run_sync(agent.arun(tasks, n=n, skip=writer.done, emit=emit,
+                                  group_of=feed.epoch_group if loop else None, admit=gate))
     finally:
-        bar.close()
-        writer.close(ok=ok)
-        eng.close()
-    if streams.progress_enabled():
-        streams.warn(f"{sum(counts.values())} episodes: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+        if bar is not None:
+            bar.close()
+        writer.close()
+        if eng is not None:
+            eng.close()
+        _summary(counts, writer.kept, time.perf_counter() - t0)
+    _check_error_rate(counts, errors, max_error_rate)
     return counts
+
+
+def _resolve_images(rec: dict, where) -> dict:
+    """Relative image paths resolve beside the task file (mars_cli.paths), where available."""
+    try:
+        from mars_cli.paths import resolve_task_images
+    except ImportError:
+        return rec
+    return resolve_task_images(rec, where)
+
+
+def _summary(counts: dict, kept: int, seconds: float) -> None:
+    """The one line every rollout ends with, on stderr, terminal or not."""
+    total = sum(counts.values())
+    parts = ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none finished"
+    line = f"{total} episodes: {parts} in {seconds:.1f} s"
+    if total and seconds > 0:
+        line += f" ({total / seconds:.2f}/s)"
+    if kept:
+        line += f"; {kept} kept from the earlier run"
+    summary = getattr(streams, "summary", None)
+    (summary or streams.warn)(line)
+
+
+def _check_error_rate(counts: dict, errors: list[str], max_rate: float) -> None:
+    from mars_cli.errors import MarsError
+
+    total = sum(counts.values())
+    bad = counts.get("error", 0)
+    if total and bad / total > max_rate:
+        raise MarsError(f"{bad} of {total} episodes ended in error, over --max-error-rate {max_rate:g}; first: "
+                        + "; ".join(errors))
 
 
 def check_files(files, policy: str, *, out: str | None = None, skip_bad: bool = False) -> None:
@@ -156,7 +222,8 @@ def check_files(files, policy: str, *, out: str | None = None, skip_bad: bool = 
 
 
 def ask(image: str, question: str, *, engine: dict, sampling: dict, limits: dict, tools: dict,
-        artifacts: str | None = None, trace: bool = True) -> dict:
+        artifacts: str | None = None, trace: bool = True, protocol: str | None = None,
+        on_malformed: str | None = None, workflow: str = "agent") -> dict:
     """`mars ask`: one episode on one image, traced on stderr; returns the trajectory record."""
     from mars_cli.agent.loop import AgentLoop, Limits
     from mars_cli.agent.trace import Tracer
@@ -165,10 +232,12 @@ def ask(image: str, question: str, *, engine: dict, sampling: dict, limits: dict
 
     if not image.startswith(("http://", "https://")) and not Path(image).is_file():
         raise MarsError(f"{image}: no such image file")
-    toolbox = open_toolbox(artifacts_dir(artifacts, None), **tools)
+    lim = Limits(**limits)
     eng = make_engine(**engine, sampling=sampling)
+    toolbox = open_toolbox(artifacts_dir(artifacts, None), **tools, profile=protocol, engine=eng)
     tracer = Tracer() if trace else None
-    loop = AgentLoop(eng, toolbox, limits=Limits(**limits), batch_size=1, on_turn=tracer)
+    loop = AgentLoop(eng, toolbox, limits=lim, max_inflight=1, on_turn=tracer, profile=protocol,
+                     on_malformed=on_malformed, workflow=workflow)
     try:
         [rec] = list(loop.run([make_task("ask", question, images=[image], benchmark="ask")]))
     finally:

@@ -9,7 +9,16 @@ the original it shows). A zoom into a crop is composed onto the original and cut
 never from the saved (downscaled, re-encoded) crop, so detail is not lost by zooming twice.
 
 A failing call (ToolError from a search backend, a bad image or box) becomes an error tool
-message the model can read; the episode goes on.
+message the model can read; the episode goes on. `Outcome.infra` says whether a failure is
+the infrastructure's (a backend error, a replay miss, no stored image results, an image that
+cannot be read) rather than the model's (a box outside the image, an img_idx out of range):
+the format reward ignores infrastructure failures, as the official reward does.
+
+Profiles (protocol.PROFILES): under `sensenova` results use the official strings (zoom
+text, "Reverse Image Search Results:" with at most five results, the search summary
+format, "No matching images were found.", the 8,192-character cut of long text) and zooms
+follow the official crop rule (tools/crop_official.py). Under `mars` crops come from the
+full-resolution source (with provenance) and results use mars's layouts.
 """
 
 from __future__ import annotations
@@ -20,8 +29,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mars_cli import protocol, streams
+from mars_cli import protocol, sensenova, streams
 from mars_cli.errors import MarsError, ToolError
+
+
+class ModelFault(ToolError):
+    """A call the model got wrong (its arguments), as opposed to a failing backend."""
 
 
 @dataclass
@@ -33,6 +46,7 @@ class Outcome:
     error: str | None
     latency: float
     detail: dict = field(default_factory=dict)  # for traces: crop box, result titles…
+    infra: bool = False  # the failure (or empty result) is the infrastructure's, not the model's
 
 
 @dataclass
@@ -48,7 +62,11 @@ class Toolbox:
     """The three tools, configured once for a run."""
 
     def __init__(self, artifacts: str | os.PathLike, *, text_search=None, image_search=None, k: int = 5,
-                 image_k: int = 5, crop_max_pixels: int | None = None, text_budget_chars: int = 3000):
+                 image_k: int = 5, crop_max_pixels: int | None = None, text_budget_chars: int = 3000,
+                 profile: str = protocol.DEFAULT_PROFILE, min_pixels: int = sensenova.MIN_PIXELS,
+                 max_pixels: int = sensenova.MAX_PIXELS, factor: int = 32):
+        """`min_pixels`/`max_pixels`/`factor` (patch × merge: 28 for Qwen2.5-VL, 32 for
+        Qwen3-VL) are the model view the sensenova crop rule works on."""
         self.artifacts = Path(artifacts)
         self.text_search = text_search
         self.image_search = image_search
@@ -56,6 +74,9 @@ class Toolbox:
         self.image_k = image_k
         self.crop_max_pixels = crop_max_pixels
         self.text_budget_chars = text_budget_chars
+        self.profile = protocol.get_profile(profile).name
+        self.official = self.profile == "sensenova"
+        self.min_pixels, self.max_pixels, self.factor = int(min_pixels), int(max_pixels), int(factor)
 
     def run(self, call: protocol.ToolCall, messages: list[dict], state: EpisodeState) -> Outcome:
         """Execute `call` against the conversation `messages`; never raises for tool failures."""
@@ -68,63 +89,130 @@ class Toolbox:
             elif call.name == protocol.IMAGE_SEARCH:
                 message, detail = self._image(call.arguments, messages, state)
             else:
-                raise ToolError(f"unknown tool {call.name!r}")
+                raise ModelFault(sensenova.unknown_tool(call.name) if self.official else f"unknown tool {call.name!r}")
+        except _Observed as o:  # an official "empty" result: a normal message, not the model's fault
+            return Outcome(protocol.tool_message(call.name, o.text), True, None, time.perf_counter() - t0,
+                           {"empty": True}, infra=True)
         except (ToolError, MarsError, ValueError, OSError) as e:
             # The model reads the reason and may retry; the record keeps it in tool_calls.
             text = str(e) or type(e).__name__
-            return Outcome(protocol.error_message(text, call.name), False, text, time.perf_counter() - t0)
+            shown = text if not self.official or text.startswith("Error: ") else f"Error: {text}"
+            message = protocol.tool_message(call.name, shown) if self.official else protocol.error_message(text, call.name)
+            return Outcome(message, False, text, time.perf_counter() - t0, infra=not isinstance(e, ModelFault))
         except Exception as e:  # noqa: BLE001 — a bug in a tool must not end a long rollout
             text = f"internal error in {call.name}: {type(e).__name__}: {e}"
             streams.warn(text)
             return Outcome(protocol.error_message(f"the {call.name} tool failed", call.name), False, text,
-                           time.perf_counter() - t0)
+                           time.perf_counter() - t0, infra=True)
+        if self.official:
+            _cut_texts(message)
         return Outcome(message, True, None, time.perf_counter() - t0, detail)
 
     # --- the tools -------------------------------------------------------------------
 
-    @staticmethod
-    def _pick_image(args: dict, messages: list[dict]) -> str:
+    def _pick_image(self, args: dict, messages: list[dict]) -> str:
         images = protocol.message_images(messages)
         idx = args.get("img_idx", 0)
+        if isinstance(idx, float) and idx.is_integer():  # the official schema types it "number"
+            idx = int(idx)
         if not images:
-            raise ToolError("there is no image in this conversation")
+            raise ModelFault("Error: No images available for zooming." if self.official
+                             else "there is no image in this conversation")
         if not isinstance(idx, int) or isinstance(idx, bool) or not 0 <= idx < len(images):
-            raise ToolError(f"img_idx {idx!r} is out of range: the conversation has {len(images)} image"
-                            f"{'s' if len(images) != 1 else ''} (0 to {len(images) - 1})")
+            if self.official:
+                raise ModelFault(f"Error: Image at index {idx} not found. Available images: {len(images)}")
+            raise ModelFault(f"img_idx {idx!r} is out of range: the conversation has {len(images)} image"
+                             f"{'s' if len(images) != 1 else ''} (0 to {len(images) - 1})")
         return images[idx]
 
     def _zoom(self, args: dict, messages: list[dict], state: EpisodeState):
-        from mars_cli.tools.crop import compose_box, covered_box, crop_image
+        from mars_cli.tools.crop import check_box, compose_box, covered_box, crop_image
 
         src = self._pick_image(args, messages)
+        if self.official:
+            return self._zoom_official(src, args)
         box = protocol.bbox_to_unit(args["bbox_2d"])
         origin, region = state.provenance.get(src, (src, None))
         full_box = compose_box(region, box) if region is not None else box
+        try:
+            check_box(full_box, clamp=True)
+        except MarsError as e:
+            raise ModelFault(str(e)) from None
         res = crop_image(origin, full_box, out_dir=self.artifacts, clamp=True, max_pixels=self.crop_max_pixels)
         state.provenance[res["path"]] = (origin, covered_box(res))
         msg = protocol.tool_message(protocol.ZOOM, protocol.ZOOM_HEADER, [res["path"]])
         return msg, {"source": origin, "box": [round(v, 6) for v in full_box], "box_px": res["box_px"], "path": res["path"]}
 
+    def _zoom_official(self, src: str, args: dict):
+        from mars_cli.tools.crop_official import crop_model_view
+
+        problem = sensenova.zoom_error({**args, "img_idx": 0}, 1)  # the index was checked above
+        if problem:
+            raise ModelFault(problem)
+        res = crop_model_view(src, args.get("bbox_2d") or args.get("bbox"), out_dir=self.artifacts, factor=self.factor,
+                              min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+        msg = protocol.tool_message(protocol.ZOOM, sensenova.ZOOM_TEXT, [res["path"]])
+        return msg, {"source": src, "box": [round(v, 6) for v in res["box"]], "box_px": res["box_px"], "path": res["path"]}
+
     def _text(self, args: dict):
         if self.text_search is None:
-            raise ToolError("text search is not available in this run (no search backend configured)")
+            raise ToolError("Error: Search not available." if self.official
+                            else "text search is not available in this run (no search backend configured)")
         from mars_cli.tools.text_search import render_text_results
 
         query = args["query"]
         results = self.text_search.search(query, k=self.k)
-        text = render_text_results(query, results, budget_chars=self.text_budget_chars)
-        return protocol.tool_message(protocol.TEXT_SEARCH, text), {"titles": [r.get("title") for r in results]}
+        titles = {"titles": [r.get("title") for r in results]}
+        summary = results[0].get("query_summary") if results else None
+        if self.official and summary:
+            return protocol.tool_message(protocol.TEXT_SEARCH, sensenova.text_search_result(query, summary)), titles
+        # Without a summarizer there is no official layout: the official tool always summarizes.
+        budget = sensenova.TOOL_TEXT_LIMIT * 4 if self.official else self.text_budget_chars
+        text = render_text_results(query, results, budget_chars=budget)
+        return protocol.tool_message(protocol.TEXT_SEARCH, text), titles
 
     def _image(self, args: dict, messages: list[dict], state: EpisodeState):
         if self.image_search is None:
+            if self.official:
+                raise _Observed(sensenova.IMAGE_SEARCH_EMPTY)
             raise ToolError("image search is not available in this run (no image search backend configured)")
         from mars_cli.tools.image_search import render_image_results
 
         src = self._pick_image(args, messages)
-        results = self.image_search.search(src, k=self.image_k, task=state.task)
-        text, thumbs = render_image_results(results)
-        parts = interleave(text, thumbs)
+        if not self.official:
+            results = self.image_search.search(src, k=self.image_k, task=state.task)
+            text, thumbs = render_image_results(results)
+            parts = interleave(text, thumbs)
+            return protocol.tool_message_parts(protocol.IMAGE_SEARCH, parts), {"titles": [r.get("title") for r in results]}
+        try:
+            results = self.image_search.search(src, k=min(self.image_k, sensenova.IMAGE_SEARCH_MAX), task=state.task)
+        except ToolError:
+            # The official tool answers a search without stored results this way (a success).
+            raise _Observed(sensenova.IMAGE_SEARCH_EMPTY) from None
+        results = results[: sensenova.IMAGE_SEARCH_MAX]
+        if not results:
+            raise _Observed(sensenova.IMAGE_SEARCH_EMPTY)
+        parts: list[dict] = [{"type": "text", "text": sensenova.IMAGE_SEARCH_HEAD}]
+        for n, r in enumerate(results, 1):
+            parts.append({"type": "text", "text": sensenova.image_search_entry(n, str(r.get("title") or ""))})
+            if r.get("thumbnail"):
+                parts.append({"type": "image", "image": str(r["thumbnail"])})
         return protocol.tool_message_parts(protocol.IMAGE_SEARCH, parts), {"titles": [r.get("title") for r in results]}
+
+
+class _Observed(Exception):
+    """An official result text that reports nothing found (sent to the model as a result)."""
+
+    def __init__(self, text: str):
+        super().__init__(text)
+        self.text = text
+
+
+def _cut_texts(message: dict) -> None:
+    """The official loop's cut of long tool text (each text part, keeping its end)."""
+    for part in message.get("content") or []:
+        if part.get("type") == "text" and len(part.get("text", "")) > sensenova.TOOL_TEXT_LIMIT:
+            part["text"] = sensenova.cut_tool_text(part["text"])
 
 
 _THUMB = re.compile(r"^Thumbnail (\d+):", re.MULTILINE)

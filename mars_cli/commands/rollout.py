@@ -3,6 +3,7 @@
     mars rollout --policy ckpt/ -n 8 < tasks.jsonl > trajectories.jsonl
     mars rollout --engine openai --model gpt-4o -o runs/gpt4o.jsonl tasks.jsonl
     mars rollout --check --policy ckpt/ trajectories.jsonl      # verify stored tokens
+    mars rollout --server http://127.0.0.1:8000 -n 8 -o traj.jsonl tasks.jsonl   # a `mars serve` policy
 """
 
 from __future__ import annotations
@@ -20,14 +21,28 @@ def main(
     files: List[str] = typer.Argument(None, help="Task JSONL files (default: stdin)."),
     policy: Optional[str] = typer.Option(None, "--policy", envvar=E + "POLICY", help="Model directory (hf, vllm) or model name (openai)."),
     n: int = typer.Option(1, "-n", help="Samples per task (a group)."),
-    engine: str = typer.Option("hf", "--engine", envvar=E + "ENGINE", help="hf | vllm | openai."),
-    out: Optional[str] = typer.Option(None, "-o", "--out", help="Write records to FILE (atomically) instead of stdout."),
-    resume: bool = typer.Option(False, "--resume", help="Skip (task, sample) pairs already finished in -o FILE."),
+    engine: Optional[str] = typer.Option(None, "--engine", envvar=E + "ENGINE", help="hf | vllm | openai (default hf; --server implies server)."),
+    server: Optional[str] = typer.Option(None, "--server", envvar=E + "SERVER", help="URL[,URL…] of `mars serve` policy servers; needs neither --policy nor --engine."),
+    out: Optional[str] = typer.Option(None, "-o", "--out", help="Append each finished episode to FILE (truncated at start unless --resume)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue -o FILE: keep its finished episodes, rerun errors and the rest."),
     check: bool = typer.Option(False, "--check", help="Read trajectories and verify their tokens instead."),
     max_turns: int = typer.Option(10, "--max-turns", help="Turns per episode."),
-    max_total_tokens: int = typer.Option(16384, "--max-total-tokens", help="Token budget per episode (images counted expanded)."),
+    max_prompt_tokens: int = typer.Option(16384, "--max-prompt-tokens", help="Budget of the first prompt (images counted expanded)."),
+    max_response_tokens: int = typer.Option(16384, "--max-response-tokens", help="Budget of everything after it: turns and tool results."),
+    max_total_tokens: Optional[int] = typer.Option(None, "--max-total-tokens", help="Optional cap on prompt + response (off by default)."),
     max_new_tokens: int = typer.Option(2048, "--max-new-tokens", help="Tokens per turn."),
-    batch_size: int = typer.Option(64, "--batch-size", help="Episodes stepped together."),
+    max_inflight: int = typer.Option(64, "--max-inflight", help="Episodes running at once (every engine)."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", hidden=True, help="Old name of --max-inflight."),
+    min_pixels: Optional[int] = typer.Option(None, "--min-pixels", help="Image resize floor in pixels (default: the checkpoint's)."),
+    max_pixels: Optional[int] = typer.Option(None, "--max-pixels", help="Image resize ceiling in pixels (default: the checkpoint's)."),
+    protocol: Optional[str] = typer.Option(None, "--protocol", envvar=E + "PROTOCOL", help="Prompt profile: sensenova | mars."),
+    on_malformed: Optional[str] = typer.Option(None, "--on-malformed", help="end | observe (default: the profile's)."),
+    workflow: str = typer.Option("agent", "--workflow", help="agent | direct (no tools) | rag (search results, then answer)."),
+    group_order: bool = typer.Option(False, "--group-order", help="Write each group's samples together when the group is done."),
+    max_error_rate: float = typer.Option(0.5, "--max-error-rate", help="Exit 1 when more episodes than this share end in error."),
+    loop: bool = typer.Option(False, "--loop", help="Re-read the input forever, reshuffled each pass (by --seed)."),
+    batch_groups: Optional[int] = typer.Option(None, "--batch-groups", help="Groups per training batch (for --max-staleness)."),
+    max_staleness: int = typer.Option(1, "--max-staleness", help="Batches rollout may run ahead of the servers' weights."),
     temperature: float = typer.Option(1.0, "--temperature"), top_p: float = typer.Option(1.0, "--top-p"),
     top_k: int = typer.Option(0, "--top-k", help="0 = off."), presence_penalty: float = typer.Option(0.0, "--presence-penalty"),
     seed: Optional[int] = typer.Option(None, "--seed"),
@@ -50,9 +65,12 @@ def main(
 ) -> None:
     """Run agent episodes: tasks in, trajectories out.
 
-    Each task is run -n times (one group). Episodes stream out as they finish; tool calls
-    run concurrently; a Ctrl-C with -o keeps the episodes already finished (use --resume).
+    Each task is run -n times (one group). Episodes run independently (up to --max-inflight
+    at once) and stream out as they finish; with -o each is appended as it ends, so an
+    interrupted run loses nothing finished (continue it with --resume). A bad input line
+    stops reading: the started episodes finish, then exit 1. One summary line ends every run.
     """
+    from mars_cli import streams
     from mars_cli.agent import run as runner
 
     if check:
@@ -64,13 +82,29 @@ def main(
         raise UsageError("--resume needs -o FILE (the output to continue)")
     if n < 1:
         raise UsageError(f"-n must be at least 1, got {n}")
+    if batch_size is not None:
+        streams.warn("--batch-size is an old name for --max-inflight")
+        max_inflight = batch_size
+    if max_inflight < 1:
+        raise UsageError(f"--max-inflight must be at least 1, got {max_inflight}")
+    if not 0 <= max_error_rate <= 1:
+        raise UsageError(f"--max-error-rate must be in [0, 1], got {max_error_rate}")
+    urls = [u.strip() for u in server.split(",") if u.strip()] if server else None
+    if server is not None and not urls:
+        raise UsageError("--server needs at least one URL")
+    if urls and engine not in (None, "server"):
+        raise UsageError(f"--server and --engine {engine} disagree: --server runs the policy on those servers")
     runner.rollout(
         files, out=out, resume=resume, skip_bad=skip_bad, n=n,
-        engine=dict(name=engine, policy=policy, device=device, dtype=dtype, tp=tp, gpu_memory_utilization=gpu_memory_utilization,
-                    base_url=base_url, model=model),
+        engine=dict(name="server" if urls else (engine or "hf"), policy=policy, device=device, dtype=dtype, tp=tp,
+                    gpu_memory_utilization=gpu_memory_utilization, base_url=base_url, model=model, urls=urls,
+                    min_pixels=min_pixels, max_pixels=max_pixels),
         sampling=dict(temperature=temperature, top_p=top_p, top_k=top_k, presence_penalty=presence_penalty, seed=seed),
-        limits=dict(max_turns=max_turns, max_total_tokens=max_total_tokens, max_new_tokens=max_new_tokens),
-        batch_size=batch_size, artifacts=artifacts,
+        limits=dict(max_turns=max_turns, max_prompt_tokens=max_prompt_tokens, max_response_tokens=max_response_tokens,
+                    max_total_tokens=max_total_tokens, max_new_tokens=max_new_tokens),
+        max_inflight=max_inflight, artifacts=artifacts, group_order=group_order, max_error_rate=max_error_rate,
+        loop=loop, seed=seed, batch_groups=batch_groups, max_staleness=max_staleness, protocol=protocol,
+        on_malformed=on_malformed, workflow=workflow,
         tools=dict(search_backend=search_backend, index=index, image_search_backend=image_search_backend,
                    image_index=image_index, cache=cache, replay=replay, summarize=summarize,
                    search_opts={"llm_base_url": llm_base_url, "llm_model": llm_model}),

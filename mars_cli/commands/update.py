@@ -44,7 +44,7 @@ def main(
 
     Rebuilds each trajectory's model input from its stored token ids and images and trains only on the policy's own tokens (mask 1). GSPO: s = exp(mean over policy tokens of log π_θ − log π_old), loss = −mean over trajectories of min(s·A, clip(s, 1−ε_low, 1+ε_high)·A) + β·KL(π_θ‖π_ref). Records without token ids (openai engine) are refused.
 
-    Writes --out (an HF safetensors checkpoint with mars_meta.json) atomically and prints one metrics record: loss, clip_fraction, kl, ratio_mean/min/max, grad_norm, tokens, trajectories, seconds, logprob_gap. With --push, the servers load --out before the command returns (a refused load: exit 1, the checkpoint stays). Under a launcher (deepspeed, accelerate, torchrun) every rank runs this command; --nproc N does that for you on one machine.
+    Writes --out (an HF safetensors checkpoint with mars_meta.json) atomically and prints one metrics record: loss, clip_fraction, kl, ratio_mean/min/max, grad_norm, tokens, trajectories, seconds, logprob_gap, sampled_by (the fingerprints and server weight versions that sampled the batch: reported, never refused). With --push, every server then loads --out; the command returns once each one's /health shows its fingerprint at the next weight version, and exits 1 naming any server that failed (the checkpoint stays written). A sleeping server (POST /sleep, to lend its GPUs to this trainer) wakes to load; with --nproc the push waits until every rank has exited and is reported on stderr. Under a launcher (deepspeed, accelerate, torchrun) every rank runs this command; --nproc N does that for you on one machine.
 
     --follow keeps the policy, the reference model and the optimizer in memory and reads a stream of batches written by `mars advantage` (each record's `batch` {id, size}), taking one optimizer step as soon as a batch's last record arrives and printing exactly one metrics record per step (with the batch, `staleness` of its records in steps, push result, timings and bytes written). --out then holds OUT/step-N/ checkpoints, every --save-every steps and after the last one; the newest also holds the optimizer state (OUT/step-N/optimizer/), so the same command restarted resumes from it with the same step numbering, skipping batches it already trained. --keep-last bounds the disk. With --push each step's weights go to the servers; a refused push is a warning and the next step's push retries. A trajectory without policy tokens is skipped with a warning; a token id beyond the vocabulary stops the trainer before that step.
     """
@@ -52,7 +52,7 @@ def main(
 
     from mars_cli.errors import UsageError
     from mars_cli.jsonl import RecordWriter
-    from mars_cli.rl.engine import config_argv, launch_ranks, relaunch, under_launcher
+    from mars_cli.rl.engine import launch_ranks
     from mars_cli.rl.update import UpdateConfig, run_update
 
     cfg = UpdateConfig(policy=str(policy), out=str(out), ref=str(ref) if ref else None, state=str(state) if state else None,
@@ -61,40 +61,55 @@ def main(
                        old_logprobs=old_logprobs, zero=zero, deepspeed=str(deepspeed) if deepspeed else None,
                        train_vision=train_vision, gradient_checkpointing=gradient_checkpointing, bf16=bf16, seed=seed)
     paths = [str(f) for f in files or []]
-    urls = [u.strip() for u in (push or "").split(",") if u.strip()]
+    urls = [u.strip() for u in push.split(",") if u.strip()] if push else []
+    if push is not None and not urls:
+        raise UsageError("--push needs URL[,URL…]")
     if urls:
         try:
             import mars_cli.serve.push  # noqa: F401
         except ImportError:
             raise UsageError("--push needs the policy server's push client (mars_cli.serve.push), which this build lacks") from None
     if follow:
-        from mars_cli.rl.follow import FollowConfig, check_follow, follow as run_follow
+        from mars_cli.rl.follow import FollowConfig, run_command
 
         fcfg = FollowConfig(max_steps=max_steps, save_every=save_every, keep_last=keep_last, push=urls,
                             push_dir=str(push_dir) if push_dir else None)
-        check_follow(cfg, fcfg)
-        if local_rank is not None:
-            os.environ.setdefault("LOCAL_RANK", str(local_rank))
-        if nproc > 1 and not under_launcher():  # rank 0 reads the stream (stdin too) and shares each batch
-            extra = ["--follow", "--save-every", str(save_every), "--keep-last", str(keep_last)]
-            extra += ["--max-steps", str(max_steps)] if max_steps else []
-            extra += ["--push", push] if push else []
-            extra += ["--push-dir", str(push_dir)] if push_dir else []
-            raise typer.Exit(relaunch(nproc, "update", [*paths, *config_argv(cfg), *extra, *(["--skip-bad"] if skip_bad else [])]))
-        with RecordWriter() as w:
-            run_follow(paths, cfg, fcfg, emit=w.write, skip_bad=skip_bad)
-        return
+        raise typer.Exit(run_command(paths, cfg, fcfg, nproc=nproc, local_rank=local_rank, skip_bad=skip_bad))
     if max_steps is not None or push_dir is not None:
         raise UsageError("--max-steps and --push-dir go with --follow")
     code = launch_ranks("update", paths, cfg, nproc=nproc, local_rank=local_rank, skip_bad=skip_bad, what="batch")
     if code is not None:
+        if code == 0 and urls:  # every rank has exited: the GPUs are free for the servers
+            from mars_cli import streams
+            from mars_cli.serve.push import push_checkpoint
+
+            for res in push_checkpoint(urls, str(out)):
+                streams.warn(f"{res['url']} serves {out} ({res['fingerprint']}), weight version {res['weight_version']}")
         raise typer.Exit(code)
     metrics = run_update(paths, cfg, skip_bad=skip_bad)
     if int(os.environ.get("RANK", "0")) == 0:
+        failure = None
         if urls:
-            from mars_cli.serve.push import push_checkpoint
+            from mars_cli.serve.push import PushError, push_checkpoint
 
-            metrics["push"] = push_checkpoint(urls, str(out), fingerprint=metrics["fingerprint"],
-                                              api_key=os.environ.get("MARS_SERVE_API_KEY"))
+            _free_gpu_memory()  # a sleeping server wakes to load: leave it the memory
+            try:
+                metrics["push"] = push_checkpoint(urls, str(out), fingerprint=metrics.get("fingerprint"))
+            except PushError as e:
+                failure, metrics["push"] = e, {"error": str(e)}
         with RecordWriter() as w:
             w.write(metrics)
+        if failure is not None:
+            raise failure
+
+
+def _free_gpu_memory() -> None:
+    import gc
+
+    gc.collect()
+    try:
+        import torch
+    except ImportError:
+        return
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -1,4 +1,5 @@
-"""Policy engines behind one interface: `Engine.generate(requests) -> results`.
+"""Policy engines behind one interface: `Engine.generate(requests) -> results`, and
+`await Engine.agenerate(request) -> result` for the asynchronous agent loop.
 
 An engine turns a batch of prompts into one assistant turn each. Token engines (`hf`,
 `vllm`) take the prompt as token ids with ONE <|image_pad|> per image (the engine expands
@@ -10,10 +11,20 @@ Which distribution the stored log-probs are of: log softmax(logits / T) over the
 vocabulary, T the sampling temperature (T = 1 when sampling greedily), taken before
 top-k/top-p truncation and before the presence penalty. At T = 1 with top-p = 1 and no
 top-k this is exactly log π(token | prefix), what `update` recomputes by a forward pass.
+
+Asynchronous use: `agenerate` may be awaited by many episodes at once. In-process engines
+(hf, vllm offline) inherit the default here: the requests pending at one moment are
+micro-batched into ONE `generate` call on a worker thread, and the requests that arrive
+while it runs form the next batch, so the GPU still sees batches while no episode waits
+for another's tools. Chat engines (tokens=False) run each request on its own worker
+thread. A remote engine (`server`) overrides `agenerate` with real async HTTP. A failed
+request comes back as `GenResult(error=…)`; an exception out of `agenerate` means the
+engine itself is gone (no server left) and ends the run.
 """
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -21,7 +32,7 @@ from typing import Any
 from mars_cli.errors import MarsError, UsageError
 
 ENGINES = {"hf": "mars_cli.engines.hf:HFEngine", "vllm": "mars_cli.engines.vllm_engine:VLLMEngine",
-           "openai": "mars_cli.engines.openai_engine:OpenAIEngine"}
+           "openai": "mars_cli.engines.openai_engine:OpenAIEngine", "server": "mars_cli.engines.server:ServerEngine"}
 
 
 @dataclass
@@ -70,6 +81,8 @@ class GenResult:
     finish: str = "stop"  # "stop": ended by itself (<|im_end|>) ; "length": hit max_new_tokens
     error: str | None = None  # an engine failure for this request; the episode ends with "error"
     usage: int | None = None  # chat engines: tokens the request consumed (prompt + completion)
+    weight_version: int | None = None  # the weights that sampled it (servers count their loads)
+    fingerprint: str | None = None  # the checkpoint that sampled it, when the engine knows per request
 
 
 class Engine:
@@ -82,6 +95,10 @@ class Engine:
     sampling: Sampling
     renderer: Any = None  # protocol.Renderer for token engines
     special: dict | None = None
+    max_images: int | None = None  # images one episode may hold (a server's limit_mm_per_prompt); None = no cap
+    weight_version: int | None = None  # None: weights never change under this engine
+    pixels: dict | None = None  # {"min", "max"}: the image processor's limits, recorded per trajectory
+    image_factor: int | None = None  # patch size × merge size: images resize to multiples of it
 
     def generate(self, requests: list[GenRequest]) -> list[GenResult]:
         raise NotImplementedError
@@ -96,11 +113,102 @@ class Engine:
 
     def describe(self) -> dict:
         """The `policy` field of a trajectory record."""
-        return {"path": self.path, "fingerprint": self.fingerprint, "engine": self.name,
-                "sampling": self.sampling.to_dict(), "trainable": self.tokens}
+        out = {"path": self.path, "fingerprint": self.fingerprint, "engine": self.name,
+               "sampling": self.sampling.to_dict(), "trainable": self.tokens}
+        if self.weight_version is not None:
+            out["weight_version"] = self.weight_version
+        if self.pixels is not None:
+            out["pixels"] = dict(self.pixels)
+        return out
 
     def close(self) -> None:
         pass
+
+    # --- asynchronous use ---------------------------------------------------------------
+
+    async def agenerate(self, req: GenRequest) -> GenResult:
+        """One turn for one request; many may be awaited at once (see the module docstring)."""
+        loop = asyncio.get_running_loop()
+        if not self.tokens:
+            [res] = await loop.run_in_executor(None, self.generate_isolated, [req])
+            return res
+        state = self.__dict__.get("_microbatch")
+        if state is None or state.loop is not loop:
+            state = self.__dict__["_microbatch"] = _MicroBatch(loop)
+        fut = loop.create_future()
+        state.pending.append((req, fut))
+        if not state.busy:
+            state.busy = True
+            # call_soon: every episode made ready by the same event enqueues first
+            loop.call_soon(self._launch_batch, state)
+        return await fut
+
+    async def aclose(self) -> None:
+        """Release what belongs to the event loop now ending (a remote engine's HTTP client)."""
+
+    async def apoll_weight_version(self) -> int | None:
+        """The weight version now (a server engine asks its servers; others know it)."""
+        return self.weight_version
+
+    def generate_isolated(self, requests: list[GenRequest]) -> list[GenResult]:
+        """generate(), with a failure confined to the requests that cause it (one retry each)."""
+        try:
+            results = self.generate(requests)
+            if len(results) != len(requests):
+                raise MarsError(f"engine {self.name} returned {len(results)} results for {len(requests)} requests")
+            return results
+        except Exception as e:  # noqa: BLE001 — isolate the failing request, keep the others
+            if len(requests) == 1:
+                return [failed_result(e)]
+            out = []
+            for r in requests:
+                try:
+                    out.extend(self.generate([r]))
+                except Exception as e1:  # noqa: BLE001
+                    out.append(failed_result(e1))
+            return out
+
+    def _launch_batch(self, state: "_MicroBatch") -> None:
+        batch = [(r, f) for r, f in state.pending if not f.done()]
+        state.pending = []
+        if not batch:
+            state.busy = False
+            return
+        work = state.loop.run_in_executor(None, self.generate_isolated, [r for r, _ in batch])
+        work.add_done_callback(lambda w: self._batch_done(state, batch, w))
+
+    def _batch_done(self, state: "_MicroBatch", batch: list, work: "asyncio.Future") -> None:
+        for i, (_, fut) in enumerate(batch):
+            if fut.done():
+                continue
+            if work.cancelled():
+                fut.cancel()
+            elif work.exception() is not None:
+                fut.set_exception(work.exception())
+            else:
+                fut.set_result(work.result()[i])
+        if state.pending:
+            state.loop.call_soon(self._launch_batch, state)
+        else:
+            state.busy = False
+
+
+class _MicroBatch:
+    """Requests waiting for the in-process engine, and whether a generate call is running."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.pending: list = []
+        self.busy = False
+
+
+def failed_result(e: BaseException) -> GenResult:
+    """The result of a request the engine failed on (the episode ends `error` with the reason)."""
+    from mars_cli import streams
+
+    msg = str(e) if isinstance(e, MarsError) else f"{type(e).__name__}: {e}"
+    streams.warn(f"engine failed for an episode: {msg}")
+    return GenResult(text="", error=msg)
 
 
 # Tokens a policy must never sample: a generated image placeholder or vision marker would
@@ -125,7 +233,7 @@ def strip_eos(ids: list[int], eos: int) -> tuple[list[int], bool]:
 
 
 def open_engine(name: str, *, policy: str | None = None, sampling: Sampling | None = None, **opts) -> Engine:
-    """An engine by name: "hf", "vllm" or "openai"; `opts` go to its constructor."""
+    """An engine by name: "hf", "vllm", "openai" or "server"; `opts` go to its constructor."""
     if name not in ENGINES:
         raise UsageError(f"unknown engine {name!r} (choose from {', '.join(ENGINES)})")
     modname, clsname = ENGINES[name].split(":")

@@ -2,11 +2,18 @@
 
 Inputs are built by the model layer (models.inputs.build_inputs), which expands each
 image's single placeholder to the processor's patch count. Generation stops at
-<|im_end|> or max_new_tokens. Log-probs come from the raw logits of each step
-(`output_logits=True`, not `output_scores`, which are already warped by top-k/top-p and
-penalties): log softmax(logits / T)[sampled token], T the sampling temperature (T = 1
-when greedy). That is the distribution defined in mars_cli.engines: at T = 1 it equals a
-forward pass's log π(token | prefix).
+<|im_end|> or max_new_tokens. Log-probs: log softmax(logits / T)[sampled token], T the
+sampling temperature (T = 1 when greedy), from the model's raw logits of each step. That is
+the distribution defined in mars_cli.engines: at T = 1 it equals a forward pass's
+log π(token | prefix).
+
+Memory: keeping every step's logits (`output_logits=True`) holds steps × batch × vocabulary
+floats, about 1.2 GB for one 2,048-token turn with Qwen's 152k vocabulary. Instead the
+first logits processor (`SampledLogprobs`) sees each step's raw logits, keeps ONE
+log-softmax row per sequence, and at the next step, when the token drawn from that row is
+the last column of `input_ids`, keeps only its value. Memory stays batch × vocabulary.
+Vision tokens are suppressed by a processor placed after it, so the recorded values stay
+the model's own (generate's built-in `suppress_tokens` would run first).
 """
 
 from __future__ import annotations
@@ -31,21 +38,48 @@ def _presence_processor(penalty: float, prompt_len: int):
     return PresencePenalty()
 
 
-def _sampled_logprobs(logits: tuple, new, temperature: float):
-    """(batch, steps) log softmax(logits / T)[sampled id], from generate's per-step raw logits.
-
-    One step at a time: stacking every step in float32 would double the memory the raw
-    logits already take on long turns (log_softmax per step also measured fastest on CPU).
-    """
+def _sampled_logprobs_processor(temperature: float):
+    """A LogitsProcessor recording log softmax(raw logits / T)[sampled id], one row in memory."""
     import torch
+    from transformers import LogitsProcessor
 
-    cols = []
-    for t, step in enumerate(logits):
-        x = step.float()
-        if temperature != 1.0:
-            x = x / temperature
-        cols.append(torch.log_softmax(x, dim=-1).gather(-1, new[:, t:t + 1]).squeeze(-1))
-    return torch.stack(cols, dim=1)
+    class SampledLogprobs(LogitsProcessor):
+        def __init__(self):
+            self.row = None  # (batch, vocab) log-probs of the step whose token is not drawn yet
+            self.cols: list = []
+
+        def take(self, chosen) -> None:
+            self.cols.append(self.row.gather(-1, chosen.view(-1, 1)).squeeze(-1))
+            self.row = None
+
+        def __call__(self, input_ids, scores):
+            if self.row is not None:  # the previous step's token is now the last input id
+                self.take(input_ids[:, -1])
+            x = scores.float()
+            if temperature != 1.0:
+                x = x / temperature
+            self.row = torch.log_softmax(x, dim=-1)
+            return scores
+
+        def finish(self, sequences):
+            """(batch, steps) for the generated part; the last drawn token closes the last row."""
+            if self.row is not None:
+                self.take(sequences[:, -1])
+            return torch.stack(self.cols, dim=1)
+
+    return SampledLogprobs()
+
+
+def _suppress_processor(ids: list[int]):
+    """Never sample `ids` (after the log-probs were recorded from the raw logits)."""
+    from transformers import LogitsProcessor
+
+    class Suppress(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            scores[:, ids] = float("-inf")
+            return scores
+
+    return Suppress()
 
 
 class HFEngine(Engine):
@@ -68,6 +102,10 @@ class HFEngine(Engine):
         self.special = loaded.special
         self.renderer = Renderer(loaded.tokenizer, loaded.special)
         self.max_batch = max(1, max_batch)
+        size = getattr(loaded.image_processor, "size", None) or {}
+        if "shortest_edge" in size and "longest_edge" in size:
+            self.pixels = {"min": int(size["shortest_edge"]), "max": int(size["longest_edge"])}
+        self.image_factor = int(loaded.image_processor.patch_size) * int(loaded.image_processor.merge_size)
         if sampling.seed is not None:
             import torch
 
@@ -98,18 +136,19 @@ class HFEngine(Engine):
         # Explicit values override a checkpoint's generation_config.json (released Qwen-VL
         # configs set a repetition penalty and near-greedy top-k/top-p), so the sampling is
         # exactly what `policy.sampling` in the record says.
-        kwargs = dict(max_new_tokens=max_new, do_sample=not s.greedy, output_logits=True,
-                      return_dict_in_generate=True, eos_token_id=self.special["im_end"],
-                      pad_token_id=self.special["pad"], repetition_penalty=1.0,
-                      suppress_tokens=never_sampled(self.special))
+        recorder = _sampled_logprobs_processor(s.temperature if not s.greedy else 1.0)
+        processors = [recorder, _suppress_processor(never_sampled(self.special))]
+        if s.presence_penalty:
+            processors.append(_presence_processor(s.presence_penalty, prompt_len))
+        kwargs = dict(max_new_tokens=max_new, do_sample=not s.greedy, return_dict_in_generate=True,
+                      eos_token_id=self.special["im_end"], pad_token_id=self.special["pad"], repetition_penalty=1.0,
+                      logits_processor=LogitsProcessorList(processors))
         if not s.greedy:
             kwargs.update(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k)
-        if s.presence_penalty:
-            kwargs["logits_processor"] = LogitsProcessorList([_presence_processor(s.presence_penalty, prompt_len)])
         with torch.inference_mode():
             gen = self.policy.model.generate(**tensors, **kwargs)
         new = gen.sequences[:, prompt_len:]
-        picked = _sampled_logprobs(gen.logits, new, s.temperature if not s.greedy else 1.0)
+        picked = recorder.finish(gen.sequences)
         results = []
         eos = self.special["im_end"]
         for b, req in enumerate(requests):

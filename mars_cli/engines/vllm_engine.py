@@ -39,6 +39,10 @@ class VLLMEngine(Engine):
         self.image_processor = load_image_processor(policy, min_pixels=min_pixels, max_pixels=max_pixels)
         self.fingerprint = fingerprint(policy)
         self.sampling = sampling
+        self.max_images = max_images  # = limit_mm_per_prompt: the loop never sends a request vLLM would refuse
+        size = self.image_processor.size
+        self.pixels = {"min": int(size["shortest_edge"]), "max": int(size["longest_edge"])}
+        self.image_factor = int(self.image_processor.patch_size) * int(self.image_processor.merge_size)
         if llm is None:
             try:
                 from vllm import LLM

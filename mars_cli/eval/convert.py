@@ -62,6 +62,7 @@ class Context:
     seed: int = 0
     benchmark: str | None = None  # overrides the format's benchmark name
     stored: dict = field(default_factory=dict)
+    dataset: dict | None = None  # the manifest entry the file came from (name, system prompt, scoring, repeats)
 
     def base(self) -> Path:
         return self.image_root if self.image_root is not None else self.source.parent
@@ -189,31 +190,70 @@ def _table_rows(path: Path, delimiter: str) -> Iterator[tuple[int, dict]]:
 
 # --- the driver -------------------------------------------------------------------------
 
-def expand_inputs(fmt: str, inputs: list[str]) -> list[tuple[Path, Path | None]]:
-    """(input file, image root or None); a directory expands to the files the format reads,
-    and a SenseNova-MARS manifest (.json of {name: {"annotation", "root"}}) to its files."""
+def expand_inputs(fmt: str, inputs: list[str]) -> list[tuple[Path, Path | None, dict | None]]:
+    """(input file, image root or None, manifest entry or None); a directory expands to the
+    files the format reads, and a SenseNova-MARS manifest (.json of {name: {"annotation",
+    "root", …}}) to its files, each with its dataset's settings (see `dataset_settings`)."""
     from mars_cli.eval.formats import FORMATS
 
     spec = FORMATS[fmt]
-    out: list[tuple[Path, Path | None]] = []
+    out: list[tuple[Path, Path | None, dict | None]] = []
     for raw in inputs:
         p = Path(raw)
         if p.is_dir():
             found = sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in spec.dir_suffixes)
             if not found:
                 raise MarsError(f"{p}: no {'/'.join(spec.dir_suffixes)} files inside")
-            out.extend((q, None) for q in found)
+            out.extend((q, None, None) for q in found)
         elif p.is_file():
             if fmt == "sensenova-mars" and p.suffix.lower() == ".json":
                 out.extend(_manifest_files(p))
             else:
-                out.append((p, None))
+                out.append((p, None, None))
         else:
             raise MarsError(f"{p}: no such file or directory")
     return out
 
 
-def _manifest_files(path: Path) -> list[tuple[Path, Path | None]]:
+SCORE_METHODS = {"em_score_mcq": "mcq", "llm_score": "llm"}  # the official scorers → mars scorers
+
+
+def dataset_settings(name: str, entry: dict, where: str) -> dict:
+    """A manifest entry's settings as the official eval.py reads them.
+
+    Scoring: `reward_fn` merged with `unused_reward_fn` (`format_score` is the format
+    reward, not a scorer); em_score_mcq → the `mcq` rule scorer, llm_score → `llm`, the
+    rule scorer winning when a dataset lists both. `system_prompt` and `format_instruction`
+    come from input_template.arguments; `repeat_time` (default 1) repeats the rows.
+    """
+    methods = [m for m in list(entry.get("reward_fn") or []) + list(entry.get("unused_reward_fn") or []) if m != "format_score"]
+    unknown = sorted({m for m in methods if m not in SCORE_METHODS})
+    if unknown:
+        raise MarsError(f"{where}: dataset {name!r}: unknown scoring method(s) {', '.join(unknown)} "
+                        f"(known: {', '.join(SCORE_METHODS)}, format_score)")
+    scorer = "mcq" if "em_score_mcq" in methods else "llm" if methods else None
+    args = (entry.get("input_template") or {}).get("arguments") or {}
+    repeat = entry.get("repeat_time", 1)
+    if isinstance(repeat, bool) or not isinstance(repeat, (int, float)) or not repeat > 0:
+        raise MarsError(f"{where}: dataset {name!r}: repeat_time must be a positive number, got {repeat!r}")
+    return {"name": str(name), "scorer": scorer, "score_methods": sorted(set(methods)),
+            "system_prompt": args.get("system_prompt") or None,
+            "format_instruction": args.get("format_instruction") or None, "repeat_time": repeat}
+
+
+def repeat_rows(rows: list, repeat: float, seed: int, key: str) -> list:
+    """Rows repeated as the official loader does: int(r) full copies, then a seeded sample
+    of the fraction (so 1.5 gives every row once and half of them twice)."""
+    import random
+
+    out = list(rows) * int(repeat)
+    extra = int(len(rows) * (repeat - int(repeat)))
+    if extra:
+        out += random.Random(f"{seed}:{key}").sample(list(rows), extra)
+    return out
+
+
+def _manifest_files(path: Path) -> list[tuple[Path, Path | None, dict | None]]:
     try:
         data = json.loads(path.read_text(encoding="utf-8-sig"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -231,7 +271,7 @@ def _manifest_files(path: Path) -> list[tuple[Path, Path | None]]:
             raise MarsError(f"{path}: dataset {name!r}: annotation file {ann} not found")
         root = entry.get("root")
         root = None if not root else (Path(root) if Path(root).is_absolute() else path.parent / root)
-        out.append((ann, root))
+        out.append((ann, root, dataset_settings(name, entry, str(path))))
     return out
 
 
@@ -266,12 +306,16 @@ def convert(
         (tmp / "images").mkdir()
         ctx = Context(tmp / "images", out_dir / "images", files[0][0], seed=seed, benchmark=benchmark)
         with RecordWriter(tmp / "tasks.jsonl") as w:
-            for path, file_root in files:
+            for path, file_root, dataset in files:
                 if spec.file_filter is not None and not spec.file_filter(path):
                     continue
                 ctx.source = path
                 ctx.image_root = root or file_root
-                for rowno, row in iter_rows(path):
+                ctx.dataset = dataset
+                rows = iter_rows(path)
+                if dataset is not None and dataset["repeat_time"] != 1:
+                    rows = _repeated(rows, dataset["repeat_time"], seed, str(path))
+                for rowno, row in rows:
                     if limit is not None and count >= limit:
                         break
                     try:
@@ -295,3 +339,13 @@ def convert(
                     if on_task is not None:
                         on_task(task)
     return {"format": fmt, "tasks": count, "images": len(ctx.stored), "out": str(out_dir)}
+
+
+def _repeated(rows: Iterator[tuple[int, dict]], repeat: float, seed: int, key: str) -> Iterator[tuple[int, dict]]:
+    """(row number, row) with each copy after the first marked `_repeat` = k (its id gets ~k)."""
+    listed = list(rows)
+    seen: dict[int, int] = {}
+    for rowno, row in repeat_rows(listed, repeat, seed, key):
+        k = seen.get(rowno, 0)
+        seen[rowno] = k + 1
+        yield rowno, (row if k == 0 else {**row, "_repeat": k})

@@ -39,6 +39,7 @@ from mars_cli import streams
 from mars_cli.errors import MarsError, UsageError
 from mars_cli.rl import steps as S
 from mars_cli.rl import update as U
+from mars_cli.rl.sampled_by import SampledBy
 
 log = logging.getLogger("mars.update")
 
@@ -244,12 +245,14 @@ def follow(paths, cfg: U.UpdateConfig, fcfg: FollowConfig, *, emit: Callable[[di
             continue
         t0 = time.perf_counter()
         records = [rec for _, rec in located]
-        examples, skipped = trainable(U.read_examples(iter(located), session), session.vocab_size)
+        sampled_by = SampledBy()
+        examples, skipped = trainable(U.read_examples(iter(located), session, sampled_by), session.vocab_size)
         if not examples:
             streams.warn(f"batch {bid}: no trajectory with policy tokens: no step")
             continue
         lag = staleness(records, state.step, state.versions, state.fingerprints)
         metrics = U.train_step(session, examples)
+        metrics["sampled_by"] = sampled_by.report(parent_fp)
         state.step += 1
         state.batches[bid] = state.batches.get(bid, 0) + 1
         n = state.step
@@ -295,6 +298,27 @@ def follow(paths, cfg: U.UpdateConfig, fcfg: FollowConfig, *, emit: Callable[[di
     if last is not None:  # the stream ended: the last step is always saved
         save(last["n"], last["examples"], last["metrics"])
     return taken
+
+
+def run_command(paths, cfg: U.UpdateConfig, fcfg: FollowConfig, *, nproc: int, local_rank: int | None,
+                skip_bad: bool) -> int:
+    """`mars update --follow`: relaunch as `nproc` ranks (rank 0 reads the stream, stdin too) or
+    train here, writing the metrics records to stdout; the exit status."""
+    from mars_cli.jsonl import RecordWriter
+    from mars_cli.rl.engine import config_argv, relaunch, under_launcher
+
+    check_follow(cfg, fcfg)
+    if local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(local_rank))
+    if nproc > 1 and not under_launcher():
+        extra = ["--follow", "--save-every", str(fcfg.save_every), "--keep-last", str(fcfg.keep_last)]
+        extra += ["--max-steps", str(fcfg.max_steps)] if fcfg.max_steps else []
+        extra += ["--push", ",".join(fcfg.push)] if fcfg.push else []
+        extra += ["--push-dir", fcfg.push_dir] if fcfg.push_dir else []
+        return relaunch(nproc, "update", [*paths, *config_argv(cfg), *extra, *(["--skip-bad"] if skip_bad else [])])
+    with RecordWriter() as w:
+        follow(paths, cfg, fcfg, emit=w.write, skip_bad=skip_bad)
+    return 0
 
 
 def _shared_batches(trainer, local):

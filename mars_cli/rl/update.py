@@ -172,9 +172,15 @@ def load_session(cfg: UpdateConfig, *, policy_path: str | None = None) -> Sessio
     return Session(cfg, policy, bf16, ref, trainer, token_budget(cfg.micro_batch_tokens, policy), eps_low, eps_high, {})
 
 
-def read_examples(located, session: Session) -> list:
-    """Scored records → training examples, refused with file:line where they cannot be trained."""
+def read_examples(located, session: Session, sampled_by=None) -> list:
+    """Scored records → training examples, refused with file:line where they cannot be trained.
+
+    The batch may come from an older policy (a server that had not loaded the last step
+    yet, `--follow` staleness): `sampled_by` (rl.sampled_by.SampledBy) counts it, never refused.
+    """
     cfg = session.cfg
+    if sampled_by is not None:
+        located = sampled_by.tally(located)
     examples = batching.update_examples(located, session.policy.special["image_pad"])
     if cfg.old_logprobs == "rollout":
         for ex in examples:
@@ -319,13 +325,16 @@ def write_checkpoint(session: Session, out: str, examples, metrics: dict, *, par
 def run_update(paths, cfg: UpdateConfig, *, skip_bad: bool = False, trainer_hook=None) -> dict:
     """Train one batch and write the checkpoint; return the metrics record (all ranks)."""
     from mars_cli.jsonl import read_located
+    from mars_cli.rl.sampled_by import SampledBy
 
     t0 = time.time()
     _check_flags(cfg)
     session = load_session(cfg)
-    examples = read_examples(read_located(paths, skip_bad=skip_bad), session)
+    sampled_by = SampledBy()
+    examples = read_examples(read_located(paths, skip_bad=skip_bad), session, sampled_by)
     resume_state(session.trainer, cfg.state, session.policy)
     metrics = train_step(session, examples, trainer_hook=trainer_hook)
+    metrics["sampled_by"] = sampled_by.report(session.policy.fingerprint)
     parent = read_meta(cfg.policy)
     step = int(parent.get("step", 0)) + metrics["steps"]
     timing = {k: metrics.pop(k) for k in ("train_seconds", "train_cpu_seconds")}

@@ -78,8 +78,29 @@ def fvqa_row(row: dict, rowno: int, ctx: Context) -> dict:
     )
 
 
+def _official_question(prompt) -> str:
+    """The question as the official eval.py reads it: the first user message's text with
+    "<image>" removed, stripped (kept byte for byte: it is part of the prompt)."""
+    from mars_cli.sensenova import manifest_question
+
+    if isinstance(prompt, list):
+        for m in prompt:
+            if isinstance(m, dict) and m.get("role") == "user" and isinstance(m.get("content"), str):
+                q = manifest_question(m["content"])
+                if not q:
+                    raise RowError("prompt is empty")
+                return q
+    return prompt_text(prompt)
+
+
 def sensenova_row(row: dict, rowno: int, ctx: Context) -> dict:
     """SenseNova-MARS training/eval jsonl: prompt with <image>, image path(s), reward_model.
+
+    From a manifest (test_all.json, train_*.json) each dataset's settings apply: its
+    scoring (reward_fn with unused_reward_fn: em_score_mcq → scorer mcq, llm_score → llm),
+    its system prompt (meta.system_prompt, which `--protocol sensenova` puts before the
+    tools block) and repeat_time; ids are "{dataset}-{line index}" as in eval.py, a
+    repeated row's copies "~1", "~2", ….
 
     Precomputed image-search results (titles and thumbnails) stay top-level task fields,
     where the `precomputed` image-search backend reads them; thumbnails are stored too.
@@ -89,15 +110,26 @@ def sensenova_row(row: dict, rowno: int, ctx: Context) -> dict:
     if not answers:
         raise RowError("missing 'reward_model.ground_truth'")
     images = [ctx.image(v) for v in images_of(row.get("image", row.get("images")))]
-    source = text(row, "data_source", required=False) or ctx.source.stem
+    ds = ctx.dataset
+    source = (ds or {}).get("name") or text(row, "data_source", required=False) or ctx.source.stem
+    meta = _meta(row, "category", "difficulty", "data_source")
+    if ds:
+        meta.update({k: ds[k] for k in ("system_prompt", "format_instruction") if ds.get(k)})
+        meta["score_methods"] = ds["score_methods"]
+        tid = f"{source}-{rowno - 1}"
+    else:
+        tid = f"{source}-{_row_id(row, rowno)}"
+    if row.get("_repeat"):
+        tid += f"~{row['_repeat']}"
+        meta["repeat"] = row["_repeat"]
     task = make_task(
-        f"{source}-{_row_id(row, rowno)}",
-        prompt_text(row.get("prompt", row.get("question"))),
+        tid,
+        _official_question(row.get("prompt", row.get("question"))),
         images=images,
         answers=answers,
         benchmark=ctx.benchmark or source,
-        scorer="llm",
-        meta=_meta(row, "category", "difficulty", "data_source"),
+        scorer=(ds or {}).get("scorer") or "llm",
+        meta=meta,
     )
     titles = row.get("image_search_title_list")
     thumbs = row.get("image_search_thumbnail_list")

@@ -1,0 +1,253 @@
+"""The mars serving API over a backend: request checks, limits, /health, /load, pause/sleep.
+
+Both backends (hf in-process, vLLM behind a child `vllm serve`) sit behind these routes, so
+one client speaks to either. The routes and their shapes are vLLM 0.33's where vLLM has
+them (see mars_cli.serve); /load and the /health body are mars's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import os
+import time
+from pathlib import Path
+
+from mars_cli.errors import MarsError
+from mars_cli.serve.http import HTTPError, Request
+
+log = logging.getLogger("mars.serve")
+
+PAUSE_MODES = ("abort", "wait", "keep")
+
+
+class Backend:
+    """What a backend provides; `App` keeps the state the API reports."""
+
+    engine = "?"
+    failure: str | None = None  # set when the backend can no longer serve (e.g. its engine died)
+    vocab_size: int = 0
+    pixels: dict | None = None  # {"min", "max"}: the image processor's bounds, so clients count image tokens alike
+    image_pad: int = -1
+    max_model_len: int | None = None
+
+    async def start(self, policy: str) -> dict:  # -> {"path", "fingerprint"}
+        raise NotImplementedError
+
+    async def generate(self, body: dict, images: list[bytes]) -> dict:
+        raise NotImplementedError
+
+    async def load(self, path: str, version: int) -> dict:
+        """Serve `path` as weight `version`: {"path", "fingerprint"}; a MarsError keeps the old weights."""
+        raise NotImplementedError
+
+    async def pause(self, mode: str) -> None:
+        raise NotImplementedError
+
+    async def resume(self) -> None:
+        raise NotImplementedError
+
+    async def sleep(self, level: int) -> None:
+        raise NotImplementedError
+
+    async def wake_up(self) -> None:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        pass
+
+
+def decode_image_part(part, i: int, max_image_bytes: int) -> bytes:
+    """The bytes of one content part `{"type": "image_url", "url": "data:image/…;base64,…"}`."""
+    if not isinstance(part, dict) or part.get("type") != "image_url":
+        raise HTTPError(400, f"content_parts[{i}]: only {{'type': 'image_url', 'url': 'data:…'}} parts are accepted")
+    url = part.get("url")
+    if not isinstance(url, str) or not url.startswith("data:"):
+        raise HTTPError(400, f"content_parts[{i}]: images travel in the request body as data: URLs; "
+                             "this server opens no paths or URLs")
+    head, sep, data = url.partition(",")
+    if not sep or not head.endswith(";base64") or not head[5:].startswith("image/"):
+        raise HTTPError(400, f"content_parts[{i}]: expected data:image/…;base64,…")
+    if len(data) * 3 // 4 > max_image_bytes:
+        raise HTTPError(413, f"content_parts[{i}]: image over the server's limit of {max_image_bytes} bytes",
+                        "PayloadTooLarge")
+    try:
+        return base64.b64decode(data, validate=True)
+    except ValueError as e:
+        raise HTTPError(400, f"content_parts[{i}]: invalid base64: {e}") from None
+
+
+class App:
+    """State and routes. `policy` is loaded by `start()`; until then /health answers 503."""
+
+    def __init__(self, backend: Backend, *, allow_load: str, max_images: int, max_image_bytes: int,
+                 request_timeout: float = 1800.0):
+        self.backend = backend
+        self.allow_load = Path(allow_load).resolve()
+        self.max_images = max_images
+        self.max_image_bytes = max_image_bytes
+        self.request_timeout = request_timeout
+        self.status = "loading"
+        self.path: str | None = None
+        self.fingerprint: str | None = None
+        self.weight_version = 0
+        self.last_error: str | None = None
+        self.pause_mode = "abort"
+        self._load_lock = asyncio.Lock()
+
+    def routes(self) -> dict:
+        return {("GET", "/health"): self.health, ("POST", "/inference/v1/generate"): self.generate,
+                ("POST", "/load"): self.load, ("POST", "/pause"): self.pause, ("POST", "/resume"): self.resume,
+                ("GET", "/is_paused"): self.is_paused, ("POST", "/sleep"): self.sleep,
+                ("POST", "/wake_up"): self.wake_up, ("GET", "/is_sleeping"): self.is_sleeping,
+                ("GET", "/weight_info"): self.weight_info}
+
+    async def start(self, policy: str) -> None:
+        info = await self.backend.start(policy)  # weight version 1
+        self.weight_version = 1
+        self.path, self.fingerprint, self.status = info["path"], info["fingerprint"], "ready"
+
+    def describe(self) -> dict:
+        if self.backend.failure:
+            self.status, self.last_error = "failed", self.backend.failure
+        return {"status": self.status, "engine": self.backend.engine, "policy": self.path,
+                "fingerprint": self.fingerprint, "weight_version": self.weight_version,
+                "max_images": self.max_images, "max_image_bytes": self.max_image_bytes,
+                "max_model_len": self.backend.max_model_len,
+                "pixels": self.backend.pixels, "pid": os.getpid(), "last_error": self.last_error}
+
+    async def health(self, req: Request):
+        return (200 if self.status == "ready" else 503), self.describe()
+
+    async def weight_info(self, req: Request):
+        return 200, {"weight_version": str(self.weight_version), "fingerprint": self.fingerprint}
+
+    def _serving(self) -> None:
+        self.describe()
+        if self.status == "paused" and self.pause_mode == "keep":
+            return  # vLLM's "keep": accepted and queued until /resume
+        if self.status != "ready":
+            raise HTTPError(503, f"the server is {self.status}; retry later", "ServiceUnavailableError")
+
+    async def generate(self, req: Request):
+        self._serving()
+        body = req.json()
+        if not isinstance(body, dict):
+            raise HTTPError(400, "the request body must be a JSON object")
+        ids = body.get("token_ids")
+        if not isinstance(ids, list) or not ids or not all(type(t) is int for t in ids):
+            raise HTTPError(400, "token_ids: a non-empty list of integers is required")
+        bad = next((t for t in ids if not 0 <= t < self.backend.vocab_size), None)
+        if bad is not None:
+            raise HTTPError(400, f"token_ids: {bad} is outside the vocabulary (0..{self.backend.vocab_size - 1})")
+        if self.backend.max_model_len and len(ids) >= self.backend.max_model_len:
+            raise HTTPError(400, f"token_ids: {len(ids)} prompt tokens leave no room in max_model_len "
+                                 f"{self.backend.max_model_len}")
+        parts = body.get("content_parts") or []
+        if not isinstance(parts, list):
+            raise HTTPError(400, "content_parts must be a list")
+        if len(parts) > self.max_images:
+            raise HTTPError(400, f"{len(parts)} images in one request; this server's limit is {self.max_images}")
+        images = [decode_image_part(p, i, self.max_image_bytes) for i, p in enumerate(parts)]
+        pads = sum(1 for t in ids if t == self.backend.image_pad)
+        if pads != len(images):
+            raise HTTPError(400, f"token_ids hold {pads} image placeholders but {len(images)} images were sent "
+                                 "(one <|image_pad|> per image)")
+        sp = body.get("sampling_params")
+        if not isinstance(sp, dict):
+            raise HTTPError(400, "sampling_params: a JSON object is required")
+        if sp.get("n", 1) != 1:
+            raise HTTPError(400, "sampling_params.n: only 1 is supported (send one request per sample)")
+        version, fingerprint = self.weight_version, self.fingerprint
+        try:
+            out = await asyncio.wait_for(self.backend.generate(body, images), self.request_timeout)
+        except asyncio.TimeoutError:
+            raise HTTPError(504, f"generation took over {self.request_timeout:.0f} s", "TimeoutError") from None
+        # Which weights sampled it: the backend says when it knows better (hf swaps weights
+        # between batches); vLLM's load drains in-flight requests first, so there it is the
+        # version the request started under.
+        out.setdefault("mars", {"weight_version": version, "fingerprint": fingerprint, "policy": self.path})
+        return 200, out
+
+    def _allowed(self, path: str) -> Path:
+        if not isinstance(path, str) or not path:
+            raise HTTPError(400, "path: a checkpoint directory is required")
+        real = Path(path).resolve()
+        if real != self.allow_load and self.allow_load not in real.parents:
+            raise HTTPError(403, f"{path}: outside the directory this server may load from ({self.allow_load}); "
+                                 "start it with --allow-load DIR", "PermissionDenied")
+        if not real.is_dir():
+            raise HTTPError(400, f"{path}: no such checkpoint directory")
+        return real
+
+    async def load(self, req: Request):
+        body = req.json()
+        path = self._allowed(body.get("path") if isinstance(body, dict) else None)
+        async with self._load_lock:
+            before = self.status
+            self.status = "loading"
+            t0 = time.time()
+            log.info("loading %s (weight version %d → %d)", path, self.weight_version, self.weight_version + 1)
+            try:
+                info = await self.backend.load(str(path), self.weight_version + 1)
+            except MarsError as e:
+                self.last_error = f"load {path}: {e}"
+                self.status = before
+                log.error("load failed, still serving %s: %s", self.path, e)
+                raise HTTPError(422, f"{path}: {e} (still serving {self.path}, weight version "
+                                     f"{self.weight_version})", "LoadError") from None
+            except BaseException:
+                self.status = before
+                raise
+            self.weight_version += 1
+            self.path, self.fingerprint, self.last_error = info["path"], info["fingerprint"], None
+            self.status = "ready" if before == "ready" else before
+            seconds = round(time.time() - t0, 3)
+            log.info("serving %s (%s), weight version %d, loaded in %.2f s", self.path, self.fingerprint,
+                     self.weight_version, seconds)
+            return 200, {"policy": self.path, "fingerprint": self.fingerprint,
+                         "weight_version": self.weight_version, "seconds": seconds}
+
+    async def pause(self, req: Request):
+        mode = req.arg("mode", "abort")
+        if mode not in PAUSE_MODES:
+            raise HTTPError(400, f"mode must be one of {', '.join(PAUSE_MODES)}")
+        if self.status == "ready":
+            self.status, self.pause_mode = "paused", mode
+        await self.backend.pause(mode)
+        return 200, {"status": "paused"}
+
+    async def resume(self, req: Request):
+        await self.backend.resume()
+        if self.status == "paused":
+            self.status = "ready"
+        return 200, {"status": "resumed"}
+
+    async def is_paused(self, req: Request):
+        return 200, {"is_paused": self.status == "paused"}
+
+    async def sleep(self, req: Request):
+        try:
+            level = int(req.arg("level", "1"))
+        except ValueError:
+            level = -1
+        if level not in (0, 1, 2):
+            raise HTTPError(400, "level must be 0, 1 or 2")
+        async with self._load_lock:
+            self.status = "sleeping"
+            await self.backend.sleep(level)
+        return 200, {"status": "sleeping", "level": level}
+
+    async def wake_up(self, req: Request):
+        async with self._load_lock:
+            try:
+                await self.backend.wake_up()
+            except MarsError as e:
+                raise HTTPError(500, f"wake up failed: {e}", "InternalServerError") from None
+            if self.status == "sleeping":
+                self.status = "ready"
+        return 200, {"status": "awake", "tags": None}
+
+    async def is_sleeping(self, req: Request):
+        return 200, {"is_sleeping": self.status == "sleeping"}

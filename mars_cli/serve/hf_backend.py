@@ -1,0 +1,298 @@
+"""`mars serve --engine hf`: transformers on one device, concurrent requests micro-batched.
+
+One asyncio task (the batcher) takes every request queued at that moment, groups them by
+sampling settings and runs each group as ONE left-padded `generate` on the single worker
+thread that owns the model; loads and sleep/wake run on that thread too, between batches,
+so a batch never sees half-swapped weights and each answer names the weights that made it.
+Images arrive as bytes; they are spooled under a content-hash name and decoded by mars's
+own image code (the code `update` uses), so the pixels are exactly what training sees.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import tempfile
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mars_cli.engines import Sampling, never_sampled
+from mars_cli.errors import MarsError, UsageError
+from mars_cli.serve.app import Backend
+from mars_cli.serve.http import HTTPError
+
+log = logging.getLogger("mars.serve")
+
+IGNORED = {"detokenize", "skip_special_tokens", "spaces_between_special_tokens", "output_kind", "n"}
+SPOOL_FILES = 2048  # spooled images kept (a multi-turn episode resends the same images)
+
+
+@dataclass
+class Pending:
+    ids: list[int]
+    images: list[str]
+    sampling: Sampling
+    max_tokens: int
+    stop_ids: set
+    want_logprobs: bool
+    request_id: str
+    future: asyncio.Future = field(repr=False, default=None)
+
+
+class HFBackend(Backend):
+    engine = "hf"
+
+    def __init__(self, *, device: str = "cpu", dtype: str | None = None, max_num_seqs: int = 32,
+                 min_pixels: int | None = None, max_pixels: int | None = None, max_model_len: int | None = None,
+                 seed: int | None = None):
+        self.device, self.dtype = device, dtype
+        self.max_num_seqs = max(1, max_num_seqs)
+        self.min_pixels, self.max_pixels = min_pixels, max_pixels
+        self.max_model_len = max_model_len
+        self.seed = seed
+        self.policy = None
+        self.serving: tuple = (0, None, None)  # (weight version, fingerprint, path), set on the worker
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="mars-serve-hf")
+        self._spool = tempfile.TemporaryDirectory(prefix="mars-serve-images-")
+        self._queue: asyncio.Queue | None = None
+        self._running = asyncio.Event()
+        self._busy = 0  # requests taken by the batcher and not answered yet
+        self._idle = asyncio.Event()
+        self._batcher: asyncio.Task | None = None
+        self._asleep: int | None = None
+
+    async def _on_worker(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
+
+    def _load(self, path: str, version: int):
+        from mars_cli.models.load import load_policy
+
+        policy = load_policy(path, device=self.device, dtype=self.dtype, min_pixels=self.min_pixels,
+                             max_pixels=self.max_pixels)
+        old, self.policy = self.policy, policy
+        self.serving = (version, policy.fingerprint, policy.path)
+        del old
+        _free_memory(self.device)
+        return policy
+
+    async def start(self, policy: str) -> dict:
+        if self.seed is not None:
+            import torch
+
+            torch.manual_seed(self.seed)
+        p = await self._on_worker(self._load, policy, 1)
+        self.vocab_size = int(p.model.get_output_embeddings().weight.shape[0])
+        self.image_pad = p.special["image_pad"]
+        size = p.image_processor.size
+        self.pixels = {"min": int(size["shortest_edge"]), "max": int(size["longest_edge"])}
+        self._queue = asyncio.Queue()
+        self._running.set()
+        self._idle.set()
+        self._batcher = asyncio.create_task(self._batch_loop(), name="mars-serve-batcher")
+        return {"path": p.path, "fingerprint": p.fingerprint}
+
+    async def load(self, path: str, version: int) -> dict:
+        from mars_cli.models.load import read_config
+
+        cfg = read_config(path)
+        if cfg.get("model_type") != read_config(self.policy.path).get("model_type"):
+            raise MarsError(f"model_type {cfg.get('model_type')!r} is not the served policy's")
+        try:
+            p = await self._on_worker(self._load, path, version)
+        except MarsError:
+            raise
+        except Exception as e:  # whatever the loader raised (a corrupt safetensors header…): the old model stays
+            raise MarsError(f"cannot load it: {type(e).__name__}: {e}") from None
+        return {"path": p.path, "fingerprint": p.fingerprint}
+
+    # ---------------------------------------------------------------- requests
+
+    def _parse(self, body: dict) -> Pending:
+        sp = dict(body["sampling_params"])
+        unknown = sorted(set(sp) - IGNORED - {"temperature", "top_p", "top_k", "presence_penalty", "max_tokens",
+                                             "logprobs", "stop_token_ids", "logit_bias", "seed"})
+        if unknown:
+            raise HTTPError(400, f"sampling_params: {', '.join(unknown)} not supported by the hf engine")
+        if sp.get("seed") is not None:
+            raise HTTPError(400, "sampling_params.seed: the hf engine has one seed (mars serve --seed)")
+        top_k = sp.get("top_k", 0)
+        try:
+            s = Sampling(temperature=float(sp.get("temperature", 1.0)), top_p=float(sp.get("top_p", 1.0)),
+                         top_k=0 if top_k in (-1, None) else int(top_k),
+                         presence_penalty=float(sp.get("presence_penalty", 0.0)))
+        except (UsageError, TypeError, ValueError) as e:
+            raise HTTPError(400, f"sampling_params: {e}") from None
+        eos = self.policy.special["im_end"]
+        stops = set(sp.get("stop_token_ids") or [eos])
+        if stops != {eos}:
+            raise HTTPError(400, f"sampling_params.stop_token_ids: the hf engine stops at <|im_end|> ({eos}) only")
+        suppressed = set(never_sampled(self.policy.special))
+        for k, v in (sp.get("logit_bias") or {}).items():
+            if int(k) not in suppressed or float(v) > -100:
+                raise HTTPError(400, "sampling_params.logit_bias: the hf engine only suppresses the vision tokens")
+        max_tokens = sp.get("max_tokens")
+        if type(max_tokens) is not int or max_tokens < 1:
+            raise HTTPError(400, "sampling_params.max_tokens: a positive integer is required")
+        n = len(body["token_ids"])
+        if self.max_model_len and n + max_tokens > self.max_model_len:
+            max_tokens = self.max_model_len - n  # as vLLM: the turn ends "length" at the context limit
+        return Pending(ids=list(body["token_ids"]), images=[], sampling=s, max_tokens=max_tokens, stop_ids=stops,
+                       want_logprobs=sp.get("logprobs") is not None,
+                       request_id=str(body.get("request_id") or uuid.uuid4().hex))
+
+    def _spool_image(self, data: bytes, i: int) -> str:
+        from mars_cli import images
+
+        path = Path(self._spool.name) / (hashlib.sha256(data).hexdigest() + ".img")
+        if not path.exists():
+            tmp = path.with_suffix(".tmp")
+            tmp.write_bytes(data)
+            tmp.replace(path)
+            files = sorted(Path(self._spool.name).glob("*.img"), key=lambda p: p.stat().st_mtime)
+            for old in files[:max(0, len(files) - SPOOL_FILES)]:
+                old.unlink(missing_ok=True)
+        try:
+            images.load_array(str(path))  # decoded (and bomb-checked) now: a bad image fails its request only
+        except MarsError as e:
+            raise HTTPError(400, f"content_parts[{i}]: {str(e).replace(str(path), 'image')}") from None
+        return str(path)
+
+    async def generate(self, body: dict, images: list[bytes]) -> dict:
+        item = self._parse(body)
+        item.images = [await asyncio.to_thread(self._spool_image, data, i) for i, data in enumerate(images)]
+        item.future = asyncio.get_running_loop().create_future()
+        await self._queue.put(item)
+        return await item.future
+
+    async def _batch_loop(self) -> None:
+        while True:
+            first = await self._queue.get()
+            await self._running.wait()
+            batch = [first]
+            while len(batch) < self.max_num_seqs and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            self._busy += len(batch)
+            self._idle.clear()
+            try:
+                groups: dict[tuple, list[Pending]] = {}
+                for it in batch:
+                    s = it.sampling
+                    groups.setdefault((s.temperature, s.top_p, s.top_k, s.presence_penalty), []).append(it)
+                for items in groups.values():
+                    items = [it for it in items if not it.future.done()]  # the client went away
+                    if items:
+                        await self._run(items)
+            finally:
+                self._busy -= len(batch)
+                if self._busy == 0 and self._queue.empty():
+                    self._idle.set()
+
+    async def _run(self, items: list[Pending]) -> None:
+        try:
+            turns, serving = await self._on_worker(self._generate, items)
+        except Exception as e:  # one failed generate fails its batch, not the server
+            log.exception("generate failed")
+            for it in items:
+                if not it.future.done():
+                    it.future.set_exception(HTTPError(500, f"generation failed: {type(e).__name__}: {e}",
+                                                      "InternalServerError"))
+            return
+        version, fingerprint, path = serving
+        for it, t in zip(items, turns):
+            if it.future.done():
+                continue
+            eos = self.policy.special["im_end"]
+            if t.error:
+                it.future.set_exception(HTTPError(500, f"generation failed: {t.error}", "InternalServerError"))
+                continue
+            choice = {"index": 0, "finish_reason": t.finish, "stop_reason": eos if t.finish == "stop" else None,
+                      "token_ids": t.ids, "weight_versions": [{"version": str(version), "start": 0, "end": len(t.ids)}],
+                      "logprobs": ({"content": [{"token_id": tid, "logprob": lp, "rank": None, "top_logprobs": []}
+                                                for tid, lp in zip(t.ids, t.logprobs)]} if it.want_logprobs else None)}
+            it.future.set_result({"request_id": it.request_id, "choices": [choice],
+                                  "usage": {"prompt_tokens": len(it.ids), "completion_tokens": len(t.ids),
+                                            "total_tokens": len(it.ids) + len(t.ids)},
+                                  "mars": {"weight_version": version, "fingerprint": fingerprint, "policy": path}})
+
+    def _generate(self, items: list[Pending]):
+        """One batch through the `hf` engine's own generate (log-probs taken as it samples)."""
+        from mars_cli.engines import GenRequest
+        from mars_cli.engines.hf import HFEngine
+
+        if self.policy is None or self.policy.model is None or self._asleep:
+            raise MarsError("the model is asleep")
+        engine = HFEngine(None, sampling=items[0].sampling, loaded=self.policy, max_batch=len(items))
+        results = engine.generate([GenRequest(ids=it.ids, images=it.images, max_new_tokens=it.max_tokens)
+                                   for it in items])
+        return results, self.serving
+
+    # ---------------------------------------------------------------- pause, sleep, close
+
+    async def pause(self, mode: str) -> None:
+        if mode == "keep":
+            self._running.clear()
+            return
+        if mode == "abort":
+            while not self._queue.empty():
+                it = self._queue.get_nowait()
+                if not it.future.done():
+                    it.future.set_result({"request_id": it.request_id, "choices": [
+                        {"index": 0, "finish_reason": "abort", "token_ids": [], "logprobs": None}]})
+        await self._drained()
+
+    async def _drained(self) -> None:
+        while self._busy or not self._queue.empty():
+            self._idle.clear()
+            await self._idle.wait()
+
+    async def resume(self) -> None:
+        self._running.set()
+
+    async def sleep(self, level: int) -> None:
+        await self._drained()
+        if level:
+            await self._on_worker(self._sleep, level)
+        self._asleep = level
+
+    def _sleep(self, level: int) -> None:
+        if level >= 2:
+            self.policy.model = None  # weights dropped; wake_up reloads them from the checkpoint
+        elif str(self.device).startswith("cuda"):
+            self.policy.model.to("cpu")
+        _free_memory(self.device)
+
+    async def wake_up(self) -> None:
+        if self._asleep:
+            await self._on_worker(self._wake)
+        self._asleep = None
+
+    def _wake(self) -> None:
+        if self.policy.model is None:
+            self._load(self.policy.path, self.serving[0])
+        else:
+            self.policy.model.to(self.device)
+
+    async def close(self) -> None:
+        if self._batcher is not None:
+            self._batcher.cancel()
+            await asyncio.gather(self._batcher, return_exceptions=True)
+        if self._queue is not None:
+            while not self._queue.empty():
+                it = self._queue.get_nowait()
+                if not it.future.done():
+                    it.future.cancel()
+        await asyncio.to_thread(self._worker.shutdown, wait=True, cancel_futures=True)
+        self._spool.cleanup()
+
+
+def _free_memory(device: str) -> None:
+    import gc
+
+    gc.collect()
+    if str(device).startswith("cuda"):
+        import torch
+
+        torch.cuda.empty_cache()

@@ -1,0 +1,121 @@
+"""`mars serve --engine vllm`: the front layer against a child that answers as vLLM 0.33 does."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.network
+FAKE = str(Path(__file__).with_name("fake_vllm.py"))
+
+
+def calls(log: Path) -> list[dict]:
+    return [json.loads(ln) for ln in log.read_text().splitlines()]
+
+
+@pytest.fixture
+def vllm_server(tiny_policy_dir, tmp_path, monkeypatch):
+    from mars_cli.serve.app import App
+    from mars_cli.serve.run import in_thread
+    from mars_cli.serve.vllm_backend import VLLMBackend
+
+    ck = tmp_path / "ck"
+    shutil.copytree(tiny_policy_dir, ck)
+    log = tmp_path / "vllm.jsonl"
+    monkeypatch.setenv("FAKE_VLLM_LOG", str(log))
+    backend = VLLMBackend(tp=2, dp=4, max_model_len=8192, max_images=3, max_num_seqs=64, enforce_eager=True,
+                          dtype="bfloat16", min_pixels=3136, max_pixels=401408, seed=7, startup_timeout=60,
+                          executable=[sys.executable, FAKE])
+    app = App(backend, allow_load=str(tmp_path), max_images=3, max_image_bytes=1 << 20)
+    with in_thread(app, str(ck)) as url:
+        yield url, app, ck, log
+
+
+def test_launches_vllm_serve_with_the_rl_endpoints_and_forwards_generation(vllm_server, tmp_path):
+    from mars_cli.engines import GenRequest, Sampling, open_engine
+    from helpers_rollout import make_image
+
+    url, app, ck, log = vllm_server
+    first = calls(log)[0]
+    argv = first["argv"]
+    assert first["VLLM_SERVER_DEV_MODE"] == "1" and argv[:2] == ["serve", str(ck)]
+    flags = dict(zip(argv[2::1], argv[3::1]))
+    assert flags["--host"] == "127.0.0.1" and "--enable-scale-out" in argv and "--enable-sleep-mode" in argv
+    assert flags["--logprobs-mode"] == "processed_logprobs" and flags["--generation-config"] == "vllm"
+    assert (flags["--tensor-parallel-size"], flags["--data-parallel-size"]) == ("2", "4")
+    assert json.loads(flags["--limit-mm-per-prompt"]) == {"image": 3}
+    assert json.loads(flags["--mm-processor-kwargs"]) == {"min_pixels": 3136, "max_pixels": 401408}
+    assert (flags["--max-model-len"], flags["--max-num-seqs"], flags["--dtype"], flags["--seed"]) == ("8192", "64", "bfloat16", "7")
+    assert "--enforce-eager" in argv and int(flags["--port"]) != int(url.rsplit(":", 1)[1])
+    assert calls(log)[-1]["body"] == {"new_version": "1"}  # /update_weight_version at start
+
+    h = httpx.get(url + "/health").json()
+    assert (h["engine"], h["weight_version"], h["max_images"]) == ("vllm", 1, 3)
+    assert h["pixels"] == {"min": 3136, "max": 401408}
+    eng = open_engine("server", policy=str(ck), sampling=Sampling(temperature=0.8, top_k=0), urls=[url])
+    img = make_image(tmp_path / "a.png", size=(64, 48))
+    pads = "<|vision_start|><|image_pad|><|vision_end|>"
+    ids = eng.renderer.tok.encode(f"<|im_start|>user\n{pads}Hi<|im_end|>\n<|im_start|>assistant\n")
+    out, short = eng.generate([GenRequest(ids=ids, images=[img], max_new_tokens=10),
+                               GenRequest(ids=ids, images=[img], max_new_tokens=2)])
+    assert out.ids[-1] == eng.special["im_end"] and len(out.ids) == 4 and out.finish == "stop"
+    assert out.logprobs == [-0.25, -0.5, -0.75, -1.0] and out.weight_version == 1
+    assert short.finish == "length" and len(short.ids) == 2
+    sent = [c for c in calls(log) if c.get("path") == "/inference/v1/generate"][0]["body"]
+    assert sent["token_ids"] == ids and sent["content_parts"][0]["url"].startswith("data:image/png;base64,")
+    sp = sent["sampling_params"]
+    assert (sp["temperature"], sp["top_k"], sp["logprobs"], sp["stop_token_ids"]) == (0.8, -1, 0, [eng.special["im_end"]])
+    assert set(sp["logit_bias"]) == {str(eng.special[k]) for k in ("image_pad", "vision_start", "vision_end")}
+
+
+def test_load_is_pause_reload_version_resume_and_a_failure_restores(vllm_server, tiny_policy_dir):
+    from mars_cli.models.load import fingerprint
+    from mars_cli.serve.push import PushError, push_checkpoint
+
+    url, app, ck, log = vllm_server
+    ck2 = ck.parent / "ck2"
+    shutil.copytree(tiny_policy_dir, ck2)
+    (ck2 / "model.safetensors").touch()  # new mtime: another fingerprint
+    n = len(calls(log))
+    (res,) = push_checkpoint([url], str(ck2))
+    assert res["weight_version"] == 2 and res["fingerprint"] == fingerprint(ck2) != fingerprint(ck)
+    seq = [(c["path"], c.get("query"), c.get("body")) for c in calls(log)[n:] if c.get("path") != "/health"]
+    assert seq == [("/pause", {"mode": ["wait"]}, {}),
+                   ("/collective_rpc", {}, {"method": "reload_weights", "kwargs": {"weights_path": str(ck2)},
+                                            "timeout": 1800.0}),
+                   ("/update_weight_version", {}, {"new_version": "2"}), ("/resume", {}, {})]
+    broken = ck.parent / "broken"
+    shutil.copytree(tiny_policy_dir, broken)
+    n = len(calls(log))
+    with pytest.raises(PushError, match="deserializing header"):
+        push_checkpoint([url], str(broken))
+    rpcs = [c["body"]["kwargs"]["weights_path"] for c in calls(log)[n:] if c.get("path") == "/collective_rpc"]
+    assert rpcs == [str(broken), str(ck2)]  # the old weights put back
+    assert calls(log)[-1]["path"] in ("/resume", "/health")
+    h = httpx.get(url + "/health").json()
+    assert (h["status"], h["fingerprint"], h["weight_version"]) == ("ready", fingerprint(ck2), 2)
+
+
+def test_sleep_wake_and_a_dead_child_fails_health(vllm_server):
+    url, app, ck, log = vllm_server
+    assert httpx.post(url + "/sleep", params={"level": 1}).status_code == 200
+    assert httpx.get(url + "/health").status_code == 503
+    assert [c for c in calls(log) if c.get("path") == "/sleep"][-1]["query"] == {"level": ["1"], "mode": ["wait"]}
+    assert httpx.post(url + "/wake_up").status_code == 200
+    assert httpx.get(url + "/health").status_code == 200
+    os.killpg(app.backend.proc.pid, signal.SIGKILL)
+    deadline = time.time() + 10
+    while httpx.get(url + "/health").status_code == 200 and time.time() < deadline:
+        time.sleep(0.1)
+    h = httpx.get(url + "/health")
+    assert h.status_code == 503 and h.json()["status"] == "failed" and "exited" in h.json()["last_error"]
+    r = httpx.post(url + "/inference/v1/generate", json={"token_ids": [1], "sampling_params": {"max_tokens": 1}})
+    assert r.status_code == 503
