@@ -94,6 +94,10 @@ def main(
         raise UsageError("--server needs at least one URL")
     if urls and engine not in (None, "server"):
         raise UsageError(f"--server and --engine {engine} disagree: --server runs the policy on those servers")
+    if loop and out is None:
+        from mars_cli.pipes import exit_when_reader_gone
+
+        exit_when_reader_gone()  # `update --follow --max-steps` ends the loop while it may wait for weights
     runner.rollout(
         files, out=out, resume=resume, skip_bad=skip_bad, n=n,
         engine=dict(name="server" if urls else (engine or "hf"), policy=policy, device=device, dtype=dtype, tp=tp,

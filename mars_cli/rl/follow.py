@@ -318,6 +318,15 @@ def run_command(paths, cfg: U.UpdateConfig, fcfg: FollowConfig, *, nproc: int, l
         return relaunch(nproc, "update", [*paths, *config_argv(cfg), *extra, *(["--skip-bad"] if skip_bad else [])])
     with RecordWriter() as w:
         follow(paths, cfg, fcfg, emit=w.write, skip_bad=skip_bad)
+    if any(t.name == "follow-reader" and t.is_alive() for t in threading.enumerate()):
+        # --max-steps with the input still open: the reader thread is blocked in a read of
+        # stdin, whose lock Python's shutdown would wait for. Everything is saved and the
+        # records are flushed, so end here; the stages upstream then end on the closed pipe.
+        import sys
+
+        streams.close_records()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 
