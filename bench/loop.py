@@ -233,14 +233,14 @@ class Bench:
         (w / "tasks-all.jsonl").write_text("".join(self.tasks))
         self.trace.write_text("")
         log = open(w / "serve.log", "w")
-        server = subprocess.Popen(["bash", "-c", self.mars("serve", "--policy", w / "policy", "--engine", "hf",
-                                                           "--port", a.port)],
-                                  env=self.env, stdout=subprocess.PIPE, stderr=log, text=True)
+        server = subprocess.Popen([self.py, str(HERE), "--traced", str(self.trace), "--", "serve", "--policy",
+                                   str(w / "policy"), "--engine", "hf", "--port", str(a.port)],
+                                  env=self.env, stdout=subprocess.DEVNULL, stderr=log, text=True)
         url = f"http://127.0.0.1:{a.port}"
         try:
             self._wait_ready(url)
             t0 = time.time()
-            cmd = (f"{self.mars('rollout', '--server', url, *self.roll, '-n', a.samples, '--seed', 1, '--group-order', '--loop')} "
+            cmd = (f"{self.mars('rollout', '--server', url, *self.roll, '-n', a.samples, '--seed', 1, '--group-order', '--loop', '--batch-groups', a.groups)} "
                    f"< {w / 'tasks-all.jsonl'} | {self.mars('judge')} "
                    f"| {self.mars('advantage', '--batch-groups', a.groups, '--group-size', a.samples)} "
                    f"| {self.mars('update', '--follow', '--policy', w / 'policy', '--out', w / 'pipe-ck', '--keep-last', 1, '--push', url, '--max-steps', a.steps, *self.train)}")
