@@ -302,3 +302,15 @@ def test_kill_while_saving_the_optimizer_state_resumes_from_the_previous_step(ti
     assert sorted(x.name for x in ck.iterdir() if not x.name.startswith(".")) == ["step-1", "step-2"]
     assert (ck / "step-2" / "optimizer").is_dir() and not (ck / "step-1" / "optimizer").exists()
     assert load_policy(ck / "step-2").fingerprint == metrics(r.stdout)[0]["fingerprint"]
+
+
+def test_bad_data_after_unsaved_steps_saves_the_last_whole_step_first(tiny_policy_dir, tmp_path):
+    b1 = advantage(judged_file(tiny_policy_dir, tmp_path / "j1.jsonl", "a", 2), tmp_path / "b1.jsonl")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"not": "a trajectory"}\n')
+    r = H.Ran(["update", "--follow", b1, bad, "--policy", tiny_policy_dir, "--out", tmp_path / "ck", "--save-every", "5",
+               *COMMON])
+    assert r.exit_code == 1 and f"{bad}:1: record has no batch stamp" in r.stderr
+    (m,) = metrics(r.stdout)
+    assert m["step"] == 1 and m["out"] is None  # not due for a save when it was taken...
+    assert (tmp_path / "ck" / "step-1" / "optimizer" / "mars_state.json").is_file()  # ...saved before the exit

@@ -238,63 +238,73 @@ def follow(paths, cfg: U.UpdateConfig, fcfg: FollowConfig, *, emit: Callable[[di
         return str(path), fp, S.tree_bytes(path)
 
     stream = Stream(paths, skip_bad=skip_bad) if rank == 0 else None
-    for bid, size, located, waited in _shared_batches(trainer, batches(stream) if rank == 0 else None):
-        if to_skip.get(bid, 0) > 0:
-            to_skip[bid] -= 1
-            streams.warn(f"batch {bid} ({size} records) was trained before step {state.step}: skipped")
-            continue
-        t0 = time.perf_counter()
-        records = [rec for _, rec in located]
-        sampled_by = SampledBy()
-        examples, skipped = trainable(U.read_examples(iter(located), session, sampled_by), session.vocab_size)
-        if not examples:
-            streams.warn(f"batch {bid}: no trajectory with policy tokens: no step")
-            continue
-        lag = staleness(records, state.step, state.versions, state.fingerprints)
-        metrics = U.train_step(session, examples)
-        metrics["sampled_by"] = sampled_by.report(parent_fp)
-        state.step += 1
-        state.batches[bid] = state.batches.get(bid, 0) + 1
-        n = state.step
-        timing = {k: metrics.pop(k) for k in ("train_seconds", "train_cpu_seconds")}
-        ck, fp, written, t_save = None, None, 0, time.perf_counter()
-        final = _shared(trainer, (fcfg.max_steps is not None and taken + 1 >= fcfg.max_steps)
-                        or (stream is not None and stream.ended()))
-        if n % fcfg.save_every == 0 or final:
-            ck, fp, written = save(n, examples, metrics)
-            last = None
-        else:
-            last = {"n": n, "examples": examples, "metrics": dict(metrics)}
-        save_seconds = time.perf_counter() - t_save
-        push = None
-        if fcfg.push:
-            t_push = time.perf_counter()
-            target, tfp = ck, fp
-            if target is None:  # weights only, replaced each step
-                tfp = U.write_checkpoint(session, str(push_dir), examples, metrics, parent=parent_path,
-                                         parent_fingerprint=parent_fp, step=parent_meta_step + n, extra={"run_step": n})
-                target = str(push_dir)
-                written += S.tree_bytes(push_dir)
-                state.fingerprints[tfp] = n
-            push, versions = _push(fcfg.push, target, tfp) if rank == 0 else ({}, [])
-            push, versions = _shared(trainer, (push, versions))
-            for v in versions:
-                state.versions[str(v)] = n
-            push["write_seconds"] = round(time.perf_counter() - t_push - push["seconds"], 3)
-        state.trim()
-        parent_path, parent_fp = (ck, fp) if ck else (parent_path, None)
-        taken += 1
-        record = {"kind": "update", "step": n, "out": ck, "fingerprint": fp, "batch": {"id": bid, "size": size},
-                  "skipped": skipped, "staleness": lag, **metrics}
-        if push is not None:
-            record["push"] = push
-        record.update(seconds=round(time.perf_counter() - t0, 3), wait_seconds=round(waited, 3), **timing,
-                      save_seconds=round(save_seconds, 3), bytes_written=written)
-        if rank == 0:
-            emit(record)
-        log.info(f"step {n}: batch {bid} ({size} records) loss {metrics['loss']:.4g} in {record['seconds']} s")
-        if fcfg.max_steps is not None and taken >= fcfg.max_steps:
-            break
+    stepping = False  # inside an optimizer step: the weights in memory may be half-updated
+    try:
+        for bid, size, located, waited in _shared_batches(trainer, batches(stream) if rank == 0 else None):
+            if to_skip.get(bid, 0) > 0:
+                to_skip[bid] -= 1
+                streams.warn(f"batch {bid} ({size} records) was trained before step {state.step}: skipped")
+                continue
+            t0 = time.perf_counter()
+            records = [rec for _, rec in located]
+            sampled_by = SampledBy()
+            examples, skipped = trainable(U.read_examples(iter(located), session, sampled_by), session.vocab_size)
+            if not examples:
+                streams.warn(f"batch {bid}: no trajectory with policy tokens: no step")
+                continue
+            lag = staleness(records, state.step, state.versions, state.fingerprints)
+            stepping = True  # until the step is recorded: `last` does not describe the weights meanwhile
+            metrics = U.train_step(session, examples)
+            metrics["sampled_by"] = sampled_by.report(parent_fp)
+            state.step += 1
+            state.batches[bid] = state.batches.get(bid, 0) + 1
+            n = state.step
+            timing = {k: metrics.pop(k) for k in ("train_seconds", "train_cpu_seconds")}
+            ck, fp, written, t_save = None, None, 0, time.perf_counter()
+            final = _shared(trainer, (fcfg.max_steps is not None and taken + 1 >= fcfg.max_steps)
+                            or (stream is not None and stream.ended()))
+            if n % fcfg.save_every == 0 or final:
+                ck, fp, written = save(n, examples, metrics)
+                last = None
+            else:
+                last = {"n": n, "examples": examples, "metrics": dict(metrics)}
+            save_seconds = time.perf_counter() - t_save
+            push = None
+            if fcfg.push:
+                t_push = time.perf_counter()
+                target, tfp = ck, fp
+                if target is None:  # weights only, replaced each step
+                    tfp = U.write_checkpoint(session, str(push_dir), examples, metrics, parent=parent_path,
+                                             parent_fingerprint=parent_fp, step=parent_meta_step + n, extra={"run_step": n})
+                    target = str(push_dir)
+                    written += S.tree_bytes(push_dir)
+                    state.fingerprints[tfp] = n
+                push, versions = _push(fcfg.push, target, tfp) if rank == 0 else ({}, [])
+                push, versions = _shared(trainer, (push, versions))
+                for v in versions:
+                    state.versions[str(v)] = n
+                push["write_seconds"] = round(time.perf_counter() - t_push - push["seconds"], 3)
+            state.trim()
+            parent_path, parent_fp = (ck, fp) if ck else (parent_path, None)
+            taken += 1
+            record = {"kind": "update", "step": n, "out": ck, "fingerprint": fp, "batch": {"id": bid, "size": size},
+                      "skipped": skipped, "staleness": lag, **metrics}
+            if push is not None:
+                record["push"] = push
+            record.update(seconds=round(time.perf_counter() - t0, 3), wait_seconds=round(waited, 3), **timing,
+                          save_seconds=round(save_seconds, 3), bytes_written=written)
+            stepping = False
+            if rank == 0:
+                emit(record)
+            log.info(f"step {n}: batch {bid} ({size} records) loss {metrics['loss']:.4g} in {record['seconds']} s")
+            if fcfg.max_steps is not None and taken >= fcfg.max_steps:
+                break
+    except (MarsError, KeyboardInterrupt):
+        # Bad data or Ctrl-C between steps: the weights in memory are those of the last
+        # whole step, so a step not yet saved (--save-every) is saved before exiting.
+        if last is not None and not stepping:
+            save(last["n"], last["examples"], last["metrics"])
+        raise
     if last is not None:  # the stream ended: the last step is always saved
         save(last["n"], last["examples"], last["metrics"])
     return taken
