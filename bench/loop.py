@@ -8,9 +8,9 @@ samples = episodes per step, the same tasks and seeds in every design:
   shell     today's loop, one set of processes per step:
               mars rollout --policy ck_k | mars judge | mars advantage > batch_k
               mars update batch_k --policy ck_k --out ck_k+1 --state opt
-  trainer   the update side alone: the shell loop's batches piped into ONE resident
-            `mars update --follow` (step k = batch_k), against the shell loop's
-            per-step `mars update` processes
+  trainer   the update side alone: each batch the shell loop made is written, right
+            after the shell's `mars update` of it, into ONE resident `mars update --follow`
+            (side by side, step by step, so load on a shared machine hits both alike)
   pipeline  the resident design end to end (needs `mars serve` and `rollout --server --loop`):
               mars serve --engine hf &
               mars rollout --server $S --loop --group-order | mars judge
@@ -163,9 +163,16 @@ class Bench:
             small.append(str(out))
         return json.dumps({**task, "images": small}) + "\n"
 
-    def shell(self) -> list[dict]:
+    def shell(self, resident: bool = False) -> tuple[list[dict], list[dict]]:
+        """The shell loop; with `resident`, each batch is also fed, right after the shell's own
+        update of it, to one `update --follow` process (side by side, step by step)."""
         a, w = self.a, self.w
-        policy, steps = w / "policy", []
+        policy, steps, res_steps = w / "policy", [], []
+        trainer = None
+        if resident:
+            cmd = self.mars("update", "--follow", "--policy", w / "policy", "--out", w / "follow-ck", "--keep-last", 1, *self.train)
+            trainer = subprocess.Popen(["bash", "-c", "exec " + cmd], env=self.env, stdin=subprocess.PIPE,
+                                       stdout=subprocess.PIPE, stderr=open(w / "follow.err", "w"), text=True)
         for k in range(1, a.steps + 1):
             (w / f"tasks-{k}.jsonl").write_text("".join(self.tasks[(k - 1) * a.groups:k * a.groups]))
             batch, out = w / f"batch-{k}.jsonl", w / f"shell-ck-{k}"
@@ -186,7 +193,20 @@ class Bench:
             if k > 1:  # the shell loop keeps every checkpoint; the disk is not what is measured here
                 shutil.rmtree(w / f"shell-ck-{k - 1}", ignore_errors=True)
             policy = out
-        return steps
+            if trainer is not None:
+                t0 = time.time()  # step 1 also waits for the rest of the one-time load
+                trainer.stdin.write(batch.read_text())
+                trainer.stdin.flush()
+                line = trainer.stdout.readline()
+                if not line:
+                    raise RuntimeError(f"update --follow ended: {(w / 'follow.err').read_text()[-2000:]}")
+                m, t1 = json.loads(line), time.time()
+                res_steps.append({"wall": t1 - t0, "gen": 0.0, "train": m["train_seconds"], "busy": m["train_seconds"],
+                                  "update_seconds": m["seconds"], "bytes": m["bytes_written"]})
+        if trainer is not None:
+            trainer.stdin.close()
+            trainer.wait(timeout=600)
+        return steps, res_steps
 
     def follow(self, cmd: str, t_start: float) -> tuple[list[dict], list[float]]:
         """Run a pipeline ending in `update --follow`; timestamp each metrics record."""
@@ -212,14 +232,6 @@ class Bench:
                         "update_seconds": m["seconds"], "wait_seconds": m.get("wait_seconds"),
                         "staleness": (m.get("staleness") or {}).get("max"), "bytes": m.get("bytes_written", 0)})
         return out
-
-    def trainer(self) -> list[dict]:
-        w = self.w
-        self.trace.write_text("")
-        batches = " ".join(shlex.quote(str(w / f"batch-{k}.jsonl")) for k in range(1, self.a.steps + 1))
-        t0 = time.time()
-        cmd = (f"cat {batches} | {self.mars('update', '--follow', '--policy', w / 'policy', '--out', w / 'follow-ck', '--keep-last', 1, *self.train)}")
-        return self.windows(*self.follow(cmd, t0))
 
     def pipeline_available(self) -> str | None:
         serve = subprocess.run([self.py, "-m", "mars_cli", "serve", "--help"], env=self.env, capture_output=True, text=True)
@@ -305,12 +317,16 @@ def main() -> None:
     fig: dict = {"episodes_per_step": a.groups * a.samples, "steps": a.steps}
     try:
         b.setup()
-        shell = summary(b.shell())
+        shell_steps, res_steps = b.shell(resident="trainer" in a.only)
+        shell = summary(shell_steps)
         fig["shell"] = shell
-        if "trainer" in a.only:
-            tr = summary(b.trainer())
+        if res_steps:
+            tr = summary(res_steps)
             fig["trainer"] = tr
-            fig["update_resident_vs_shell"] = tr["update_s"] / statistics.median(s["update_wall"] for s in shell["steps"][1:] or shell["steps"])
+            steady = list(zip(shell_steps, res_steps))[1:] or list(zip(shell_steps, res_steps))
+            fig["update_resident_vs_shell"] = statistics.median(r["wall"] / s["update_wall"] for s, r in steady)
+            fig["update_restart_cost_s"] = statistics.median(s["update_wall"] - s["train"] for s, _ in steady)
+            fig["update_resident_cost_s"] = statistics.median(r["wall"] - r["train"] for _, r in steady)
         if "pipeline" in a.only:
             missing = b.pipeline_available()
             if missing:
@@ -343,7 +359,9 @@ def _table(fig: dict) -> None:
         print(f"{name:10} {f['step_wall_s']:8.2f} {f['first_step_wall_s']:7.2f} {f['gen_s']:7.2f} {f['train_s']:8.2f} "
               f"{f['outside_gen_train_s']:9.2f} {f['overhead']:9.1%} {(f['bytes_per_step'] or 0) / 1e6:8.1f}", file=e)
     if "update_resident_vs_shell" in fig:
-        print(f"update side: resident step / shell `mars update` process = {fig['update_resident_vs_shell']:.2f}", file=e)
+        print(f"update side: resident step / shell `mars update` process = {fig['update_resident_vs_shell']:.2f}; "
+              f"time outside training per step {fig['update_resident_cost_s']:.2f} s resident vs "
+              f"{fig['update_restart_cost_s']:.2f} s restarting", file=e)
     if "resident_vs_shell_step" in fig:
         print(f"resident pipeline step / shell loop step = {fig['resident_vs_shell_step']:.2f} (target <= 0.6); "
               f"pipeline overhead {fig['pipeline']['overhead']:.1%} (target <= 10%)", file=e)
