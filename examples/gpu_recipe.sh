@@ -6,6 +6,13 @@
 #      judges them with an LLM judge, computes BN-GSPO advantages and takes one GSPO step
 #      (lr 1e-6, KL β 1e-4 against the SFT model as reference), evaluating every EVAL_EVERY steps.
 #
+# The policy is served once for the whole run: `mars serve --engine vllm` on all NGPU GPUs
+# (tensor parallel TP, vLLM's data parallelism over the NGPU/TP groups), started after SFT
+# and kept across steps. Rollouts and evaluations go to it (`mars rollout --server`). For
+# each update it sleeps (its GPU memory lent to the ZeRO-3 trainer), and `mars update
+# --push` has it load the new checkpoint in place: no restart, no recompilation, no CUDA
+# graph recapture. Its log is $WORK/serve.log; it stops when this script ends.
+#
 #   BASE_MODEL=models/Qwen2.5-VL-7B-Instruct SFT_DATA=data/cold_start.jsonl RL_DATA=data/mars_rl.jsonl \
 #       EVAL_SETS="hr-mmsearch=data/hr_mmsearch.parquet vstar=data/vstar_bench" bash examples/gpu_recipe.sh
 #   DRY_RUN=1 bash examples/gpu_recipe.sh     # print every command it would run now, one per line
@@ -25,6 +32,8 @@
 #   RL_DATA (data/mars_rl.jsonl, SenseNova-MARS format)  RL_FORMAT (sensenova-mars)
 #   EVAL_SETS ("FORMAT=PATH …" held-out benchmarks)  EVAL_EVERY (10)  STEPS (300)  SEED (0)
 #   PROMPTS (128)  SAMPLES (8)  MAX_TURNS (10)  LR (1e-6)  BETA (1e-4)  NPROC (8)  TP (1)
+#   NGPU (8: GPUs the server uses)  SERVE_PORT (8100)  MAX_IMAGES (32: images per episode)
+#   MAX_INFLIGHT (512: episodes in flight against the server)
 #   SFT_EPOCHS (2)  SFT_LR (1e-5)  SFT_BATCH (64)  MAX_NEW_TOKENS (2048)  MAX_TOTAL_TOKENS (16384)
 #   JUDGE_URL, JUDGE_MODEL (Qwen/Qwen2.5-72B-Instruct)  SUMMARY_URL, SUMMARY_MODEL (the same)
 #   SEARCH_BACKEND (serper: needs SERPER_API_KEY)  IMAGE_SEARCH_BACKEND (precomputed)
@@ -50,6 +59,10 @@ LR="${LR:-1e-6}"
 BETA="${BETA:-1e-4}"
 NPROC="${NPROC:-8}"
 TP="${TP:-1}"
+NGPU="${NGPU:-8}"
+SERVE_PORT="${SERVE_PORT:-8100}"
+MAX_IMAGES="${MAX_IMAGES:-32}"
+MAX_INFLIGHT="${MAX_INFLIGHT:-512}"
 SFT_EPOCHS="${SFT_EPOCHS:-2}"
 SFT_LR="${SFT_LR:-1e-5}"
 SFT_BATCH="${SFT_BATCH:-64}"
@@ -83,8 +96,33 @@ sample_prompts() {  # N SEED IN OUT: the same N prompts for the same seed, so a 
 }
 log() { printf '== %s\n' "$*" >&2; }
 
-# Generation and tools, shared by training rollouts and evaluation.
-GEN=(--engine vllm --tp "$TP" --max-turns "$MAX_TURNS" --max-new-tokens "${MAX_NEW_TOKENS:-2048}"
+# The policy server: started once (serve_policy), asleep while a trainer uses the GPUs.
+S="http://127.0.0.1:$SERVE_PORT"
+serve_pid=""
+serve_policy() {  # POLICY: start the server on it unless it is running; wait until it serves
+    [ -n "$serve_pid" ] && return
+    if [ "$DRY_RUN" = 1 ]; then
+        run mars serve "${SERVE[@]}" --policy "$1"
+        serve_pid=dry
+        return
+    fi
+    mkdir -p "$W"
+    mars serve "${SERVE[@]}" --policy "$1" > "$W/serve.url" 2>> "$W/serve.log" &
+    serve_pid=$!
+    trap 'kill "$serve_pid" 2>/dev/null; wait "$serve_pid" 2>/dev/null' EXIT
+    until curl -sf "$S/health" > /dev/null; do  # 503 while loading; vLLM's first start takes minutes
+        kill -0 "$serve_pid" 2>/dev/null || { echo "mars serve failed: see $W/serve.log" >&2; exit 1; }
+        sleep 5
+    done
+}
+serve_sleep() {  # lend the GPUs to the trainer: vLLM drops weights and KV cache (level 2); the push reloads
+    run curl -sf -X POST "$S/sleep?level=2&mode=wait" -o /dev/null
+}
+
+# Serving, generation and tools, shared by training rollouts and evaluation.
+SERVE=(--engine vllm --tp "$TP" --dp "$((NGPU / TP))" --port "$SERVE_PORT" --allow-load "$W"
+       --max-model-len "${MAX_TOTAL_TOKENS:-16384}" --limit-mm-per-prompt "$MAX_IMAGES" --gpu-memory-utilization 0.85)
+GEN=(--server "$S" --max-inflight "$MAX_INFLIGHT" --max-turns "$MAX_TURNS" --max-new-tokens "${MAX_NEW_TOKENS:-2048}"
      --max-total-tokens "${MAX_TOTAL_TOKENS:-16384}")
 TOOLS=(--search-backend "${SEARCH_BACKEND:-serper}" --summarize --llm-base-url "$SUMMARY_URL" --llm-model "$SUMMARY_MODEL"
        --image-search-backend "${IMAGE_SEARCH_BACKEND:-precomputed}" --cache "$W/tool-cache")
@@ -104,6 +142,8 @@ evaluate() {  # POLICY LABEL: greedy episodes on every held-out benchmark, one m
     run mkdir -p "$out"
     for name in "${evals[@]}"; do
         have "$out/$name.metrics.jsonl" && continue
+        serve_policy "$1"
+        # --policy: refused unless the server serves exactly this checkpoint
         run mars rollout --policy "$1" "${GEN[@]}" "${TOOLS[@]}" --temperature 0 -n 1 --resume \
             -o "$out/$name.jsonl" "$W/data/eval/$name/tasks.jsonl"
         run mars judge "${JUDGE[@]}" --allow-missing -o "$out/$name.judged.jsonl" "$out/$name.jsonl"
@@ -129,14 +169,20 @@ for step in $(seq 1 "$STEPS"); do
         run mkdir -p "$d"
         have "$d/prompts.jsonl" || sample_prompts "$PROMPTS" "$SEED-$step" "$W/data/rl/tasks.jsonl" "$d/prompts.jsonl"
         if ! have "$d/batch.jsonl"; then
+            serve_policy "$policy"
             run mars rollout --policy "$policy" "${GEN[@]}" "${TOOLS[@]}" -n "$SAMPLES" --temperature 1.0 \
                 --seed "$((SEED * 100000 + step))" --resume -o "$d/rollout.jsonl" "$d/prompts.jsonl"
             run mars judge "${JUDGE[@]}" --allow-missing -o "$d/judged.jsonl" "$d/rollout.jsonl"
             run mars advantage --algo bn-gspo -o "$d/batch.jsonl" "$d/judged.jsonl"
         fi
+        push=()
+        if [ -n "$serve_pid" ]; then  # the server sleeps through the update, then loads its checkpoint
+            serve_sleep
+            push=(--push "$S")
+        fi
         append "$W/update-metrics.jsonl" mars update "$d/batch.jsonl" --policy "$policy" --ref "$SFT" --out "$ckpt" \
             --state "$W/optimizer" --loss gspo --lr "$LR" --beta "$BETA" --seed "$step" \
-            --nproc "$NPROC" --zero 3 --bf16 --gradient-checkpointing
+            --nproc "$NPROC" --zero 3 --bf16 --gradient-checkpointing "${push[@]}"
     fi
     policy="$ckpt"
     # Evaluations are skipped per benchmark once their metrics exist, so a resumed run

@@ -97,6 +97,14 @@ def route(method, path, query, body):
         return 200, {"success": True, "new_version": body["new_version"]}
     if (method, path) == ("POST", "/collective_rpc"):
         return collective_rpc(body)
+    if (method, path) == ("POST", "/init_weight_transfer_engine"):
+        return 200, {"message": "Weight transfer initialized"}
+    if (method, path) == ("POST", "/update_weights"):
+        return 200, {"message": "Weights updated"}
+    if (method, path) == ("POST", "/finish_weight_update"):
+        if body.get("weight_version") is not None:
+            state["version"] = body["weight_version"]
+        return 200, {"message": "Weight update finished"}
     if (method, path) == ("POST", "/sleep"):
         state["sleeping"] = True
         return 200, {"status": "sleeping", "level": int(query.get("level", ["1"])[0])}

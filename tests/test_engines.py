@@ -55,6 +55,33 @@ def test_hf_contract_and_logprobs_match_a_forward_pass(hf_engine, tmp_path):
     assert hf_engine.describe()["fingerprint"] and hf_engine.describe()["trainable"] is True
 
 
+def test_hf_keeps_no_per_step_logits_and_micro_batches_async_requests(hf_engine, tmp_path, monkeypatch):
+    """Memory must not grow with tokens × vocabulary: generate is never asked for its logits."""
+    import asyncio
+
+    seen, batches = [], []
+    model = hf_engine.policy.model
+    real = model.generate
+
+    def spy(*a, **kw):
+        seen.append({k: kw.get(k) for k in ("output_logits", "output_scores")})
+        out = real(*a, **kw)
+        assert getattr(out, "logits", None) is None and getattr(out, "scores", None) is None
+        batches.append(out.sequences.shape[0])
+        return out
+
+    monkeypatch.setattr(model, "generate", spy)
+    ids, _, images = prompt(hf_engine, tmp_path)
+
+    async def many():  # requests pending at one moment share one generate call
+        return await asyncio.gather(*(hf_engine.agenerate(GenRequest(ids=ids, images=images, max_new_tokens=3))
+                                      for _ in range(3)))
+
+    res = asyncio.run(many())
+    assert len(res) == 3 and all(len(r.logprobs) == len(r.ids) >= 1 for r in res)
+    assert batches == [3] and all(not v for d in seen for v in d.values())
+
+
 def test_hf_temperature_and_greedy(tiny_policy_dir, hf_engine, tmp_path):
     ids, _, images = prompt(hf_engine, tmp_path)
     greedy = open_engine("hf", policy=None, sampling=Sampling(temperature=0), loaded=hf_engine.policy)

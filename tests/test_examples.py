@@ -167,6 +167,8 @@ def test_eval_openai_against_stub_server(tmp_path):
     assert any(p.get("type") == "image_url" for p in first)
     assert all(h.get("authorization") == "Bearer EMPTY" for h in stub.headers)
     judged = records((tmp_path / "run" / "judged.jsonl").read_text())
+    # episodes are written as they finish, in any order: compare in task order
+    judged.sort(key=lambda t: (t["meta"].get("index", 0) if isinstance(t.get("meta"), dict) else 0, str(t["id"])))
     assert [t["rewards"]["accuracy"] for t in judged] == [1.0, 1.0, 0.0, 0.0]
     assert (tmp_path / "run" / "episodes.html").stat().st_size > 1000
 
@@ -225,9 +227,21 @@ def test_gpu_recipe_dry_run_parses_and_has_the_papers_numbers(tmp_path):
     rollouts = by_command(cmds, "rollout")
     train = [c for c in rollouts if flag(c, "-n") == "8"]
     assert len(train) == 3
+    # One policy server for the whole run, on all 8 GPUs, started after SFT and kept across steps.
+    (serve,) = by_command(cmds, "serve")
+    assert flag(serve, "--engine") == "vllm" and flag(serve, "--policy") == flag(sft, "--out")
+    assert int(flag(serve, "--tp")) * int(flag(serve, "--dp")) == 8 and flag(serve, "--allow-load") == "runs/mars"
+    url = "http://127.0.0.1:" + flag(serve, "--port")
+    assert cmds.index(serve) > cmds.index(sft)
     for c in rollouts:
-        assert flag(c, "--engine") == "vllm" and flag(c, "--max-turns") == "10" and flag(c, "--tp")
+        assert flag(c, "--server") == url and "--engine" not in c and flag(c, "--max-turns") == "10"
+        assert flag(c, "--policy") and flag(c, "--max-inflight")  # --policy: the server must serve exactly it
         assert flag(c, "--llm-base-url").endswith(":8001/v1") and "--summarize" in c and flag(c, "--cache")
+    # Each update: the server sleeps (GPUs lent to the trainer), then loads the new checkpoint (no restart).
+    for u in updates:
+        assert flag(u, "--push") == url
+        before = lines[lines.index(next(ln for ln in lines if ln.startswith("mars update") and flag(u, "--out") in ln)) - 1]
+        assert before.startswith("curl ") and "/sleep" in before and url in before
     assert {flag(c, "--seed") for c in train} == {"1", "2", "3"}
     assert all(flag(a, "--algo") == "bn-gspo" for a in by_command(cmds, "advantage"))
     assert all(flag(j, "--judge-base-url").endswith(":8001/v1") for j in by_command(cmds, "judge"))

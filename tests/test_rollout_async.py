@@ -319,3 +319,73 @@ def test_loop_runs_pass_after_pass_until_the_engine_is_gone(img, tmp_path, monke
     ok = [x for x in recs if x["finish"] == "answer"]
     assert [x["group"] for x in ok[:3]] == ["t0@0", "t1@0", "t2@0"] and [x["epoch"] for x in ok[3:]] == [1, 1, 1, 2]
     assert len({x["group"] for x in ok}) == len(ok) == 7
+
+
+@pytest.mark.network
+@pytest.mark.slow
+def test_ctrl_c_keeps_whole_records_and_exits_130(img, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from helpers_rollout import OpenAIStub
+
+    class SlowTurns(list):
+        def __getitem__(self, i):
+            time.sleep(0.05)
+            return super().__getitem__(i)
+
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text("".join(json.dumps(task(img, f"t{i}")) + "\n" for i in range(40)))
+    out = tmp_path / "out.jsonl"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "MARS_OPENAI_API_KEY": "k",
+           "MARS_ARTIFACTS": str(tmp_path / "art")}
+    with OpenAIStub(SlowTurns([call(protocol.ZOOM, bbox_2d=[0, 0, 500, 500]), answer("a")])) as stub:
+        p = subprocess.Popen([sys.executable, "-m", "mars_cli", "rollout", str(tasks), "-o", str(out), "--engine",
+                              "openai", "--model", "m", "--base-url", stub.url, "--max-inflight", "4"],
+                             env=env, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 60
+        while time.time() < deadline and not (out.exists() and len(out.read_text().splitlines()) >= 3):
+            time.sleep(0.01)
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err
+    assert "Traceback" not in err and "interrupted" in err and "mars rollout: " in err and " episodes: answer" in err
+    recs = _lines(out)  # every line whole
+    assert 3 <= len(recs) < 40 and all(r["finish"] == "answer" for r in recs)
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--workflow", "chat"], "--workflow must be one of agent, direct, rag"),
+    (["--on-malformed", "ignore"], "--on-malformed must be end or observe"),
+    (["--protocol", "nope"], "--protocol must be one of"),
+    (["--batch-groups", "4"], "--batch-groups/--max-staleness follow the weights of --server"),
+    (["--max-error-rate", "2"], "--max-error-rate must be in [0, 1]"),
+    (["--max-inflight", "0"], "--max-inflight must be at least 1"),
+    (["--max-prompt-tokens", "0"], "--max-prompt-tokens must be at least 1"),
+])
+def test_episode_flag_errors_before_any_model_loads(args, msg):
+    r = Ran(["rollout", "--policy", "/nonexistent", *args], input="")
+    assert r.exit_code == 2 and msg in r.stderr
+
+
+def test_output_checked_before_the_model_and_kept_when_it_fails(img, tmp_path, monkeypatch):
+    from mars_cli.agent import run as runner
+
+    out = tmp_path / "out.jsonl"
+    out.write_text('{"kept": 1}\n')
+
+    def broken(**kw):
+        raise MarsError("policy: no such model directory")
+
+    monkeypatch.setattr(runner, "make_engine", broken)
+    tasks = tmp_path / "t.jsonl"
+    tasks.write_text(json.dumps(task(img)) + "\n")
+    r = Ran(["rollout", tasks, "-o", out])
+    assert r.exit_code == 1 and r.stderr.strip().splitlines()[-1] == "mars rollout: policy: no such model directory"
+    assert out.read_text() == '{"kept": 1}\n' and "episodes:" not in r.stderr
+    r = Ran(["rollout", tasks, "-o", tmp_path / "nope" / "out.jsonl"])
+    assert r.exit_code == 1 and "does not exist" in r.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import shutil
+import threading
 
 import httpx
 import pytest
@@ -81,6 +82,9 @@ def test_server_tokens_and_logprobs_equal_a_forward_pass(server, models, tmp_pat
         assert torch.allclose(torch.tensor(out.logprobs), want.float(), atol=2e-4), (out.logprobs, want)
         assert out.finish == ("stop" if out.ids[-1] == eng.special["im_end"] else "length")
     assert eng.image_tokens(img) > 0
+    st = httpx.get(url + "/health").json()["stats"]
+    assert st["requests"] >= 3 and st["batches"] < st["requests"]  # micro-batched
+    assert st["generated_tokens"] >= sum(len(o.ids) for o in outs) and st["busy_seconds"] > 0
 
 
 def test_episodes_through_the_server_pass_rollout_check(server, models, tmp_path):
@@ -116,6 +120,7 @@ def test_push_loads_a_sibling_checkpoint_and_a_failed_load_keeps_the_old(models,
     from mars_cli.serve.run import in_thread
 
     ck, ck2, broken = models
+    threads = set(threading.enumerate())
     with in_thread(hf_app(allow_load=str(ck.parent)), str(ck)) as url:
         eng = open_engine("server", policy=None, sampling=Sampling(temperature=0), urls=[url])
         before = eng.generate([GenRequest(ids=prompt(eng), max_new_tokens=6)])[0]
@@ -132,6 +137,8 @@ def test_push_loads_a_sibling_checkpoint_and_a_failed_load_keeps_the_old(models,
         assert "broken" in h["last_error"]
         again = eng.generate([GenRequest(ids=prompt(eng), max_new_tokens=6)])[0]
         assert again.logprobs == after.logprobs and again.weight_version == 2
+    # the server thread, its model worker and its executors are all gone
+    assert not [t.name for t in set(threading.enumerate()) - threads if t.name.startswith(("mars-serve", "asyncio_"))]
 
 
 def test_refusals(server, tmp_path):
@@ -158,6 +165,10 @@ def test_refusals(server, tmp_path):
     r = httpx.post(url + "/inference/v1/generate", json={"token_ids": [10 ** 9], "sampling_params": sp})
     assert r.status_code == 400 and "outside the vocabulary" in r.json()["error"]["message"]
     r = httpx.post(url + "/inference/v1/generate", json={"token_ids": ids, "sampling_params": {**sp, "seed": 3}})
+    assert r.status_code == 400
+    r = httpx.post(url + "/inference/v1/generate", json={"token_ids": ids, "sampling_params": sp, "features": {}})
+    assert r.status_code == 400 and "features" in r.json()["error"]["message"]
+    r = httpx.post(url + "/inference/v1/generate", json={"token_ids": ids, "sampling_params": sp, "stream": True})
     assert r.status_code == 400
     r = httpx.post(url + "/inference/v1/generate", content=b"{not json", headers={"Content-Type": "application/json"})
     assert r.status_code == 400
@@ -267,3 +278,22 @@ def test_client_refuses_a_policy_the_server_does_not_serve(server, models):
         open_engine("server", policy=str(models[1]), sampling=Sampling(), urls=[url])
     with pytest.raises(MarsError, match="no server is serving"):
         open_engine("server", policy=None, sampling=Sampling(), urls=["http://127.0.0.1:9"])
+
+
+def test_pause_keep_queues_requests_until_resume(server):
+    url, app = server
+
+    async def go():
+        async with httpx.AsyncClient(timeout=60) as c:
+            assert (await c.post(url + "/pause", params={"mode": "keep"})).status_code == 200
+            req = asyncio.create_task(c.post(url + "/inference/v1/generate", json={
+                "token_ids": [151644, 872, 198, 13048, 151645], "sampling_params": {"max_tokens": 2, "logprobs": 0}}))
+            await asyncio.sleep(1.0)
+            assert not req.done()  # accepted and held, not refused
+            assert (await c.post(url + "/pause", params={"mode": "wait"})).status_code == 200  # drains it
+            r = await req
+            assert r.status_code == 200 and len(r.json()["choices"][0]["token_ids"]) == 2
+            assert (await c.post(url + "/resume")).status_code == 200
+            assert (await c.get(url + "/health")).status_code == 200
+
+    asyncio.run(go())

@@ -28,6 +28,9 @@ def test_serve_prints_its_url_answers_and_exits_cleanly_on_sigterm(tiny_policy_d
         assert ready["url"].startswith("http://127.0.0.1:") and ready["weight_version"] == 1
         h = httpx.get(ready["url"] + "/health")
         assert h.status_code == 200 and h.json()["fingerprint"] == ready["fingerprint"]
+        # --allow-load defaults to the policy's parent directory: a sibling loads, elsewhere does not
+        r = httpx.post(ready["url"] + "/load", json={"path": str(tmp_path)})
+        assert r.status_code == 403 and str(tiny_policy_dir.parent) in r.json()["error"]["message"]
         p.send_signal(signal.SIGTERM)
         out, err = p.communicate(timeout=60)
     finally:
@@ -39,11 +42,23 @@ def test_serve_prints_its_url_answers_and_exits_cleanly_on_sigterm(tiny_policy_d
     assert b"shutting down" in err and b"Traceback" not in err
 
 
-def test_serve_refuses_a_public_address_without_a_key(tiny_policy_dir):
+def test_serve_refuses_a_public_address_without_a_key_and_bad_policies(tiny_policy_dir, tmp_path):
     from clirun import Ran
 
     r = Ran(["serve", "--policy", tiny_policy_dir, "--host", "0.0.0.0"], env={"MARS_SERVE_API_KEY": ""})
     assert r.exit_code == 2 and "MARS_SERVE_API_KEY" in r.stderr
+    r = Ran(["serve", "--policy", tmp_path / "nope"])
+    assert r.exit_code == 1 and "mars serve: " in r.stderr and "no such model directory" in r.stderr
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_policy_dir, broken)
+    (broken / "model.safetensors").write_bytes(b"junk")
+    r = Ran(["serve", "--policy", broken, "--port", "0"])
+    assert r.exit_code == 1 and "mars serve: " in r.stderr and r.stdout == ""
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        r = Ran(["serve", "--policy", tiny_policy_dir, "--engine", "vllm", "--port", "0"])
+        assert r.exit_code == 1 and "needs vLLM" in r.stderr
 
 
 def test_update_push_loads_the_new_checkpoint_and_a_failed_push_exits_1(tiny_policy_dir, tmp_path):

@@ -119,3 +119,20 @@ def test_sleep_wake_and_a_dead_child_fails_health(vllm_server):
     assert h.status_code == 503 and h.json()["status"] == "failed" and "exited" in h.json()["last_error"]
     r = httpx.post(url + "/inference/v1/generate", json={"token_ids": [1], "sampling_params": {"max_tokens": 1}})
     assert r.status_code == 503
+
+
+def test_weight_transfer_is_forwarded_and_counts_a_version(vllm_server):
+    url, app, ck, log = vllm_server
+    r = httpx.post(url + "/init_weight_transfer_engine", json={"init_info": {"master_port": 1234}})
+    assert r.status_code == 200 and r.json() == {"message": "Weight transfer initialized"}
+    assert httpx.post(url + "/update_weights", json={"update_info": {"names": ["w"]}}).status_code == 200
+    r = httpx.post(url + "/finish_weight_update", json={"fingerprint": "abc123"})
+    assert r.status_code == 200 and r.json()["weight_version"] == 2
+    sent = [c for c in calls(log) if c.get("path") in ("/init_weight_transfer_engine", "/update_weights",
+                                                          "/finish_weight_update")]
+    assert [c["body"] for c in sent] == [{"init_info": {"master_port": 1234}}, {"update_info": {"names": ["w"]}},
+                                         {"weight_version": "2"}]
+    h = httpx.get(url + "/health").json()
+    assert (h["fingerprint"], h["weight_version"]) == ("abc123", 2)
+    out = httpx.post(url + "/inference/v1/generate", json={"token_ids": [5], "sampling_params": {"max_tokens": 2}}).json()
+    assert out["choices"][0]["weight_versions"][0]["version"] == "2" and out["mars"]["fingerprint"] == "abc123"

@@ -94,6 +94,19 @@ class EpisodeOutput:
         else:
             self._f = self._open("wb")
 
+    @staticmethod
+    def check(out: str | None) -> None:
+        """Refuse an -o that cannot be written, before any expensive work (nothing is touched)."""
+        if out in (None, "-"):
+            return
+        path = Path(out)
+        if not path.parent.exists():
+            raise MarsError(f"{path}: directory {path.parent} does not exist")
+        if path.exists() and path.is_dir():
+            raise MarsError(f"{path}: is a directory")
+        if not os.access(path if path.exists() else path.parent, os.W_OK):
+            raise MarsError(f"{path}: permission denied")
+
     def _open(self, mode: str):
         try:
             return open(self.path, mode, buffering=0)

@@ -72,10 +72,10 @@ def open_toolbox(artifacts: str | os.PathLike, *, search_backend: str | None = N
     return Toolbox(artifacts, text_search=text_search, image_search=image_search, k=k, **kwargs)
 
 
-ENGINE_OPTS = {"hf": ("device", "dtype", "max_batch", "min_pixels", "max_pixels"),
+ENGINE_OPTS = {"hf": ("device", "dtype", "max_batch", "attn_implementation", "min_pixels", "max_pixels"),
                "vllm": ("tp", "gpu_memory_utilization", "dtype", "min_pixels", "max_pixels"),
-               "openai": ("base_url", "model"),
-               "server": ("urls", "api_key", "min_pixels", "max_pixels")}
+               "openai": ("base_url", "model", "timeout", "max_retries"),
+               "server": ("urls", "api_key", "timeout", "min_pixels", "max_pixels")}
 
 
 def make_engine(name: str, policy: str | None, sampling: dict | None = None, **opts):
@@ -115,22 +115,28 @@ def rollout(files, *, out: str | None, n: int, engine: dict, sampling: dict, lim
     from mars_cli.records import validate
 
     lim = Limits(**limits)
-    writer = EpisodeOutput(out, resume=resume, n=n, group_order=group_order)
+    EpisodeOutput.check(out)  # before the model loads; the file itself is opened once it has
+    writer = None
     counts: dict[str, int] = {}
     errors: list[str] = []
     t0 = time.perf_counter()
     eng = None
-    bar = None
+    bar = None  # set once episodes can start: a run that fails before says only why
     try:
         eng = make_engine(**engine, sampling=sampling)
         toolbox = open_toolbox(artifacts_dir(artifacts, out), **tools, profile=protocol, engine=eng)
         agent = AgentLoop(eng, toolbox, limits=lim, max_inflight=max_inflight, system_prompt=system_prompt,
                           profile=protocol, on_malformed=on_malformed, workflow=workflow)
         gate = feed.StalenessGate(eng, batch_groups, max_staleness) if batch_groups else None
+        writer = EpisodeOutput(out, resume=resume, n=n, group_order=group_order)
+
+        from mars_cli import records
+
+        dup_warn = getattr(records, "warn_duplicate_tasks", lambda located: located)
 
         def read():
             return (validate(_resolve_images(rec, where), "task", where)
-                    for where, rec in read_located(files, skip_bad=skip_bad))
+                    for where, rec in dup_warn(read_located(files, skip_bad=skip_bad)))
 
         stdin = not files or any(str(f) == "-" for f in files)
         tasks = feed.passes(read, stdin=stdin, seed=seed, forever=loop)
@@ -150,12 +156,13 @@ def rollout(files, *, out: str | None, n: int, engine: dict, sampling: dict, lim
         agent.run_sync(agent.arun(tasks, n=n, skip=writer.done, emit=emit,
                                   group_of=feed.epoch_group if loop else None, admit=gate))
     finally:
-        if bar is not None:
-            bar.close()
-        writer.close()
+        if writer is not None:
+            writer.close()
         if eng is not None:
             eng.close()
-        _summary(counts, writer.kept, time.perf_counter() - t0)
+        if bar is not None:
+            bar.close()
+            _summary(counts, writer.kept, time.perf_counter() - t0)
     _check_error_rate(counts, errors, max_error_rate)
     return counts
 
@@ -230,8 +237,12 @@ def ask(image: str, question: str, *, engine: dict, sampling: dict, limits: dict
     from mars_cli.errors import MarsError
     from mars_cli.records import make_task
 
-    if not image.startswith(("http://", "https://")) and not Path(image).is_file():
-        raise MarsError(f"{image}: no such image file")
+    if not image.startswith(("http://", "https://")):
+        if not Path(image).is_file():
+            raise MarsError(f"{image}: no such image file")
+        from mars_cli.images import image_size
+
+        image_size(image)  # a FIFO or a non-image: one line, before the model loads
     lim = Limits(**limits)
     eng = make_engine(**engine, sampling=sampling)
     toolbox = open_toolbox(artifacts_dir(artifacts, None), **tools, profile=protocol, engine=eng)

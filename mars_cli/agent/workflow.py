@@ -51,6 +51,20 @@ def initial_messages(task: dict, *, workflow: str = "agent", profile: str | None
     return [{"role": "system", "content": system_prompt or DIRECT_SYSTEM_PROMPT}, {"role": "user", "content": content}]
 
 
+def check_episode_flags(*, workflow: str, on_malformed: str | None, protocol: str | None) -> None:
+    """Refuse bad episode flags (UsageError) before any model loads."""
+    from mars_cli.errors import UsageError
+
+    if workflow not in WORKFLOWS:
+        raise UsageError(f"--workflow must be one of {', '.join(WORKFLOWS)}, got {workflow!r}")
+    if on_malformed is not None and on_malformed not in ("end", "observe"):
+        raise UsageError(f"--on-malformed must be end or observe, got {on_malformed!r}")
+    from mars_cli import protocol as proto  # the argument shadows the module's name here
+
+    if protocol is not None and hasattr(proto, "get_profile"):
+        proto.get_profile(protocol)
+
+
 def default_on_malformed(profile: str | None) -> str:
     """The profile's own choice (`protocol.PROFILES`), else `observe` (tell the model, go on)."""
     profiles = getattr(protocol, "PROFILES", None)

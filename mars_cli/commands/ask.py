@@ -35,8 +35,11 @@ def main(
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy (the default here)."),
     seed: Optional[int] = typer.Option(None, "--seed"),
     device: str = typer.Option("cpu", "--device", envvar=E + "DEVICE"),
+    attn_implementation: Optional[str] = typer.Option(None, "--attn-implementation", envvar=E + "ATTN_IMPLEMENTATION", help="hf engine: sdpa | flash_attention_2 | eager."),
     base_url: Optional[str] = typer.Option(None, "--base-url", help="openai: endpoint URL."),
     model: Optional[str] = typer.Option(None, "--model", help="openai: model name."),
+    request_timeout: Optional[float] = typer.Option(None, "--request-timeout", help="openai: seconds per request [default: MARS_OPENAI_TIMEOUT or 120]."),
+    retries: Optional[int] = typer.Option(None, "--retries", help="openai: retries of a failed request [default: MARS_OPENAI_RETRIES or 3]."),
     artifacts: Optional[str] = typer.Option(None, "--artifacts", help="Crops folder (default: MARS_ARTIFACTS or ./artifacts)."),
     search_backend: Optional[str] = typer.Option(None, "--search-backend"),
     index: Optional[str] = typer.Option(None, "--index", help="Local text index directory."),
@@ -50,10 +53,13 @@ def main(
     from mars_cli.errors import MarsError
     from mars_cli.jsonl import RecordWriter
 
+    from mars_cli.agent.workflow import check_episode_flags
+
+    check_episode_flags(workflow=workflow, on_malformed=on_malformed, protocol=protocol)
     rec = run.ask(
         image, question, artifacts=artifacts, trace=not quiet,
-        engine=dict(name=engine, policy=policy, device=device, base_url=base_url, model=model, min_pixels=min_pixels,
-                    max_pixels=max_pixels),
+        engine=dict(name=engine, policy=policy, device=device, attn_implementation=attn_implementation, base_url=base_url,
+                    model=model, timeout=request_timeout, max_retries=retries, min_pixels=min_pixels, max_pixels=max_pixels),
         sampling=dict(temperature=temperature, seed=seed),
         limits=dict(max_turns=max_turns, max_prompt_tokens=max_prompt_tokens, max_response_tokens=max_response_tokens,
                     max_total_tokens=max_total_tokens, max_new_tokens=max_new_tokens),

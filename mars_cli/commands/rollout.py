@@ -48,10 +48,13 @@ def main(
     seed: Optional[int] = typer.Option(None, "--seed"),
     device: str = typer.Option("cpu", "--device", envvar=E + "DEVICE", help="hf engine: cpu, cuda, cuda:1…"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16."),
+    attn_implementation: Optional[str] = typer.Option(None, "--attn-implementation", envvar="MARS_ATTN_IMPLEMENTATION", help="hf engine: sdpa | flash_attention_2 | eager."),
     tp: int = typer.Option(1, "--tp", help="vllm: tensor-parallel GPUs."),
     gpu_memory_utilization: float = typer.Option(0.85, "--gpu-memory-utilization"),
     base_url: Optional[str] = typer.Option(None, "--base-url", help="openai: endpoint URL."),
     model: Optional[str] = typer.Option(None, "--model", help="openai: model name."),
+    request_timeout: Optional[float] = typer.Option(None, "--request-timeout", help="openai, server: seconds per request [default: MARS_OPENAI_TIMEOUT or 120; server 600]."),
+    retries: Optional[int] = typer.Option(None, "--retries", help="openai: retries of a failed request [default: MARS_OPENAI_RETRIES or 3]."),
     artifacts: Optional[str] = typer.Option(None, "--artifacts", help="Crops folder (default: artifacts/ beside -o, MARS_ARTIFACTS)."),
     search_backend: Optional[str] = typer.Option(None, "--search-backend", help="local | serper | searxng | retriever."),
     index: Optional[str] = typer.Option(None, "--index", help="Local text index directory."),
@@ -89,6 +92,9 @@ def main(
         raise UsageError(f"--max-inflight must be at least 1, got {max_inflight}")
     if not 0 <= max_error_rate <= 1:
         raise UsageError(f"--max-error-rate must be in [0, 1], got {max_error_rate}")
+    from mars_cli.agent.workflow import check_episode_flags
+
+    check_episode_flags(workflow=workflow, on_malformed=on_malformed, protocol=protocol)
     urls = [u.strip() for u in server.split(",") if u.strip()] if server else None
     if server is not None and not urls:
         raise UsageError("--server needs at least one URL")
@@ -98,10 +104,13 @@ def main(
         from mars_cli.pipes import exit_when_reader_gone
 
         exit_when_reader_gone()  # `update --follow --max-steps` ends the loop while it may wait for weights
+    if batch_groups is not None and not urls:
+        raise UsageError("--batch-groups/--max-staleness follow the weights of --server policy servers")
     runner.rollout(
         files, out=out, resume=resume, skip_bad=skip_bad, n=n,
-        engine=dict(name="server" if urls else (engine or "hf"), policy=policy, device=device, dtype=dtype, tp=tp,
-                    gpu_memory_utilization=gpu_memory_utilization, base_url=base_url, model=model, urls=urls,
+        engine=dict(name="server" if urls else (engine or "hf"), policy=policy, device=device, dtype=dtype,
+                    attn_implementation=attn_implementation, tp=tp, gpu_memory_utilization=gpu_memory_utilization,
+                    base_url=base_url, model=model, timeout=request_timeout, max_retries=retries, urls=urls,
                     min_pixels=min_pixels, max_pixels=max_pixels),
         sampling=dict(temperature=temperature, top_p=top_p, top_k=top_k, presence_penalty=presence_penalty, seed=seed),
         limits=dict(max_turns=max_turns, max_prompt_tokens=max_prompt_tokens, max_response_tokens=max_response_tokens,

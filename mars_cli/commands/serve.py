@@ -52,6 +52,9 @@ def main(
     check_exposure(host, api_key)
     if engine not in ("hf", "vllm"):
         raise UsageError(f"--engine must be hf or vllm, got {engine!r}")
+    from mars_cli.models.load import read_config
+
+    read_config(policy)  # a missing or non-model directory: said now, before anything starts
     setup_logging(quiet)
     if engine == "hf":
         from mars_cli.serve.hf_backend import HFBackend

@@ -87,14 +87,17 @@ class HFEngine(Engine):
     tokens = True
 
     def __init__(self, policy, *, sampling: Sampling, device: str = "cpu", dtype=None, max_batch: int = 16,
-                 min_pixels: int | None = None, max_pixels: int | None = None, loaded=None):
+                 min_pixels: int | None = None, max_pixels: int | None = None, loaded=None,
+                 attn_implementation: str | None = None):
         from mars_cli.models.load import load_policy
         from mars_cli.protocol import Renderer
 
         if loaded is None:
             if not policy:
                 raise MarsError("the hf engine needs --policy (a model directory)")
-            loaded = load_policy(policy, device=device, dtype=dtype, min_pixels=min_pixels, max_pixels=max_pixels)
+            extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+            loaded = load_policy(policy, device=device, dtype=dtype, min_pixels=min_pixels, max_pixels=max_pixels,
+                                 **extra)
         self.policy = loaded
         self.path = str(loaded.path)
         self.fingerprint = loaded.fingerprint

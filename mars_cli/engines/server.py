@@ -79,7 +79,7 @@ class ServerEngine(Engine):
         healths = {}
         with httpx.Client(headers=self.headers, timeout=30.0) as c:
             for url in self.urls:
-                healths[url] = _health(c, url)
+                healths[url] = _health(c, url, wait=timeout)
         alive = {u: h for u, h in healths.items() if not isinstance(h, str)}
         for u, h in healths.items():
             if isinstance(h, str):
@@ -273,11 +273,11 @@ class ServerEngine(Engine):
                 pass
 
 
-def _health(client, url: str):
-    """The /health body, or a string saying why there is none."""
+def _health(client, url: str, wait: float = 600.0):
+    """The /health body, or a string saying why there is none (a loading server is waited for)."""
     import httpx
 
-    deadline = time.monotonic() + 30.0
+    deadline = time.monotonic() + wait
     while True:
         try:
             r = client.get(url + "/health")

@@ -5,10 +5,11 @@ The API (a subset of vLLM 0.33's own routes and shapes, plus what mars needs):
 | route | what |
 |---|---|
 | POST /inference/v1/generate | vLLM's token-in/token-out request: `token_ids` (ONE <|image_pad|> per image), `content_parts` [{"type": "image_url", "url": "data:image/…;base64,…"}], `sampling_params` {temperature, top_p, top_k, presence_penalty, max_tokens, logprobs: 0, stop_token_ids, logit_bias}. Answer: `choices[0]` {token_ids, logprobs.content[i].logprob, finish_reason "stop"/"length"/"abort", weight_versions}, plus `mars` {weight_version, fingerprint} of the weights that sampled it |
-| GET /health | 200 only while loaded and serving, 503 while loading, paused, asleep or failed; the body always says {status, engine, policy, fingerprint, weight_version, max_images, max_image_bytes, max_model_len} |
+| GET /health | 200 only while loaded and serving, 503 while loading, paused, asleep or failed; the body always says {status, engine, policy, fingerprint, weight_version, max_images, max_image_bytes, max_model_len, pixels, uptime_seconds, stats}; hf's stats count requests, batches, generated tokens and the seconds the model was busy (a benchmark's idle fraction) |
 | POST /load {"path": DIR} | load a checkpoint in place; the weight version goes up by one; a failure answers 422 and the old weights keep serving |
 | POST /pause?mode=abort/wait/keep, /resume, GET /is_paused | vLLM's pause: new requests get 503 (keep: queued) |
-| POST /sleep?level=N, /wake_up, GET /is_sleeping | free the GPU for a trainer (hf: level 1 moves the weights to host memory, level 2 drops them) |
+| POST /sleep?level=N, /wake_up, GET /is_sleeping | free the GPU for a trainer (hf: level 1 moves the weights to host memory, level 2 drops them); a /load wakes a sleeping server first |
+| POST /init_weight_transfer_engine, /start_weight_update, /update_weights, /finish_weight_update | vllm only: vLLM's weight-transfer API, forwarded; the finish sets the next weight version (and an optional `fingerprint`) |
 
 The log-probs are of the distribution mars_cli.engines defines: the hf backend computes
 them as it samples (the `hf` engine's own generate, engines.hf); vLLM runs with `--logprobs-mode processed_logprobs`.

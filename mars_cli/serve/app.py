@@ -20,6 +20,13 @@ from mars_cli.serve.http import HTTPError, Request
 log = logging.getLogger("mars.serve")
 
 PAUSE_MODES = ("abort", "wait", "keep")
+# The fields of vLLM's GenerateRequest a client may send through this layer. Others
+# (`features` with serialized tensors, KV/EC transfer parameters, derender contexts) are
+# for vLLM's disaggregated deployments, not for a policy client, and are refused.
+WEIGHT_TRANSFER = ("/init_weight_transfer_engine", "/start_weight_update", "/update_weights",
+                   "/finish_weight_update")
+GENERATE_FIELDS = {"token_ids", "content_parts", "sampling_params", "request_id", "model", "output_mode", "stream",
+                   "cache_salt", "priority", "return_token_ids"}
 
 
 class Backend:
@@ -28,6 +35,7 @@ class Backend:
     engine = "?"
     failure: str | None = None  # set when the backend can no longer serve (e.g. its engine died)
     vocab_size: int = 0
+    stats: dict | None = None  # counters /health reports (hf: requests, batches, generated_tokens, busy_seconds)
     pixels: dict | None = None  # {"min", "max"}: the image processor's bounds, so clients count image tokens alike
     image_pad: int = -1
     max_model_len: int | None = None
@@ -94,10 +102,15 @@ class App:
         self.weight_version = 0
         self.last_error: str | None = None
         self.pause_mode = "abort"
+        self.started = time.monotonic()
         self._load_lock = asyncio.Lock()
 
     def routes(self) -> dict:
-        return {("GET", "/health"): self.health, ("POST", "/inference/v1/generate"): self.generate,
+        extra = {}
+        if hasattr(self.backend, "forward"):
+            # vLLM's weight-transfer API (NCCL/IPC from a trainer; no disk, so no --allow-load)
+            extra = {("POST", p): self.weight_transfer for p in WEIGHT_TRANSFER}
+        return {**extra,("GET", "/health"): self.health, ("POST", "/inference/v1/generate"): self.generate,
                 ("POST", "/load"): self.load, ("POST", "/pause"): self.pause, ("POST", "/resume"): self.resume,
                 ("GET", "/is_paused"): self.is_paused, ("POST", "/sleep"): self.sleep,
                 ("POST", "/wake_up"): self.wake_up, ("GET", "/is_sleeping"): self.is_sleeping,
@@ -115,7 +128,9 @@ class App:
                 "fingerprint": self.fingerprint, "weight_version": self.weight_version,
                 "max_images": self.max_images, "max_image_bytes": self.max_image_bytes,
                 "max_model_len": self.backend.max_model_len,
-                "pixels": self.backend.pixels, "pid": os.getpid(), "last_error": self.last_error}
+                "pixels": self.backend.pixels, "pid": os.getpid(), "last_error": self.last_error,
+                "uptime_seconds": round(time.monotonic() - self.started, 3),
+                "stats": dict(self.backend.stats) if self.backend.stats is not None else None}
 
     async def health(self, req: Request):
         return (200 if self.status == "ready" else 503), self.describe()
@@ -135,6 +150,11 @@ class App:
         body = req.json()
         if not isinstance(body, dict):
             raise HTTPError(400, "the request body must be a JSON object")
+        extra = sorted(set(body) - GENERATE_FIELDS)
+        if extra:
+            raise HTTPError(400, f"unsupported request fields: {', '.join(extra)}")
+        if body.get("output_mode", "tokens") != "tokens" or body.get("stream"):
+            raise HTTPError(400, "only output_mode 'tokens' without streaming is served")
         ids = body.get("token_ids")
         if not isinstance(ids, list) or not ids or not all(type(t) is int for t in ids):
             raise HTTPError(400, "token_ids: a non-empty list of integers is required")
@@ -185,6 +205,14 @@ class App:
         body = req.json()
         path = self._allowed(body.get("path") if isinstance(body, dict) else None)
         async with self._load_lock:
+            if self.status == "sleeping":
+                # A trainer put the server to sleep to use the GPUs, and now pushes its
+                # checkpoint: wake (memory back) and load (vLLM's sleep level 2 + reload).
+                try:
+                    await self.backend.wake_up()
+                except MarsError as e:
+                    raise HTTPError(500, f"wake up before the load failed: {e}", "InternalServerError") from None
+                self.status = "ready"
             before = self.status
             self.status = "loading"
             t0 = time.time()
@@ -209,11 +237,29 @@ class App:
             return 200, {"policy": self.path, "fingerprint": self.fingerprint,
                          "weight_version": self.weight_version, "seconds": seconds}
 
+    async def weight_transfer(self, req: Request):
+        """Forwarded to vLLM. /finish_weight_update sets the next weight version; its optional
+        `fingerprint` (a mars field, not forwarded) names the weights that were sent."""
+        body = req.json()
+        if not isinstance(body, dict):
+            raise HTTPError(400, "the request body must be a JSON object")
+        if req.path != "/finish_weight_update":
+            return 200, await self.backend.forward(req.path, body)
+        fingerprint = body.pop("fingerprint", None)
+        async with self._load_lock:
+            body["weight_version"] = str(self.weight_version + 1)
+            out = await self.backend.forward(req.path, body)
+            self.weight_version += 1
+            self.fingerprint = str(fingerprint) if fingerprint else f"transfer-{self.weight_version}"
+            log.info("weights received over the transfer API: weight version %d (%s)", self.weight_version,
+                     self.fingerprint)
+        return 200, {**out, "weight_version": self.weight_version, "fingerprint": self.fingerprint}
+
     async def pause(self, req: Request):
         mode = req.arg("mode", "abort")
         if mode not in PAUSE_MODES:
             raise HTTPError(400, f"mode must be one of {', '.join(PAUSE_MODES)}")
-        if self.status == "ready":
+        if self.status in ("ready", "paused"):
             self.status, self.pause_mode = "paused", mode
         await self.backend.pause(mode)
         return 200, {"status": "paused"}

@@ -63,6 +63,7 @@ class HFBackend(Backend):
         self._idle = asyncio.Event()
         self._batcher: asyncio.Task | None = None
         self._asleep: int | None = None
+        self.stats = {"requests": 0, "batches": 0, "generated_tokens": 0, "busy_seconds": 0.0}
 
     async def _on_worker(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
@@ -83,7 +84,12 @@ class HFBackend(Backend):
             import torch
 
             torch.manual_seed(self.seed)
-        p = await self._on_worker(self._load, policy, 1)
+        try:
+            p = await self._on_worker(self._load, policy, 1)
+        except MarsError:
+            raise
+        except Exception as e:  # whatever the loader raised (a corrupt safetensors header…)
+            raise MarsError(f"{policy}: cannot load it: {type(e).__name__}: {e}") from None
         self.vocab_size = int(p.model.get_output_embeddings().weight.shape[0])
         self.image_pad = p.special["image_pad"]
         size = p.image_processor.size
@@ -219,14 +225,22 @@ class HFBackend(Backend):
 
     def _generate(self, items: list[Pending]):
         """One batch through the `hf` engine's own generate (log-probs taken as it samples)."""
+        import time
+
         from mars_cli.engines import GenRequest
         from mars_cli.engines.hf import HFEngine
 
         if self.policy is None or self.policy.model is None or self._asleep:
             raise MarsError("the model is asleep")
+        t0 = time.perf_counter()
         engine = HFEngine(None, sampling=items[0].sampling, loaded=self.policy, max_batch=len(items))
         results = engine.generate([GenRequest(ids=it.ids, images=it.images, max_new_tokens=it.max_tokens)
                                    for it in items])
+        st = self.stats  # read by /health: how busy the model was (a benchmark's idle fraction)
+        st["busy_seconds"] += time.perf_counter() - t0
+        st["batches"] += 1
+        st["requests"] += len(items)
+        st["generated_tokens"] += sum(len(r.ids or []) for r in results)
         return results, self.serving
 
     # ---------------------------------------------------------------- pause, sleep, close
@@ -235,6 +249,7 @@ class HFBackend(Backend):
         if mode == "keep":
             self._running.clear()
             return
+        self._running.set()  # requests queued under an earlier "keep" are in flight: they finish (or abort)
         if mode == "abort":
             while not self._queue.empty():
                 it = self._queue.get_nowait()
@@ -252,6 +267,7 @@ class HFBackend(Backend):
         self._running.set()
 
     async def sleep(self, level: int) -> None:
+        self._running.set()
         await self._drained()
         if level:
             await self._on_worker(self._sleep, level)

@@ -40,8 +40,15 @@ def free_port() -> int:
 
 
 def vllm_command() -> list[str]:
+    import importlib.util
+
     exe = shutil.which("vllm")
-    return [exe] if exe else [sys.executable, "-m", "vllm.entrypoints.cli.main"]
+    if exe:
+        return [exe]
+    if importlib.util.find_spec("vllm") is None:
+        raise MarsError("--engine vllm needs vLLM 0.33 (pip install 'mars-cli[gpu]' on a GPU machine); "
+                        "use --engine hf on a CPU")
+    return [sys.executable, "-m", "vllm.entrypoints.cli.main"]
 
 
 class VLLMBackend(Backend):
@@ -179,6 +186,10 @@ class VLLMBackend(Backend):
         await self._call("POST", "/collective_rpc", timeout=self.load_timeout,
                          json={"method": "reload_weights", "kwargs": {"weights_path": path},
                                "timeout": self.load_timeout})
+
+    async def forward(self, path: str, body: dict) -> dict:
+        """A weight-transfer call, passed to vLLM as is."""
+        return await self._call("POST", path, json=body, timeout=self.load_timeout)
 
     async def pause(self, mode: str) -> None:
         await self._call("POST", "/pause", params={"mode": mode}, timeout=self.load_timeout)
