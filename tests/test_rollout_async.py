@@ -389,3 +389,45 @@ def test_output_checked_before_the_model_and_kept_when_it_fails(img, tmp_path, m
     assert out.read_text() == '{"kept": 1}\n' and "episodes:" not in r.stderr
     r = Ran(["rollout", tasks, "-o", tmp_path / "nope" / "out.jsonl"])
     assert r.exit_code == 1 and "does not exist" in r.stderr
+
+
+def test_servers_dying_under_inflight_requests_end_the_run(img, tmp_path, monkeypatch):
+    # every in-flight request fails (no exception): the run still ends with "no server left"
+    class Dying(AsyncEngine):
+        gone = False
+
+        async def agenerate(self, req):
+            self.gone = True
+            return GenResult(text="", error="http://127.0.0.1:1: ConnectError")
+
+        def lost(self):
+            return "no server left: http://127.0.0.1:1: ConnectError" if self.gone else None
+
+    eng = Dying(turn_script([answer("a")]))
+    text = "".join(json.dumps(task(img, f"t{i}")) + "\n" for i in range(5))
+    out = tmp_path / "out.jsonl"
+    r = _cli(monkeypatch, eng, ["-o", str(out), "--max-error-rate", "1", "--max-inflight", "2"], text, tmp_path)
+    assert r.exit_code == 1 and "mars rollout: no server left" in r.stderr
+    assert 1 <= len(_lines(out)) <= 3 and all(x["finish"] == "error" for x in _lines(out))  # no new episode started
+
+
+def test_rollout_and_ask_open_the_server_engine(img, tmp_path, monkeypatch):
+    from mars_cli.agent import run as runner
+
+    seen = []
+
+    def make(**kw):
+        seen.append(kw)
+        return ScriptedEngine(turn_script([answer("a")]))
+
+    monkeypatch.setattr(runner, "make_engine", make)
+    monkeypatch.setenv("MARS_ARTIFACTS", str(tmp_path / "art"))
+    r = Ran(["ask", img, "q?", "--server", "http://a:1, http://b:2", "-q", "--max-pixels", "50176"])
+    assert r.exit_code == 0 and r.stdout == "a\n"
+    f = tmp_path / "t.jsonl"
+    f.write_text(json.dumps(task(img)) + "\n")
+    r = Ran(["rollout", f, "--server", "http://a:1"])
+    assert r.exit_code == 0, r.stderr
+    (a, b) = seen
+    assert (a["name"], a["urls"], a["policy"], a["max_pixels"]) == ("server", ["http://a:1", "http://b:2"], None, 50176)
+    assert (b["name"], b["urls"]) == ("server", ["http://a:1"])

@@ -134,7 +134,7 @@ class AgentLoop:
                    admit: Callable[[int], Awaitable[None]] | None = None) -> None:
         """Run every (task, sample) not in `skip`; `emit(record)` as each finishes.
 
-        `tasks` is read lazily, one ahead of need, off the loop's thread; an exception it
+        `tasks` is read lazily (at most max_inflight records ahead) off the loop's thread; an exception it
         raises (a bad input line) stops new episodes, lets the started ones finish and
         emit, and is then re-raised. `admit(k)` is awaited before the k-th group starts
         (--max-staleness). When the engine itself fails, no new episode starts and
@@ -143,6 +143,7 @@ class AgentLoop:
         from mars_cli.agent.feed import prefetch
 
         skip = skip or set()
+        self.fatal = None
         group_of = group_of or (lambda rec: str(rec["id"]))
         slots = asyncio.Semaphore(self.max_inflight)
         self._tools = ThreadPoolExecutor(self.tool_workers, thread_name_prefix="mars-tool")
@@ -158,6 +159,9 @@ class AgentLoop:
                             break
                         except MarsError as e:
                             input_error = e
+                            break
+                        self.fatal = self.fatal or getattr(self.engine, "lost", lambda: None)()
+                        if self.fatal is not None:
                             break
                         group = group_of(rec)
                         samples = [s for s in range(n) if (group, s) not in skip]
@@ -179,6 +183,8 @@ class AgentLoop:
                 await aclose()
         if input_error is not None:
             raise input_error
+        if self.fatal is None:  # every server died under requests already in flight
+            self.fatal = getattr(self.engine, "lost", lambda: None)()
         if self.fatal is not None:
             raise MarsError(self.fatal)
 

@@ -20,6 +20,7 @@ def main(
     question: str = typer.Argument(..., help="The question."),
     policy: Optional[str] = typer.Option(None, "--policy", envvar=E + "POLICY", help="Model directory (hf, vllm) or model name (openai)."),
     engine: str = typer.Option("hf", "--engine", envvar=E + "ENGINE", help="hf | vllm | openai."),
+    server: Optional[str] = typer.Option(None, "--server", envvar=E + "SERVER", help="URL[,URL…] of `mars serve` policy servers (instead of --engine)."),
     as_json: bool = typer.Option(False, "--json", help="Print the trajectory record instead of the answer."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No trace on stderr."),
     max_turns: int = typer.Option(10, "--max-turns"),
@@ -51,15 +52,16 @@ def main(
     from mars_cli import streams
     from mars_cli.agent import run
     from mars_cli.errors import MarsError
+    from mars_cli.agent.workflow import check_episode_flags
     from mars_cli.jsonl import RecordWriter
 
-    from mars_cli.agent.workflow import check_episode_flags
-
     check_episode_flags(workflow=workflow, on_malformed=on_malformed, protocol=protocol)
+    urls = [u.strip() for u in server.split(",") if u.strip()] if server else None
     rec = run.ask(
         image, question, artifacts=artifacts, trace=not quiet,
-        engine=dict(name=engine, policy=policy, device=device, attn_implementation=attn_implementation, base_url=base_url,
-                    model=model, timeout=request_timeout, max_retries=retries, min_pixels=min_pixels, max_pixels=max_pixels),
+        engine=dict(name="server" if urls else engine, policy=policy, urls=urls, device=device,
+                    attn_implementation=attn_implementation, base_url=base_url, model=model, timeout=request_timeout,
+                    max_retries=retries, min_pixels=min_pixels, max_pixels=max_pixels),
         sampling=dict(temperature=temperature, seed=seed),
         limits=dict(max_turns=max_turns, max_prompt_tokens=max_prompt_tokens, max_response_tokens=max_response_tokens,
                     max_total_tokens=max_total_tokens, max_new_tokens=max_new_tokens),

@@ -146,6 +146,10 @@ class Engine:
     async def aclose(self) -> None:
         """Release what belongs to the event loop now ending (a remote engine's HTTP client)."""
 
+    def lost(self) -> str | None:
+        """Why this engine can serve no request any more (a remote engine with no server left)."""
+        return None
+
     async def apoll_weight_version(self) -> int | None:
         """The weight version now (a server engine asks its servers; others know it)."""
         return self.weight_version

@@ -260,6 +260,12 @@ class ServerEngine(Engine):
 
         return list(asyncio.run(run()))
 
+    def lost(self) -> str | None:
+        """Why no request can be served any more (None while a server is alive)."""
+        if self.alive:
+            return None
+        return "no server left: " + "; ".join(f"{u}: {r}" for u, r in self.dropped.items())
+
     async def aclose(self) -> None:
         if self._client is not None:
             client, self._client, self._client_loop = self._client, None, None
