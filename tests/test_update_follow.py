@@ -314,3 +314,27 @@ def test_bad_data_after_unsaved_steps_saves_the_last_whole_step_first(tiny_polic
     (m,) = metrics(r.stdout)
     assert m["step"] == 1 and m["out"] is None  # not due for a save when it was taken...
     assert (tmp_path / "ck" / "step-1" / "optimizer" / "mars_state.json").is_file()  # ...saved before the exit
+
+
+def test_two_ranks_read_the_stream_once_and_equal_one_process(tiny_policy_dir, tmp_path):
+    """--nproc 2: rank 0 reads stdin and shares each batch; the steps match one process."""
+    b1 = advantage(judged_file(tiny_policy_dir, tmp_path / "j1.jsonl", "a", 2), tmp_path / "b1.jsonl")
+    b2 = advantage(judged_file(tiny_policy_dir, tmp_path / "j2.jsonl", "b", 2), tmp_path / "b2.jsonl")
+    stream = b1.read_bytes() + b2.read_bytes()
+    common = ["update", "--follow", "--policy", str(tiny_policy_dir), "--keep-last", "1", "--zero", "2", "--lr", "1e-3", "--beta", "0"]
+    runs = {}
+    for name, extra in (("one", []), ("two", ["--nproc", "2"])):
+        p = subprocess.run([*MARS, *common, "--out", str(tmp_path / name), *extra], input=stream, capture_output=True,
+                           env=ENV, timeout=600)
+        assert p.returncode == 0, p.stderr.decode()
+        runs[name] = metrics(p.stdout.decode())
+    assert [m["step"] for m in runs["two"]] == [1, 2]  # one record per step, from rank 0 only
+    for m1, m2 in zip(runs["one"], runs["two"]):
+        assert m1["batch"] == m2["batch"]
+        for k in ("loss", "grad_norm", "tokens", "policy_tokens", "trajectories"):
+            assert m1[k] == pytest.approx(m2[k], rel=1e-5), k
+    a, b = params(tmp_path / "one" / "step-2"), params(tmp_path / "two" / "step-2")
+    for n in a:  # the bound of the plain two-process test (Adam's near-zero-gradient noise)
+        diff = (a[n] - b[n]).abs()
+        assert diff.max() <= 5e-5 and int((diff > 1e-5).sum()) <= max(1, diff.numel() // 1000), n
+    assert (tmp_path / "two" / "step-2" / "optimizer" / "mars_state.json").is_file()
