@@ -143,14 +143,14 @@ def test_bad_batches_in_the_stream(tiny_policy_dir, tmp_path):
     assert r.exit_code == 0, r.stderr
     (m,) = metrics(r.stdout)
     assert m["skipped"] == 1 and m["trajectories"] == 3
-    assert f"{tmp_path / 'empty.jsonl'}:2: trajectory has no policy tokens" in r.stderr
+    assert f"{tmp_path / 'empty.jsonl'}:2: " in r.stderr and "has no policy tokens" in r.stderr
     # A token id beyond the vocabulary: a clear error before the step, nothing written.
     recs = read_file(b1)
     recs[2]["tokens"]["ids"][3] = 10 ** 7
     write_records(recs, tmp_path / "oov.jsonl")
     r = H.Ran(["update", "--follow", tmp_path / "oov.jsonl", "--policy", tiny_policy_dir, "--out", tmp_path / "ck2", *COMMON])
     assert r.exit_code == 1 and r.stdout == ""
-    assert f"{tmp_path / 'oov.jsonl'}:3: token id 10000000 is beyond the policy's vocabulary" in r.stderr
+    assert f"{tmp_path / 'oov.jsonl'}:3: " in r.stderr and "10000000" in r.stderr and "vocabulary" in r.stderr
     assert not (tmp_path / "ck2").exists() or not list((tmp_path / "ck2").iterdir())
     # Records without a batch stamp, an unfinished batch, non-finite flags.
     r = H.Ran(["update", "--follow", "--policy", tiny_policy_dir, "--out", tmp_path / "ck3"],

@@ -248,7 +248,8 @@ def follow(paths, cfg: U.UpdateConfig, fcfg: FollowConfig, *, emit: Callable[[di
             t0 = time.perf_counter()
             records = [rec for _, rec in located]
             sampled_by = SampledBy()
-            examples, skipped = trainable(U.read_examples(iter(located), session, sampled_by), session.vocab_size)
+            examples, _ = trainable(U.read_examples(iter(located), session, sampled_by), session.vocab_size)
+            skipped = len(located) - len(examples)  # by trainable() or by batching.update_examples itself
             if not examples:
                 streams.warn(f"batch {bid}: no trajectory with policy tokens: no step")
                 continue
