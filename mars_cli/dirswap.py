@@ -6,7 +6,8 @@ swap is therefore journalled, in files beside `dest` in its parent folder:
 
     .NAME.swap                 {"new": ".NAME.tmp-…"}: written (atomically) before the swap
     .NAME.old                  the previous `dest` while the swap is in progress
-    .NAME.tmp-HOST-PID-RAND    a writer's temporary directory (fsutil.atomic_dir)
+    .NAME.tmp-HOST-PID-RAND    a writer's temporary directory or file (fsutil.atomic_dir,
+                               atomic_file, jsonl.RecordWriter)
     .NAME.trash-HOST-PID-RAND  a previous version being deleted after the swap
 
 Sequence: journal → dest→.old → new→dest → .old→trash → unlink journal → delete trash.
@@ -35,7 +36,7 @@ import tempfile
 from pathlib import Path
 
 _HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
-_OWNED = re.compile(r"^(tmp|trash)-([0-9a-f]{8})-(\d+)-[\w]+$")
+_OWNED = re.compile(r"^(tmp|trash)-([0-9a-f]{8})-(\d+)-[\w.]+$")
 
 
 def temp_prefix(dest: Path, kind: str = "tmp") -> str:
@@ -90,7 +91,11 @@ def _fsync_dir(path: Path) -> None:
 def _locked(parent: Path):
     fd = os.open(parent, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as e:  # a filesystem without locks (some NFS mounts): go on unlocked
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise
         yield
     finally:
         os.close(fd)  # releases the lock

@@ -7,9 +7,14 @@ Every image mars looks at (task images, crops, thumbnails) goes through `load_ar
   converted, transparency composited on white (a black background would hide dark text);
 - JPEGs in YCbCr or grey are decoded by libjpeg-turbo through simplejpeg (1.5-2× faster
   than Pillow on a 4K photo), everything else (PNG, WebP, TIFF, GIF, CMYK JPEG) by Pillow;
+- only regular files are opened (a device or FIFO is refused before any read), at most
+  MARS_MAX_IMAGE_BYTES (default 1 GiB) of them;
 - a non-image, a truncated file or an image over the pixel limit (a decompression bomb)
   is refused with a MarsError naming the file; the limit is `max_image_pixels`, else
-  MARS_MAX_IMAGE_PIXELS, else 200 MP, and it is checked from the header before decoding;
+  MARS_MAX_IMAGE_PIXELS, else 200 MP, and it is checked from the header before decoding
+  (Pillow's own, lower, bomb limit is raised to it);
+- `thumbnail_jpeg` (judge images, show --embed) and `read_image_file` (images sent to an
+  API as they are) follow the same rules;
 - decoded pixels are kept in an LRU cache keyed on (path, inode, size, mtime), bounded by
   total pixels (MARS_IMAGE_CACHE_PIXELS, default 150 MP ≈ 450 MB), so the ten crops an
   episode takes of one 4K image decode it once. Cached arrays are shared and read-only.
@@ -20,19 +25,19 @@ from __future__ import annotations
 import io
 import math
 import os
-import threading
+import stat
 import warnings
-from collections import OrderedDict
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from mars_cli.errors import MarsError
+from mars_cli.imagecache import PixelLRU
 
 DEFAULT_MAX_IMAGE_PIXELS = 200_000_000
 DEFAULT_CACHE_PIXELS = 150_000_000
+DEFAULT_MAX_IMAGE_BYTES = 1 << 30
 JPEG_MAGIC = b"\xff\xd8\xff"
 # Output formats by file extension (what `mars crop -o NAME.EXT` writes).
 FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP", ".tif": "TIFF", ".tiff": "TIFF", ".bmp": "BMP"}
@@ -66,74 +71,7 @@ def pixel_limit(value: int | None = None) -> int:
     return _env_int("MARS_MAX_IMAGE_PIXELS", DEFAULT_MAX_IMAGE_PIXELS)
 
 
-class _PixelLRU:
-    """A thread-safe LRU of decoded arrays, bounded by their total pixel count.
-
-    Two threads asking for the same missing image do not both decode it: the second waits
-    for the first (and decodes itself only if the first failed).
-    """
-
-    def __init__(self, budget: int):
-        self.budget = budget
-        self._items: OrderedDict[tuple, np.ndarray] = OrderedDict()
-        self._pixels = 0
-        self._lock = threading.Lock()
-        self._inflight: dict[tuple, threading.Event] = {}
-        self.hits = self.misses = self.decodes = 0
-
-    def get(self, key: tuple, decode: Callable[[], np.ndarray]) -> np.ndarray:
-        while True:
-            with self._lock:
-                arr = self._items.get(key)
-                if arr is not None:
-                    self._items.move_to_end(key)
-                    self.hits += 1
-                    return arr
-                pending = self._inflight.get(key)
-                if pending is None:
-                    self._inflight[key] = threading.Event()
-                    self.misses += 1
-                    break
-            pending.wait()
-        try:
-            arr = decode()
-            with self._lock:
-                self.decodes += 1
-                self._put(key, arr)
-            return arr
-        finally:
-            with self._lock:
-                self._inflight.pop(key).set()
-
-    def _put(self, key: tuple, arr: np.ndarray) -> None:
-        n = arr.shape[0] * arr.shape[1]
-        if n > self.budget:
-            return  # bigger than the whole cache: decoding it again is cheaper than evicting all
-        # An older version of the same file (same path, other mtime) will never be asked for again.
-        for old in [k for k in self._items if k[0] == key[0]]:
-            self._drop(old)
-        self._items[key] = arr
-        self._pixels += n
-        while self._pixels > self.budget:
-            self._drop(next(iter(self._items)))
-
-    def _drop(self, key: tuple) -> None:
-        arr = self._items.pop(key)
-        self._pixels -= arr.shape[0] * arr.shape[1]
-
-    def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
-            self._pixels = 0
-            self.hits = self.misses = self.decodes = 0
-
-    def info(self) -> dict:
-        with self._lock:
-            return {"hits": self.hits, "misses": self.misses, "decodes": self.decodes,
-                    "entries": len(self._items), "pixels": self._pixels, "budget": self.budget}
-
-
-_cache = _PixelLRU(_env_int("MARS_IMAGE_CACHE_PIXELS", DEFAULT_CACHE_PIXELS))
+_cache = PixelLRU(_env_int("MARS_IMAGE_CACHE_PIXELS", DEFAULT_CACHE_PIXELS))
 
 
 def cache_info() -> dict:
@@ -156,22 +94,43 @@ def set_cache_budget(pixels: int) -> None:
 
 def _local_path(src: str | os.PathLike) -> Path:
     s = os.fspath(src)
-    if s.startswith("file://"):
-        s = s[len("file://"):]
-    elif "://" in s:
+    if s.startswith("file:"):
+        from urllib.parse import unquote, urlsplit
+
+        u = urlsplit(s)
+        if u.netloc not in ("", "localhost") or not u.path:
+            raise MarsError(f"{s}: a file URL needs an absolute path (file:///dir/image.jpg)")
+        return Path(unquote(u.path))
+    if "://" in s:
         raise MarsError(f"{s}: only local image files can be opened (download URLs first)")
     return Path(s)
 
 
+def max_image_bytes() -> int:
+    """The largest image file read: MARS_MAX_IMAGE_BYTES, else 1 GiB."""
+    return _env_int("MARS_MAX_IMAGE_BYTES", DEFAULT_MAX_IMAGE_BYTES)
+
+
 def _stat_key(path: Path) -> tuple:
+    """The cache key of a readable regular file within the size bound (else a MarsError).
+
+    Checked before any open(): a FIFO would block and /dev/zero would never end.
+    """
     try:
         st = path.stat()
     except FileNotFoundError:
         raise MarsError(f"{path}: no such file") from None
     except PermissionError:
         raise MarsError(f"{path}: permission denied") from None
-    if path.is_dir():
+    except OSError as e:
+        raise MarsError(f"{path}: cannot read ({(e.strerror or str(e)).lower()})") from None
+    if stat.S_ISDIR(st.st_mode):
         raise MarsError(f"{path}: is a directory, expected an image")
+    if not stat.S_ISREG(st.st_mode):
+        raise MarsError(f"{path}: not a regular file")
+    limit = max_image_bytes()
+    if st.st_size > limit:
+        raise MarsError(f"{path}: {st.st_size} bytes, over the image file limit of {limit} (MARS_MAX_IMAGE_BYTES)")
     return (os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns)
 
 
@@ -225,17 +184,57 @@ def image_size(src: str | os.PathLike, *, max_image_pixels: int | None = None) -
 
 
 def _read(path: Path) -> bytes:
+    """The bytes of an image file: a regular file, at most max_image_bytes() long."""
+    _stat_key(path)
+    limit = max_image_bytes()
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)  # bounded even if the file grows after the check
     except FileNotFoundError:
         raise MarsError(f"{path}: no such file") from None
     except IsADirectoryError:
         raise MarsError(f"{path}: is a directory, expected an image") from None
     except PermissionError:
         raise MarsError(f"{path}: permission denied") from None
+    except OSError as e:
+        raise MarsError(f"{path}: cannot read ({(e.strerror or str(e)).lower()})") from None
+    if len(data) > limit:
+        raise MarsError(f"{path}: over the image file limit of {limit} bytes (MARS_MAX_IMAGE_BYTES)")
     if not data:
         raise MarsError(f"{path}: empty file, not an image")
     return data
+
+
+def read_image_file(src: str | os.PathLike, *, max_image_pixels: int | None = None) -> tuple[bytes, str]:
+    """(bytes, MIME type) of an image file, checked to be an image under the pixel limit
+    from its header. For sending a file as it is (an API request): never any other file."""
+    path = _local_path(src)
+    data = _read(path)
+    with _open_pillow(path, data, pixel_limit(max_image_pixels)) as im:
+        fmt = im.format or "JPEG"
+    return data, Image.MIME.get(fmt, "image/" + fmt.lower())
+
+
+def thumbnail_jpeg(src: str | os.PathLike, side: int, *, quality: int = 85,
+                   max_image_pixels: int | None = None) -> bytes:
+    """A JPEG of the image as displayed, its long side at most `side` pixels.
+
+    Under mars's pixel limit (not Pillow's), and a large JPEG is decoded at a reduced
+    scale (Pillow's draft mode) rather than at full size, so a 196 MP photo costs little.
+    """
+    path = _local_path(src)
+    data = _read(path)
+    with _open_pillow(path, data, pixel_limit(max_image_pixels)) as im:
+        try:
+            if im.format == "JPEG":
+                im.draft("RGB", (side, side))
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            rgb = _to_rgb(im)
+            rgb.thumbnail((side, side))
+        except (OSError, SyntaxError, ValueError, EOFError) as e:
+            raise MarsError(f"{path}: truncated or corrupt image ({str(e).strip().lower()})") from None
+    return encode(np.asarray(rgb, dtype=np.uint8), "JPEG", quality=quality)
 
 
 def _amount(pixels: int) -> str:

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Iterable, Iterator
@@ -30,6 +28,16 @@ from mars_cli import streams
 from mars_cli.errors import MarsError, RecordError
 
 BOM = b"\xef\xbb\xbf"
+WRITER_MAX_DEPTH = 254  # orjson.dumps refuses deeper nesting
+
+
+def _unwritable(obj) -> str | None:
+    """Why a parsed record could not be written back out (None when it can)."""
+    try:
+        orjson.dumps(obj)
+    except orjson.JSONEncodeError as e:
+        return f"nested too deeply to be written back (more than {WRITER_MAX_DEPTH} levels): {e}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -64,7 +72,7 @@ def _open_sources(paths: Iterable[str | os.PathLike] | None) -> Iterator[tuple[s
     for p in paths:
         p = str(p)
         if p == "-":
-            yield "<stdin>", sys.stdin.buffer
+            yield "<stdin>", streams.stdin_stream()
             continue
         try:
             f = open(p, "rb")
@@ -108,8 +116,12 @@ def read_located(
                     streams.warn(f"{source}:{lineno}: skipped: {msg}")
                     continue
                 raise RecordError(source, lineno, msg) from None
+            msg = None
             if not isinstance(obj, dict):
                 msg = f"expected a JSON object, got {type(obj).__name__}"
+            elif text.count(b"[") + text.count(b"{") >= WRITER_MAX_DEPTH:
+                msg = _unwritable(obj)  # orjson reads 1024 levels but writes only 254
+            if msg:
                 if skip_bad:
                     counter.count += 1
                     streams.warn(f"{source}:{lineno}: skipped: {msg}")
@@ -165,28 +177,29 @@ class RecordWriter:
     """
 
     def __init__(self, out: str | os.PathLike | None = None, *, flush_each: bool = True):
+        from mars_cli.fsutil import check_output, is_special, os_errors, temp_file
+
         self.out = None if out in (None, "-") else Path(out)
         self.flush_each = flush_each
         self.count = 0
         self._tmp: Path | None = None
         self._direct = False
+        self._where = "<stdout>" if self.out is None else str(self.out)
+        self._errors = os_errors
         if self.out is None:
             self._f = streams.records_out()
-        elif self.out.exists() and not self.out.is_file():
-            # A device or pipe (-o /dev/null, a FIFO): write straight to it; renaming a
-            # temporary file over it would replace the device with a regular file.
-            try:
+            return
+        check_output(self.out)
+        with os_errors(self.out):
+            if is_special(self.out):
+                # A device or pipe (-o /dev/null, a FIFO): write straight to it; renaming a
+                # temporary file over it would replace the device with a regular file.
                 self._f = open(self.out, "wb", buffering=1 << 16)
-            except OSError as e:
-                raise MarsError(f"{self.out}: cannot write: {e.strerror}") from None
-            self._direct = True
-        else:
-            parent = self.out.parent
-            if not parent.exists():
-                raise MarsError(f"{self.out}: directory {parent} does not exist")
-            fd, tmp = tempfile.mkstemp(prefix=f".{self.out.name}.", suffix=".tmp", dir=parent)
-            self._tmp = Path(tmp)
-            self._f = os.fdopen(fd, "wb", buffering=1 << 16)
+                self._direct = True
+            else:
+                fd, tmp = temp_file(self.out)
+                self._tmp = Path(tmp)
+                self._f = os.fdopen(fd, "wb", buffering=1 << 16)
 
     def write(self, record: dict, fresh: Iterable[str] | None = None) -> None:
         if fresh is None:
@@ -199,25 +212,32 @@ class RecordWriter:
             from mars_cli.records import SCHEMA_VERSION
 
             record = {"schema_version": SCHEMA_VERSION, **record}
-        self._f.write(dumps(record))
-        if self.flush_each and self.out is None:
-            self._f.flush()
+        try:
+            line = dumps(record)
+        except orjson.JSONEncodeError as e:
+            raise MarsError(f"{self._where}: cannot write record {self.count + 1}: {e}") from None
+        with self._errors(self._where, self._tmp):
+            self._f.write(line)
+            if self.flush_each and self.out is None:
+                self._f.flush()
         self.count += 1
 
     def close(self, ok: bool = True) -> None:
         if self._tmp is None:
-            if self._direct:
-                self._f.close()
-            elif ok:
-                self._f.flush()
+            with self._errors(self._where):
+                if self._direct:
+                    self._f.close()
+                elif ok:
+                    self._f.flush()
             return
         try:
-            self._f.close()
-            if ok:
-                from mars_cli.fsutil import default_file_mode
+            with self._errors(self._where, self._tmp):
+                self._f.close()
+                if ok:
+                    from mars_cli.fsutil import default_file_mode
 
-                os.chmod(self._tmp, default_file_mode())
-                os.replace(self._tmp, self.out)
+                    os.chmod(self._tmp, default_file_mode())
+                    os.replace(self._tmp, self.out)
         finally:
             if self._tmp.exists():
                 self._tmp.unlink()

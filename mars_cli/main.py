@@ -62,11 +62,17 @@ class CommandFailed(click_exc.ClickException):
 class MarsGroup(TyperGroup):
     """Turns MarsError into `mars CMD: message` and names the program for warnings."""
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        from mars_cli import flagchecks
+
+        flagchecks.install(self, click_exc)  # every numeric flag finite and in its range
+
     def invoke(self, ctx):
         pending = list(getattr(ctx, "_protected_args", None) or getattr(ctx, "protected_args", None) or []) + list(ctx.args)
         sub = pending[0] if pending else None
         prog = f"mars {sub}" if sub in self.commands else "mars"
-        token = streams.program.set(prog)
+        token = streams.set_program(prog)
         try:
             return super().invoke(ctx)
         except MarsError as e:
@@ -79,7 +85,7 @@ class MarsGroup(TyperGroup):
             streams.silence_broken_pipe()
             raise typer.Exit(0) from None
         finally:
-            streams.program.reset(token)
+            streams.reset_program(token)
 
     def list_commands(self, ctx):
         # Keep the table's order (the pipeline's order), not alphabetical.
@@ -135,8 +141,13 @@ _register()
 def run(argv: list[str] | None = None) -> None:
     """Console entry: guard stdout, run the app, map failures to exit codes."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    streams.reopen_closed_std()
     # Help and version are text for a person: leave them on stdout.
-    if not any(a in ("-h", "--help", "--version") for a in argv) and argv:
+    if any(a in ("-h", "--help", "--version") for a in argv) or not argv:
+        if streams.stdout_closed():
+            sys.stderr.write("mars: standard output is closed\n")
+            sys.exit(1)
+    else:
         streams.guard_stdout()
     command = typer.main.get_command(app)
     code = 0
@@ -151,9 +162,19 @@ def run(argv: list[str] | None = None) -> None:
     except (typer.Abort, KeyboardInterrupt):
         sys.stderr.write("mars: interrupted\n")
         code = 130
+    except BrokenPipeError:
+        streams.silence_broken_pipe()
+    except OSError as e:  # help text to a full or broken stdout
+        sys.stderr.write(f"mars: <stdout>: {(e.strerror or str(e)).lower()}\n")
+        code = 1
     try:
         streams.close_records()
         sys.stdout.flush()
     except BrokenPipeError:
+        streams.silence_broken_pipe()
+    except OSError as e:  # `> /dev/full`: the last buffered records could not be written
+        if code == 0:
+            sys.stderr.write(f"mars: <stdout>: {(e.strerror or str(e)).lower()}\n")
+            code = 1
         streams.silence_broken_pipe()
     sys.exit(code)

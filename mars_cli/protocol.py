@@ -37,6 +37,7 @@ from mars_cli import sensenova
 ZOOM, TEXT_SEARCH, IMAGE_SEARCH = "image_zoom_in_tool", "text_search_tool", "image_search_tool"
 TOOL_NAMES = (ZOOM, TEXT_SEARCH, IMAGE_SEARCH)
 BBOX_SCALE = 1000  # bbox_2d is in 0–1000 relative units of the image it refers to
+CHOICE_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"  # options are lettered; records allow at most 26
 
 TOOL_SCHEMAS: list[dict] = [
     {
@@ -175,7 +176,7 @@ def question_text(task: dict) -> str:
     q = task["question"].strip()
     choices = task.get("choices")
     if choices:
-        letters = "ABCDEFGHIJ"
+        letters = CHOICE_LETTERS
         opts = "\n".join(f"{letters[i]}. {c}" for i, c in enumerate(choices))
         q = f"{q}\nOptions:\n{opts}\nAnswer with the option's letter."
     return q
@@ -226,20 +227,29 @@ class Turn:
         return "none"
 
 
+# Tool-call JSON is read by the strict rules: only values a record can hold.
+from mars_cli.strictjson import MAX_DEPTH as MAX_ARGUMENT_DEPTH, Unwritable, clean_text, loads_json  # noqa: E402,F401
+
+_THINK_OPEN = re.compile(r"<think(?:ing)?>", re.IGNORECASE)
 _THINK_END = re.compile(r"</think(?:ing)?>", re.IGNORECASE)
 _THINK = re.compile(r"<think(?:ing)?>(.*?)(?:</think(?:ing)?>|$)", re.DOTALL | re.IGNORECASE)
 _CALL = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.DOTALL)
-_ANSWER = re.compile(r"<answer>(.*?)(?:</answer>|$)", re.DOTALL)
+# The innermost answer: its text may not contain another <answer> (nested tags give "A",
+# not "<answer>A").
+_ANSWER = re.compile(r"<answer>((?:(?!<answer>).)*?)(?:</answer>|$)", re.DOTALL)
 
 
 def _after_thinking(text: str) -> str:
-    """The text after the last end-of-thinking tag (actions inside thinking don't count)."""
+    """The text where actions count: after the last end-of-thinking tag, and before a
+    thinking block that is opened again and never closed (its text is still thinking)."""
     ends = list(_THINK_END.finditer(text))
-    return text[ends[-1].end():] if ends else text
+    start = ends[-1].end() if ends else 0
+    reopened = _THINK_OPEN.search(text, start)
+    return text[start:reopened.start()] if reopened else text[start:]
 
 
 def extract_answer(text: str) -> str | None:
-    """The last <answer> of a turn, after any </think>/</thinking>; None when absent or empty."""
+    """The last <answer> of a turn, outside thinking; None when absent or empty."""
     found = _ANSWER.findall(_after_thinking(text))
     if not found:
         return None
@@ -252,7 +262,7 @@ def _loads_call(body: str) -> Any:
     # Some models wrap the JSON in a code fence.
     if body.startswith("```"):
         body = re.sub(r"^```[a-zA-Z]*\s*|\s*```$", "", body)
-    return json.loads(body)
+    return loads_json(body)
 
 
 def validate_call(obj: Any) -> tuple[ToolCall | None, str | None]:
@@ -267,8 +277,10 @@ def validate_call(obj: Any) -> tuple[ToolCall | None, str | None]:
     args = obj.get("arguments", {})
     if isinstance(args, str):  # some chat templates emit the arguments as a JSON string
         try:
-            args = json.loads(args)
-        except json.JSONDecodeError:
+            args = loads_json(args)
+        except Unwritable as e:
+            return None, f"the arguments of {name} cannot be used: {e}"
+        except ValueError:
             return None, f"the arguments of {name} are not valid JSON"
     if not isinstance(args, dict):
         return None, f"the arguments of {name} must be a JSON object"
@@ -304,7 +316,16 @@ def _check_arguments(name: str, args: dict) -> str | None:
 
 
 def parse_turn(text: str) -> Turn:
-    """Read one assistant turn. Never raises."""
+    """Read one assistant turn. Never raises: any input gives a Turn (an error at worst)."""
+    try:
+        return _parse_turn(text)
+    except Exception as e:  # a parser bug must not end a rollout: the model reads an error
+        body = text if isinstance(text, str) else repr(text)
+        return Turn(error=f"the turn could not be read ({type(e).__name__})", raw_call=clean_text(body[:2000]))
+
+
+def _parse_turn(text: str) -> Turn:
+    text = clean_text(text)
     turn = Turn()
     m = _THINK.search(text)
     if m:
@@ -326,7 +347,11 @@ def parse_turn(text: str) -> Turn:
     body = calls[0].group(1)
     try:
         obj = _loads_call(body)
-    except (json.JSONDecodeError, ValueError) as e:
+    except Unwritable as e:
+        turn.raw_call = body.strip()
+        turn.error = f"the tool call cannot be used: {e}"
+        return turn
+    except ValueError as e:
         turn.raw_call = body.strip()
         turn.error = f"the tool call is not valid JSON ({e.msg} at position {e.pos})" if isinstance(e, json.JSONDecodeError) else "the tool call is not valid JSON"
         return turn

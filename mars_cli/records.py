@@ -37,7 +37,8 @@ TASK_FIELDS: dict[str, tuple] = {
     "question": (lambda v: isinstance(v, str), "a string", True),
     "images": (_is_str_list, "a list of image paths or URLs", False),
     "answers": (_is_str_list, "a list of gold answer strings", False),
-    "choices": (lambda v: v is None or _is_str_list(v), "a list of strings or null", False),
+    "choices": (lambda v: v is None or (_is_str_list(v) and len(v) <= 26), "a list of at most 26 strings (A–Z) or null",
+                False),
     "benchmark": (lambda v: isinstance(v, str), "a string", False),
     "scorer": (lambda v: v is None or v in SCORERS, "one of " + ", ".join(SCORERS), False),
     "meta": (lambda v: isinstance(v, dict), "an object", False),
@@ -56,11 +57,29 @@ def _tokens_ok(v: Any) -> bool:
     return lp is None or (isinstance(lp, list) and len(lp) == len(ids))
 
 
+def _content_ok(c: Any) -> bool:
+    if c is None or isinstance(c, str):
+        return True
+    return isinstance(c, list) and all(isinstance(p, dict) and isinstance(p.get("type", "text"), str) for p in c)
+
+
+def _messages_ok(v: Any) -> bool:
+    return isinstance(v, list) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and _content_ok(m.get("content")) for m in v)
+
+
+def _tool_calls_ok(v: Any) -> bool:
+    return isinstance(v, list) and all(
+        isinstance(c, dict) and (c.get("name") is None or isinstance(c.get("name"), str))
+        and isinstance(c.get("ok", True), bool) for c in v)
+
+
 TRAJECTORY_FIELDS: dict[str, tuple] = {
     "group": (lambda v: isinstance(v, (str, int)) and not isinstance(v, bool), "a string (the task id)", True),
     "sample": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer", True),
-    "messages": (lambda v: isinstance(v, list), "a list of chat messages", True),
-    "tool_calls": (lambda v: isinstance(v, list), "a list", False),
+    "messages": (_messages_ok, "a list of chat messages ({role, content} objects; content a string or "
+                 "a list of {type, …} objects)", True),
+    "tool_calls": (_tool_calls_ok, "a list of tool call objects ({name, arguments, ok, …})", False),
     "prediction": (lambda v: v is None or isinstance(v, str), "a string or null", True),
     "finish": (lambda v: v in FINISH_REASONS, "one of " + ", ".join(FINISH_REASONS), True),
     "tokens": (_tokens_ok, "null or {ids, mask, logprobs} lists of equal length", False),
@@ -125,6 +144,39 @@ def validate(record: dict, kind: str, where=None, *, only: tuple[str, ...] | Non
                 shown = repr(got) if len(repr(got)) < 60 else type(got).__name__
                 raise _err(where, f"field '{name}' must be {desc}, got {shown}")
     return record
+
+
+class DuplicateCheck:
+    """Refuses a second trajectory with the same (group, sample): it would count twice."""
+
+    def __init__(self) -> None:
+        self.seen: dict[tuple, object] = {}
+
+    def __call__(self, rec: dict, where) -> None:
+        key = (rec.get("group"), rec.get("sample"))
+        if key[0] is None or key[1] is None:
+            return
+        key = (str(key[0]), key[1])
+        first = self.seen.setdefault(key, where)
+        if first is not where:
+            raise where.error(f"duplicate trajectory: group {key[0]!r} sample {key[1]} was already read at {first}; "
+                              "a batch must hold each trajectory once (was a file passed twice?)")
+
+
+def warn_duplicate_tasks(located):
+    """Pass (where, task) pairs through, warning when a task id was already read: its
+    episodes would share a group (and a sample number) with the first one's."""
+    from mars_cli import streams
+
+    seen: dict[str, object] = {}
+    for where, rec in located:
+        tid = rec.get("id")
+        if isinstance(tid, (str, int)) and not isinstance(tid, bool):
+            first = seen.setdefault(str(tid), where)
+            if first is not where:
+                streams.warn(f"{where}: task id {tid!r} was already read at {first}; its episodes will repeat "
+                             "(group, sample) pairs, which advantage and update refuse")
+        yield where, rec
 
 
 def _err(where, message: str) -> MarsError:

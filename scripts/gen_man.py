@@ -40,6 +40,10 @@ ENV_DOCS = {
                       "(default: the current directory).",
     "MARS_MAX_IMAGE_PIXELS": "Images with more pixels are refused as decompression bombs (default 200000000).",
     "MARS_IMAGE_CACHE_PIXELS": "Decoded pixels kept in the in-process image cache (default 150000000, about 450 MB).",
+    "MARS_MAX_IMAGE_BYTES": "Image files larger than this are refused (default 1073741824); only regular files "
+                            "are read as images.",
+    "MARS_OPENAI_TIMEOUT": "Seconds per request of the openai engine (default 120; --request-timeout overrides).",
+    "MARS_OPENAI_RETRIES": "Retries of a failed openai engine request (default 3; --retries overrides).",
 }
 
 OVERVIEW = """\

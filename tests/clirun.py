@@ -22,5 +22,8 @@ class Ran:
         if e is not None and hasattr(e, "prog"):
             self.stderr += f"{e.prog}: {e.message}\n"
             self.exit_code = e.exit_code
+        elif e is not None and hasattr(e, "format_message") and hasattr(e, "exit_code"):
+            self.stderr += f"Error: {e.format_message()}\n"  # a click usage error (exit 2)
+            self.exit_code = e.exit_code
         elif e is not None and not isinstance(e, SystemExit):
             raise e

@@ -195,7 +195,9 @@ def test_failed_write_leaves_nothing(png, tmp_path, monkeypatch):
         raise OSError(28, "no space left on device")
 
     monkeypatch.setattr(Path, "write_bytes", broken)
-    with pytest.raises(OSError):
+    from mars_cli.errors import MarsError
+
+    with pytest.raises(MarsError, match="out.jpg: no space left on device"):
         crop_image(path, (0, 0, 1, 1), out=out)
     monkeypatch.undo()
     assert out.read_bytes() == b"previous"

@@ -72,6 +72,14 @@ def test_d3_backup_of_an_older_mars_is_restored_when_dest_is_missing(tmp_path):
     (legacy / "x" / "mars_state.json").write_text("{}")
     recover_dir(dest)
     assert (dest / "mars_state.json").is_file() and not legacy.exists()
+    # The optimizer state's own older layout: the directory itself renamed to .NAME.old-PORT.
+    state = tmp_path / "st"
+    old_state = tmp_path / ".st.old-29500"
+    (old_state / "state").mkdir(parents=True)
+    (old_state / "mars_state.json").write_text('{"step": 4}')
+    from mars_cli.rl.engine import read_state_meta
+
+    assert read_state_meta(state) == {"step": 4} and not old_state.exists()
 
 
 def test_k4_temporary_dirs_of_killed_writers_are_deleted_next_run(tmp_path):
@@ -111,3 +119,27 @@ def test_replace_dir_needs_a_temporary_beside_dest(tmp_path):
     (t / "f").write_text("1")
     replace_dir(t, tmp_path / "dest")
     assert (tmp_path / "dest" / "f").read_text() == "1"
+
+
+def test_k4_temporary_files_of_killed_writers_are_deleted_next_write(tmp_path):
+    from mars_cli.jsonl import write_records
+
+    out = tmp_path / "judged.jsonl"
+    code = ("import os, sys; from mars_cli.jsonl import RecordWriter; w = RecordWriter(sys.argv[1]);"
+            "w.write({'a': 1}); w._f.flush(); os.kill(os.getpid(), 9)")
+    assert subprocess.run([sys.executable, "-c", code, str(out)], timeout=60).returncode == -9
+    assert [q.name.startswith(".judged.jsonl.tmp-") for q in tmp_path.iterdir()] == [True]
+    write_records([{"b": 2}], out)
+    assert [q.name for q in tmp_path.iterdir()] == ["judged.jsonl"]
+
+
+def test_k2_a_written_checkpoint_honours_the_umask(tmp_path):
+    from mars_cli.models.tiny import make_tiny_model
+
+    old = os.umask(0o027)
+    try:
+        make_tiny_model(tmp_path / "m", arch="qwen2.5-vl", seed=0)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m").stat().st_mode & 0o777 == 0o750
+    assert {p.stat().st_mode & 0o777 for p in (tmp_path / "m").iterdir()} == {0o640}

@@ -217,4 +217,4 @@ def test_image_is_sent_as_small_data_url(tmp_path):
         part = stub.calls[0]["body"]["messages"][1]["content"][0]
         assert part["image_url"]["url"] == url
         v = judge_once(stub, "q", ["a"], "a", image=str(tmp_path / "missing.png"))
-        assert v.accuracy is None and "cannot read image" in v.error
+        assert v.accuracy is None and "missing.png: no such file" in v.error

@@ -12,7 +12,7 @@ from mars_cli.errors import UsageError
 
 def main(
     ctx: typer.Context,
-    image: Path = typer.Argument(..., help="Image file: JPEG, PNG, WebP, TIFF, BMP or GIF."),
+    image: str = typer.Argument(..., help="Image file (or file:// URL): JPEG, PNG, WebP, TIFF, BMP or GIF."),
     x0: float = typer.Argument(..., help="Left edge, 0 (left) to 1 (right)."),
     y0: float = typer.Argument(..., help="Top edge, 0 (top) to 1 (bottom)."),
     x1: float = typer.Argument(..., help="Right edge, greater than X0."),

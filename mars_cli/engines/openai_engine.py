@@ -14,28 +14,26 @@ from __future__ import annotations
 
 import base64
 import functools
-import mimetypes
 import os
 from concurrent.futures import ThreadPoolExecutor
 
 from mars_cli.engines import Engine, GenRequest, GenResult, Sampling
-from mars_cli.errors import MarsError
-
-MIME = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".webp": "image/webp", ".gif": "image/gif"}
-
+from mars_cli.errors import MarsError, UsageError
+from mars_cli.strictjson import clean_text
 
 @functools.lru_cache(maxsize=256)
 def data_url(path: str) -> str:
-    """An image file as a data URL; remote URLs are passed through unchanged."""
+    """An image file as a data URL; remote URLs are passed through unchanged.
+
+    Only a real image is sent (images.read_image_file: a regular file within the size
+    bound whose header an image decoder recognises, under the pixel limit): a task naming
+    /etc/passwd or a device gets an error, and nothing leaves the machine.
+    """
     if path.startswith(("http://", "https://", "data:")):
         return path
-    ext = os.path.splitext(path)[1].lower()
-    mime = MIME.get(ext) or mimetypes.guess_type(path)[0] or "image/jpeg"
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise MarsError(f"{path}: cannot read image ({e.strerror or e})") from None
+    from mars_cli.images import read_image_file
+
+    data, mime = read_image_file(path)
     return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
 
 
@@ -68,15 +66,40 @@ def to_chat(messages: list[dict]) -> list[dict]:
     return out
 
 
+def _env_number(name: str, default, kind):
+    raw = os.environ.get(name)
+    if raw is None or not raw.strip():
+        return default
+    try:
+        return kind(raw)
+    except ValueError:
+        raise UsageError(f"{name} must be a number, got {raw!r}") from None
+
+
 class OpenAIEngine(Engine):
     name = "openai"
     tokens = False
 
     def __init__(self, policy, *, sampling: Sampling, base_url: str | None = None, model: str | None = None,
-                 concurrency: int = 8, timeout: float = 120.0, max_retries: int = 3, client=None):
+                 concurrency: int = 8, timeout: float | None = None, max_retries: int | None = None, client=None):
         import openai
 
+        from mars_cli.urls import public_url, split_credentials
+
         base_url = base_url or os.environ.get("MARS_OPENAI_BASE_URL") or os.environ.get("OPENAI_BASE_URL")
+        timeout = _env_number("MARS_OPENAI_TIMEOUT", 120.0, float) if timeout is None else timeout
+        max_retries = _env_number("MARS_OPENAI_RETRIES", 3, int) if max_retries is None else max_retries
+        if not (timeout > 0 and timeout != float("inf")):
+            raise UsageError(f"the openai request timeout must be a positive number of seconds, got {timeout}")
+        if max_retries < 0:
+            raise UsageError(f"the openai retries must be 0 or more, got {max_retries}")
+        headers = {}
+        if base_url:
+            # user:password@ in the URL is Basic auth for the server (a proxy): sent as a
+            # header, never kept in the URL that records and logs show.
+            base_url, basic = split_credentials(base_url)
+            if basic:
+                headers["Authorization"] = basic
         model = model or policy or os.environ.get("MARS_OPENAI_MODEL")
         if not model:
             raise MarsError("the openai engine needs --model (or --policy, or MARS_OPENAI_MODEL): the model name to ask for")
@@ -85,9 +108,11 @@ class OpenAIEngine(Engine):
             if not base_url:
                 raise MarsError("the openai engine needs MARS_OPENAI_API_KEY (or OPENAI_API_KEY), or --base-url for a local server")
             key = "EMPTY"  # local OpenAI-compatible servers accept any key
-        self.client = client or openai.OpenAI(base_url=base_url, api_key=key, timeout=timeout, max_retries=max_retries)
+        self.client = client or openai.OpenAI(base_url=base_url, api_key=key, timeout=timeout, max_retries=max_retries,
+                                              default_headers=headers or None)
         self.model = model
-        self.base_url = base_url
+        self.base_url = public_url(base_url)
+        self.timeout, self.max_retries = timeout, max_retries
         self.path = model
         self.fingerprint = None
         self.sampling = sampling
@@ -111,7 +136,11 @@ class OpenAIEngine(Engine):
         import openai
 
         s = self.sampling
-        kwargs = dict(model=self.model, messages=to_chat(req.messages or []), max_tokens=req.max_new_tokens,
+        try:
+            messages = to_chat(req.messages or [])
+        except MarsError as e:  # an image that cannot be sent: this episode fails, not the run
+            return GenResult(text="", error=f"openai: {e}")
+        kwargs = dict(model=self.model, messages=messages, max_tokens=req.max_new_tokens,
                       temperature=s.temperature, top_p=s.top_p)
         if s.presence_penalty:
             kwargs["presence_penalty"] = s.presence_penalty
@@ -128,5 +157,10 @@ class OpenAIEngine(Engine):
         choice = resp.choices[0]
         usage = getattr(resp, "usage", None)
         total = getattr(usage, "total_tokens", None) if usage is not None else None
-        return GenResult(text=choice.message.content or "", finish="length" if choice.finish_reason == "length" else "stop",
+        text = choice.message.content or ""
+        if not isinstance(text, str):
+            return GenResult(text="", error="openai: the response's message content is not text")
+        # An unpaired surrogate (\\ud800 in the JSON) can be neither tokenized nor written
+        # to a UTF-8 record: replaced by U+FFFD like any undecodable byte.
+        return GenResult(text=clean_text(text), finish="length" if choice.finish_reason == "length" else "stop",
                          usage=int(total) if total is not None else None)

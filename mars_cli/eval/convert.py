@@ -109,8 +109,13 @@ def image_bytes(value: Any, base: Path) -> bytes:
         path = Path(text)
         if not path.is_absolute():
             path = base / path
-        if path.is_file():
-            return path.read_bytes()
+        if path.exists():
+            from mars_cli.images import read_image_file
+
+            try:  # the bounded reader: a regular file within MARS_MAX_IMAGE_BYTES, an image
+                return read_image_file(path)[0]
+            except MarsError as e:
+                raise RowError(str(e)) from None
         if len(text) <= 256:
             raise RowError(f"image file not found: {path}")
     # A long string that is not a file is base64 image data (HR-Bench, MME-RealWorld TSV).

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import json
 import os
 from pathlib import Path
 from typing import Iterable
 from urllib.parse import quote
 
+from mars_cli import streams
 from mars_cli.errors import MarsError
 
 CORRECT = 0.5
@@ -61,17 +61,14 @@ class ImageLinks:
             return quote(os.path.relpath(p.resolve(), self.page_dir).replace(os.sep, "/"))
         if not p.is_file():
             return None
-        from PIL import Image, UnidentifiedImageError
+        from mars_cli.images import thumbnail_jpeg
 
-        try:
-            with Image.open(p) as im:
-                im = im.convert("RGB")
-                im.thumbnail((side, side))
-                buf = io.BytesIO()
-                im.save(buf, "JPEG", quality=75)
-        except (OSError, UnidentifiedImageError):
+        try:  # the bounded reader: mars's pixel limit, regular files only
+            data = thumbnail_jpeg(p, side, quality=75)
+        except MarsError as e:
+            streams.warn(f"{e}; shown as missing")
             return None
-        return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+        return "data:image/jpeg;base64," + base64.b64encode(data).decode()
 
     def img(self, path: str, cls: str, max_side: int | None = None) -> str:
         s = self.src(path, max_side)
@@ -227,6 +224,9 @@ def episode_html(rec: dict, links: ImageLinks) -> str:
     return "".join(parts)
 
 
+_SHOWN = ("messages", "tool_calls", "prediction", "finish", "tokens", "policy", "rewards", "reward", "judge")
+
+
 def build_page(items: Iterable[tuple[object, dict]], out: str | os.PathLike, *, embed: bool = False,
                title: str = "mars episodes", limit: int | None = None, base: str | os.PathLike | None = None) -> dict:
     """Write the page for (where, trajectory) pairs to `out` atomically; returns a summary."""
@@ -246,8 +246,8 @@ def build_page(items: Iterable[tuple[object, dict]], out: str | os.PathLike, *, 
             if limit is not None and count >= limit:
                 break
             validate(rec, "task", where)
-            if not isinstance(rec.get("messages", []), list):
-                validate(rec, "trajectory", where, only=("messages",))
+            # Every field the page reads, when present (a task alone is a valid input).
+            validate(rec, "judged", where, only=tuple(k for k in _SHOWN if k in rec))
             body.append(episode_html(rec, links))
             b = str(rec.get("benchmark") or "unknown")
             benches[b] = benches.get(b, 0) + 1

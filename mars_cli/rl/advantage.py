@@ -40,7 +40,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from mars_cli import streams
-from mars_cli.records import validate
+from mars_cli.records import DuplicateCheck, validate
 
 FIELDS = ("advantage", "advantage_stats", "batch")
 
@@ -252,8 +252,10 @@ def _stream(located: Iterable, cfg: AdvantageConfig, batch_groups: int | None, g
     closed: set = set()
     n_chunk = 0
     last = None
+    duplicate = DuplicateCheck()
     for where, rec in located:
         rec = validate(rec, "judged", where, only=("group", "reward"))
+        duplicate(rec, where)  # a trajectory read twice would weigh twice in its group's statistics
         stats.records += 1
         key = rec["group"]
         if batch_groups is not None:

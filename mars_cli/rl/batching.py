@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from mars_cli.errors import MarsError
-from mars_cli.records import validate
+from mars_cli.records import DuplicateCheck, validate
 
 
 @dataclass
@@ -46,9 +46,15 @@ def _resolve_image(path: str, where) -> str:
     return path  # the loader reports it missing, with the path the record gave
 
 
-def _check_tokens(ids, mask, images, image_pad: int, where) -> None:
+def _check_tokens(ids, mask, images, image_pad: int, where, vocab_size: int | None = None) -> None:
+    if not ids:
+        raise where.error("tokens.ids is empty: nothing to train on")
     if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
         raise where.error("tokens.ids must be non-negative integers")
+    if vocab_size is not None and ids and max(ids) >= vocab_size:
+        bad = max(ids)
+        raise where.error(f"tokens.ids holds token {bad} (at position {ids.index(bad)}), beyond the policy's "
+                          f"vocabulary of {vocab_size}: the record was sampled from another model")
     if not all(m in (0, 1) for m in mask):
         raise where.error("tokens.mask must hold only 0 and 1")
     pads = sum(1 for t in ids if t == image_pad)
@@ -57,32 +63,48 @@ def _check_tokens(ids, mask, images, image_pad: int, where) -> None:
                           f"but tokens.images lists {len(images)} image{'s' if len(images) != 1 else ''}")
 
 
-def update_examples(located: Iterable, image_pad: int) -> list[Example]:
-    """Scored trajectory records (with token ids and an advantage) → examples."""
+def update_examples(located: Iterable, image_pad: int, *, vocab_size: int | None = None) -> list[Example]:
+    """Scored trajectory records (with token ids and an advantage) → examples.
+
+    A trajectory without any policy token (rollout writes those when the prompt alone
+    fills the budget) has nothing to train on: skipped with a warning. Token ids beyond
+    `vocab_size` and duplicate (group, sample) pairs are errors, found before any step.
+    """
+    from mars_cli import streams
+
     out = []
+    skipped = 0
+    duplicate = DuplicateCheck()
     for where, rec in located:
         validate(rec, "scored", where, only=("tokens", "advantage"))
         tok = rec.get("tokens")
         if not tok or tok.get("ids") is None:
             raise where.error("trajectory has no token ids (tokens is null, as from the openai engine): "
                               "update trains on sampled ids only; use `mars sft` for such records")
+        duplicate(rec, where)
         ids, mask = tok["ids"], tok["mask"]
         images = [_resolve_image(str(p), where) for p in (tok.get("images") or [])]
-        _check_tokens(ids, mask, images, image_pad, where)
+        _check_tokens(ids, mask, images, image_pad, where, vocab_size)
         lp = tok.get("logprobs")
         if lp is not None and not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in lp):
             raise where.error("tokens.logprobs must be finite numbers")
+        if not any(mask):
+            streams.warn(f"{where}: skipped: the trajectory has no policy tokens (finish {rec.get('finish')!r})")
+            skipped += 1
+            continue
         out.append(Example(ids, mask, images, float(rec["advantage"]), lp, where))
     if not out:
-        raise MarsError("no trajectories in the batch")
+        raise MarsError("no trajectories in the batch" + (f" with policy tokens ({skipped} without)" if skipped else ""))
     return out
 
 
-def sft_examples(located: Iterable, renderer, image_pad: int, *, min_reward: float | None = None) -> list[Example]:
+def sft_examples(located: Iterable, renderer, image_pad: int, *, min_reward: float | None = None,
+                 vocab_size: int | None = None) -> list[Example]:
     """Trajectory records → examples; records without token ids are rendered from messages."""
     out = []
     for where, rec in located:
         if min_reward is not None:
+            validate(rec, "judged", where, only=("reward",))
             r = rec.get("reward")
             if r is None or r < min_reward:
                 continue
@@ -98,7 +120,7 @@ def sft_examples(located: Iterable, renderer, image_pad: int, *, min_reward: flo
             except (KeyError, TypeError, AttributeError) as e:
                 raise where.error(f"messages cannot be rendered: {type(e).__name__}: {e}") from None
             images = [_resolve_image(p, where) for p in images]
-        _check_tokens(ids, mask, images, image_pad, where)
+        _check_tokens(ids, mask, images, image_pad, where, vocab_size)
         if not any(mask):
             raise where.error("trajectory has no assistant tokens to train on")
         out.append(Example(list(ids), list(mask), images, 0.0, None, where))

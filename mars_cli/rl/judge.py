@@ -202,8 +202,15 @@ def _judge_concurrently(located: Iterable, cfg: JudgeConfig, stats: JudgeStats) 
                 p = prepare(rec, where, cfg)
                 fut = None
                 if p.call is not None:
+                    if stop.is_set():
+                        return
                     q, golds, pred, image, rubric = p.call
-                    fut = asyncio.run_coroutine_threadsafe(judge.judge(q, golds, pred, image=image, rubric=rubric), loop)
+                    coro = judge.judge(q, golds, pred, image=image, rubric=rubric)
+                    try:
+                        fut = asyncio.run_coroutine_threadsafe(coro, loop)
+                    except RuntimeError:  # the loop was closed: the command is ending
+                        coro.close()
+                        return
                 if not offer((p, fut)):
                     return
             offer(_END)
@@ -225,11 +232,23 @@ def _judge_concurrently(located: Iterable, cfg: JudgeConfig, stats: JudgeStats) 
             yield complete(p, cfg, stats, fut.result() if fut is not None else None)
     finally:
         stop.set()
+
+        async def shutdown() -> None:
+            # Cancel the calls still in flight (a Ctrl-C, an error) and wait for them, so
+            # none is left pending ("Task was destroyed but it is pending!") at exit.
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await judge.__aexit__(None, None, None)
+
         try:
-            asyncio.run_coroutine_threadsafe(judge.__aexit__(None, None, None), loop).result(timeout=5)
-        except Exception:
+            asyncio.run_coroutine_threadsafe(shutdown(), loop).result(timeout=5)
+        except BaseException:
             pass
         loop.call_soon_threadsafe(loop.stop)
         loop_thread.join(timeout=5)
+        if not loop_thread.is_alive():
+            loop.close()  # a reader thread still submitting now fails fast (and closes its coroutine)
         if cache is not None:
             cache.close()

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-import io
 import json
 import random
 import re
@@ -59,6 +58,7 @@ _GRADE = re.compile(r"<grade>\s*(correct|incorrect|not[ _]attempted)\s*</grade>"
 _JSON = {"Content-Type": "application/json"}
 # The image is shrunk before it is sent: a judge needs the gist, not 8k pixels.
 JUDGE_IMAGE_SIDE = 1024
+MAX_REPLY_BYTES = 1 << 20  # a verdict is a few hundred bytes; a larger reply is an error, not read on
 
 
 def prompt_version(rubric: str) -> str:
@@ -93,17 +93,11 @@ def parse_verdict(raw: str, rubric: str = "binary") -> tuple[str | None, float |
 
 def image_data_url(path: str) -> str:
     """A JPEG data URL of an image, its long side at most JUDGE_IMAGE_SIDE pixels."""
-    from PIL import Image, ImageOps
+    from mars_cli.images import thumbnail_jpeg
 
-    try:
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im).convert("RGB")
-            im.thumbnail((JUDGE_IMAGE_SIDE, JUDGE_IMAGE_SIDE))
-            buf = io.BytesIO()
-            im.save(buf, "JPEG", quality=85)
-    except (OSError, ValueError) as e:
-        raise MarsError(f"{path}: cannot read image for the judge: {e}") from None
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+    # The bounded reader: mars's pixel limit (not Pillow's lower one), regular files only.
+    data = thumbnail_jpeg(path, JUDGE_IMAGE_SIDE, quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(data).decode()
 
 
 def cache_key(model: str, version: str, question: str, golds: list[str], prediction: str, image: str | None = None) -> str:
@@ -169,6 +163,9 @@ class AsyncJudge:
         max_tokens: int = 512,
         cache: VerdictCache | None = None,
     ):
+        from mars_cli.urls import split_credentials
+
+        base_url, basic = split_credentials(base_url)  # user:password@ → a header, never logged
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model = model
         self.rubric = rubric
@@ -178,6 +175,8 @@ class AsyncJudge:
         self.cache = cache
         self.concurrency = concurrency
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        if basic and not api_key:
+            self._headers = {"Authorization": basic}
         self._clients: list = []
         self._free: asyncio.Queue | None = None
 
@@ -249,25 +248,43 @@ class AsyncJudge:
                 # A server's Retry-After (seconds, capped) is a floor.
                 await asyncio.sleep(max(wait_hint, random.uniform(0, self.backoff * 2 ** (attempt - 1))))
             try:
-                resp = await client.post(self.url, content=payload, headers=_JSON)
-            except httpx.TimeoutException:
+                # The whole exchange has one deadline (a server trickling bytes does not
+                # reset it) and the body is read up to MAX_REPLY_BYTES only.
+                status, headers, data = await asyncio.wait_for(self._exchange(client, payload), self.timeout)
+            except (httpx.TimeoutException, asyncio.TimeoutError):
                 error = f"judge timed out after {self.timeout:g}s"
                 continue
             except httpx.HTTPError as e:
                 error = f"judge request failed: {type(e).__name__}: {e}"
                 continue
-            if resp.status_code == 429 or resp.status_code >= 500:
-                error = f"judge returned HTTP {resp.status_code}"
-                wait_hint = _retry_after(resp.headers.get("retry-after"))
+            if data is None:
+                return None, f"judge reply is over {MAX_REPLY_BYTES} bytes"
+            if status == 429 or status >= 500:
+                error = f"judge returned HTTP {status}"
+                wait_hint = _retry_after(headers.get("retry-after"))
                 continue
-            if resp.status_code != 200:
-                return None, f"judge returned HTTP {resp.status_code}: {resp.text[:200]}"
+            if status != 200:
+                return None, f"judge returned HTTP {status}: {data[:200].decode('utf-8', 'replace')}"
             try:
-                content = resp.json()["choices"][0]["message"]["content"]
+                content = json.loads(data)["choices"][0]["message"]["content"]
             except (ValueError, KeyError, IndexError, TypeError):
                 return None, "judge reply is not an OpenAI chat completion"
+            if content is not None and not isinstance(content, str):
+                return None, "judge reply content is not a string"
             return (content or ""), None
         return None, f"{error} ({self.retries + 1} attempts)"
+
+
+    async def _exchange(self, client, payload: bytes) -> tuple[int, dict, bytes | None]:
+        """(status, headers, body) of one POST; body None when over MAX_REPLY_BYTES."""
+        async with client.stream("POST", self.url, content=payload, headers=_JSON) as resp:
+            chunks, size = [], 0
+            async for chunk in resp.aiter_bytes():
+                size += len(chunk)
+                if size > MAX_REPLY_BYTES:
+                    return resp.status_code, dict(resp.headers), None
+                chunks.append(chunk)
+            return resp.status_code, dict(resp.headers), b"".join(chunks)
 
 
 def _retry_after(value: str | None, cap: float = 30.0) -> float:

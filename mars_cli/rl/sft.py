@@ -83,7 +83,7 @@ def run_sft(paths, cfg: SFTConfig, *, skip_bad: bool = False, on_epoch=None) -> 
                                   gradient_checkpointing=cfg.gradient_checkpointing, bf16=cfg.bf16, seed=cfg.seed)
     renderer = Renderer(policy.tokenizer, policy.special)
     examples = batching.sft_examples(read_located(paths, skip_bad=skip_bad), renderer, policy.special["image_pad"],
-                                     min_reward=cfg.min_reward)
+                                     min_reward=cfg.min_reward, vocab_size=policy.model.get_input_embeddings().num_embeddings)
     per_epoch = math.ceil(len(examples) / cfg.batch_size)
     total = cfg.epochs * per_epoch
     if cfg.max_steps is not None:

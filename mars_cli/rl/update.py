@@ -181,7 +181,7 @@ def read_examples(located, session: Session, sampled_by=None) -> list:
     cfg = session.cfg
     if sampled_by is not None:
         located = sampled_by.tally(located)
-    examples = batching.update_examples(located, session.policy.special["image_pad"])
+    examples = batching.update_examples(located, session.policy.special["image_pad"], vocab_size=session.vocab_size)
     if cfg.old_logprobs == "rollout":
         for ex in examples:
             if ex.rollout_logprobs is None:

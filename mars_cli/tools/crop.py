@@ -13,10 +13,17 @@ rectangle
 wide and high. Products within 1e-6 of an integer count as that integer, so that 0.3·1000
 (= 300.00000000000006 in floating point) is the pixel edge 300 and not 301.
 
+Thin boxes. The Qwen-VL image processor refuses an image whose sides differ by more than
+200:1, so a box thinner than that (a line of text) is widened about its centre, inside
+the image, until its pixel rectangle is 200:1; `box_px` records what was cut. If even the
+whole image cannot give that ratio, the crop is an error.
+
 Resizing. A crop whose short side is under `min_side` (default 28, one vision patch) is
 upscaled until it is not, keeping its aspect ratio (the reference code stretched such
-crops to a square, distorting them). With `max_pixels`/`min_pixels` the result is then
-resized the Qwen-VL way (`images.smart_resize`: sides multiples of 28, area in bounds).
+crops to a square, distorting them). The upscaled crop must stay within the pixel limit
+and the format's largest side (JPEG 65,500 px, WebP 16,383 px), else it is an error.
+With `max_pixels`/`min_pixels` the result is then resized the Qwen-VL way
+(`images.smart_resize`: sides multiples of 28, area in bounds).
 
 A crop of a crop is cut from the original image, never from a saved (downscaled,
 re-encoded) crop: `compose_box` turns a box relative to a crop into one relative to the
@@ -39,6 +46,8 @@ Box = tuple[float, float, float, float]
 # Floating-point slack when mapping a coordinate onto a pixel edge, in pixels.
 EDGE_EPS = 1e-6
 NAMES = ("x0", "y0", "x1", "y1")
+MAX_ASPECT = 200  # Qwen-VL's image processor refuses more elongated images
+MAX_SIDE = {"JPEG": 65500, "WEBP": 16383, "PNG": 1 << 31, "TIFF": 1 << 31, "BMP": 1 << 31}
 
 
 def check_box(box, *, clamp: bool = False) -> Box:
@@ -89,13 +98,45 @@ def box_to_pixels(box: Box, width: int, height: int) -> tuple[int, int, int, int
     return left, top, right, bottom
 
 
+def _widen(a: int, b: int, need: int, n: int) -> tuple[int, int]:
+    """The span [a, b) grown about its centre to `need` pixels, kept inside [0, n)."""
+    grow = need - (b - a)
+    a = max(0, a - grow // 2)
+    b = min(n, a + need)
+    return max(0, b - need), b
+
+
+def limit_aspect(px: tuple[int, int, int, int], width: int, height: int,
+                 max_aspect: float = MAX_ASPECT) -> tuple[int, int, int, int]:
+    """A pixel box widened on its short side to at most `max_aspect`:1 (see module doc)."""
+    left, top, right, bottom = px
+    w, h = right - left, bottom - top
+    target = max_aspect * 0.99  # a margin, so the upscale's rounding cannot cross the limit
+    if w > h * target:
+        top, bottom = _widen(top, bottom, math.ceil(w / target), height)
+    elif h > w * target:
+        left, right = _widen(left, right, math.ceil(h / target), width)
+    w, h = right - left, bottom - top
+    if max(w, h) > min(w, h) * max_aspect:
+        raise MarsError(f"the region is {w}x{h} pixels, thinner than {max_aspect:g}:1 even widened to the "
+                        f"whole {width}x{height} image; vision models refuse such images")
+    return left, top, right, bottom
+
+
 def output_size(
-    width: int, height: int, *, min_side: int = 28, min_pixels: int | None = None, max_pixels: int | None = None
+    width: int, height: int, *, min_side: int = 28, min_pixels: int | None = None, max_pixels: int | None = None,
+    fmt: str = "JPEG", max_image_pixels: int | None = None,
 ) -> tuple[int, int]:
     """(width, height) a crop of this size is saved at (min-side upscale, then smart resize)."""
     if min_side and min(width, height) < min_side:
         scale = min_side / min(width, height)
-        width, height = max(min_side, round(width * scale)), max(min_side, round(height * scale))
+        up = max(min_side, round(width * scale)), max(min_side, round(height * scale))
+        side = MAX_SIDE.get(fmt.upper(), MAX_SIDE["JPEG"])
+        limit = images.pixel_limit(max_image_pixels)
+        if max(up) > side or up[0] * up[1] > limit:
+            raise MarsError(f"a {width}x{height} crop upscaled to a short side of {min_side} would be {up[0]}x{up[1]}, "
+                            f"over the {side}-pixel side of {fmt.upper()} or the {limit}-pixel limit; lower --min-side")
+        width, height = up
     if min_pixels is not None or max_pixels is not None:
         bounds = {}
         if min_pixels is not None:
@@ -138,6 +179,7 @@ def crop_image(
     quality: int = 90,
     fmt: str | None = None,
     max_image_pixels: int | None = None,
+    max_aspect: float | None = MAX_ASPECT,
 ) -> dict:
     """Crop `box` out of the image `src`, write it, and describe it.
 
@@ -164,8 +206,11 @@ def crop_image(
     arr = images.load_array(src, max_image_pixels=max_image_pixels)
     height, width = arr.shape[:2]
     left, top, right, bottom = box_to_pixels(box, width, height)
+    if max_aspect:
+        left, top, right, bottom = limit_aspect((left, top, right, bottom), width, height, max_aspect)
     region = arr[top:bottom, left:right]
-    size = output_size(right - left, bottom - top, min_side=min_side, min_pixels=min_pixels, max_pixels=max_pixels)
+    size = output_size(right - left, bottom - top, min_side=min_side, min_pixels=min_pixels, max_pixels=max_pixels,
+                       fmt=out_fmt, max_image_pixels=max_image_pixels)
     if size != (right - left, bottom - top):
         from PIL import Image
 

@@ -47,7 +47,7 @@ class LocalImageBackend:
         try:
             ranked = self.index.search(image, k)
         except MarsError as e:
-            raise ToolError(f"cannot read the image: {e}") from None
+            raise ToolError(str(e)) from None  # "PATH: what is wrong", as every image error reads
         return [{"rank": r, "title": self.index.items[i]["title"], "thumbnail": self.index.thumbnail(i),
                  "score": round(s, 6), "backend": "local"} for r, (i, s) in enumerate(ranked, 1)]
 

@@ -38,7 +38,10 @@ class Summarizer:
                  page_chars: int = 6000, sentences: int = 4, workers: int = 4):
         from mars_cli.tools.web import HttpClient
 
-        self.base_url = (base_url or os.environ.get("MARS_LLM_BASE_URL") or "").rstrip("/")
+        from mars_cli.urls import split_credentials
+
+        # user:password@ in the URL becomes a header: the URL itself appears in logs.
+        self.base_url, self._basic = split_credentials((base_url or os.environ.get("MARS_LLM_BASE_URL") or "").rstrip("/"))
         self.model = model or os.environ.get("MARS_LLM_MODEL")
         if not self.base_url or not self.model:
             raise MarsError("--summarize needs an LLM endpoint: --llm-base-url and --llm-model (or MARS_LLM_BASE_URL, MARS_LLM_MODEL)")
@@ -57,6 +60,8 @@ class Summarizer:
 
     def chat(self, prompt: str, max_tokens: int = 400) -> str:
         headers = {"Authorization": f"Bearer {self._key}"} if self._key else {}
+        if self._basic and not self._key:
+            headers = {"Authorization": self._basic}
         body = {"model": self.model, "messages": [{"role": "user", "content": prompt}], "temperature": 0.0, "max_tokens": max_tokens}
         data = self.http.request_json("POST", f"{self.base_url}/chat/completions", json=body, headers=headers, what="summarizer")
         try:
@@ -75,11 +80,17 @@ class Summarizer:
         """(one summary per result, the overall summary)."""
         if not results:
             return [], "The search returned no results."
+        def page(r: dict) -> str:
+            try:
+                return self.summarize_page(query, r)
+            except ToolError:
+                return ""  # this page goes into the final summary by its snippet alone
+
         with ThreadPoolExecutor(max_workers=self.workers) as pool:
-            pages = list(pool.map(lambda r: self.summarize_page(query, r), results))
+            pages = list(pool.map(page, results))
         blocks = []
         for i, (r, s) in enumerate(zip(results, pages), 1):
             snippet = (r.get("snippet") or r.get("text") or "")[:300]
-            blocks.append(f"[{i}] {r.get('title') or 'untitled'}\nSnippet: {snippet}\nPage summary: {s}")
+            blocks.append(f"[{i}] {r.get('title') or 'untitled'}\nSnippet: {snippet}" + (f"\nPage summary: {s}" if s else ""))
         final = self.chat(FINAL_PROMPT.format(query=query, results="\n\n".join(blocks), sentences=self.sentences + 2), max_tokens=600)
         return pages, final

@@ -191,6 +191,12 @@ class RetrieverBackend:
         return out
 
 
+class _SummaryFailed(Exception):
+    def __init__(self, reason: str, results: list[dict]):
+        super().__init__(reason)
+        self.reason, self.results = reason, results
+
+
 class TextSearch:
     """A configured text search: backend + optional summarizer + optional cache. Thread-safe."""
 
@@ -209,7 +215,10 @@ class TextSearch:
     def _run(self, query: str, k: int) -> list[dict]:
         results = self.backend.search(query, k)
         if self.summarizer is not None and results:
-            pages, overall = self.summarizer.summarize(query, results)
+            try:
+                pages, overall = self.summarizer.summarize(query, results)
+            except ToolError as e:  # the results are still worth reading; not cached
+                raise _SummaryFailed(str(e), results) from None
             for r, s in zip(results, pages):
                 r["summary"] = s
                 r["query_summary"] = overall
@@ -222,10 +231,16 @@ class TextSearch:
         if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_K:
             raise ToolError(f"k must be an integer from 1 to {MAX_K}, got {k!r}")
         query = " ".join(query.split())
-        if self.cache is None:
-            results = self._run(query, k)
-        else:
-            results = self.cache.wrap("text_search", lambda: self._run(query, k), {"query": query, "k": k}, self.params)
+        try:
+            if self.cache is None:
+                results = self._run(query, k)
+            else:
+                results = self.cache.wrap("text_search", lambda: self._run(query, k), {"query": query, "k": k}, self.params)
+        except _SummaryFailed as e:
+            from mars_cli import streams
+
+            streams.warn(f"{e.reason}; using the results of {query!r} without a summary")
+            results = e.results
         if not results:
             raise ToolError(f"no results for {query!r}")
         return results
@@ -250,7 +265,7 @@ def open_text_search(backend: str = "local", *, index: str | None = None, cache=
     if summarize:
         from mars_cli.tools.summarize import Summarizer
 
-        summarizer = Summarizer(opts.get("llm_base_url"), opts.get("llm_model"), http=_http({**opts, "timeout": opts.get("llm_timeout", 60)}))
+        summarizer = Summarizer(opts.get("llm_base_url"), opts.get("llm_model"), http=_http({**opts, "timeout": opts.get("llm_timeout") or opts.get("timeout") or 60}))
     tool_cache = cache if isinstance(cache, ToolCache) else open_cache(cache, replay=replay)
     return TextSearch(impl, cache=tool_cache, summarizer=summarizer)
 

@@ -241,11 +241,28 @@ class HttpClient:
         self._client.close()
 
 
-def html_to_text(html: str | bytes) -> str:
-    """Main text of an HTML page; falls back to all visible text when extraction finds none."""
-    import trafilatura
+_NO_EXTRACTOR: list[str] = []  # why trafilatura cannot be used here (warned once)
 
-    text = trafilatura.extract(html, include_comments=False, include_tables=True, favor_recall=True)
+
+def html_to_text(html: str | bytes) -> str:
+    """Main text of an HTML page; falls back to all visible text when extraction finds none.
+
+    trafilatura needs lxml's HTML cleaner, which lxml 6 moved to the separate
+    `lxml_html_clean` package (a dependency of mars). Should the import still fail, pages
+    are read with the plain-text fallback instead of failing every fetch.
+    """
+    text = None
+    if not _NO_EXTRACTOR:
+        try:
+            import trafilatura
+        except ImportError as e:
+            _NO_EXTRACTOR.append(str(e))
+            from mars_cli import streams
+
+            streams.warn(f"page text extraction falls back to plain text: cannot import trafilatura ({e}); "
+                         "pip install lxml_html_clean")
+        else:
+            text = trafilatura.extract(html, include_comments=False, include_tables=True, favor_recall=True)
     if text:
         return text
     from lxml import html as lxml_html  # trafilatura depends on lxml
