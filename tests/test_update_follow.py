@@ -144,6 +144,12 @@ def test_bad_batches_in_the_stream(tiny_policy_dir, tmp_path):
     (m,) = metrics(r.stdout)
     assert m["skipped"] == 1 and m["trajectories"] == 3
     assert f"{tmp_path / 'empty.jsonl'}:2: " in r.stderr and "has no policy tokens" in r.stderr
+    # A batch where no trajectory has one: a warning, no step, the trainer goes on.
+    for rec in recs:
+        rec["tokens"]["mask"] = [0] * len(rec["tokens"]["mask"])
+    write_records(recs, tmp_path / "allempty.jsonl")
+    r = H.Ran(["update", "--follow", tmp_path / "allempty.jsonl", "--policy", tiny_policy_dir, "--out", tmp_path / "ck0", *COMMON])
+    assert r.exit_code == 0 and r.stdout == "" and "no trajectory has policy tokens: no step" in r.stderr
     # A token id beyond the vocabulary: a clear error before the step, nothing written.
     recs = read_file(b1)
     recs[2]["tokens"]["ids"][3] = 10 ** 7

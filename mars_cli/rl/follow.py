@@ -160,6 +160,13 @@ def trainable(examples, vocab_size: int) -> tuple[list, int]:
     return keep, len(examples) - len(keep)
 
 
+def _has_policy_tokens(rec: dict) -> bool:
+    """False only for a well-formed all-zero mask (malformed tokens are reported by the reader)."""
+    tok = rec.get("tokens")
+    mask = tok.get("mask") if isinstance(tok, dict) else None
+    return not isinstance(mask, list) or any(mask)
+
+
 def staleness(records, at_step: int, by_version: dict, by_fingerprint: dict) -> dict:
     """How many steps behind the trainer's weights the weights that sampled each record are."""
     lags = []
@@ -247,6 +254,9 @@ def follow(paths, cfg: U.UpdateConfig, fcfg: FollowConfig, *, emit: Callable[[di
                 continue
             t0 = time.perf_counter()
             records = [rec for _, rec in located]
+            if not any(_has_policy_tokens(r) for r in records):
+                streams.warn(f"batch {bid} ({located[0][0]}…): no trajectory has policy tokens: no step")
+                continue
             sampled_by = SampledBy()
             examples, _ = trainable(U.read_examples(iter(located), session, sampled_by), session.vocab_size)
             skipped = len(located) - len(examples)  # by trainable() or by batching.update_examples itself
