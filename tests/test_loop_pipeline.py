@@ -47,6 +47,8 @@ def test_three_steps_end_to_end_against_mars_serve_then_every_stage_ends(tiny_po
     tasks = small_tasks(tmp_path)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
     env.pop("MARS_SERVE_API_KEY", None)
+    for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        env.pop(k, None)  # set in this process by earlier in-process trainers, whose store may still hold the port
     server = subprocess.Popen([sys.executable, "-m", "mars_cli", "serve", "--policy", str(policy), "--port", "0"],
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env)
     try:
