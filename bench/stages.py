@@ -150,7 +150,7 @@ def main() -> None:
         print(f"generated {args.n} records ({size_gb:.2f} GB) in {gen_s:.1f}s", file=sys.stderr)
         generate(small, args.llm_n, 16, args.group_size, seed=1, all_wrong=True)
 
-        adv = mars + ["advantage"] + (["--batch-size", str(args.adv_batch_size)] if args.adv_batch_size else [])
+        adv = mars + ["advantage"] + (["--batch-groups", str(args.adv_batch_size)] if args.adv_batch_size else [])
         warm(big)
         startup, _ = timed(mars + ["judge"], Path(os.devnull), env)
         # Interleaved repeats; the best of each is the least disturbed by other load.

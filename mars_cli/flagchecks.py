@@ -51,7 +51,7 @@ RANGES: dict[str, tuple] = {
 OUTPUTS: dict[str, str] = {
     "update --out": "dir", "update --state": "dir", "sft --out": "dir", "sft --state": "dir",
     "index text --out": "dir", "index images --out": "dir", "data convert --out": "dir", "data synth --out": "dir",
-    "rollout -o": "file", "judge --out": "file", "advantage --output": "file", "eval --out": "file",
+    "rollout -o": "file", "judge --out": "file", "advantage --out": "file", "eval --out": "file",
     "search --out": "file", "image-search --out": "file", "show --out": "file", "crop --out": "file",
     "tiny-model --out": "dir", "prompt -o": "file",
 }

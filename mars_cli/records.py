@@ -99,6 +99,8 @@ JUDGED_FIELDS: dict[str, tuple] = {
 SCORED_FIELDS: dict[str, tuple] = {
     "advantage": (_is_num, "a number", True),
     "advantage_stats": (lambda v: isinstance(v, dict), "an object", False),
+    "batch": (lambda v: isinstance(v, dict) and isinstance(v.get("id"), str) and isinstance(v.get("size"), int)
+              and not isinstance(v.get("size"), bool) and v["size"] >= 1, "an object {id: string, size: positive integer}", False),
 }
 
 _BY_KIND = {

@@ -1,5 +1,6 @@
 """Advantage estimators against hand-computed cases, a loop reference and properties."""
 
+import json
 import math
 import subprocess
 import sys
@@ -193,9 +194,9 @@ def test_drop_constant_groups():
     assert [r["group"] for r in parse(res.stdout)] == ["b", "b"]
 
 
-def test_batch_size_normalizes_per_chunk():
+def test_batch_groups_normalizes_per_batch():
     recs = [judged(g, s, r) for g, rs in [("a", [1, 0]), ("b", [1, 0.5]), ("c", [0, 1.5])] for s, r in enumerate(rs)]
-    res = Ran(["advantage", "--batch-size", "2"], input=lines(recs))
+    res = Ran(["advantage", "--batch-groups", "2"], input=lines(recs))
     assert res.exit_code == 0, res.stderr
     out = parse(res.stdout)
     first = reference([1, 0, 1, 0.5], ["a", "a", "b", "b"], "bn-gspo")
@@ -204,9 +205,9 @@ def test_batch_size_normalizes_per_chunk():
     assert [r["advantage_stats"]["scope"] for r in out] == ["chunk:0"] * 4 + ["chunk:1"] * 2
 
 
-def test_batch_size_refuses_a_group_after_its_chunk():
+def test_batch_groups_refuses_a_group_after_its_batch():
     recs = [judged("a", 0, 1), judged("b", 0, 1), judged("a", 1, 0)]
-    res = Ran(["advantage", "--batch-size", "1"], input=lines(recs))
+    res = Ran(["advantage", "--batch-groups", "1"], input=lines(recs))
     assert res.exit_code == 1
     assert "<stdin>:3: group 'a' reappears" in res.stderr
 
@@ -228,9 +229,95 @@ def test_missing_reward_field_names_the_line():
 def test_subprocess_chunks_stream_and_head_ends_quietly():
     recs = [judged(f"g{i}", s, float(s % 2)) for i in range(300) for s in range(4)]
     proc = subprocess.run(
-        f"{sys.executable} -m mars_cli advantage --batch-size 8 | head -1",
+        f"{sys.executable} -m mars_cli advantage --batch-groups 8 | head -1",
         shell=True, input=lines(recs).encode(), capture_output=True, timeout=60,
     )
     assert proc.returncode == 0
     assert proc.stderr == b""
     assert orjson.loads(proc.stdout)["group"] == "g0"
+
+
+# --- the batch stamp that `mars update --follow` steps on ---------------------------------
+
+def test_every_record_carries_its_batch_and_ids_are_content_hashes():
+    recs = [judged(g, s, float((i + s) % 3)) for i, g in enumerate("abcd") for s in range(3)]
+    res = Ran(["advantage", "--batch-groups", "2"], input=lines(recs))
+    assert res.exit_code == 0, res.stderr
+    out = parse(res.stdout)
+    first, second = {r["batch"]["id"] for r in out[:6]}, {r["batch"]["id"] for r in out[6:]}
+    assert len(first) == len(second) == 1 and first != second
+    assert all(r["batch"]["size"] == 6 for r in out)
+    # Same input, byte-identical output.
+    assert Ran(["advantage", "--batch-groups", "2"], input=lines(recs)).stdout == res.stdout
+    # One reward changed, or another setting: another id (for that batch only).
+    changed = [dict(r) for r in recs]
+    changed[7] = {**changed[7], "reward": 2.5}
+    out2 = parse(Ran(["advantage", "--batch-groups", "2"], input=lines(changed)).stdout)
+    assert out2[0]["batch"] == out[0]["batch"] and out2[6]["batch"]["id"] != out[6]["batch"]["id"]
+    out3 = parse(Ran(["advantage", "--batch-groups", "2", "--eps", "1e-4"], input=lines(recs)).stdout)
+    assert out3[0]["batch"]["id"] != out[0]["batch"]["id"]
+    # The sample index is part of the content.
+    swapped = [dict(r, sample=2 - r["sample"]) if r["group"] == "a" else r for r in recs]
+    out4 = parse(Ran(["advantage", "--batch-groups", "2"], input=lines(swapped)).stdout)
+    assert out4[0]["batch"]["id"] != out[0]["batch"]["id"]
+
+
+def test_without_batch_groups_the_whole_input_is_one_batch_in_any_order():
+    recs = [judged("a", 0, 1.0), judged("b", 0, 0.0), judged("a", 1, 0.0), judged("b", 1, 1.5)]
+    out = parse(Ran(["advantage"], input=lines(recs)).stdout)
+    assert len({json.dumps(r["batch"]) for r in out}) == 1 and out[0]["batch"]["size"] == 4
+    # A dropped group is not part of the batch.
+    recs.append(judged("c", 0, None))
+    out = parse(Ran(["advantage"], input=lines(recs)).stdout)
+    assert [r["batch"]["size"] for r in out] == [4] * 4
+
+
+def test_group_size_closes_a_batch_on_its_last_record():
+    """With --group-size the batch is written before the next group's first record arrives."""
+    recs = [judged(g, s, float(s)) for g in ("a", "b", "c") for s in range(2)]
+    proc = subprocess.Popen([sys.executable, "-m", "mars_cli", "advantage", "--batch-groups", "1", "--group-size", "2"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        proc.stdin.write(lines(recs[:2]).encode())
+        proc.stdin.flush()
+        got = [proc.stdout.readline(), proc.stdout.readline()]  # arrives while stdin stays open
+        assert [orjson.loads(x)["group"] for x in got] == ["a", "a"]
+        proc.stdin.write(lines(recs[2:]).encode())
+        proc.stdin.close()
+        rest = parse(proc.stdout.read().decode())
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
+    assert [r["group"] for r in rest] == ["b", "b", "c", "c"]
+    assert len({r["batch"]["id"] for r in rest}) == 2
+    res = Ran(["advantage", "--batch-groups", "1", "--group-size", "2"], input=lines([judged("a", s, 1.0) for s in range(3)]))
+    assert res.exit_code == 1 and "<stdin>:3: group 'a' has more than --group-size 2 records" in res.stderr
+
+
+def test_batch_size_is_a_hidden_alias_that_warns():
+    recs = [judged(g, s, float(s)) for g in ("a", "b") for s in range(2)]
+    old = Ran(["advantage", "--batch-size", "1"], input=lines(recs))
+    new = Ran(["advantage", "--batch-groups", "1"], input=lines(recs))
+    assert old.exit_code == 0 and old.stdout == new.stdout
+    assert old.stderr.count("--batch-size is now --batch-groups") == 1 and new.stderr == ""
+    assert "--batch-size" not in Ran(["advantage", "--help"]).stdout
+
+
+@pytest.mark.parametrize("command", ["advantage", "judge"])
+def test_stage_waiting_for_input_ends_quietly_when_its_reader_goes(command):
+    """`update --follow --max-steps N` exits while upstream stages are idle on their input."""
+    proc = subprocess.Popen([sys.executable, "-m", "mars_cli", command], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        proc.stdin.write(lines([judged("a", 0, 1.0)]).encode())  # input still open: the stage waits
+        proc.stdin.flush()
+        import time
+
+        time.sleep(2.0)  # past the stage's start-up
+        assert proc.poll() is None
+        proc.stdout.close()  # the reader goes away
+        assert proc.wait(timeout=30) == 0
+        assert proc.stderr.read() == b""
+    finally:
+        proc.kill()
+        proc.stdin.close()

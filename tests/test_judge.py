@@ -211,7 +211,7 @@ def test_stage_yields_records_as_they_arrive():
 
 def test_subprocess_pipeline_head_is_quiet():
     recs = [traj(i, "Paris") for i in range(2000)]
-    p = subprocess.run(f"{sys.executable} -m mars_cli judge | {sys.executable} -m mars_cli advantage --batch-size 4 | head -1",
+    p = subprocess.run(f"{sys.executable} -m mars_cli judge | {sys.executable} -m mars_cli advantage --batch-groups 4 | head -1",
                        shell=True, input=lines(recs).encode(), capture_output=True, timeout=120)
     # at most judge's own "done" line (when it finished before head closed the pipe), never a traceback
     assert p.returncode == 0 and all(line.startswith(b"mars judge: 2000 records in ") for line in p.stderr.splitlines())

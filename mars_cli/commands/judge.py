@@ -64,6 +64,10 @@ def main(
                       model=model, api_key=api_key, rubric=rubric, judge_image=judge_image, min_success=min_judge_success,
                       concurrency=concurrency,
                       timeout=timeout, retries=retries, cache_dir=str(cache) if cache else None)
+    if output is None:
+        from mars_cli.pipes import exit_when_reader_gone
+
+        exit_when_reader_gone()  # a reader that is gone ends this stage even while it waits for input
     stats, skipped = JudgeStats(), SkipCounter()
     located = read_located(files, skip_bad=skip_bad, skipped=skipped)
     with RecordWriter(output) as w:

@@ -1,4 +1,4 @@
-"""`mars update`: one policy step on a scored batch (GSPO + KL, DeepSpeed)."""
+"""`mars update`: a policy step per scored batch (GSPO + KL, DeepSpeed); --follow stays resident."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ def main(
     ctx: typer.Context,
     files: Optional[List[Path]] = typer.Argument(None, help="Scored trajectory JSONL (with advantages) [default: stdin]."),
     policy: Path = typer.Option(..., "--policy", envvar="MARS_POLICY", help="The policy checkpoint directory to start from."),
-    out: Path = typer.Option(..., "--out", help="Where to write the new checkpoint (atomically)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Where to write the new checkpoint (atomically); with --follow the folder of step-N/ checkpoints."),
     ref: Optional[Path] = typer.Option(None, "--ref", envvar="MARS_REF", help="Reference model for the KL term (none: no KL)."),
     state: Optional[Path] = typer.Option(None, "--state", envvar="MARS_STATE", help="Optimizer state dir: resumed if present, then saved."),
     loss: str = typer.Option("gspo", "--loss", help="gspo (sequence level) or grpo (token-level PPO clip)."),
@@ -41,8 +41,13 @@ def main(
     master_port: int = typer.Option(29500, "--master-port", min=1, max=65535, help="Node 0's rendezvous port (with --nnodes)."),
     report_to: str = typer.Option("none", "--report-to", envvar="MARS_REPORT_TO", help="Also log metrics to tensorboard or wandb (none: only the records)."),
     logging_dir: Optional[Path] = typer.Option(None, "--logging-dir", envvar="MARS_LOGGING_DIR", help="Where --report-to writes [default: under ./runs/, named by the command and the time]."),
+    follow: bool = typer.Option(False, "--follow", help="Stay resident: read a stream of batches, one optimizer step as each completes."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="With --follow: exit after N steps [default: at the end of input]."),
+    save_every: int = typer.Option(1, "--save-every", min=1, help="With --follow: write OUT/step-N every K steps (the last step always)."),
+    keep_last: int = typer.Option(3, "--keep-last", min=0, help="With --follow: keep the newest N step folders (0: all)."),
+    push: Optional[str] = typer.Option(None, "--push", envvar="MARS_PUSH", help="Policy servers (URL[,URL…]) that load each new checkpoint."),
+    push_dir: Optional[Path] = typer.Option(None, "--push-dir", help="With --follow --push: where weights of unsaved steps go [default: OUT/.push; /dev/shm/… avoids the disk]."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unparsable lines with a warning."),
-    push: Optional[str] = typer.Option(None, "--push", help="mars serve URL[,URL…] that load --out once it is written (waits until each serves it)."),
     local_rank: Optional[int] = typer.Option(None, "--local_rank", "--local-rank", hidden=True, help="Set by the deepspeed launcher (LOCAL_RANK is read)."),
     preset: Optional[str] = typer.Option(None, "--preset", help="official-script: the released training script's token-level clip 0.2/0.28, lr 1e-5, no KL, rollout log-probs; explicit flags win."),
 ) -> None:
@@ -51,6 +56,8 @@ def main(
     Rebuilds each trajectory's model input from its stored token ids and images and trains only on the policy's own tokens (mask 1). GSPO: s = exp(mean over policy tokens of log π_θ − log π_old), loss = −mean over trajectories of min(s·A, clip(s, 1−ε_low, 1+ε_high)·A) + β·KL(π_θ‖π_ref). Records without token ids (openai engine) are refused. A batch whose advantages are all 0 (every group's rewards equal) is trained and written anyway, with a warning: only the KL term and weight decay move the weights.
 
     Writes --out (an HF safetensors checkpoint with mars_meta.json) atomically and prints one metrics record: loss, clip_fraction, kl, ratio_mean/min/max, grad_norm, tokens, trajectories, seconds, logprob_gap, sampled_by (the fingerprints and server weight versions that sampled the batch: reported, never refused). With --push, every server then loads --out; the command returns once each one's /health shows its fingerprint at the next weight version, and exits 1 naming any server that failed (the checkpoint stays written). A sleeping server (POST /sleep, to lend its GPUs to this trainer) wakes to load; with --nproc the push waits until every rank has exited and is reported on stderr. Under a launcher (deepspeed, accelerate, torchrun) every rank runs this command; --nproc N does that for you on one machine.
+
+    --follow keeps the policy, the reference model and the optimizer in memory and reads a stream of batches written by `mars advantage` (each record's `batch` {id, size}), taking one optimizer step as soon as a batch's last record arrives and printing exactly one metrics record per step (with the batch, `staleness` of its records in steps, push result, timings and bytes written). --out then holds OUT/step-N/ checkpoints, every --save-every steps and after the last one; the newest also holds the optimizer state (OUT/step-N/optimizer/), so the same command restarted resumes from it with the same step numbering, skipping batches it already trained. --keep-last bounds the disk. With --push each step's weights go to the servers; a refused push is a warning and the next step's push retries. A trajectory without policy tokens is skipped with a warning; a token id beyond the vocabulary stops the trainer before that step.
     """
     import os
 
@@ -81,6 +88,14 @@ def main(
     urls = [u.strip() for u in push.split(",") if u.strip()] if push else []
     if push is not None and not urls:
         raise UsageError("--push needs URL[,URL…]")
+    if follow:
+        from mars_cli.rl.follow import FollowConfig, run_command
+
+        fcfg = FollowConfig(max_steps=max_steps, save_every=save_every, keep_last=keep_last, push=urls,
+                            push_dir=str(push_dir) if push_dir else None)
+        raise typer.Exit(run_command(paths, cfg, fcfg, nproc=nproc, local_rank=local_rank, skip_bad=skip_bad))
+    if max_steps is not None or push_dir is not None:
+        raise UsageError("--max-steps and --push-dir go with --follow")
     code = launch_ranks("update", paths, cfg, nproc=nproc, local_rank=local_rank, skip_bad=skip_bad, what="batch",
                         nnodes=nnodes, node_rank=node_rank, master_addr=master_addr, master_port=master_port)
     if code is not None:

@@ -17,18 +17,24 @@ estimator plus whether the batch step follows by default:
 Other frameworks' settings, reproduced: verl's GRPO (norm_adv_by_std_in_grpo) is `grpo`
 (unbiased std, eps 1e-6); TRL's GRPO is `grpo --eps 1e-4` with scale_rewards="group",
 `grpo-batch-std --eps 1e-4` with scale_rewards="batch", `dr-grpo` with "none"; per
-training step means `--batch-size` = that step's number of prompts.
+training step means `--batch-groups` = that step's number of prompts.
 
 A group whose rewards are all equal gets exactly 0 (not a float residue / eps). A group of
 one has std 0 and gets 0. The batch step needs the statistics of the whole scope, so the
-stage buffers it: the whole input by default, or chunks of `batch_size` groups (streamed
-chunk by chunk while groups are contiguous).
+stage buffers it: the whole input by default, or batches of `batch_groups` groups (streamed
+batch by batch while groups are contiguous).
+
+Every written record carries its batch, `batch: {id, size}`, which is what a resident
+trainer (`mars update --follow`) steps on: `size` says when the batch's last record has
+arrived, and `id` is a hash of the batch's content (each record's group, sample and
+reward, in order, plus the settings), so the same input always gives the same ids and
+two different batches never share one.
 """
 
 from __future__ import annotations
 
 import gc
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
@@ -36,7 +42,7 @@ import numpy as np
 from mars_cli import streams
 from mars_cli.records import DuplicateCheck, validate
 
-FIELDS = ("advantage", "advantage_stats")
+FIELDS = ("advantage", "advantage_stats", "batch")
 
 
 @dataclass(frozen=True)
@@ -158,10 +164,22 @@ class AdvantageStats:
     written: int = 0
     dropped_null: int = 0  # groups dropped for a null reward
     dropped_constant: int = 0  # groups dropped by --drop-constant-groups
+    batches: int = 0
+
+
+def batch_id(records: list, cfg: AdvantageConfig, drop_constant: bool) -> str:
+    """Content id of one written batch: (group, sample, reward) of each record + the settings."""
+    import orjson
+
+    from mars_cli.fsutil import sha256_bytes
+
+    settings = {**asdict(cfg), "use_batch_norm": cfg.use_batch_norm(), "drop_constant": drop_constant}
+    rows = [[rec["group"], rec.get("sample"), rec["reward"]] for rec in records]
+    return sha256_bytes(orjson.dumps({"settings": settings, "records": rows}, option=orjson.OPT_SORT_KEYS))[:16]
 
 
 def _scope(items: list, cfg: AdvantageConfig, scope: str, *, drop_constant: bool, strict: bool, stats: AdvantageStats):
-    """Compute one scope's advantages and yield its records in input order."""
+    """Compute one scope's advantages and yield its records (one batch) in input order."""
     null_at: dict = {}
     for where, rec in items:
         if rec["reward"] is None:
@@ -183,11 +201,14 @@ def _scope(items: list, cfg: AdvantageConfig, scope: str, *, drop_constant: bool
     if not items:
         return
     adv, per = compute([rec["reward"] for _, rec in items], [rec["group"] for _, rec in items], cfg)
+    stamp = {"id": batch_id([rec for _, rec in items], cfg, drop_constant), "size": len(items)}
+    stats.batches += 1
     for (_, rec), a, st in zip(items, adv.tolist(), per):
         st["scope"] = scope
         st["scope_size"] = len(items)
         rec["advantage"] = a
         rec["advantage_stats"] = st
+        rec["batch"] = dict(stamp)
         stats.written += 1
         yield rec
 
@@ -196,12 +217,18 @@ def advantage_records(
     located: Iterable,
     cfg: AdvantageConfig,
     *,
-    batch_size: int | None = None,
+    batch_groups: int | None = None,
+    group_size: int | None = None,
     drop_constant: bool = False,
     strict: bool = False,
     stats: AdvantageStats | None = None,
 ) -> Iterator[dict]:
-    """Add `advantage` and `advantage_stats` to judged (where, record) pairs."""
+    """Add `advantage`, `advantage_stats` and `batch` to judged (where, record) pairs.
+
+    With `batch_groups` N a batch closes after N complete groups and is yielded at once. A
+    group is complete when the next group starts, or, with `group_size` K, as soon as it
+    holds K records (so the batch closes on its last record, not on the next batch's first).
+    """
     stats = stats if stats is not None else AdvantageStats()
     # A buffered scope keeps thousands of parsed records alive; they survive into the
     # oldest GC generation, whose collections then walk every token list again and again
@@ -210,32 +237,51 @@ def advantage_records(
     paused = gc.isenabled()
     gc.disable()
     try:
-        yield from _stream(located, cfg, batch_size, dict(drop_constant=drop_constant, strict=strict, stats=stats), stats)
+        kw = dict(drop_constant=drop_constant, strict=strict, stats=stats)
+        yield from _stream(located, cfg, batch_groups, group_size, kw, stats)
     finally:
         if paused:
             gc.enable()
 
 
-def _stream(located: Iterable, cfg: AdvantageConfig, batch_size: int | None, kw: dict, stats: AdvantageStats) -> Iterator[dict]:
+def _stream(located: Iterable, cfg: AdvantageConfig, batch_groups: int | None, group_size: int | None,
+            kw: dict, stats: AdvantageStats) -> Iterator[dict]:
     chunk: list = []
-    groups_in_chunk: dict = {}
+    counts: dict = {}  # group -> records seen, for the groups of the open batch
+    complete = 0  # groups of the open batch known to be complete
     closed: set = set()
     n_chunk = 0
+    last = None
     duplicate = DuplicateCheck()
     for where, rec in located:
         rec = validate(rec, "judged", where, only=("group", "reward"))
         duplicate(rec, where)  # a trajectory read twice would weigh twice in its group's statistics
         stats.records += 1
         key = rec["group"]
-        if batch_size is not None:
+        if batch_groups is not None:
+            if key in closed and group_size is not None:
+                raise where.error(f"group {key!r} has more than --group-size {group_size} records, "
+                                  "or reappears after its batch was written")
             if key in closed:
-                raise where.error(f"group {key!r} reappears after its chunk was written: with --batch-size the "
-                                  "records of a group must be contiguous (sort by group, or drop --batch-size)")
-            if key not in groups_in_chunk and len(groups_in_chunk) == batch_size:
+                raise where.error(f"group {key!r} reappears after its batch was written: with --batch-groups the "
+                                  "records of a group must be contiguous (sort by group, or drop --batch-groups)")
+            if key not in counts and last is not None and (group_size is None or counts[last] < group_size):
+                complete += 1  # a new group starts: the previous one is complete
+            if key not in counts and complete == batch_groups:
                 yield from _scope(chunk, cfg, f"chunk:{n_chunk}", **kw)
-                closed.update(groups_in_chunk)
-                chunk, groups_in_chunk, n_chunk = [], {}, n_chunk + 1
-            groups_in_chunk[key] = True
+                closed.update(counts)
+                chunk, counts, complete, n_chunk = [], {}, 0, n_chunk + 1
+            counts[key] = counts.get(key, 0) + 1
+            if group_size is not None:
+                if counts[key] > group_size:
+                    raise where.error(f"group {key!r} has more than --group-size {group_size} records")
+                if counts[key] == group_size:
+                    complete += 1
+            last = key
         chunk.append((where, rec))
+        if batch_groups is not None and group_size is not None and complete == batch_groups:
+            yield from _scope(chunk, cfg, f"chunk:{n_chunk}", **kw)
+            closed.update(counts)
+            chunk, counts, complete, n_chunk, last = [], {}, 0, n_chunk + 1, None
     if chunk:
-        yield from _scope(chunk, cfg, "input" if batch_size is None else f"chunk:{n_chunk}", **kw)
+        yield from _scope(chunk, cfg, "input" if batch_groups is None else f"chunk:{n_chunk}", **kw)

@@ -9,6 +9,11 @@ either way the rollout-vs-trainer gap is measured against the pre-step policy. T
 is split into mini-batches (one optimizer step each), sharded over ranks, and packed into
 token-budget micro-batches whose losses are normalised by the whole mini-batch, so packing
 and world size do not change the step. Nothing is written unless every step was finite.
+
+The work is split so that a resident trainer (`update --follow`, rl/follow.py) pays the
+loading once: `load_session` loads the policy, the reference model and the optimizer;
+`train_step` trains one batch of examples; `write_checkpoint` saves the weights.
+`run_update` is the three in a row, for one batch.
 """
 
 from __future__ import annotations
@@ -115,6 +120,12 @@ def _check_flags(cfg: UpdateConfig) -> None:
         raise UsageError(f"--old-logprobs must be recompute or rollout, got {cfg.old_logprobs!r}")
     if cfg.micro_batch_tokens is not None and cfg.micro_batch_tokens < 1:
         raise UsageError("--micro-batch-tokens must be positive")
+    for flag, value in (("--lr", cfg.lr), ("--beta", cfg.beta), ("--weight-decay", cfg.weight_decay),
+                        ("--grad-clip", cfg.grad_clip), ("--eps-low", cfg.eps_low), ("--eps-high", cfg.eps_high)):
+        if value is not None and not math.isfinite(value):
+            raise UsageError(f"{flag} must be a finite number, got {value}")
+    if cfg.lr < 0:
+        raise UsageError("--lr must be non-negative")
     if cfg.beta < 0:
         raise UsageError("--beta must be non-negative")
 
@@ -130,32 +141,36 @@ def _gap(acc: dict, trainer_lp, rollout_lp, mask) -> None:
         acc["gap_max"] = max(acc.get("gap_max", 0.0), float(d.max()))
 
 
-def run_update(paths, cfg: UpdateConfig, *, skip_bad: bool = False, trainer_hook=None) -> dict:
-    """Train one batch and write the checkpoint; return the metrics record (all ranks)."""
-    import torch
+@dataclass
+class Session:
+    """What a trainer keeps between steps: the policy, the reference model, the optimizer."""
 
-    from mars_cli.jsonl import read_located
+    cfg: UpdateConfig
+    policy: object
+    bf16: bool
+    ref: object
+    trainer: object
+    budget: int
+    eps_low: float
+    eps_high: float
+    length_cache: dict
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.policy.model.get_input_embeddings().num_embeddings)
+
+
+def load_session(cfg: UpdateConfig, *, policy_path: str | None = None) -> Session:
+    """Load the policy (from `policy_path`, default cfg.policy), the reference and the optimizer once."""
     from mars_cli.rl.engine import Trainer
-    from mars_cli.rl.sampled_by import SampledBy
 
     _check_flags(cfg)
-    t0 = time.time()
     eps_low, eps_high = (cfg.eps_low if cfg.eps_low is not None else L.DEFAULT_EPS[cfg.loss][0],
                          cfg.eps_high if cfg.eps_high is not None else L.DEFAULT_EPS[cfg.loss][1])
-    policy, bf16 = prepare_policy(cfg.policy, train_vision=cfg.train_vision,
+    policy, bf16 = prepare_policy(policy_path or cfg.policy, train_vision=cfg.train_vision,
                                   gradient_checkpointing=cfg.gradient_checkpointing, bf16=cfg.bf16, seed=cfg.seed,
                                   attn_implementation=cfg.attn_implementation, min_pixels=cfg.min_pixels,
                                   max_pixels=cfg.max_pixels)
-    # The batch may come from an older policy (a server that had not loaded the last step
-    # yet, `--follow` staleness): counted and reported, never refused.
-    sampled_by = SampledBy()
-    examples = batching.update_examples(sampled_by.tally(read_located(paths, skip_bad=skip_bad)),
-                                        policy.special["image_pad"],
-                                        vocab_size=policy.model.get_input_embeddings().num_embeddings)
-    if cfg.old_logprobs == "rollout":
-        for ex in examples:
-            if ex.rollout_logprobs is None:
-                raise ex.where.error("tokens.logprobs is missing: use --old-logprobs recompute")
     ref = None
     if cfg.ref and cfg.beta > 0:
         from mars_cli.models.load import load_policy
@@ -165,14 +180,39 @@ def run_update(paths, cfg: UpdateConfig, *, skip_bad: bool = False, trainer_hook
                           max_pixels=cfg.max_pixels)
     trainer = Trainer(policy.model, zero=cfg.zero, config_file=cfg.deepspeed, lr=cfg.lr,
                       weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, bf16=bf16)
-    resume_state(trainer, cfg.state, policy)
+    return Session(cfg, policy, bf16, ref, trainer, token_budget(cfg.micro_batch_tokens, policy), eps_low, eps_high, {})
+
+
+def read_examples(located, session: Session, sampled_by=None) -> list:
+    """Scored records → training examples, refused with file:line where they cannot be trained.
+
+    The batch may come from an older policy (a server that had not loaded the last step
+    yet, `--follow` staleness): `sampled_by` (rl.sampled_by.SampledBy) counts it, never refused.
+    """
+    cfg = session.cfg
+    if sampled_by is not None:
+        located = sampled_by.tally(located)
+    examples = batching.update_examples(located, session.policy.special["image_pad"], vocab_size=session.vocab_size)
+    if cfg.old_logprobs == "rollout":
+        for ex in examples:
+            if ex.rollout_logprobs is None:
+                raise ex.where.error("tokens.logprobs is missing: use --old-logprobs recompute")
+    return examples
+
+
+def train_step(session: Session, examples, *, trainer_hook=None) -> dict:
+    """Train one batch (one optimizer step per mini-batch); return its metrics (all ranks)."""
+    import torch
+
+    cfg, policy, trainer, ref = session.cfg, session.policy, session.trainer, session.ref
+    eps_low, eps_high = session.eps_low, session.eps_high
     dev = policy.device
-    budget = token_budget(cfg.micro_batch_tokens, policy)
+    budget = session.budget
     rank, world = trainer.rank, trainer.world
     if rank == 0 and all(ex.advantage == 0 for ex in examples):  # a degenerate batch: say so, still write
         streams.warn(f"all {len(examples)} advantages are 0 (every group's rewards were equal): the policy-gradient "
                      "term is zero and this step applies only the KL term and weight decay; the checkpoint is still written")
-    length_cache: dict = {}
+    length_cache = session.length_cache
     lengths = [batching.expanded_length(policy, ex, length_cache) for ex in examples]
     minis = batching.minibatches(len(examples), cfg.mini_batch)
     sequence_level = L.LEVEL[cfg.loss] == "sequence"
@@ -258,7 +298,6 @@ def run_update(paths, cfg: UpdateConfig, *, skip_bad: bool = False, trainer_hook
             "gap_sum": 0.0, "gap_n": 0.0, "gap_max": 0.0, **stats, **gap, "tokens": tokens, "loss_sum": sum(losses)}
     sums = {k: (None if isinstance(v, float) and math.isinf(v) else v)
             for k, v in trainer.all_reduce(sums).items()}
-    parent = read_meta(cfg.policy)
     steps = len(minis)
     metrics = {
         "loss": sums["loss_sum"] / steps,
@@ -273,29 +312,59 @@ def run_update(paths, cfg: UpdateConfig, *, skip_bad: bool = False, trainer_hook
         "logprob_gap": {"mean_abs": sums.get("gap_sum", 0.0) / sums["gap_n"] if sums.get("gap_n") else None,
                         "max": sums.get("gap_max") if sums.get("gap_n") else None,
                         "tokens": int(sums.get("gap_n", 0))},
-        "sampled_by": sampled_by.report(policy.fingerprint),
     }
     if not cfg.beta or ref is None:
         metrics["kl"] = None
+    metrics["train_seconds"] = round(train_seconds, 3)  # forward/backward/steps only
+    metrics["train_cpu_seconds"] = round(train_cpu, 3)
+    return metrics
+
+
+def write_checkpoint(session: Session, out: str, examples, metrics: dict, *, parent: str, parent_fingerprint: str | None,
+                     step: int, extra: dict | None = None) -> str:
+    """Save the trained weights as an HF checkpoint at `out` (rank 0 writes); its fingerprint on every rank."""
+    cfg, trainer, policy = session.cfg, session.trainer, session.policy
     meta = {
-        "step": int(parent.get("step", 0)) + steps,
-        "parent": cfg.policy,
-        "parent_fingerprint": policy.fingerprint,
+        "step": step,
+        "parent": parent,
+        "parent_fingerprint": parent_fingerprint,
         "batch_hash": batch_hash(examples),
         "kind": "update",
+        **(extra or {}),
         "metrics": metrics,
-        "flags": {**asdict(cfg), "micro_batch_tokens": budget, "eps_low": eps_low, "eps_high": eps_high, "world_size": world, "bf16": bf16},
+        "flags": {**asdict(cfg), "micro_batch_tokens": session.budget, "eps_low": session.eps_low,
+                  "eps_high": session.eps_high, "world_size": trainer.world, "bf16": session.bf16},
     }
     state = trainer.full_state_dict()
     fp = None
-    if rank == 0:
-        fp = save_checkpoint(cfg.out, trainer.model, state, source=cfg.policy, meta=meta, arch=policy.arch)
+    if trainer.rank == 0:
+        fp = save_checkpoint(out, trainer.model, state, source=cfg.policy, meta=meta, arch=policy.arch)
+    return _shared(trainer, fp)
+
+
+def run_update(paths, cfg: UpdateConfig, *, skip_bad: bool = False, trainer_hook=None) -> dict:
+    """Train one batch and write the checkpoint; return the metrics record (all ranks)."""
+    from mars_cli.jsonl import read_located
+    from mars_cli.rl.sampled_by import SampledBy
+
+    t0 = time.time()
+    _check_flags(cfg)
+    session = load_session(cfg)
+    sampled_by = SampledBy()
+    examples = read_examples(read_located(paths, skip_bad=skip_bad), session, sampled_by)
+    resume_state(session.trainer, cfg.state, session.policy)
+    metrics = train_step(session, examples, trainer_hook=trainer_hook)
+    metrics["sampled_by"] = sampled_by.report(session.policy.fingerprint)
+    parent = read_meta(cfg.policy)
+    step = int(parent.get("step", 0)) + metrics["steps"]
+    timing = {k: metrics.pop(k) for k in ("train_seconds", "train_cpu_seconds")}
+    fp = write_checkpoint(session, cfg.out, examples, metrics, parent=cfg.policy,
+                          parent_fingerprint=session.policy.fingerprint, step=step)
     if cfg.state:
-        trainer.save_state(cfg.state, {"step": meta["step"], "fingerprint": _shared(trainer, fp), "checkpoint": cfg.out})
+        session.trainer.save_state(cfg.state, {"step": step, "fingerprint": fp, "checkpoint": cfg.out})
     metrics["seconds"] = round(time.time() - t0, 3)
-    metrics["train_seconds"] = round(train_seconds, 3)  # forward/backward/steps only
-    metrics["train_cpu_seconds"] = round(train_cpu, 3)
-    return {"kind": "update", "out": cfg.out, "step": meta["step"], "fingerprint": _shared(trainer, fp), **metrics}
+    metrics.update(timing)
+    return {"kind": "update", "out": cfg.out, "step": step, "fingerprint": fp, **metrics}
 
 
 def resume_state(trainer, state_dir, policy) -> None:

@@ -1,0 +1,47 @@
+"""Ending a pipeline stage whose reader has gone away while it waits for input.
+
+`mars update --follow --max-steps N` exits while the stages before it are idle, blocked
+reading their own input: they would learn that their reader is gone only at their next
+write, which may never come (a rollout held back by --max-staleness waits for weights
+the trainer will no longer push). A stage that writes records to a pipe therefore
+watches the pipe: Linux reports POLLERR on a pipe's write end once no reader is left,
+and the stage then ends at once, quietly, as a write to a closed pipe ends it.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import stat
+import threading
+
+from mars_cli import streams
+
+
+def exit_when_reader_gone() -> bool:
+    """Watch the record stream; end the process (status 0) when its reader closes it.
+
+    Only when records go to a pipe (a file or terminal has no reader to lose). Returns
+    whether a watch was started. Call it only where the records on stdout are the whole
+    output: the process ends without finishing what it was doing.
+    """
+    out = streams.records_out()
+    try:
+        fd = out.fileno()
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            return False
+    except (AttributeError, OSError, ValueError):
+        return False
+    if not hasattr(select, "poll"):
+        return False
+
+    def watch() -> None:
+        poller = select.poll()
+        poller.register(fd, 0)  # POLLERR and POLLHUP are reported without being asked for
+        while True:
+            for _, events in poller.poll():
+                if events & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
+                    os._exit(0)
+
+    threading.Thread(target=watch, name="reader-gone", daemon=True).start()
+    return True
