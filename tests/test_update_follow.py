@@ -65,11 +65,16 @@ def test_two_batches_piped_take_two_steps_and_leave_one_loadable_checkpoint(tiny
     b2 = advantage(judged_file(tiny_policy_dir, tmp_path / "j2.jsonl", "b", 2), tmp_path / "b2.jsonl")
     ck = tmp_path / "ck"
     p = subprocess.run(f"cat {b1} {b2} | {sys.executable} -m mars_cli update --follow --policy {tiny_policy_dir} "
-                       f"--out {ck} --keep-last 1 {' '.join(COMMON)}", shell=True, capture_output=True, text=True,
-                       env=ENV, timeout=600)
+                       f"--out {ck} --keep-last 1 {' '.join(COMMON)} --report-to tensorboard --logging-dir {tmp_path / 'tb'}",
+                       shell=True, capture_output=True, text=True, env=ENV, timeout=600)
     assert p.returncode == 0, p.stderr
     ms = metrics(p.stdout)
     assert [m["step"] for m in ms] == [1, 2] and all(m["kind"] == "update" for m in ms)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = EventAccumulator(str(tmp_path / "tb"))  # each step's record, live, in TensorBoard's own reader
+    tb.Reload()
+    assert [(e.step, e.value) for e in tb.Scalars("train/loss")] == [(m["step"], pytest.approx(m["loss"], rel=1e-6)) for m in ms]
     ids = [json.loads(open(b).readline())["batch"]["id"] for b in (b1, b2)]
     assert [m["batch"]["id"] for m in ms] == ids and ids[0] != ids[1]
     assert [m["out"] for m in ms] == [str(ck / "step-1"), str(ck / "step-2")]

@@ -92,7 +92,8 @@ def main(
         from mars_cli.rl.follow import FollowConfig, run_command
 
         fcfg = FollowConfig(max_steps=max_steps, save_every=save_every, keep_last=keep_last, push=urls,
-                            push_dir=str(push_dir) if push_dir else None)
+                            push_dir=str(push_dir) if push_dir else None, report_to=report_to,
+                            logging_dir=str(logging_dir) if logging_dir else None)
         raise typer.Exit(run_command(paths, cfg, fcfg, nproc=nproc, local_rank=local_rank, skip_bad=skip_bad))
     if max_steps is not None or push_dir is not None:
         raise UsageError("--max-steps and --push-dir go with --follow")

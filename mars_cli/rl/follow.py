@@ -51,6 +51,8 @@ class FollowConfig:
     keep_last: int = 3  # 0: keep every step folder
     push: list[str] = field(default_factory=list)
     push_dir: str | None = None  # default OUT/.push
+    report_to: str = "none"  # --report-to: each step's record also goes to tensorboard or wandb (rank 0)
+    logging_dir: str | None = None
 
 
 def check_follow(cfg: U.UpdateConfig, fcfg: FollowConfig) -> None:
@@ -336,9 +338,18 @@ def run_command(paths, cfg: U.UpdateConfig, fcfg: FollowConfig, *, nproc: int, l
         extra += ["--max-steps", str(fcfg.max_steps)] if fcfg.max_steps else []
         extra += ["--push", ",".join(fcfg.push)] if fcfg.push else []
         extra += ["--push-dir", fcfg.push_dir] if fcfg.push_dir else []
+        extra += ["--report-to", fcfg.report_to] + (["--logging-dir", fcfg.logging_dir] if fcfg.logging_dir else [])
         return relaunch(nproc, "update", [*paths, *config_argv(cfg), *extra, *(["--skip-bad"] if skip_bad else [])])
-    with RecordWriter() as w:
-        follow(paths, cfg, fcfg, emit=w.write, skip_bad=skip_bad)
+    from mars_cli.tracking import open_tracker, run_settings
+
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    with RecordWriter() as w, open_tracker(fcfg.report_to if rank0 else "none", logging_dir=fcfg.logging_dir,
+                                           command="update", config=run_settings()) as tracker:
+        def emit(rec: dict) -> None:  # live, one step at a time: a resident run lasts for days
+            w.write(rec)
+            tracker.log(rec, step=rec.get("step"), prefix="train/")
+
+        follow(paths, cfg, fcfg, emit=emit, skip_bad=skip_bad)
     if any(t.name == "follow-reader" and t.is_alive() for t in threading.enumerate()):
         # --max-steps with the input still open: the reader thread is blocked in a read of
         # stdin, whose lock Python's shutdown would wait for. Everything is saved and the
