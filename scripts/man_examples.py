@@ -83,12 +83,14 @@ EXAMPLES: dict[str, list[Example]] = {
     ],
     "data synth": [
         E("Four tasks, their corpus and reference trajectories.", "mars data synth --tasks 4 --seed 0 -o synth"),
-        E("A train/test split for the offline demo.", "mars data synth --tasks 64 --test-fraction 0.25 -o synth64", False),
+        E("Search tasks only, written in the mars protocol, with validation and test splits (the offline demo's).",
+          "mars data synth --tasks 40 --kinds search --protocol mars --val-fraction 0.1 --test-fraction 0.2 -o synth40"),
     ],
     "tiny-model": [
         E("A tiny Qwen2.5-VL for tests and demos.", "mars tiny-model tiny/"),
         E("A tiny Qwen3-VL with a 4096-token vocabulary (trains much faster on a CPU).",
           "mars tiny-model -o tiny3 --arch qwen3-vl --vocab 4096", False),
+        E("A wider, deeper tiny policy.", "mars tiny-model -o tiny96 --vocab 8192 --layers 4 --width 96", False),
     ],
     "rollout": [
         E("Eight samples per task with the local search tools.",

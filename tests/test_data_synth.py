@@ -194,3 +194,46 @@ def test_the_local_text_index_finds_the_gold_passage_by_name(synth, tmp_path):
 def test_reference_tool_call_turns_count_from_one(synth):
     ref = read_file(synth / "reference.jsonl")[0]
     assert [c["turn"] for c in ref["tool_calls"]] == [1, 2]
+
+
+def test_kinds_weight_the_rotation_and_search_tasks_need_no_image(tmp_path):
+    out = tmp_path / "k"
+    r = CliRunner().invoke(app, ["data", "synth", "--tasks", "8", "--seed", "2", "--kinds", "search=3,crop+search", "--out", str(out)])
+    assert r.exit_code == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["types"] == {"search": 6, "crop+search": 2} and summary["images"] == 2
+    tasks = read_file(out / "tasks.jsonl")
+    assert [t["meta"]["type"] for t in tasks] == (["search"] * 3 + ["crop+search"]) * 2
+    for t, ref in zip(tasks, read_file(out / "reference.jsonl")):
+        if t["meta"]["type"] == "search":
+            # the query is copied from the question, the answer from the first result
+            call = ref["tool_calls"][0]
+            assert not t["images"] and call["name"] == P.TEXT_SEARCH and call["arguments"]["query"] in t["question"]
+            result = ref["messages"][3]["content"][0]["text"]
+            assert t["answers"][0] in result.split("[2]")[0] and ref["prediction"] == t["answers"][0]
+    for bad in ("search=x", "reading=2", "search=0", "search,search"):
+        r = CliRunner().invoke(app, ["data", "synth", "--tasks", "2", "--kinds", bad, "--out", str(tmp_path / "z")])
+        assert r.exit_code == 2 and "--kinds" in r.stderr and not (tmp_path / "z").exists(), bad
+
+
+def test_val_split_leaves_the_test_split_unchanged(tmp_path):
+    a = make_synth(tmp_path / "a", n=30, seed=5, test_fraction=0.2, kinds="search")
+    b = make_synth(tmp_path / "b", n=30, seed=5, test_fraction=0.2, val_fraction=0.3, kinds="search")
+    assert a["val"] == 0 and b["val"] > 0 and a["test"] == b["test"] > 0
+    ids = {s: [t["id"] for t in read_file(tmp_path / "b" / s / "tasks.jsonl")] for s in ("train", "val", "test")}
+    assert ids["test"] == [t["id"] for t in read_file(tmp_path / "a" / "test" / "tasks.jsonl")]
+    assert sorted(sum(ids.values(), [])) == sorted(t["id"] for t in read_file(tmp_path / "b" / "tasks.jsonl"))
+    assert not set(ids["val"]) & set(ids["train"]) and not (tmp_path / "a" / "val").exists()
+    with pytest.raises(Exception, match="val-fraction"):
+        make_synth(tmp_path / "c", n=4, test_fraction=0.5, val_fraction=0.5)
+
+
+def test_references_are_written_in_the_chosen_protocol(tmp_path):
+    make_synth(tmp_path / "m", n=5, seed=1, kinds="search", protocol="mars")
+    make_synth(tmp_path / "s", n=5, seed=1, kinds="search")
+    mars = read_file(tmp_path / "m" / "reference.jsonl")[0]["messages"][0]["content"]
+    default = read_file(tmp_path / "s" / "reference.jsonl")[0]["messages"][0]["content"]
+    assert mars == P.build_system_prompt(profile="mars")
+    assert default == P.build_system_prompt(profile=P.DEFAULT_PROFILE) and default != mars
+    r = CliRunner().invoke(app, ["data", "synth", "--tasks", "1", "--protocol", "nope", "--out", str(tmp_path / "z")])
+    assert r.exit_code == 2 and "--protocol" in r.stderr

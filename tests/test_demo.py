@@ -16,19 +16,30 @@ def test_offline_demo_runs_the_whole_recipe(tmp_path):
     if not (ROOT / ".venv" / "bin" / "mars").exists():
         pytest.skip("the demo installs into .venv; run scripts/bootstrap.sh first")
     work = tmp_path / "demo"
-    env = {**os.environ, "MARS_DEMO_DIR": str(work), "DEMO_TASKS": "6", "DEMO_TEST_FRACTION": "0.4", "DEMO_RL_STEPS": "1",
-           "DEMO_SAMPLES": "2", "DEMO_SFT_EPOCHS": "1", "DEMO_RL_TASKS": "2"}
+    env = {**os.environ, "MARS_DEMO_DIR": str(work), "DEMO_TASKS": "12", "DEMO_TEST_FRACTION": "0.3",
+           "DEMO_VAL_FRACTION": "0.1", "DEMO_RL_STEPS": "2", "DEMO_EVAL_EVERY": "1", "DEMO_SAMPLES": "2",
+           "DEMO_RL_TASKS": "2", "DEMO_EVAL_SAMPLES": "1", "DEMO_SFT_EPOCHS": "1"}
     p = subprocess.run(["bash", str(ROOT / "examples" / "offline_demo.sh")], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
     lines = p.stdout.strip().splitlines()
     assert lines[0].split() == ["stage", "episodes", "format", "accuracy", "tools/ep", "reward"]
-    assert [l.split()[0] for l in lines[1:]] == ["random", "sft", "rl"]
+    assert [l.split()[0] for l in lines[1:4]] == ["sft", "rl-1", "rl"]
+    assert lines[4].startswith("accuracy gain rl - sft:") and "95% paired bootstrap interval" in lines[4]
+    # one overall record per stage (all held-out tasks are one benchmark), rl written last
     metrics = [json.loads(l) for l in (work / "metrics.jsonl").read_text().splitlines()]
-    assert [m["label"] for m in metrics if m.get("subset") in (None, "all")] == ["random", "sft", "rl"]
-    # The RL step really trained: one update record with a checkpoint behind it.
-    update = json.loads((work / "update-metrics.jsonl").read_text().splitlines()[-1])
-    assert update["trajectories"] > 0 and (work / "policy-rl-1" / "config.json").exists()
+    overall = [m for m in metrics if m.get("by") is None]
+    assert [m["label"] for m in overall] == ["sft", "rl-1", "rl"] and metrics[-1]["label"] == "rl"
+    assert len({m["benchmark"] for m in overall}) == 1
+    test_tasks = (work / "data" / "test" / "tasks.jsonl").read_text().splitlines()
+    assert all(m["episodes"] == len(test_tasks) for m in overall)
+    # the RL steps really trained, on training tasks only; the last checkpoint is kept
+    updates = [json.loads(l) for l in (work / "update-metrics.jsonl").read_text().splitlines()]
+    assert len(updates) == 2 and updates[-1]["trajectories"] > 0
+    assert (work / "policy-rl-2" / "config.json").exists() and not (work / "policy-rl-1").exists()
+    held_out = {json.loads(l)["id"] for l in test_tasks}
+    trained = {json.loads(l)["id"] for l in (work / "rl-tasks.jsonl").read_text().splitlines()}
+    assert trained and not trained & held_out
     assert (work / "episodes.html").stat().st_size > 1000
     assert (work / "run.html").read_text().count("<svg") >= 6  # training and eval curves
 

@@ -170,9 +170,9 @@ def test_remaking_replaces_a_tiny_model(tmp_path):
 @pytest.fixture(scope="module")
 def small_vocab_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("small") / "m"
-    r = CliRunner().invoke(app, ["tiny-model", str(out), "--vocab", "4096", "--layers", "3"])
+    r = CliRunner().invoke(app, ["tiny-model", str(out), "--vocab", "4096", "--layers", "3", "--width", "96"])
     assert r.exit_code == 0, r.output
-    rec = json.loads(r.stdout)
+    rec = json.loads(r.stdout.strip().splitlines()[-1])  # a first import of DeepSpeed may note on stdout
     assert rec["vocab_size"] == 4160  # 4096 tokens + 22 specials, padded to 64
     return out
 
@@ -203,6 +203,7 @@ def test_truncated_vocab_model_runs_with_its_own_special_ids(small_vocab_dir):
     assert policy.special["image_pad"] == 4096 + qwen_vocab.SPECIALS_QWEN25.index("<|image_pad|>")
     cfg = policy.model.config
     assert cfg.image_token_id == policy.special["image_pad"] and cfg.text_config.num_hidden_layers == 3
+    assert cfg.text_config.hidden_size == 96 and cfg.text_config.num_attention_heads == 6
     ids = policy.tokenizer.encode("<|im_start|>user\nhello<|im_end|>", add_special_tokens=False)
     out = policy.model(input_ids=torch.tensor([ids]))
     assert out.logits.shape == (1, len(ids), 4160)
@@ -215,3 +216,7 @@ def test_bad_vocab_and_layers_are_refused(tmp_path):
         from mars_cli.models.tiny import make_tiny_model
 
         make_tiny_model(tmp_path / "n", layers=0)
+    with pytest.raises(MarsError, match="--width"):
+        make_tiny_model(tmp_path / "n", width=100)
+    r = CliRunner().invoke(app, ["tiny-model", str(tmp_path / "w"), "--width", "16"])
+    assert r.exit_code == 2 and not (tmp_path / "w").exists()

@@ -87,10 +87,18 @@ def synth(
     n: int = typer.Option(64, "--tasks", min=1, help="Number of tasks."),
     seed: int = typer.Option(0, "--seed", help="Everything follows from the seed: same seed, same files."),
     test_fraction: float = typer.Option(0.0, "--test-fraction", min=0.0, max=0.99, help="Also write train/ and test/ splits, this share in test."),
+    val_fraction: float = typer.Option(0.0, "--val-fraction", min=0.0, max=0.99,
+                                       help="Also write val/: this share of the tasks, for choosing settings (the test split stays the same)."),
     distractors: int = typer.Option(2, "--distractors", min=0, help="Extra unrelated corpus passages per task."),
     box_grid: int = typer.Option(50, "--box-grid", min=1, max=1000,
                                  help="Reference zoom boxes snap outward to multiples of this (0-1000 units): "
                                       "coarser boxes are fewer distinct numbers for a small policy to learn."),
+    kinds: Optional[str] = typer.Option(None, "--kinds",
+                                        help="Task kinds and their weights, KIND=W,… in rotation order: crop+search, perception, "
+                                             "search (e.g. search=3,crop+search=1) [default: crop+search=3,perception=1,search=1]."),
+    protocol: Optional[str] = typer.Option(None, "--protocol", envvar="MARS_PROTOCOL",
+                                           help="Protocol profile the reference trajectories are written in: sensenova | mars "
+                                                "(use the one rollout will use) [default: sensenova]."),
 ) -> None:
     """Make the offline synthetic high-resolution benchmark.
 
@@ -99,11 +107,22 @@ def synth(
     and a reference trajectory per task. Writes OUT/tasks.jsonl, corpus.jsonl,
     reference.jsonl, images/, artifacts/ (and train/, test/ with --test-fraction).
     """
-    from mars_cli.eval.synth import make_synth
+    from mars_cli.errors import MarsError, UsageError
+    from mars_cli.eval.synth import make_synth, parse_kinds
     from mars_cli.jsonl import RecordWriter
+    from mars_cli.protocol import get_profile
     from mars_cli.streams import summary as summary_line
 
-    summary = make_synth(out, n=n, seed=seed, test_fraction=test_fraction, distractors=distractors, box_grid=box_grid)
+    try:
+        parse_kinds(kinds)
+    except MarsError as e:
+        raise UsageError(str(e)) from None
+    get_profile(protocol)  # a UsageError naming the profiles
+    if test_fraction + val_fraction >= 1:
+        raise UsageError(f"--test-fraction {test_fraction:g} and --val-fraction {val_fraction:g} leave no training tasks")
+
+    summary = make_synth(out, n=n, seed=seed, test_fraction=test_fraction, distractors=distractors, box_grid=box_grid,
+                         kinds=kinds, protocol=protocol, val_fraction=val_fraction)
     summary_line(f"wrote {summary['tasks']} tasks, {summary['passages']} passages and {summary['images']} images to {out}")
     with RecordWriter() as w:
         w.write(summary)

@@ -22,10 +22,11 @@ def main(
                               help="Keep only Qwen's first N BPE tokens (special tokens follow at N): "
                                    "a model that trains many times faster on a CPU. Default: all 151,643."),
     layers: int = typer.Option(2, "--layers", min=1, max=32, help="Language-model layers."),
+    width: int = typer.Option(64, "--width", min=32, max=1024, help="Language-model hidden size, a multiple of 32 (attention heads of 16, MLP twice as wide)."),
 ) -> None:
     """Write a tiny random-weight VLM checkpoint.
 
-    A real Qwen2.5-VL or Qwen3-VL architecture shrunk to a 64-wide, 2-layer language model
+    A real Qwen2.5-VL or Qwen3-VL architecture shrunk to a 64-wide (--width), 2-layer (--layers) language model
     and a 2-block vision tower, with the real Qwen vocabulary and special-token ids, a chat
     template, an image-processor config and a generation config. It loads with the
     transformers classes from the directory alone, offline, and runs the whole pipeline
@@ -42,6 +43,6 @@ def main(
     out = out or out_opt
     if arch not in ARCH_CHOICES:
         raise UsageError(f"--arch must be one of {', '.join(ARCH_CHOICES)}, got {arch!r}")
-    path = make_tiny_model(out, arch=arch, seed=seed, vocab=vocab, layers=layers)
+    path = make_tiny_model(out, arch=arch, seed=seed, vocab=vocab, layers=layers, width=width)
     with RecordWriter() as w:
         w.write(describe(path))

@@ -7,15 +7,17 @@
     DIR/reference.jsonl   one reference trajectory per task (cold-start data for `mars sft`)
     DIR/images/           the 3840×2160 scenes (JPEG)
     DIR/artifacts/        the crops the reference trajectories show
-    DIR/train/, DIR/test/ tasks.jsonl + reference.jsonl of each split (with test_fraction > 0)
+    DIR/train/, DIR/test/ tasks.jsonl + reference.jsonl of each split (with test_fraction > 0),
+    DIR/val/              and of a validation split (with val_fraction > 0)
 
-Three kinds of task, in a fixed rotation by index:
+Three kinds of task, in a fixed rotation by index (`kinds` weights them; the default
+rotation is crop+search=3, perception=1, search=1):
 - "crop+search": a scene with one small yellow sign naming a made-up place; the question
   asks a fact about it, so the agent must zoom to read the name, then search the corpus;
 - "perception": which name is on the sign, four options (`scorer: mcq`);
 - "search": the question names the place outright; only a text search is needed.
 
-Everything about task i follows from (seed, i) alone, so `--n 128` extends `--n 64`.
+Everything about task i follows from (seed, i, kinds) alone, so `--tasks 128` extends `--tasks 64`.
 The reference trajectories are written with the protocol's own functions and real crop
 files, so they are exactly what the agent would produce and see.
 """
@@ -75,7 +77,40 @@ QUESTIONS = {
 }
 
 
-def plan_task(seed: int, i: int, taken: set[str]) -> dict:
+def parse_kinds(spec: str | None) -> tuple[str, ...]:
+    """The rotation of task kinds from `KIND=WEIGHT,…` (a bare KIND weighs 1), in the order given.
+
+    None gives the default rotation (TASK_TYPES). `search=3,crop+search=1` gives three
+    search tasks, then one crop+search task, and again.
+    """
+    if spec is None:
+        return TASK_TYPES
+    known = tuple(dict.fromkeys(TASK_TYPES))
+    rotation: list[str] = []
+    seen = set()
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        name, _, weight = part.partition("=")
+        name = name.strip()
+        if name not in known:
+            raise MarsError(f"--kinds: unknown kind {name!r} (known: {', '.join(known)})")
+        if name in seen:
+            raise MarsError(f"--kinds: {name} given twice")
+        seen.add(name)
+        try:
+            w = int(weight) if weight.strip() else 1
+        except ValueError:
+            raise MarsError(f"--kinds: the weight of {name} must be a whole number, got {weight!r}") from None
+        if not 0 <= w <= 1000:
+            raise MarsError(f"--kinds: the weight of {name} must be in [0, 1000], got {w}")
+        rotation += [name] * w
+    if not rotation:
+        raise MarsError(f"--kinds: no kind has a positive weight in {spec!r}")
+    return tuple(rotation)
+
+
+def plan_task(seed: int, i: int, taken: set[str], kinds: tuple[str, ...] = TASK_TYPES) -> dict:
     """Everything about task i except pixels: entity, near-miss distractors, question."""
     rng = np.random.default_rng([seed, i])
     name = _place_name(rng)
@@ -86,7 +121,7 @@ def plan_task(seed: int, i: int, taken: set[str]) -> dict:
     # A near namesake (same place word, other facts) makes the search need the exact name.
     near = _entity(rng, f"{_word(rng, 2)} {name.split()[-1]}")
     decoys = [_place_name(rng) for _ in range(int(rng.integers(8, 16)))]
-    ttype = TASK_TYPES[i % len(TASK_TYPES)]
+    ttype = kinds[i % len(kinds)]
     attr = ATTRIBUTES[int(rng.integers(0, len(ATTRIBUTES)))]
     plan = {"index": i, "id": f"synth-{seed}-{i:05d}", "type": ttype, "entity": ent, "near": near,
             "decoys": decoys, "attribute": attr, "scene_seed": [seed, i, 1]}
@@ -116,11 +151,12 @@ def render_plan(args: tuple[dict, str]) -> tuple[list[int], int]:
     return list(box), len(data)
 
 
-def _split_of(plan: dict, seed: int, test_fraction: float) -> str:
-    if test_fraction <= 0:
+def _split_of(plan: dict, seed: int, test_fraction: float, val_fraction: float = 0.0) -> str:
+    """test, val or train: one uniform draw per task, so the test split never depends on val_fraction."""
+    if test_fraction <= 0 and val_fraction <= 0:
         return "train"
     u = np.random.default_rng([seed, plan["index"], 7]).random()
-    return "test" if u < test_fraction else "train"
+    return "test" if u < test_fraction else "val" if u < test_fraction + val_fraction else "train"
 
 
 def _counted(bar, items):
@@ -131,8 +167,16 @@ def _counted(bar, items):
 
 
 def make_synth(out_dir: str | os.PathLike, *, n: int = 64, seed: int = 0, test_fraction: float = 0.0,
-               distractors: int = 2, box_grid: int = BOX_GRID, workers: int | None = None) -> dict:
-    """Generate the benchmark into `out_dir` (replaced atomically); returns a summary."""
+               distractors: int = 2, box_grid: int = BOX_GRID, workers: int | None = None,
+               kinds: str | None = None, protocol: str | None = None, val_fraction: float = 0.0) -> dict:
+    """Generate the benchmark into `out_dir` (replaced atomically); returns a summary.
+
+    `val_fraction` of the tasks also go to DIR/val/ (for choosing training settings
+    without touching test/). `kinds` weights the task kinds (parse_kinds); `protocol` is the profile the reference
+    trajectories are written in (its system prompt; default: the default profile).
+    """
+    from mars_cli.protocol import get_profile
+
     from mars_cli.fsutil import atomic_dir
     from mars_cli.records import make_task
 
@@ -140,11 +184,15 @@ def make_synth(out_dir: str | os.PathLike, *, n: int = 64, seed: int = 0, test_f
         raise MarsError(f"--n must be at least 1, got {n}")
     if not 0.0 <= test_fraction < 1.0:
         raise MarsError(f"--test-fraction must be in [0, 1), got {test_fraction}")
+    if not 0.0 <= val_fraction < 1.0 or test_fraction + val_fraction >= 1.0:
+        raise MarsError(f"--val-fraction must be in [0, 1) and leave training tasks beside --test-fraction, got {val_fraction}")
     if not 1 <= box_grid <= 1000:
         raise MarsError(f"--box-grid must be in [1, 1000] (units of the 0-1000 box scale), got {box_grid}")
+    rotation = parse_kinds(kinds)
+    profile = get_profile(protocol).name
     out_dir = Path(os.path.abspath(out_dir))  # absolute paths in records: they run from any directory
     taken: set[str] = set()
-    plans = [plan_task(seed, i, taken) for i in range(n)]
+    plans = [plan_task(seed, i, taken, rotation) for i in range(n)]
     rng = np.random.default_rng([seed, 1 << 20])
     extra = [_entity(rng, _place_name(rng)) for _ in range(distractors * n)]
     extra = [e for e in extra if e["name"] not in taken]
@@ -175,7 +223,7 @@ def make_synth(out_dir: str | os.PathLike, *, n: int = 64, seed: int = 0, test_f
         tasks, refs = [], []
         for p in plans:
             images = [str(out_dir / "images" / f"{p['id']}.jpg")] if p["type"] != "search" else []
-            meta = {"type": p["type"], "split": _split_of(p, seed, test_fraction), "seed": seed}
+            meta = {"type": p["type"], "split": _split_of(p, seed, test_fraction, val_fraction), "seed": seed}
             if p["type"] != "perception":
                 meta["attribute"] = p["attribute"]
             if "box" in p:
@@ -185,19 +233,21 @@ def make_synth(out_dir: str | os.PathLike, *, n: int = 64, seed: int = 0, test_f
                              choices=p.get("choices"), benchmark=BENCHMARK,
                              scorer="mcq" if p["type"] == "perception" else "em", meta=meta)
             tasks.append(task)
-            refs.append(reference_trajectory(task, p, search_results(p, corpus), tmp, out_dir, box_grid=box_grid))
+            refs.append(reference_trajectory(task, p, search_results(p, corpus), tmp, out_dir, box_grid=box_grid,
+                                            profile=profile))
 
         _write(tmp / "tasks.jsonl", tasks)
         _write(tmp / "reference.jsonl", refs)
         _write(tmp / "corpus.jsonl", corpus)
-        if test_fraction > 0:
-            for split in ("train", "test"):
+        if test_fraction > 0 or val_fraction > 0:
+            for split in ["train"] + ["val"] * (val_fraction > 0) + ["test"] * (test_fraction > 0):
                 (tmp / split).mkdir()
                 _write(tmp / split / "tasks.jsonl", [t for t in tasks if t["meta"]["split"] == split])
                 _write(tmp / split / "reference.jsonl", [r for r in refs if r["meta"]["split"] == split])
-    counts = {t: sum(1 for p in plans if p["type"] == t) for t in dict.fromkeys(TASK_TYPES)}
+    counts = {t: sum(1 for p in plans if p["type"] == t) for t in dict.fromkeys(rotation)}
     return {"out": str(out_dir), "tasks": n, "passages": len(corpus), "images": len(drawn), "types": counts,
-            "test": sum(1 for t in tasks if t["meta"]["split"] == "test") if test_fraction > 0 else 0}
+            "test": sum(1 for t in tasks if t["meta"]["split"] == "test"),
+            "val": sum(1 for t in tasks if t["meta"]["split"] == "val")}
 
 
 # --- reference trajectories ------------------------------------------------------------
@@ -239,7 +289,7 @@ def padded_bbox(box_px: list[int], size: tuple[int, int], pad: float = 0.3, grid
 
 
 def reference_trajectory(task: dict, plan: dict, results: list[dict], tmp: Path, final: Path, *,
-                         box_grid: int = BOX_GRID) -> dict:
+                         box_grid: int = BOX_GRID, profile: str | None = None) -> dict:
     """The episode a perfect agent has on this task, in the protocol's exact format."""
     from mars_cli import protocol as P
     from mars_cli.eval.render_synth import CANVAS
@@ -247,7 +297,7 @@ def reference_trajectory(task: dict, plan: dict, results: list[dict], tmp: Path,
     from mars_cli.tools.text_search import render_text_results
 
     ent = plan["entity"]
-    messages = P.initial_messages(task)
+    messages = P.initial_messages(task, profile=profile or P.DEFAULT_PROFILE)
     calls: list[dict] = []
 
     def act(thinking: str, *, call=None, answer=None, result=None):

@@ -49,14 +49,17 @@ CHAT_TEMPLATE = (
 )
 
 
-def _configs(arch: str, special: dict[str, int], *, vocab_size: int | None = None, layers: int = 2):
+def _configs(arch: str, special: dict[str, int], *, vocab_size: int | None = None, layers: int = 2, width: int = 64):
     """The transformers config object of the tiny model of `arch`.
 
     `vocab_size`: the embedding rows of a truncated vocabulary (None: Qwen's own).
+    `width`: the language model's hidden size, a multiple of 32 (heads of 16, MLP 2x).
     """
+    if width < 32 or width % 32:
+        raise MarsError(f"the width must be a positive multiple of 32, got {width}")
     common_text = dict(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, hidden_act="silu", max_position_embeddings=32768, rms_norm_eps=1e-6,
+        hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers, num_attention_heads=width // 16,
+        num_key_value_heads=width // 32, hidden_act="silu", max_position_embeddings=32768, rms_norm_eps=1e-6,
         tie_word_embeddings=True, bos_token_id=special["<|endoftext|>"], eos_token_id=special["<|im_end|>"],
         pad_token_id=special["<|endoftext|>"],
     )
@@ -69,7 +72,7 @@ def _configs(arch: str, special: dict[str, int], *, vocab_size: int | None = Non
         text = dict(common_text, vocab_size=vocab_size or 152064,
                     rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]})
         vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, in_channels=3, patch_size=14,
-                      spatial_merge_size=2, temporal_patch_size=2, window_size=112, out_hidden_size=64,
+                      spatial_merge_size=2, temporal_patch_size=2, window_size=112, out_hidden_size=width,
                       fullatt_block_indexes=[1], tokens_per_second=2, hidden_act="silu")
         return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **ids)
     if arch == "qwen3-vl":
@@ -79,7 +82,7 @@ def _configs(arch: str, special: dict[str, int], *, vocab_size: int | None = Non
                     rope_parameters={"rope_type": "default", "rope_theta": 5000000.0,
                                      "mrope_section": [4, 2, 2], "mrope_interleaved": True})
         vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, in_channels=3, patch_size=16,
-                      spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=64,
+                      spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=width,
                       num_position_embeddings=64, deepstack_visual_indexes=[0], hidden_act="gelu_pytorch_tanh")
         return Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=True, **ids)
     raise MarsError(f"unknown architecture {arch!r} (expected one of: {', '.join(ARCHS)})")
@@ -101,12 +104,13 @@ def _preprocessor_config(arch: str) -> dict:
 
 
 def make_tiny_model(out_dir: str | Path, *, arch: str = "qwen2.5-vl", seed: int = 0, vocab: int | None = None,
-                    layers: int = 2) -> Path:
+                    layers: int = 2, width: int = 64) -> Path:
     """Write a tiny random-weight checkpoint of `arch` into `out_dir` (atomically).
 
     `vocab` keeps only Qwen's first `vocab` BPE tokens (special tokens right after): the
     same tokenizer stopped early, so text takes more, commoner tokens and the output layer
-    (most of a tiny model's compute) shrinks with it. `layers`: language-model depth.
+    (most of a tiny model's compute) shrinks with it. `layers`: language-model depth;
+    `width`: its hidden size (a multiple of 32).
     """
     import torch
 
@@ -117,6 +121,8 @@ def make_tiny_model(out_dir: str | Path, *, arch: str = "qwen2.5-vl", seed: int 
         raise MarsError(f"unknown architecture {arch!r} (expected one of: {', '.join(ARCHS)})")
     if not 1 <= layers <= 32:
         raise MarsError(f"--layers must be between 1 and 32, got {layers}")
+    if not 32 <= width <= 1024 or width % 32:
+        raise MarsError(f"--width must be a multiple of 32 in [32, 1024], got {width}")
     out_dir = Path(out_dir)
     # Replacing is for re-making a tiny model; never swap away some other directory.
     if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / META_FILE).is_file())):
@@ -127,7 +133,7 @@ def make_tiny_model(out_dir: str | Path, *, arch: str = "qwen2.5-vl", seed: int 
         # A truncated vocabulary's rows: up to a multiple of 64 past the special tokens,
         # as the real checkpoints pad theirs.
         vocab_size = None if vocab is None else -(-(max(special.values()) + 1) // 64) * 64
-        config = _configs(arch, special, vocab_size=vocab_size, layers=layers)
+        config = _configs(arch, special, vocab_size=vocab_size, layers=layers, width=width)
         model_cls = _model_class(arch)
         # Initialise on a private generator state so the weights depend on the seed only.
         with torch.random.fork_rng(devices=[]):
