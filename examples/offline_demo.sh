@@ -124,7 +124,7 @@ log "4. pages: $W/episodes.html and the curves, $W/run.html"
 mars show "$W/judged-rl.jsonl" -o "$W/episodes.html" >/dev/null
 mars plot "$W/update-metrics.jsonl" "$W/sft-metrics.jsonl" "$W/metrics.jsonl" -o "$W/run.html" >/dev/null
 
-log "results on the held-out tasks ($EVAL_SAMPLES samples each, temperature 1)"
+log "results on the held-out tasks ($EVAL_SAMPLES sampled episodes per task, temperature 1)"
 python3 - "$W" <<'PY'
 import json, random, sys
 from collections import defaultdict
