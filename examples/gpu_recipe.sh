@@ -190,7 +190,7 @@ for step in $(seq 1 "$STEPS"); do
             push=(--push "$S")
         fi
         append "$W/update-metrics.jsonl" mars update "$d/batch.jsonl" --policy "$policy" --ref "$SFT" --out "$ckpt" \
-            --state "$W/optimizer" --loss gspo --lr "$LR" --beta "$BETA" --mini-batch "$MINI_BATCH" --seed "$step" \
+            --state "$W/optimizer" --loss gspo --lr "$LR" --beta "$BETA" --batch-size "$MINI_BATCH" --seed "$step" \
             --nproc "$NPROC" --zero 3 --bf16 --gradient-checkpointing "${push[@]}"
     fi
     policy="$ckpt"

@@ -28,7 +28,7 @@ RANGES: dict[str, tuple] = {
     "crop --min-side": (1, 65500, False, False),
     "crop --max-pixels": GE1, "crop --min-pixels": GE1, "crop --max-image-pixels": GE1,
     "rollout -n": GE1, "rollout --max-turns": GE1, "rollout --max-total-tokens": GE1,
-    "rollout --max-new-tokens": GE1, "rollout --batch-size": GE1, "rollout --temperature": GE0,
+    "rollout --max-new-tokens": GE1, "rollout --temperature": GE0,
     "rollout --top-p": UNIT_OPEN_LOW, "rollout --top-k": GE0, "rollout --presence-penalty": (-2, 2, False, False),
     "rollout --tp": GE1, "rollout --gpu-memory-utilization": UNIT_OPEN_LOW,
     "rollout --request-timeout": GT0, "rollout --retries": GE0,

@@ -309,7 +309,8 @@ def test_stage_waiting_for_input_ends_quietly_when_its_reader_goes(command):
     proc = subprocess.Popen([sys.executable, "-m", "mars_cli", command], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        proc.stdin.write(lines([judged("a", 0, 1.0)]).encode())  # input still open: the stage waits
+        rec = {**judged("a", 0, 1.0), "answers": ["yes"], "prediction": "yes"}  # a gold: judge has nothing to warn of
+        proc.stdin.write(lines([rec]).encode())  # input still open: the stage waits
         proc.stdin.flush()
         import time
 

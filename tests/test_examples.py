@@ -241,7 +241,7 @@ def test_gpu_recipe_dry_run_parses_and_has_the_papers_numbers(tmp_path):
         assert flag(u, "--lr") == "1e-6" and float(flag(u, "--beta")) == 1e-4
         assert flag(u, "--ref") == flag(sft, "--out") and flag(u, "--nproc") == "8" and flag(u, "--zero") == "3"
         assert "--bf16" in u and flag(u, "--state")
-        assert flag(u, "--mini-batch") == "256"  # 4 optimizer steps per 1024 trajectories: GSPO's clip can act
+        assert flag(u, "--batch-size") == "256"  # 4 optimizer steps per 1024 trajectories: GSPO's clip can act
     # Each step trains the checkpoint the previous step wrote.
     assert [flag(u, "--policy") for u in updates[1:]] == [flag(u, "--out") for u in updates[:-1]]
     rollouts = by_command(cmds, "rollout")

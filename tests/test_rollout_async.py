@@ -248,7 +248,7 @@ def test_resume_drops_a_torn_line_and_reruns_errors(img, tmp_path, monkeypatch):
 def test_batch_size_is_an_alias_that_warns(img, tmp_path, monkeypatch):
     eng = ScriptedEngine(turn_script([answer("a")]))
     r = _cli(monkeypatch, eng, ["--batch-size", "2"], json.dumps(task(img)) + "\n", tmp_path)
-    assert r.exit_code == 0 and "--batch-size is an old name for --max-inflight" in r.stderr
+    assert r.exit_code == 0 and "--batch-size is now --max-inflight" in r.stderr
     r = Ran(["rollout", "--server", "http://x", "--engine", "vllm"], input="")
     assert r.exit_code == 2 and "--server and --engine vllm disagree" in r.stderr
 

@@ -97,7 +97,7 @@ def test_resume_from_state_equals_an_uninterrupted_run(tiny_policy_dir, tmp_path
     common = ["--loss", "grpo", "--old-logprobs", "rollout", "--lr", "1e-3", "--beta", "0", "--micro-batch-tokens", "200",
               "--zero", "2"]
     r = H.Ran(["update", str(both), "--policy", str(tiny_policy_dir), "--out", str(tmp_path / "whole"),
-                            "--mini-batch", "2", *common])
+                            "--batch-size", "2", *common])
     assert r.exit_code == 0, r.stderr
     whole = json.loads(r.stdout)
     assert whole["steps"] == 2 and whole["step"] == 2
@@ -148,14 +148,14 @@ def test_non_finite_loss_stops_and_writes_nothing(tiny_policy_dir, tmp_path):
 
 
 def test_minibatches_checkpointing_and_vision_training(tiny_policy_dir, tmp_path):
-    """--mini-batch 1: old log-probs come from the policy before the first step, so later
+    """--batch-size 1: old log-probs come from the policy before the first step, so later
     steps see ratios ≠ 1; --train-vision moves the vision tower; --deepspeed takes a file."""
     from mars_cli.models.load import load_policy
     from mars_cli.rl.engine import CONFIG_DIR
 
     batch = H.write_batch(tiny_policy_dir, tmp_path / "b.jsonl", [1.0, -1.0, 1.0], image_dir=tmp_path)
     out = tmp_path / "o"
-    r = H.Ran(["update", batch, "--policy", tiny_policy_dir, "--out", out, "--mini-batch", "1", "--lr", "1e-3",
+    r = H.Ran(["update", batch, "--policy", tiny_policy_dir, "--out", out, "--batch-size", "1", "--lr", "1e-3",
                "--gradient-checkpointing", "--train-vision", "--deepspeed", CONFIG_DIR / "zero2.json", "--beta", "0",
                "--eps-low", "0.5", "--eps-high", "0.5"])
     assert r.exit_code == 0, r.stderr

@@ -78,9 +78,9 @@ def _one_record(ran):
 
 def test_zero3_two_ranks_uneven_update_equals_zero2(small_policy_dir, tmp_path):
     batch = _uneven_batch(small_policy_dir, tmp_path)
-    # --mini-batch 2: the second step's one trajectory leaves rank 1 nothing but a filler.
+    # --batch-size 2: the second step's one trajectory leaves rank 1 nothing but a filler.
     common = ["--policy", small_policy_dir, "--lr", "1e-3", "--micro-batch-tokens", "60", "--beta", "0",
-              "--mini-batch", "2"]
+              "--batch-size", "2"]
     ref = _one_record(H.Ran(["update", batch, "--out", tmp_path / "z2", "--zero", "2", *common]))
     got = _one_record(H.Ran(["update", batch, "--out", tmp_path / "z3", "--zero", "3", "--nproc", "2", *common]))
     for k in ("loss", "grad_norm", "grad_norm_max", "ratio_mean"):

@@ -13,10 +13,12 @@ from typing import List, Optional
 import typer
 
 from mars_cli.errors import UsageError
+from mars_cli.flags import renamed
 
 E = "MARS_"
 
 
+@renamed({"--batch-size": "--max-inflight"})
 def main(
     ctx: typer.Context,
     files: List[str] = typer.Argument(None, help="Task JSONL files (default: stdin)."),
@@ -33,7 +35,6 @@ def main(
     max_total_tokens: Optional[int] = typer.Option(None, "--max-total-tokens", help="Optional cap on prompt + response (off by default)."),
     max_new_tokens: int = typer.Option(2048, "--max-new-tokens", help="Tokens per turn."),
     max_inflight: int = typer.Option(64, "--max-inflight", help="Episodes running at once (every engine)."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", hidden=True, help="Old name of --max-inflight."),
     min_pixels: Optional[int] = typer.Option(None, "--min-pixels", help="Image resize floor in pixels (default: the checkpoint's)."),
     max_pixels: Optional[int] = typer.Option(None, "--max-pixels", help="Image resize ceiling in pixels (default: the checkpoint's)."),
     protocol: Optional[str] = typer.Option(None, "--protocol", envvar=E + "PROTOCOL", help="Prompt profile: sensenova | mars."),
@@ -76,7 +77,6 @@ def main(
     stops reading: the started episodes finish, then exit 1. One summary line ends every run.
     """
     from mars_cli import presets as _presets
-    from mars_cli import streams
     from mars_cli.agent import run as runner
 
     if check:
@@ -88,9 +88,6 @@ def main(
         raise UsageError("--resume needs -o FILE (the output to continue)")
     if n < 1:
         raise UsageError(f"-n must be at least 1, got {n}")
-    if batch_size is not None:
-        streams.warn("--batch-size is an old name for --max-inflight")
-        max_inflight = batch_size
     if max_inflight < 1:
         raise UsageError(f"--max-inflight must be at least 1, got {max_inflight}")
     if not 0 <= max_error_rate <= 1:

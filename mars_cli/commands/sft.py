@@ -11,7 +11,7 @@ import typer
 def main(
     files: Optional[List[Path]] = typer.Argument(None, help="Trajectory JSONL (teacher or reference) [default: stdin]."),
     policy: Path = typer.Option(..., "--policy", envvar="MARS_POLICY", help="The checkpoint directory to start from."),
-    out: Path = typer.Option(..., "--out", help="Where to write the fine-tuned checkpoint (atomically)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Where to write the fine-tuned checkpoint (atomically)."),
     state: Optional[Path] = typer.Option(None, "--state", envvar="MARS_STATE", help="Optimizer state dir: resumed if present, then saved."),
     epochs: int = typer.Option(1, "--epochs", min=1, help="Passes over the data."),
     lr: float = typer.Option(1e-5, "--lr", envvar="MARS_SFT_LR", help="Peak AdamW learning rate."),

@@ -7,7 +7,10 @@ from typing import List, Optional
 
 import typer
 
+from mars_cli.flags import renamed
 
+
+@renamed({"--mini-batch": "--batch-size"})
 def main(
     ctx: typer.Context,
     files: Optional[List[Path]] = typer.Argument(None, help="Scored trajectory JSONL (with advantages) [default: stdin]."),
@@ -22,7 +25,7 @@ def main(
     lr: float = typer.Option(1e-6, "--lr", envvar="MARS_LR", help="AdamW learning rate."),
     weight_decay: float = typer.Option(0.01, "--weight-decay", help="AdamW weight decay."),
     grad_clip: float = typer.Option(1.0, "--grad-clip", help="Clip the global gradient norm to this."),
-    mini_batch: Optional[int] = typer.Option(None, "--mini-batch", min=1, help="Trajectories per optimizer step [default: all, one step]."),
+    mini_batch: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Trajectories per optimizer step (as sft's --batch-size) [default: all, one step]."),
     micro_batch_tokens: Optional[int] = typer.Option(None, "--micro-batch-tokens", min=1, envvar="MARS_MICRO_BATCH_TOKENS", help="Padded tokens per forward/backward [default: 4096 on a GPU, 1024 on a CPU]."),
     old_logprobs: str = typer.Option("recompute", "--old-logprobs", help="recompute (with the policy before the step) or rollout."),
     zero: int = typer.Option(0, "--zero", envvar="MARS_ZERO", help="DeepSpeed ZeRO stage: 0, 2 or 3 (packaged configs)."),

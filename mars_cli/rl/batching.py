@@ -142,7 +142,7 @@ def minibatches(n: int, size: int | None) -> list[list[int]]:
     if size is None or size >= n:
         return [list(range(n))]
     if size < 1:
-        raise MarsError(f"--mini-batch must be at least 1, got {size}")
+        raise MarsError(f"--batch-size must be at least 1, got {size}")
     return [list(range(s, min(s + size, n))) for s in range(0, n, size)]
 
 
