@@ -73,6 +73,7 @@ def _weights_close(a_dir, b_dir):
 
 def _one_record(ran):
     assert ran.exit_code == 0, ran.stderr
+    assert " is now " not in ran.stderr  # the relaunched ranks get the flags' current names
     return [json.loads(x) for x in ran.stdout.splitlines()][-1]
 
 

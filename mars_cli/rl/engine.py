@@ -43,8 +43,36 @@ def under_launcher() -> bool:
     return "LOCAL_RANK" in os.environ and "LOCAL_RANK" not in _DEFAULTED
 
 
+def _teardown() -> None:
+    """At exit: stop the input prefetcher and destroy the process group, in that order.
+
+    Left to interpreter shutdown, a live gloo/NCCL process group is destructed while its
+    threads still run, and the C++ runtime aborts a rank that had finished its work
+    ("terminate called without an active exception", exit -6).
+    """
+    from mars_cli.rl.prefetch import PREFETCHER
+
+    PREFETCHER.close()
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    except Exception:  # noqa: BLE001 - exiting anyway; a failed teardown must not mask the exit status
+        pass
+
+
+_TEARDOWN_REGISTERED = False
+
+
 def setup_distributed() -> tuple[int, int]:
     """Fill in single-process defaults for the launcher variables; return (rank, world)."""
+    global _TEARDOWN_REGISTERED
+    if not _TEARDOWN_REGISTERED:
+        import atexit
+
+        atexit.register(_teardown)
+        _TEARDOWN_REGISTERED = True
     env = os.environ
     _DEFAULTED.update(k for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE") if k not in env)
     env.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -287,10 +315,11 @@ def config_argv(cfg) -> list[str]:
     """A config dataclass back to the command's flags (field foo_bar ↔ --foo-bar)."""
     from dataclasses import fields
 
+    renamed = getattr(cfg, "FLAG_NAMES", {})  # fields whose flag is not --field-name
     out: list[str] = []
     for f in fields(cfg):
         v = getattr(cfg, f.name)
-        flag = "--" + f.name.replace("_", "-")
+        flag = renamed.get(f.name) or "--" + f.name.replace("_", "-")
         if v is None:
             continue
         if isinstance(v, bool):

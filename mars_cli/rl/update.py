@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass
+from typing import ClassVar
 
 from mars_cli import streams
 from mars_cli.errors import MarsError, UsageError
@@ -30,6 +31,8 @@ from mars_cli.rl.checkpoint import read_meta, save_checkpoint
 
 @dataclass
 class UpdateConfig:
+    FLAG_NAMES: ClassVar[dict] = {"mini_batch": "--batch-size"}  # config_argv: the flag's current name
+
     policy: str
     out: str
     ref: str | None = None
