@@ -9,7 +9,6 @@ lost engine (no server left), or more `error` episodes than `--max-error-rate` a
 
 from __future__ import annotations
 
-import inspect
 import os
 from pathlib import Path
 
@@ -59,15 +58,12 @@ def open_toolbox(artifacts: str | os.PathLike, *, search_backend: str | None = N
             from mars_cli.tools.image_search import open_image_search
 
             image_search = open_image_search(backend, index=image_index, cache=tool_cache, replay=replay)
-    kwargs = {}
-    accepted = inspect.signature(Toolbox).parameters
-    if profile is not None and "profile" in accepted:
-        kwargs["profile"] = profile  # tool result strings per protocol profile
-    # the official crop rule works on the image as the model sees it: the engine's limits
-    pixels = getattr(engine, "pixels", None) or {}
+    kwargs: dict = {"profile": profile} if profile is not None else {}  # tool result strings per profile
+    # The official crop rule works on the image as the model sees it: the engine's limits.
+    pixels = (engine.pixels if engine is not None else None) or {}
     for key, value in (("min_pixels", pixels.get("min")), ("max_pixels", pixels.get("max")),
-                       ("factor", getattr(engine, "image_factor", None))):
-        if value is not None and key in accepted:
+                       ("factor", engine.image_factor if engine is not None else None)):
+        if value is not None:
             kwargs[key] = value
     return Toolbox(artifacts, text_search=text_search, image_search=image_search, k=k, **kwargs)
 
