@@ -43,6 +43,17 @@ def test_deepspeed_accelerator_note_only_with_verbose():
     assert "Setting accelerator to CPU" in loud.stderr + loud.stdout
 
 
+def test_loading_a_policy_keeps_deepspeeds_note_off_stderr(tiny_policy_dir):
+    """Any command that loads a policy (here `rollout --check`): transformers imports DeepSpeed."""
+    code = ("import sys; from mars_cli.models.load import load_policy; load_policy(sys.argv[1]); "
+            "import deepspeed")
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    r = subprocess.run([sys.executable, "-c", code, str(tiny_policy_dir)], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "Setting accelerator" not in r.stderr + r.stdout
+
+
 def test_transformers_bars_only_with_verbose(monkeypatch):
     from transformers.utils import logging as hf_logging
 

@@ -278,6 +278,7 @@ def load_policy(path, *, device: str = "cpu", dtype=None, trainable: bool = Fals
     import transformers
 
     quiet_transformers()
+    quiet_deepspeed()  # transformers imports DeepSpeed when it is installed
     check_attn_implementation(attn_implementation, device=device, dtype=dtype)
     path = model_dir(path)
     cfg = read_config(path)
