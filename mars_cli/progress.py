@@ -150,7 +150,8 @@ class LogProgress:
         elapsed = now - self.start
         head = f"{self._desc()}: " if self._desc() else ""
         tail = f"; {self.postfix}" if self.postfix else ""
-        return f"{head}{_num(self.n)} {self.unit} in {duration(elapsed)} ({_rate(self.n, elapsed, self.unit)}){tail}"
+        unit = self.unit[:-1] if self.n == 1 and self.unit.endswith("s") else self.unit  # "1 step", "2 steps"
+        return f"{head}{_num(self.n)} {unit} in {duration(elapsed)} ({_rate(self.n, elapsed, self.unit)}){tail}"
 
     @staticmethod
     def _print(line: str) -> None:

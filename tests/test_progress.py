@@ -148,3 +148,14 @@ def test_judge_cli_off_a_terminal_ends_with_a_summary(tmp_path):
     lines = r.stderr.splitlines()
     assert lines[0].startswith("mars judge: 1/3 records (33%)") and "ETA" in lines[0]
     assert lines[-1].startswith("mars judge: 3 records in ")
+
+
+def test_summary_says_one_step_not_one_steps():
+    from mars_cli.progress import LogProgress
+
+    one = LogProgress(None, unit="steps", summary=False)
+    one.update(1)
+    assert " 1 step in " in " " + one.final_line(one.start + 2.0)
+    two = LogProgress(None, unit="steps", summary=False)
+    two.update(2)
+    assert " 2 steps in " in " " + two.final_line(two.start + 2.0)
