@@ -7,6 +7,8 @@ from typing import List, Optional
 
 import typer
 
+from mars_cli.commands import _training as T
+
 from mars_cli.flags import renamed
 
 
@@ -34,16 +36,16 @@ def main(
     gradient_checkpointing: bool = typer.Option(False, "--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute activations in backward."),
     bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help="bf16 weights and DeepSpeed bf16 [default: on a GPU]."),
     seed: int = typer.Option(0, "--seed", help="Torch seed."),
-    min_pixels: Optional[int] = typer.Option(None, "--min-pixels", min=1, help="Image pixel floor for records without policy.pixels (which keep the limits their rollout used) [default: the checkpoint's min_pixels]."),
-    max_pixels: Optional[int] = typer.Option(None, "--max-pixels", min=1, help="Image pixel cap for records without policy.pixels [default: the checkpoint's max_pixels]."),
-    attn_implementation: Optional[str] = typer.Option(None, "--attn-implementation", envvar="MARS_ATTN_IMPLEMENTATION", help="sdpa | flash_attention_2 (flash-attn package, CUDA) | eager [default: sdpa]."),
-    nproc: int = typer.Option(1, "--nproc", min=1, help="Run N processes (torch.distributed.run); records sharded by rank."),
-    nnodes: int = typer.Option(1, "--nnodes", min=1, help="Nodes in the job: start this same command on each, with its --node-rank."),
-    node_rank: int = typer.Option(0, "--node-rank", min=0, help="This node's index; node 0 is at --master-addr and writes the outputs."),
-    master_addr: Optional[str] = typer.Option(None, "--master-addr", help="Node 0's address, reachable from every node (with --nnodes)."),
-    master_port: int = typer.Option(29500, "--master-port", min=1, max=65535, help="Node 0's rendezvous port (with --nnodes)."),
-    report_to: str = typer.Option("none", "--report-to", envvar="MARS_REPORT_TO", help="Also log metrics to tensorboard or wandb (none: only the records)."),
-    logging_dir: Optional[Path] = typer.Option(None, "--logging-dir", envvar="MARS_LOGGING_DIR", help="Where --report-to writes [default: under ./runs/, named by the command and the time]."),
+    min_pixels: Optional[int] = T.MIN_PIXELS,
+    max_pixels: Optional[int] = T.MAX_PIXELS,
+    attn_implementation: Optional[str] = T.ATTN_IMPLEMENTATION,
+    nproc: int = T.NPROC,
+    nnodes: int = T.NNODES,
+    node_rank: int = T.NODE_RANK,
+    master_addr: Optional[str] = T.MASTER_ADDR,
+    master_port: int = T.MASTER_PORT,
+    report_to: str = T.REPORT_TO,
+    logging_dir: Optional[Path] = T.LOGGING_DIR,
     follow: bool = typer.Option(False, "--follow", help="Stay resident: read a stream of batches, one optimizer step as each completes."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="With --follow: exit after N steps [default: at the end of input]."),
     save_every: int = typer.Option(1, "--save-every", min=1, help="With --follow: write OUT/step-N every K steps (the last step always)."),
@@ -51,7 +53,7 @@ def main(
     push: Optional[str] = typer.Option(None, "--push", envvar="MARS_PUSH", help="Policy servers (URL[,URL…]) that load each new checkpoint."),
     push_dir: Optional[Path] = typer.Option(None, "--push-dir", help="With --follow --push: where weights of unsaved steps go [default: OUT/.push; /dev/shm/… avoids the disk]."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unparsable lines with a warning."),
-    local_rank: Optional[int] = typer.Option(None, "--local_rank", "--local-rank", hidden=True, help="Set by the deepspeed launcher (LOCAL_RANK is read)."),
+    local_rank: Optional[int] = T.LOCAL_RANK,
     preset: Optional[str] = typer.Option(None, "--preset", help="official-script: the released training script's token-level clip 0.2/0.28, lr 1e-5, no KL, rollout log-probs; explicit flags win."),
 ) -> None:
     """Train the policy one step on a scored batch; write a checkpoint.
