@@ -173,6 +173,14 @@ def read_json(path: str | os.PathLike):
         raise MarsError(f"{path}: invalid JSON: {e}") from None
 
 
+def read_json_object(path: str | os.PathLike) -> dict:
+    """read_json for files that must hold one JSON object (configs, manifests)."""
+    value = read_json(path)
+    if not isinstance(value, dict):
+        raise MarsError(f"{path}: expected a JSON object")
+    return value
+
+
 def read_manifest(index_dir: str | os.PathLike, fmt: str, what: str, fields: dict[str, type]) -> dict:
     """An index folder's manifest.json, checked: its format and the fields a reader uses.
 
@@ -184,9 +192,7 @@ def read_manifest(index_dir: str | os.PathLike, fmt: str, what: str, fields: dic
     mf = index_dir / "manifest.json"
     if not mf.is_file():
         raise MarsError(f"{index_dir}: not {what} (no manifest.json; build one with `mars index`)")
-    manifest = read_json(mf)
-    if not isinstance(manifest, dict):
-        raise MarsError(f"{mf}: expected a JSON object")
+    manifest = read_json_object(mf)
     if manifest.get("format") != fmt:
         raise MarsError(f"{index_dir}: not {what} (format {manifest.get('format')!r})")
     for key, typ in fields.items():

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from mars_cli.errors import MarsError
-from mars_cli.fsutil import read_json, recover_dir
+from mars_cli.fsutil import read_json_object, recover_dir
 
 # config.json model_type → (our arch name, transformers class name)
 ARCHITECTURES = {
@@ -90,10 +90,7 @@ def read_config(path: str | Path) -> dict:
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
         raise MarsError(f"{path}: not a model directory (no config.json)")
-    cfg = read_json(cfg_path)
-    if not isinstance(cfg, dict):
-        raise MarsError(f"{cfg_path}: expected a JSON object")
-    return cfg
+    return read_json_object(cfg_path)
 
 
 def arch_of(cfg: dict, where: str | Path = "config.json") -> str:
@@ -241,7 +238,7 @@ def load_image_processor(path: str | Path, *, min_pixels: int | None = None, max
     cfg_path = path / "preprocessor_config.json"
     if not cfg_path.is_file():
         raise MarsError(f"{path}: no preprocessor_config.json (the image processor settings)")
-    cfg = read_json(cfg_path)
+    cfg = read_json_object(cfg_path)
     # Released configs name the torchvision-backed "Fast" class; the PIL class reads the
     # same fields, so build it from the dict rather than through the Auto class.
     cfg = {k: v for k, v in cfg.items() if k not in ("image_processor_type", "processor_class")}
