@@ -36,7 +36,7 @@ RANGES: dict[str, tuple] = {
     "ask --request-timeout": GT0, "ask --retries": GE0,
     "rollout --max-prompt-tokens": GE1, "rollout --max-response-tokens": GE1, "rollout --max-inflight": GE1,
     "rollout --min-pixels": GE1, "rollout --max-pixels": GE1, "rollout --max-error-rate": UNIT,
-    "rollout --batch-groups": GE1, "rollout --max-staleness": GE0,
+    "rollout --batch-groups": GE1, "rollout --max-staleness": GE0, "rollout --search-k": GE1,
     "ask --max-prompt-tokens": GE1, "ask --max-response-tokens": GE1, "ask --min-pixels": GE1, "ask --max-pixels": GE1,
     "serve --gpu-memory-utilization": UNIT_OPEN_LOW, "serve --min-pixels": GE1, "serve --max-pixels": GE1,
     "judge --format-weight": GE0, "judge --min-judge-success": UNIT, "judge --tool-cost": GE0, "judge --timeout": GT0,

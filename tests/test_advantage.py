@@ -322,3 +322,15 @@ def test_stage_waiting_for_input_ends_quietly_when_its_reader_goes(command):
     finally:
         proc.kill()
         proc.stdin.close()
+
+
+def test_sampled_by_means_each_judged_reward_and_skips_what_is_not_a_number():
+    from mars_cli.rl.sampled_by import SampledBy
+
+    tally = SampledBy()
+    recs = [{"reward": 1.0, "rewards": {"accuracy": 1.0, "format": 1.0}},
+            {"reward": 0.5, "rewards": {"accuracy": 0.0, "format": 1.0, "verdict": "wrong"}},
+            {"reward": float("nan"), "rewards": {"accuracy": True}}, {"reward": None}, {"no": "rewards"}]
+    assert [r for _, r in tally.tally((i, r) for i, r in enumerate(recs))] == recs
+    assert tally.rewards() == {"accuracy": 0.5, "format": 1.0, "reward": 0.75}
+    assert SampledBy().rewards() == {}

@@ -237,3 +237,104 @@ def test_references_are_written_in_the_chosen_protocol(tmp_path):
     assert default == P.build_system_prompt(profile=P.DEFAULT_PROFILE) and default != mars
     r = CliRunner().invoke(app, ["data", "synth", "--tasks", "1", "--protocol", "nope", "--out", str(tmp_path / "z")])
     assert r.exit_code == 2 and "--protocol" in r.stderr
+
+
+def _names(tasks):
+    import re
+
+    return [re.search(r"(?:is|was|founded) (.+?), an? ", t["question"]).group(1) for t in tasks]
+
+
+def test_word_names_come_from_the_lists_and_every_asked_name_has_one_passage(tmp_path):
+    from mars_cli.eval import synth as S
+
+    summary = make_synth(tmp_path / "w", n=300, seed=5, kinds="search", names="words", distractors=1)
+    tasks = read_file(tmp_path / "w" / "tasks.jsonl")
+    corpus = read_file(tmp_path / "w" / "corpus.jsonl")
+    names = _names(tasks)
+    assert len(set(names)) == len(names) == summary["tasks"]
+    for name in names:
+        first, place = name.split()
+        assert first in S._NAME_WORDS and place in S._WORD_PLACES
+    titles = [c["title"] for c in corpus]
+    assert all(titles.count(n) == 1 for n in names)  # a namesake or a distractor never takes an asked name
+    for t in tasks:
+        a = t["answers"][0]
+        attr = t["meta"]["attribute"]
+        if attr == "city":
+            assert a in S._CITY_WORDS
+        elif attr == "founder":
+            assert a.split()[0] in S._FIRST_NAMES and a.split()[1] in S._SURNAMES
+
+
+def test_word_names_refuse_more_tasks_than_the_lists_name(tmp_path):
+    r = CliRunner().invoke(app, ["data", "synth", "-o", str(tmp_path / "w"), "--tasks", "1711", "--names", "words"])
+    assert r.exit_code != 0 and "at most 1710 tasks" in r.stderr
+    assert not (tmp_path / "w").exists()
+    r = CliRunner().invoke(app, ["data", "synth", "-o", str(tmp_path / "w"), "--names", "latin"])
+    assert r.exit_code == 2 and "--names" in r.stderr
+
+
+def test_default_names_are_unchanged_by_the_word_option(tmp_path):
+    # made-up names draw exactly as before: the first task of seed 0 is the one the README shows
+    make_synth(tmp_path / "m", n=2, seed=0, kinds="search")
+    assert read_file(tmp_path / "m" / "tasks.jsonl")[1]["question"] == "In which city is Steasmountrea Quay, a observatory?"
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_search_k_references_show_what_rollout_s_search_returns(tmp_path, k):
+    from mars_cli.tools.index_text import build_text_index, parse_passage
+    from mars_cli.tools.text_search import open_text_search, render_text_results
+
+    prompt = "Answer by searching."
+    r = CliRunner().invoke(app, ["data", "synth", "-o", str(tmp_path / "s"), "--tasks", "12", "--kinds", "search",
+                                 "--names", "words", "--search-k", str(k), "--protocol", "mars", "--system-prompt", prompt])
+    assert r.exit_code == 0, r.stderr
+    build_text_index((parse_passage(c, None) for c in read_file(tmp_path / "s" / "corpus.jsonl")), tmp_path / "idx")
+    ts = open_text_search("local", index=str(tmp_path / "idx"))
+    for ref in read_file(tmp_path / "s" / "reference.jsonl"):
+        assert ref["messages"][0] == {"role": "system", "content": prompt}
+        query = ref["tool_calls"][0]["arguments"]["query"]
+        shown = ref["messages"][3]["content"][0]["text"]
+        assert shown == render_text_results(query, ts.search(query, k=k))
+        assert 1 <= shown.count("\n[") <= k and f"(doc {ref['id']}-entity)" in shown.splitlines()[1]
+        assert validate(ref, "trajectory", None)
+
+
+def test_vague_references_search_by_kind_and_answer_from_what_they_find(tmp_path):
+    from mars_cli.tools.index_text import build_text_index, parse_passage
+    from mars_cli.tools.text_search import open_text_search, render_text_results
+
+    make_synth(tmp_path / "a", n=200, seed=2, kinds="search", names="words", search_k=1, distractors=0)
+    make_synth(tmp_path / "b", n=200, seed=2, kinds="search", names="words", search_k=1, distractors=0, vague_fraction=0.5)
+    assert (tmp_path / "a" / "tasks.jsonl").read_bytes() == (tmp_path / "b" / "tasks.jsonl").read_bytes()
+    build_text_index((parse_passage(c, None) for c in read_file(tmp_path / "b" / "corpus.jsonl")), tmp_path / "idx")
+    ts = open_text_search("local", index=str(tmp_path / "idx"))
+    passages = {c["id"]: c for c in read_file(tmp_path / "b" / "corpus.jsonl")}
+    refs = read_file(tmp_path / "b" / "reference.jsonl")
+    vague = [r for r in refs if r["meta"].get("reference") == "vague"]
+    assert 70 <= len(vague) <= 130
+    wrong = 0
+    for r in vague:
+        query = r["tool_calls"][0]["arguments"]["query"]
+        assert query.split()[0] in ("lighthouse", "observatory", "brewery", "bridge", "museum", "ferry", "library", "mill")
+        hits = ts.search(query, k=1)
+        assert r["messages"][3]["content"][0]["text"] == render_text_results(query, hits)
+        # the answer is read off the passage found, whichever place that is
+        assert r["prediction"] in passages[hits[0]["doc_id"]]["text"]
+        assert P.parse_turn(r["messages"][4]["content"]).answer == r["prediction"]
+        wrong += r["prediction"] != r["answers"][0]
+        assert validate(r, "trajectory", None)
+    assert wrong > len(vague) // 2  # a vague query mostly finds another place
+    exact = [r for r in refs if r["meta"].get("reference") != "vague"]
+    assert all(r["prediction"] == r["answers"][0] for r in exact)
+    with pytest.raises(Exception, match="needs --search-k"):
+        make_synth(tmp_path / "c", n=2, vague_fraction=0.5)
+
+
+def test_attributes_choose_the_facts_questions_ask_for(tmp_path):
+    make_synth(tmp_path / "a", n=30, seed=1, kinds="search", attributes="city,founder")
+    asked = {t["meta"]["attribute"] for t in read_file(tmp_path / "a" / "tasks.jsonl")}
+    assert asked == {"city", "founder"}
+    r = CliRunner().invoke(app, ["data", "synth", "-o", str(tmp_path / "b"), "--attributes", "city,colour"])
+    assert r.exit_code == 2 and "'colour'" in r.stderr and not (tmp_path / "b").exists()

@@ -35,13 +35,38 @@ def test_offline_demo_runs_the_whole_recipe(tmp_path):
     assert all(m["episodes"] == len(test_tasks) for m in overall)
     # the RL steps really trained, on training tasks only; the last checkpoint is kept
     updates = [json.loads(l) for l in (work / "update-metrics.jsonl").read_text().splitlines()]
-    assert len(updates) == 2 and updates[-1]["trajectories"] > 0
-    assert (work / "policy-rl-2" / "config.json").exists() and not (work / "policy-rl-1").exists()
+    assert [u["step"] for u in updates] == [1, 2] and updates[-1]["trajectories"] > 0
+    assert all(u["push"]["ok"] for u in updates)  # every step reached the policy server
+    assert (work / "rl" / "step-2" / "config.json").exists() and (work / "rl" / "step-1" / "config.json").exists()
     held_out = {json.loads(l)["id"] for l in test_tasks}
     trained = {json.loads(l)["id"] for l in (work / "rl-tasks.jsonl").read_text().splitlines()}
     assert trained and not trained & held_out
+    sft_tasks = {json.loads(l)["id"] for l in (work / "sft-references.jsonl").read_text().splitlines()}
+    assert sft_tasks and not sft_tasks & held_out and not sft_tasks & trained
+    assert not _running(work)  # the policy server is gone
     assert (work / "episodes.html").stat().st_size > 1000
     assert (work / "run.html").read_text().count("<svg") >= 6  # training and eval curves
+
+
+def _running(work: Path) -> list[str]:
+    """Processes whose command line names the demo folder."""
+    p = subprocess.run(["pgrep", "-af", str(work)], capture_output=True, text=True)
+    return [line for line in p.stdout.splitlines() if "pgrep" not in line]
+
+
+@pytest.mark.slow
+def test_a_failing_rl_step_stops_the_server_and_fails_the_demo(tmp_path):
+    if not (ROOT / ".venv" / "bin" / "mars").exists():
+        pytest.skip("the demo installs into .venv; run scripts/bootstrap.sh first")
+    work = tmp_path / "demo"
+    env = {**os.environ, "MARS_DEMO_DIR": str(work), "DEMO_TASKS": "12", "DEMO_TEST_FRACTION": "0.3",
+           "DEMO_VAL_FRACTION": "0.1", "DEMO_RL_STEPS": "2", "DEMO_EVAL_EVERY": "0", "DEMO_SAMPLES": "2",
+           "DEMO_RL_TASKS": "2", "DEMO_EVAL_SAMPLES": "1", "DEMO_SFT_EPOCHS": "1", "DEMO_RL_LR": "nan"}
+    p = subprocess.run(["bash", str(ROOT / "examples" / "offline_demo.sh")], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=900)
+    assert p.returncode != 0 and "--lr" in p.stderr
+    assert (work / "serve.json").exists()  # the server had started
+    assert not _running(work)
 
 
 def test_demo_refuses_to_delete_a_folder_it_did_not_make(tmp_path):

@@ -115,3 +115,33 @@ def test_pixel_limits_reach_the_engine_and_the_record(tiny_policy_dir, tmp_path)
 
     size = load_image_processor(tiny_policy_dir).size
     assert json.loads(r.stdout)["policy"]["pixels"] == {"min": size["shortest_edge"], "max": size["longest_edge"]}
+
+
+def test_system_prompt_and_search_k_reach_the_episode(tiny_policy_dir, tmp_path, monkeypatch):
+    """--system-prompt replaces the prompt the policy sees; --search-k sets the results per search."""
+    from mars_cli.agent import run as runner
+    from mars_cli.tools.index_text import build_text_index
+
+    build_text_index([{"id": str(i), "title": f"Oak {i}", "text": f"Oak {i} is a tree."} for i in range(4)],
+                     tmp_path / "idx")
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_bytes(orjson.dumps(make_task("t", "Which oak?", answers=["x"])) + b"\n")
+    seen = {}
+    real_open = runner.open_toolbox
+
+    def spy(*a, **kw):
+        seen["toolbox"] = tb = real_open(*a, **kw)
+        return tb
+
+    monkeypatch.setattr(runner, "open_toolbox", spy)
+    out = tmp_path / "t.jsonl"
+    r = CliRunner().invoke(app, ["rollout", str(tasks), "--policy", str(tiny_policy_dir), "--max-turns", "1",
+                                 "--max-new-tokens", "4", "--protocol", "mars", "--system-prompt", "Be brief.",
+                                 "--index", str(tmp_path / "idx"), "--search-k", "2", "-o", str(out)])
+    assert r.exit_code == 0, r.stderr
+    [rec] = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rec["messages"][0] == {"role": "system", "content": "Be brief."}
+    tb = seen["toolbox"]
+    assert tb.k == 2 and len(tb.text_search.search("oak", k=tb.k)) == 2
+    r = CliRunner().invoke(app, ["rollout", str(tasks), "--policy", str(tiny_policy_dir), "--search-k", "0"])
+    assert r.exit_code == 2 and "--search-k" in r.stderr

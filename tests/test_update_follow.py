@@ -70,6 +70,9 @@ def test_two_batches_piped_take_two_steps_and_leave_one_loadable_checkpoint(tiny
     assert p.returncode == 0, p.stderr
     ms = metrics(p.stdout)
     assert [m["step"] for m in ms] == [1, 2] and all(m["kind"] == "update" for m in ms)
+    for m, batch in zip(ms, (b1, b2)):  # each step reports its own batch's mean judged rewards
+        recs = [json.loads(x) for x in batch.read_text().splitlines()]
+        assert m["rewards"]["reward"] == pytest.approx(sum(r["reward"] for r in recs) / len(recs))
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     tb = EventAccumulator(str(tmp_path / "tb"))  # each step's record, live, in TensorBoard's own reader

@@ -99,6 +99,22 @@ def synth(
     protocol: Optional[str] = typer.Option(None, "--protocol", envvar="MARS_PROTOCOL",
                                            help="Protocol profile the reference trajectories are written in: sensenova | mars "
                                                 "(use the one rollout will use) [default: sensenova]."),
+    system_prompt: Optional[str] = typer.Option(None, "--system-prompt", envvar="MARS_SYSTEM_PROMPT",
+                                                help="The reference trajectories' system prompt text, as `mars rollout "
+                                                     "--system-prompt` (use the one rollout will use)."),
+    search_k: Optional[int] = typer.Option(None, "--search-k", min=1,
+                                           help="Run the reference searches on a local index of the corpus, top K, as "
+                                                "`mars rollout --search-k K` will [default: the gold passage, then its namesake]."),
+    vague_fraction: float = typer.Option(0.0, "--vague-fraction", min=0.0, max=1.0,
+                                         help="This share of the references (with --search-k) search for the place's kind "
+                                              "and place word instead of its name and answer from whatever they find: the "
+                                              "cold start of a teacher that writes vague queries (the tasks stay the same)."),
+    attributes: Optional[str] = typer.Option(None, "--attributes",
+                                             help="The facts questions ask for, comma-separated: year, founder, city "
+                                                  "[default: all three]."),
+    names: str = typer.Option("made-up", "--names",
+                              help="made-up: invented names | words: names, cities and founders from short word lists "
+                                   "(at most 1710 tasks), which a small policy learns to copy far sooner."),
 ) -> None:
     """Make the offline synthetic high-resolution benchmark.
 
@@ -108,21 +124,26 @@ def synth(
     reference.jsonl, images/, artifacts/ (and train/, test/ with --test-fraction).
     """
     from mars_cli.errors import MarsError, UsageError
-    from mars_cli.eval.synth import make_synth, parse_kinds
+    from mars_cli.eval.synth import make_synth, parse_attributes, parse_kinds
     from mars_cli.jsonl import RecordWriter
     from mars_cli.protocol import get_profile
     from mars_cli.streams import summary as summary_line
 
     try:
         parse_kinds(kinds)
+        parse_attributes(attributes)
     except MarsError as e:
         raise UsageError(str(e)) from None
     get_profile(protocol)  # a UsageError naming the profiles
+    if names not in ("made-up", "words"):
+        raise UsageError(f"--names must be made-up or words, got {names!r}")
     if test_fraction + val_fraction >= 1:
         raise UsageError(f"--test-fraction {test_fraction:g} and --val-fraction {val_fraction:g} leave no training tasks")
 
     summary = make_synth(out, n=n, seed=seed, test_fraction=test_fraction, distractors=distractors, box_grid=box_grid,
-                         kinds=kinds, protocol=protocol, val_fraction=val_fraction)
+                         kinds=kinds, protocol=protocol, val_fraction=val_fraction, names=names,
+                         system_prompt=system_prompt, search_k=search_k,
+                         attributes=attributes, vague_fraction=vague_fraction)
     summary_line(f"wrote {summary['tasks']} tasks, {summary['passages']} passages and {summary['images']} images to {out}")
     with RecordWriter() as w:
         w.write(summary)

@@ -49,18 +49,65 @@ def _word(rng: np.random.Generator, syllables: int) -> str:
     return "".join(parts).capitalize()
 
 
-def _place_name(rng: np.random.Generator) -> str:
-    return f"{_word(rng, int(rng.integers(2, 4)))} {rng.choice(_PLACE_WORDS)}"
+# --names words: every name is made of words from these short lists (distinct from each other,
+# so a name word never reads as a city or a founder). A policy copies a word it has seen many
+# times far sooner than an invented one, which a small model must copy character by character.
+_NAME_WORDS = ("Amber", "Aspen", "Badger", "Beacon", "Birch", "Bramble", "Breeze", "Brook", "Cedar", "Clover",
+               "Comet", "Copper", "Coral", "Crane", "Crystal", "Cypress", "Daisy", "Dawn", "Ember", "Falcon",
+               "Fern", "Finch", "Flint", "Forest", "Garnet", "Granite", "Harbor", "Hawk", "Hazel", "Heather",
+               "Heron", "Holly", "Ivy", "Jasper", "Juniper", "Lantern", "Lark", "Laurel", "Lilac", "Linden",
+               "Lotus", "Maple", "Marble", "Meadow", "Mist", "Moss", "Oak", "Onyx", "Orchid", "Otter",
+               "Pebble", "Pine", "Poppy", "Quartz", "Raven", "Reed", "Ridge", "Robin", "Rowan", "Saffron",
+               "Sage", "Silver", "Slate", "Sparrow", "Spruce", "Summit", "Swan", "Thistle", "Thorn", "Thunder",
+               "Tulip", "Velvet", "Violet", "Walnut", "Willow", "Wren")
+_CITY_WORDS = ("Aldmere", "Ashford", "Bellport", "Brightwater", "Carlow", "Dunmore", "Eastvale", "Fairhaven",
+               "Glenmoor", "Greystone", "Hollowell", "Kingsbridge", "Lakeside", "Millbrook", "Northgate", "Oakhurst",
+               "Pinecrest", "Redcliff", "Rivermouth", "Southmere", "Stonehaven", "Westbury", "Whitby", "Woodhall")
+_FIRST_NAMES = ("Ada", "Anna", "Clara", "David", "Edith", "Elias", "Felix", "Greta", "Hugo", "Ida", "Jonas", "Lena",
+                "Marta", "Nils", "Oskar", "Paul", "Rosa", "Sven", "Tomas", "Vera")
+_SURNAMES = ("Abbott", "Barlow", "Carver", "Dalton", "Ellery", "Fenwick", "Garrick", "Hartley", "Irving", "Kendall",
+             "Lowell", "Mercer", "Norris", "Prescott", "Quincy", "Radley", "Sutton", "Thorne", "Whitlock", "Yardley")
+_WORD_PLACES = _PLACE_WORDS + ("Court", "Wharf", "Square", "Lane", "Terrace", "Market", "Close", "Rise", "Parade", "Arcade",
+                               "Garden", "Harbour", "Quarter", "Walk", "Fold", "Cross", "Mews", "End", "Heights", "Yards")
+NAMES = ("made-up", "words")
 
 
-def _entity(rng: np.random.Generator, name: str) -> dict:
-    return {
-        "name": name,
-        "kind": str(rng.choice(KINDS)),
-        "year": str(int(rng.integers(1650, 1990))),
-        "founder": f"{_word(rng, 2)} {_word(rng, int(rng.integers(2, 4)))}",
-        "city": _word(rng, int(rng.integers(2, 4))),
-    }
+class _Namer:
+    """Draws the names of a benchmark: invented words (made-up) or words from short lists (words)."""
+
+    def __init__(self, style: str = "made-up"):
+        if style not in NAMES:
+            raise MarsError(f"--names must be one of {', '.join(NAMES)}, got {style!r}")
+        self.words = style == "words"
+
+    @property
+    def capacity(self) -> int | None:
+        """How many distinct place names there are (None: unbounded)."""
+        return len(_NAME_WORDS) * len(_WORD_PLACES) if self.words else None
+
+    def first(self, rng: np.random.Generator) -> str:
+        return str(rng.choice(_NAME_WORDS)) if self.words else _word(rng, int(rng.integers(2, 4)))
+
+    def place(self, rng: np.random.Generator) -> str:
+        return f"{self.first(rng)} {rng.choice(_WORD_PLACES if self.words else _PLACE_WORDS)}"
+
+    def namesake(self, rng: np.random.Generator, name: str) -> str:
+        """Another place with the same place word."""
+        first = str(rng.choice(_NAME_WORDS)) if self.words else _word(rng, 2)
+        return f"{first} {name.split()[-1]}"
+
+    def entity(self, rng: np.random.Generator, name: str) -> dict:
+        kind, year = str(rng.choice(KINDS)), str(int(rng.integers(1650, 1990)))
+        if self.words:
+            founder = f"{rng.choice(_FIRST_NAMES)} {rng.choice(_SURNAMES)}"
+            city = str(rng.choice(_CITY_WORDS))
+        else:
+            founder = f"{_word(rng, 2)} {_word(rng, int(rng.integers(2, 4)))}"
+            city = _word(rng, int(rng.integers(2, 4)))
+        return {"name": name, "kind": kind, "year": year, "founder": founder, "city": city}
+
+
+_MADE_UP = _Namer()
 
 
 def passage(e: dict) -> str:
@@ -75,6 +122,18 @@ QUESTIONS = {
     "founder": ("Who founded the {kind} named on the yellow sign?", "Who founded {name}, a {kind}?"),
     "city": ("In which city is the {kind} named on the yellow sign?", "In which city is {name}, a {kind}?"),
 }
+
+
+def parse_attributes(spec: str | None) -> tuple[str, ...]:
+    """The facts questions ask for, from `year,founder,city` (None: all three, in that order)."""
+    if spec is None:
+        return ATTRIBUTES
+    names = tuple(dict.fromkeys(p.strip() for p in spec.split(",") if p.strip()))
+    unknown = [a for a in names if a not in ATTRIBUTES]
+    if unknown or not names:
+        raise MarsError(f"--attributes: {', '.join(map(repr, unknown)) or 'nothing given'} "
+                        f"(known: {', '.join(ATTRIBUTES)})")
+    return tuple(a for a in ATTRIBUTES if a in names)
 
 
 def parse_kinds(spec: str | None) -> tuple[str, ...]:
@@ -110,23 +169,28 @@ def parse_kinds(spec: str | None) -> tuple[str, ...]:
     return tuple(rotation)
 
 
-def plan_task(seed: int, i: int, taken: set[str], kinds: tuple[str, ...] = TASK_TYPES) -> dict:
+def plan_task(seed: int, i: int, taken: set[str], kinds: tuple[str, ...] = TASK_TYPES,
+              namer: _Namer = _MADE_UP, attributes: tuple[str, ...] = ATTRIBUTES) -> dict:
     """Everything about task i except pixels: entity, near-miss distractors, question."""
     rng = np.random.default_rng([seed, i])
-    name = _place_name(rng)
+    name = namer.place(rng)
     while name in taken:
-        name = _place_name(rng)
+        name = namer.place(rng)
     taken.add(name)
-    ent = _entity(rng, name)
+    ent = namer.entity(rng, name)
     # A near namesake (same place word, other facts) makes the search need the exact name.
-    near = _entity(rng, f"{_word(rng, 2)} {name.split()[-1]}")
-    decoys = [_place_name(rng) for _ in range(int(rng.integers(8, 16)))]
+    near = namer.entity(rng, namer.namesake(rng, name))
+    decoys = [namer.place(rng) for _ in range(int(rng.integers(8, 16)))]
     ttype = kinds[i % len(kinds)]
-    attr = ATTRIBUTES[int(rng.integers(0, len(ATTRIBUTES)))]
+    attr = attributes[int(rng.integers(0, len(attributes)))]
     plan = {"index": i, "id": f"synth-{seed}-{i:05d}", "type": ttype, "entity": ent, "near": near,
             "decoys": decoys, "attribute": attr, "scene_seed": [seed, i, 1]}
     if ttype == "perception":
-        options = [name] + [_place_name(rng) for _ in range(3)]
+        options = [name]
+        while len(options) < 4:
+            option = namer.place(rng)
+            if option not in options:
+                options.append(option)
         order = rng.permutation(len(options))
         plan["choices"] = [options[j] for j in order]
         plan["answer"] = "ABCD"[int(np.flatnonzero(order == 0)[0])]
@@ -168,12 +232,23 @@ def _counted(bar, items):
 
 def make_synth(out_dir: str | os.PathLike, *, n: int = 64, seed: int = 0, test_fraction: float = 0.0,
                distractors: int = 2, box_grid: int = BOX_GRID, workers: int | None = None,
-               kinds: str | None = None, protocol: str | None = None, val_fraction: float = 0.0) -> dict:
+               kinds: str | None = None, protocol: str | None = None, val_fraction: float = 0.0,
+               names: str = "made-up", system_prompt: str | None = None, search_k: int | None = None,
+               attributes: str | None = None, vague_fraction: float = 0.0) -> dict:
     """Generate the benchmark into `out_dir` (replaced atomically); returns a summary.
 
     `val_fraction` of the tasks also go to DIR/val/ (for choosing training settings
     without touching test/). `kinds` weights the task kinds (parse_kinds); `protocol` is the profile the reference
-    trajectories are written in (its system prompt; default: the default profile).
+    trajectories are written in (its system prompt; default: the default profile), and
+    `system_prompt` replaces that prompt's text as `mars rollout --system-prompt` does. `names`
+    is made-up (invented words) or words (names, cities and founders from short word lists).
+    With `search_k` the reference searches are run on a local index of the corpus, as `mars
+    index text` builds and `mars rollout --search-k` reads, so a reference shows exactly what the
+    tool returns; without it a reference shows the gold passage, then its namesake.
+    `attributes` (comma-separated: year, founder, city) are the facts questions ask for.
+    `vague_fraction` of the references (with `search_k`) search for the place's kind and
+    place word instead of its name, and answer from whatever place that finds: a teacher
+    that follows the protocol but writes vague queries.
     """
     from mars_cli.protocol import get_profile
 
@@ -190,11 +265,28 @@ def make_synth(out_dir: str | os.PathLike, *, n: int = 64, seed: int = 0, test_f
         raise MarsError(f"--box-grid must be in [1, 1000] (units of the 0-1000 box scale), got {box_grid}")
     rotation = parse_kinds(kinds)
     profile = get_profile(protocol).name
+    namer = _Namer(names)
+    asked = parse_attributes(attributes)
+    if not 0.0 <= vague_fraction <= 1.0:
+        raise MarsError(f"--vague-fraction must be in [0, 1], got {vague_fraction}")
+    if vague_fraction and not search_k:
+        raise MarsError("--vague-fraction needs --search-k: a vague query's results come from the index")
+    if search_k is not None and search_k < 1:
+        raise MarsError(f"--search-k must be at least 1, got {search_k}")
+    if namer.capacity is not None and n > namer.capacity * 3 // 4:
+        raise MarsError(f"--names {names} makes {namer.capacity} distinct place names, enough for at most "
+                        f"{namer.capacity * 3 // 4} tasks (each needs its own and a namesake); got --tasks {n}")
     out_dir = Path(os.path.abspath(out_dir))  # absolute paths in records: they run from any directory
     taken: set[str] = set()
-    plans = [plan_task(seed, i, taken, rotation) for i in range(n)]
+    plans = [plan_task(seed, i, taken, rotation, namer, asked) for i in range(n)]
+    for p in plans:  # one draw per task, apart from the plan's: the tasks are the same at any fraction
+        p["vague"] = p["type"] != "perception" and np.random.default_rng([seed, p["index"], 4]).random() < vague_fraction
+    for p in plans:  # a namesake never shares a name a task asks about (a later task may have drawn it)
+        rng = np.random.default_rng([seed, p["index"], 2])
+        while p["near"]["name"] in taken:
+            p["near"]["name"] = namer.namesake(rng, p["entity"]["name"])
     rng = np.random.default_rng([seed, 1 << 20])
-    extra = [_entity(rng, _place_name(rng)) for _ in range(distractors * n)]
+    extra = [namer.entity(rng, namer.place(rng)) for _ in range(distractors * n)]
     extra = [e for e in extra if e["name"] not in taken]
 
     with atomic_dir(out_dir) as tmp:
@@ -220,6 +312,9 @@ def make_synth(out_dir: str | os.PathLike, *, n: int = 64, seed: int = 0, test_f
                 corpus.append({"id": f"{p['id']}-{key}", "title": e["name"], "text": passage(e)})
         corpus += [{"id": f"synth-{seed}-extra-{j:05d}", "title": e["name"], "text": passage(e)} for j, e in enumerate(extra)]
 
+        searched = _indexed_searches(plans, corpus, search_k) if search_k else {}
+        facts = {f"{p['id']}-{key}": p[key] for p in plans for key in ("entity", "near")}
+        facts.update({f"synth-{seed}-extra-{j:05d}": e for j, e in enumerate(extra)})
         tasks, refs = [], []
         for p in plans:
             images = [str(out_dir / "images" / f"{p['id']}.jpg")] if p["type"] != "search" else []
@@ -233,8 +328,12 @@ def make_synth(out_dir: str | os.PathLike, *, n: int = 64, seed: int = 0, test_f
                              choices=p.get("choices"), benchmark=BENCHMARK,
                              scorer="mcq" if p["type"] == "perception" else "em", meta=meta)
             tasks.append(task)
-            refs.append(reference_trajectory(task, p, search_results(p, corpus), tmp, out_dir, box_grid=box_grid,
-                                            profile=profile))
+            results = searched.get(p["id"]) if search_k else search_results(p, corpus)
+            if p["vague"] and results:  # the answer is whatever the place the search found says
+                found = facts.get(results[0]["doc_id"])
+                p["found"] = found if found is not None else p["entity"]
+            refs.append(reference_trajectory(task, p, results or [], tmp, out_dir, box_grid=box_grid,
+                                            profile=profile, system_prompt=system_prompt))
 
         _write(tmp / "tasks.jsonl", tasks)
         _write(tmp / "reference.jsonl", refs)
@@ -271,6 +370,25 @@ def search_results(plan: dict, corpus: list[dict]) -> list[dict]:
     return out
 
 
+def _indexed_searches(plans: list[dict], corpus: list[dict], k: int) -> dict[str, list[dict]]:
+    """Each search task's reference search, run on a local index of `corpus` (top `k`)."""
+    import tempfile
+
+    from mars_cli.tools.index_text import build_text_index
+    from mars_cli.tools.text_search import LocalBackend
+
+    with tempfile.TemporaryDirectory(prefix="mars-synth-index-") as tmp:
+        build_text_index(iter(corpus), Path(tmp) / "index", total=len(corpus), progress=False)
+        backend = LocalBackend(str(Path(tmp) / "index"), {})
+        return {p["id"]: backend.search(reference_query(p), k) for p in plans if p["type"] != "perception"}
+
+
+def reference_query(plan: dict) -> str:
+    """What the reference agent searches for: the exact name, or (vague) the kind and place word."""
+    ent = plan["entity"]
+    return f"{ent['kind']} {ent['name'].split()[-1]}" if plan.get("vague") else ent["name"]
+
+
 def padded_bbox(box_px: list[int], size: tuple[int, int], pad: float = 0.3, grid: int = BOX_GRID) -> list[int]:
     """The plate's box grown by `pad` of its size (at least 24 px) in 0–1000 units.
 
@@ -289,7 +407,7 @@ def padded_bbox(box_px: list[int], size: tuple[int, int], pad: float = 0.3, grid
 
 
 def reference_trajectory(task: dict, plan: dict, results: list[dict], tmp: Path, final: Path, *,
-                         box_grid: int = BOX_GRID, profile: str | None = None) -> dict:
+                         box_grid: int = BOX_GRID, profile: str | None = None, system_prompt: str | None = None) -> dict:
     """The episode a perfect agent has on this task, in the protocol's exact format."""
     from mars_cli import protocol as P
     from mars_cli.eval.render_synth import CANVAS
@@ -297,7 +415,7 @@ def reference_trajectory(task: dict, plan: dict, results: list[dict], tmp: Path,
     from mars_cli.tools.text_search import render_text_results
 
     ent = plan["entity"]
-    messages = P.initial_messages(task, profile=profile or P.DEFAULT_PROFILE)
+    messages = P.initial_messages(task, profile=profile or P.DEFAULT_PROFILE, system_prompt=system_prompt)
     calls: list[dict] = []
 
     def act(thinking: str, *, call=None, answer=None, result=None):
@@ -322,11 +440,24 @@ def reference_trajectory(task: dict, plan: dict, results: list[dict], tmp: Path,
     else:
         lead = (f'The sign reads "{ent["name"]}".' if plan["type"] == "crop+search"
                 else f'The question is about {ent["name"]}.')
-        act(f"{lead} I will search for this {ent['kind']} by its exact name.",
-            call=(P.TEXT_SEARCH, {"query": ent["name"]}),
-            result=P.tool_message(P.TEXT_SEARCH, render_text_results(ent["name"], results)))
         fact = FACTS[plan["attribute"]].format(**ent)
-        act(f"The first result is about {ent['name']} itself, not its namesake: {fact}.", answer=plan["answer"])
+        query = reference_query(plan)
+        how = "by what it is" if plan.get("vague") else "by its exact name"
+        act(f"{lead} I will search for this {ent['kind']} {how}.",
+            call=(P.TEXT_SEARCH, {"query": query}),
+            result=P.tool_message(P.TEXT_SEARCH, render_text_results(query, results)))
+        found = plan.get("found") if plan.get("vague") else None
+        if found is not None:  # a vague search: read the first result, right place or not
+            answer = found[plan["attribute"]]
+            fact = FACTS[plan["attribute"]].format(**found)
+            act(f"The {'first ' if len(results) > 1 else ''}result is about {found['name']}: {fact}.", answer=answer)
+            return {**task, "meta": {**task["meta"], "reference": "vague"}, "group": task["id"], "sample": 0,
+                    "messages": messages, "tool_calls": calls, "prediction": answer, "finish": "answer",
+                    "tokens": None, "policy": {"engine": "reference"}}
+        if len(results) > 1:
+            act(f"The first result is about {ent['name']} itself, not its namesake: {fact}.", answer=plan["answer"])
+        else:
+            act(f"The result is about {ent['name']}: {fact}.", answer=plan["answer"])
     return {**task, "group": task["id"], "sample": 0, "messages": messages, "tool_calls": calls,
             "prediction": plan["answer"], "finish": "answer", "tokens": None, "policy": {"engine": "reference"}}
 

@@ -269,6 +269,7 @@ def follow(paths, cfg: U.UpdateConfig, fcfg: FollowConfig, *, emit: Callable[[di
             stepping = True  # until the step is recorded: `last` does not describe the weights meanwhile
             metrics = U.train_step(session, examples)
             metrics["sampled_by"] = sampled_by.report(parent_fp)
+            metrics["rewards"] = sampled_by.rewards()
             state.step += 1
             state.batches[bid] = state.batches.get(bid, 0) + 1
             n = state.step

@@ -358,6 +358,7 @@ def run_update(paths, cfg: UpdateConfig, *, skip_bad: bool = False, trainer_hook
     resume_state(session.trainer, cfg.state, session.policy)
     metrics = train_step(session, examples, trainer_hook=trainer_hook)
     metrics["sampled_by"] = sampled_by.report(session.policy.fingerprint)
+    metrics["rewards"] = sampled_by.rewards()
     parent = read_meta(cfg.policy)
     step = int(parent.get("step", 0)) + metrics["steps"]
     timing = {k: metrics.pop(k) for k in ("train_seconds", "train_cpu_seconds")}

@@ -120,10 +120,12 @@ def build_text_index(
     chunk: int = 20_000,
     source: str | None = None,
     total: int | None = None,
+    progress: bool = True,
 ) -> dict:
     """Build an index from parsed passages (see parse_passage); return its manifest.
 
-    `total` (the passage count, when known) gives the progress bar its ETA.
+    `total` (the passage count, when known) gives the progress bar its ETA; `progress=False`
+    builds silently (an index that is a step of other work).
     """
     t0 = time.time()
     analyzer = Analyzer()
@@ -142,7 +144,7 @@ def build_text_index(
         digest = hashlib.sha256()
         pos = 0
         offsets_f.write(np.int64(0).tobytes())
-        bar = streams.progress(desc="index", unit=" passages", total=total)
+        bar = streams.progress(desc="index", unit=" passages", total=total, disable=not progress)
         for batch in _chunks(passages, chunk):
             lines = [orjson.dumps(p) + b"\n" for p in batch]
             blob = b"".join(lines)
