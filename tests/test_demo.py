@@ -3,24 +3,29 @@
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+SMALL = {"DEMO_TASKS": "12", "DEMO_TEST_FRACTION": "0.3", "DEMO_VAL_FRACTION": "0.1", "DEMO_RL_STEPS": "2",
+         "DEMO_EVAL_EVERY": "1", "DEMO_SAMPLES": "2", "DEMO_RL_TASKS": "2", "DEMO_EVAL_SAMPLES": "1",
+         "DEMO_SFT_EPOCHS": "1"}
+
+
+def run_demo(work: Path, **sizes: str) -> subprocess.CompletedProcess:
+    """The demo at the small size (`sizes` override it), its work in `work`."""
+    if not (ROOT / ".venv" / "bin" / "mars").exists():
+        pytest.skip("the demo installs into .venv; run scripts/bootstrap.sh first")
+    env = {**os.environ, "MARS_DEMO_DIR": str(work), **SMALL, **sizes}
+    return subprocess.run(["bash", str(ROOT / "examples" / "offline_demo.sh")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
 
 
 @pytest.mark.slow
 def test_offline_demo_runs_the_whole_recipe(tmp_path):
-    if not (ROOT / ".venv" / "bin" / "mars").exists():
-        pytest.skip("the demo installs into .venv; run scripts/bootstrap.sh first")
     work = tmp_path / "demo"
-    env = {**os.environ, "MARS_DEMO_DIR": str(work), "DEMO_TASKS": "12", "DEMO_TEST_FRACTION": "0.3",
-           "DEMO_VAL_FRACTION": "0.1", "DEMO_RL_STEPS": "2", "DEMO_EVAL_EVERY": "1", "DEMO_SAMPLES": "2",
-           "DEMO_RL_TASKS": "2", "DEMO_EVAL_SAMPLES": "1", "DEMO_SFT_EPOCHS": "1"}
-    p = subprocess.run(["bash", str(ROOT / "examples" / "offline_demo.sh")], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=900)
+    p = run_demo(work)
     assert p.returncode == 0, p.stderr[-3000:]
     lines = p.stdout.strip().splitlines()
     assert lines[0].split() == ["stage", "episodes", "format", "accuracy", "tools/ep", "reward"]
@@ -56,14 +61,8 @@ def _running(work: Path) -> list[str]:
 
 @pytest.mark.slow
 def test_a_failing_rl_step_stops_the_server_and_fails_the_demo(tmp_path):
-    if not (ROOT / ".venv" / "bin" / "mars").exists():
-        pytest.skip("the demo installs into .venv; run scripts/bootstrap.sh first")
     work = tmp_path / "demo"
-    env = {**os.environ, "MARS_DEMO_DIR": str(work), "DEMO_TASKS": "12", "DEMO_TEST_FRACTION": "0.3",
-           "DEMO_VAL_FRACTION": "0.1", "DEMO_RL_STEPS": "2", "DEMO_EVAL_EVERY": "0", "DEMO_SAMPLES": "2",
-           "DEMO_RL_TASKS": "2", "DEMO_EVAL_SAMPLES": "1", "DEMO_SFT_EPOCHS": "1", "DEMO_RL_LR": "nan"}
-    p = subprocess.run(["bash", str(ROOT / "examples" / "offline_demo.sh")], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=900)
+    p = run_demo(work, DEMO_EVAL_EVERY="0", DEMO_RL_LR="nan")
     assert p.returncode != 0 and "--lr" in p.stderr
     assert (work / "serve.json").exists()  # the server had started
     assert not _running(work)
