@@ -144,9 +144,11 @@ if [ "$EVAL_EVERY" -gt 0 ]; then
 fi
 evaluate "$W/rl/step-$STEPS" rl
 
-log "4. pages: $W/episodes.html and the curves, $W/run.html"
+log "4. pages: $W/episodes.html, the RL curves $W/run.html and the SFT curves $W/sft.html"
 mars show "$W/judged-rl.jsonl" -o "$W/episodes.html" >/dev/null
-mars plot "$W/update-metrics.jsonl" "$W/sft-metrics.jsonl" "$W/metrics.jsonl" -o "$W/run.html" >/dev/null
+# Apart: SFT counts thousands of steps, RL tens, and one x axis would flatten the RL curves.
+mars plot "$W/update-metrics.jsonl" "$W/metrics.jsonl" -o "$W/run.html" >/dev/null
+mars plot "$W/sft-metrics.jsonl" -o "$W/sft.html" >/dev/null
 
 log "results on the held-out tasks ($EVAL_SAMPLES sampled episodes per task, temperature 1)"
 python3 - "$W" <<'PY'

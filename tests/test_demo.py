@@ -50,7 +50,8 @@ def test_offline_demo_runs_the_whole_recipe(tmp_path):
     assert sft_tasks and not sft_tasks & held_out and not sft_tasks & trained
     assert not _running(work)  # the policy server is gone
     assert (work / "episodes.html").stat().st_size > 1000
-    assert (work / "run.html").read_text().count("<svg") >= 6  # training and eval curves
+    assert (work / "run.html").read_text().count("<svg") >= 6  # RL and eval curves
+    assert (work / "sft.html").read_text().count("<svg") >= 1
 
 
 def _running(work: Path) -> list[str]:
