@@ -83,8 +83,12 @@ EXAMPLES: dict[str, list[Example]] = {
     ],
     "data synth": [
         E("Four tasks, their corpus and reference trajectories.", "mars data synth --tasks 4 --seed 0 -o synth"),
-        E("Search tasks only, written in the mars protocol, with validation and test splits (the offline demo's).",
+        E("Search tasks only, written in the mars protocol, with validation and test splits.",
           "mars data synth --tasks 40 --kinds search --protocol mars --val-fraction 0.1 --test-fraction 0.2 -o synth40"),
+        E("The offline demo's kind: word names, one indexed search result per reference, and a teacher "
+          "that searches vaguely in half of them.",
+          "mars data synth --tasks 60 --kinds search --names words --attributes city,founder --search-k 1 "
+          "--vague-fraction 0.5 --protocol mars -o words60"),
     ],
     "tiny-model": [
         E("A tiny Qwen2.5-VL for tests and demos.", "mars tiny-model tiny/"),
