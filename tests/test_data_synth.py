@@ -338,3 +338,13 @@ def test_attributes_choose_the_facts_questions_ask_for(tmp_path):
     assert asked == {"city", "founder"}
     r = CliRunner().invoke(app, ["data", "synth", "-o", str(tmp_path / "b"), "--attributes", "city,colour"])
     assert r.exit_code == 2 and "'colour'" in r.stderr and not (tmp_path / "b").exists()
+
+
+def test_word_names_at_capacity_still_give_every_namesake_a_free_name(tmp_path):
+    from mars_cli.eval import synth as S
+
+    n = S._Namer("words").capacity * 3 // 4
+    make_synth(tmp_path / "full", n=n, seed=0, kinds="search", names="words", distractors=0)
+    tasks = read_file(tmp_path / "full" / "tasks.jsonl")
+    titles = [c["title"] for c in read_file(tmp_path / "full" / "corpus.jsonl")]
+    assert len(tasks) == n and all(titles.count(name) == 1 for name in _names(tasks))

@@ -283,8 +283,10 @@ def make_synth(out_dir: str | os.PathLike, *, n: int = 64, seed: int = 0, test_f
         p["vague"] = p["type"] != "perception" and np.random.default_rng([seed, p["index"], 4]).random() < vague_fraction
     for p in plans:  # a namesake never shares a name a task asks about (a later task may have drawn it)
         rng = np.random.default_rng([seed, p["index"], 2])
-        while p["near"]["name"] in taken:
-            p["near"]["name"] = namer.namesake(rng, p["entity"]["name"])
+        tries = 0
+        while p["near"]["name"] in taken:  # every name of that place word may be asked: then any free one
+            tries += 1
+            p["near"]["name"] = namer.namesake(rng, p["entity"]["name"]) if tries < 200 else namer.place(rng)
     rng = np.random.default_rng([seed, 1 << 20])
     extra = [namer.entity(rng, namer.place(rng)) for _ in range(distractors * n)]
     extra = [e for e in extra if e["name"] not in taken]
