@@ -239,4 +239,7 @@ def run(argv: list[str] | None = None) -> None:
             sys.stderr.write(f"mars: <stdout>: {(e.strerror or str(e)).lower()}\n")
             code = 1
         streams.silence_broken_pipe()
+    engine = sys.modules.get("mars_cli.rl.engine")  # loaded only by the training commands
+    if engine is not None:
+        engine.exit_rank(code)
     sys.exit(code)

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import socket
+import sys
 import weakref
 from pathlib import Path
 
@@ -60,6 +61,31 @@ def _teardown() -> None:
             dist.destroy_process_group()
     except Exception:  # noqa: BLE001 - exiting anyway; a failed teardown must not mask the exit status
         pass
+
+
+def exit_rank(code: int) -> None:
+    """End a rank of a multi-process job now: teardown, flush, os._exit(code); a lone process returns.
+
+    Even after the teardown, interpreter shutdown can still destruct a C++ object that owns a
+    running thread (DeepSpeed keeps references to its process groups) and abort a rank that
+    had finished its work ("terminate called without an active exception", exit -6).
+    Everything mars writes is flushed and closed by now, so the rank skips that shutdown.
+    """
+    try:
+        import torch.distributed as dist
+
+        ranked = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    except Exception:  # noqa: BLE001 - no usable process group: nothing to leave early
+        ranked = False
+    if not ranked:
+        return
+    _teardown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 _TEARDOWN_REGISTERED = False
