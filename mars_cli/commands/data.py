@@ -124,7 +124,7 @@ def synth(
     reference.jsonl, images/, artifacts/ (and train/, test/ with --test-fraction).
     """
     from mars_cli.errors import MarsError, UsageError
-    from mars_cli.eval.synth import make_synth, parse_attributes, parse_kinds
+    from mars_cli.eval.synth import NAMES, make_synth, parse_attributes, parse_kinds
     from mars_cli.jsonl import RecordWriter
     from mars_cli.protocol import get_profile
     from mars_cli.streams import summary as summary_line
@@ -135,8 +135,8 @@ def synth(
     except MarsError as e:
         raise UsageError(str(e)) from None
     get_profile(protocol)  # a UsageError naming the profiles
-    if names not in ("made-up", "words"):
-        raise UsageError(f"--names must be made-up or words, got {names!r}")
+    if names not in NAMES:
+        raise UsageError(f"--names must be one of {', '.join(NAMES)}, got {names!r}")
     if test_fraction + val_fraction >= 1:
         raise UsageError(f"--test-fraction {test_fraction:g} and --val-fraction {val_fraction:g} leave no training tasks")
 

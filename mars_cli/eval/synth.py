@@ -332,8 +332,7 @@ def make_synth(out_dir: str | os.PathLike, *, n: int = 64, seed: int = 0, test_f
             tasks.append(task)
             results = searched.get(p["id"]) if search_k else search_results(p, corpus)
             if p["vague"] and results:  # the answer is whatever the place the search found says
-                found = facts.get(results[0]["doc_id"])
-                p["found"] = found if found is not None else p["entity"]
+                p["found"] = facts[results[0]["doc_id"]]
             refs.append(reference_trajectory(task, p, results or [], tmp, out_dir, box_grid=box_grid,
                                             profile=profile, system_prompt=system_prompt))
 
@@ -437,8 +436,9 @@ def reference_trajectory(task: dict, plan: dict, results: list[dict], tmp: Path,
         act("The yellow sign is too small to read at this scale, so I will zoom in on it.",
             call=(P.ZOOM, {"bbox_2d": bbox, "label": "yellow sign"}),
             result=P.tool_message(P.ZOOM, P.ZOOM_HEADER, [shown]))
+    answer, meta = plan["answer"], task["meta"]
     if plan["type"] == "perception":
-        act(f'The sign reads "{ent["name"]}": option {plan["answer"]}.', answer=plan["answer"])
+        act(f'The sign reads "{ent["name"]}": option {answer}.', answer=answer)
     else:
         lead = (f'The sign reads "{ent["name"]}".' if plan["type"] == "crop+search"
                 else f'The question is about {ent["name"]}.')
@@ -448,20 +448,17 @@ def reference_trajectory(task: dict, plan: dict, results: list[dict], tmp: Path,
         act(f"{lead} I will search for this {ent['kind']} {how}.",
             call=(P.TEXT_SEARCH, {"query": query}),
             result=P.tool_message(P.TEXT_SEARCH, render_text_results(query, results)))
-        found = plan.get("found") if plan.get("vague") else None
+        found = plan.get("found")
         if found is not None:  # a vague search: read the first result, right place or not
-            answer = found[plan["attribute"]]
+            answer, meta = found[plan["attribute"]], {**meta, "reference": "vague"}
             fact = FACTS[plan["attribute"]].format(**found)
             act(f"The {'first ' if len(results) > 1 else ''}result is about {found['name']}: {fact}.", answer=answer)
-            return {**task, "meta": {**task["meta"], "reference": "vague"}, "group": task["id"], "sample": 0,
-                    "messages": messages, "tool_calls": calls, "prediction": answer, "finish": "answer",
-                    "tokens": None, "policy": {"engine": "reference"}}
-        if len(results) > 1:
-            act(f"The first result is about {ent['name']} itself, not its namesake: {fact}.", answer=plan["answer"])
+        elif len(results) > 1:
+            act(f"The first result is about {ent['name']} itself, not its namesake: {fact}.", answer=answer)
         else:
-            act(f"The result is about {ent['name']}: {fact}.", answer=plan["answer"])
-    return {**task, "group": task["id"], "sample": 0, "messages": messages, "tool_calls": calls,
-            "prediction": plan["answer"], "finish": "answer", "tokens": None, "policy": {"engine": "reference"}}
+            act(f"The result is about {ent['name']}: {fact}.", answer=answer)
+    return {**task, "meta": meta, "group": task["id"], "sample": 0, "messages": messages, "tool_calls": calls,
+            "prediction": answer, "finish": "answer", "tokens": None, "policy": {"engine": "reference"}}
 
 
 def _write(path: Path, records: list[dict]) -> None:
