@@ -77,13 +77,18 @@ def _one_record(ran):
     return [json.loads(x) for x in ran.stdout.splitlines()][-1]
 
 
+def _zero2_and_zero3(command, batch, tmp_path, *common):
+    """The last record of COMMAND under ZeRO-2 in one process (out z2), then ZeRO-3 over two (out z3)."""
+    ref = _one_record(H.Ran([command, batch, "--out", tmp_path / "z2", "--zero", "2", *common]))
+    got = _one_record(H.Ran([command, batch, "--out", tmp_path / "z3", "--zero", "3", "--nproc", "2", *common]))
+    return ref, got
+
+
 def test_zero3_two_ranks_uneven_update_equals_zero2(small_policy_dir, tmp_path):
     batch = _uneven_batch(small_policy_dir, tmp_path)
     # --batch-size 2: the second step's one trajectory leaves rank 1 nothing but a filler.
-    common = ["--policy", small_policy_dir, "--lr", "1e-3", "--micro-batch-tokens", "60", "--beta", "0",
-              "--batch-size", "2"]
-    ref = _one_record(H.Ran(["update", batch, "--out", tmp_path / "z2", "--zero", "2", *common]))
-    got = _one_record(H.Ran(["update", batch, "--out", tmp_path / "z3", "--zero", "3", "--nproc", "2", *common]))
+    ref, got = _zero2_and_zero3("update", batch, tmp_path, "--policy", small_policy_dir, "--lr", "1e-3",
+                                "--micro-batch-tokens", "60", "--beta", "0", "--batch-size", "2")
     for k in ("loss", "grad_norm", "grad_norm_max", "ratio_mean"):
         assert got[k] == pytest.approx(ref[k], rel=1e-3), k
     assert ref["grad_norm"] > 0.1 and got["tokens"] == ref["tokens"] and got["steps"] == ref["steps"] == 2
@@ -92,10 +97,8 @@ def test_zero3_two_ranks_uneven_update_equals_zero2(small_policy_dir, tmp_path):
 
 def test_zero3_two_ranks_uneven_sft_equals_zero2(small_policy_dir, tmp_path):
     batch = _uneven_batch(small_policy_dir, tmp_path)
-    common = ["--policy", small_policy_dir, "--lr", "1e-3", "--micro-batch-tokens", "60", "--batch-size", "3",
-              "--warmup", "0"]
-    ref = _one_record(H.Ran(["sft", batch, "--out", tmp_path / "z2", "--zero", "2", *common]))
-    got = _one_record(H.Ran(["sft", batch, "--out", tmp_path / "z3", "--zero", "3", "--nproc", "2", *common]))
+    ref, got = _zero2_and_zero3("sft", batch, tmp_path, "--policy", small_policy_dir, "--lr", "1e-3",
+                                "--micro-batch-tokens", "60", "--batch-size", "3", "--warmup", "0")
     for k in ("nll_before", "nll_after", "train_nll", "grad_norm"):
         assert got[k] == pytest.approx(ref[k], rel=1e-3), k
     assert ref["nll_after"] < ref["nll_before"] and got["tokens"] == ref["tokens"]

@@ -1,4 +1,4 @@
-"""Options `mars update` and `mars sft` share: image limits, attention, ranks and nodes, tracking.
+"""Options `mars update` and `mars sft` share: DeepSpeed, precision, image limits, attention, ranks and nodes, tracking.
 
 One declaration each, so the two training commands cannot drift apart (their help,
 defaults and ranges are the same object). Light to import: typer only.
@@ -8,6 +8,11 @@ from __future__ import annotations
 
 import typer
 
+ZERO = typer.Option(0, "--zero", envvar="MARS_ZERO", help="DeepSpeed ZeRO stage: 0, 2 or 3 (packaged configs).")
+DEEPSPEED = typer.Option(None, "--deepspeed", envvar="MARS_DEEPSPEED", help="Your own DeepSpeed JSON config (overrides --zero).")
+TRAIN_VISION = typer.Option(False, "--train-vision/--no-train-vision", help="Also train the vision encoder and merger.")
+GRADIENT_CHECKPOINTING = typer.Option(False, "--gradient-checkpointing/--no-gradient-checkpointing", help="Recompute activations in backward.")
+BF16 = typer.Option(None, "--bf16/--no-bf16", help="bf16 weights and DeepSpeed bf16 [default: on a GPU].")
 MIN_PIXELS = typer.Option(None, "--min-pixels", min=1, help="Image pixel floor for records without policy.pixels (which keep the limits their rollout used) [default: the checkpoint's min_pixels].")
 MAX_PIXELS = typer.Option(None, "--max-pixels", min=1, help="Image pixel cap for records without policy.pixels [default: the checkpoint's max_pixels].")
 ATTN_IMPLEMENTATION = typer.Option(None, "--attn-implementation", envvar="MARS_ATTN_IMPLEMENTATION", help="sdpa | flash_attention_2 (flash-attn package, CUDA) | eager [default: sdpa].")
