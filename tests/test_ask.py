@@ -61,3 +61,41 @@ def test_ask_tiny_model(tiny_policy_dir, env):
     rec = json.loads(r.stdout)
     assert rec["policy"]["engine"] == "hf" and rec["finish"] in ("max_tokens", "no_action", "max_turns", "answer")
     assert rec["tokens"]["mask"].count(1) >= 1 and "turn 1" in r.stderr
+
+
+def test_ask_help_has_rollouts_prompt_and_search_flags():
+    import inspect
+
+    import typer
+
+    from mars_cli.commands import ask, rollout
+
+    text = CliRunner().invoke(app, ["ask", "--help"]).stdout
+    assert "--system-prompt" in text and "--search-k" in text and "MARS_SYSTEM_PROMPT" in text
+    # one declaration: the same option objects, so help, default and env var cannot drift
+    ask_opts, rollout_opts = ({n: p.default for n, p in inspect.signature(m.main).parameters.items()}
+                              for m in (ask, rollout))
+    for name in ("system_prompt", "search_k", "protocol", "max_new_tokens", "max_turns", "index"):
+        assert isinstance(ask_opts[name], typer.models.OptionInfo) and ask_opts[name] is rollout_opts[name], name
+
+
+def test_ask_first_prompt_is_rollouts_and_prompts(tiny_policy_dir, env, tmp_path, monkeypatch):
+    """MARS_SYSTEM_PROMPT reaches ask as it reaches rollout; the first prompt is `mars prompt`'s text."""
+    from mars_cli.models.load import load_tokenizer
+
+    monkeypatch.setenv("MARS_SYSTEM_PROMPT", "Search first, then answer briefly.")
+    r = CliRunner().invoke(app, ["ask", env, "Who built it?", "--policy", str(tiny_policy_dir), "--protocol", "mars",
+                                 "--max-new-tokens", "2", "--max-turns", "1", "--search-k", "2", "--json", "-q"])
+    assert r.exit_code == 0, r.stderr
+    rec = json.loads(r.stdout)
+    assert rec["messages"][0] == {"role": "system", "content": "Search first, then answer briefly."}
+    ids, mask = rec["tokens"]["ids"], rec["tokens"]["mask"]
+    tok = load_tokenizer(tiny_policy_dir)
+    first = tok.decode(ids[:mask.index(1)], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    tasks = tmp_path / "t.jsonl"
+    tasks.write_text(json.dumps({"id": "ask", "question": "Who built it?", "images": [env]}) + "\n")
+    monkeypatch.delenv("MARS_SYSTEM_PROMPT")
+    p = CliRunner().invoke(app, ["prompt", str(tasks), "--policy", str(tiny_policy_dir), "--protocol", "mars",
+                                 "--system-prompt", "Search first, then answer briefly."])
+    assert p.exit_code == 0, p.stderr
+    assert json.loads(p.stdout)["prompt"] == first

@@ -212,7 +212,7 @@ def check_files(files, policy: str, *, out: str | None = None, skip_bad: bool = 
 
 def ask(image: str, question: str, *, engine: dict, sampling: dict, limits: dict, tools: dict,
         artifacts: str | None = None, trace: bool = True, protocol: str | None = None,
-        on_malformed: str | None = None, workflow: str = "agent") -> dict:
+        on_malformed: str | None = None, workflow: str = "agent", system_prompt: str | None = None) -> dict:
     """`mars ask`: one episode on one image, traced on stderr; returns the trajectory record."""
     from mars_cli.agent.loop import AgentLoop, Limits
     from mars_cli.agent.trace import Tracer
@@ -229,7 +229,7 @@ def ask(image: str, question: str, *, engine: dict, sampling: dict, limits: dict
     eng = make_engine(**engine, sampling=sampling)
     toolbox = open_toolbox(artifacts_dir(artifacts, None), **tools, profile=protocol, engine=eng)
     tracer = Tracer() if trace else None
-    loop = AgentLoop(eng, toolbox, limits=lim, max_inflight=1, on_turn=tracer, profile=protocol,
+    loop = AgentLoop(eng, toolbox, limits=lim, max_inflight=1, on_turn=tracer, profile=protocol, system_prompt=system_prompt,
                      on_malformed=on_malformed, workflow=workflow)
     try:
         [rec] = list(loop.run([make_task("ask", question, images=[image], benchmark="ask")]))

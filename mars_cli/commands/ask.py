@@ -12,6 +12,8 @@ from typing import Optional
 
 import typer
 
+from mars_cli.commands import _episode as X
+
 E = "MARS_"
 
 
@@ -23,16 +25,17 @@ def main(
     server: Optional[str] = typer.Option(None, "--server", envvar=E + "SERVER", help="URL[,URL…] of `mars serve` policy servers (instead of --engine)."),
     as_json: bool = typer.Option(False, "--json", help="Print the trajectory record instead of the answer."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No trace on stderr."),
-    max_turns: int = typer.Option(10, "--max-turns"),
-    max_prompt_tokens: int = typer.Option(16384, "--max-prompt-tokens", help="Budget of the first prompt (images counted expanded)."),
-    max_response_tokens: int = typer.Option(16384, "--max-response-tokens", help="Budget of the turns and tool results after it."),
-    max_total_tokens: Optional[int] = typer.Option(None, "--max-total-tokens", help="Optional cap on prompt + response."),
-    max_new_tokens: int = typer.Option(2048, "--max-new-tokens"),
-    min_pixels: Optional[int] = typer.Option(None, "--min-pixels", help="Image resize floor in pixels (default: the checkpoint's)."),
-    max_pixels: Optional[int] = typer.Option(None, "--max-pixels", help="Image resize ceiling in pixels (default: the checkpoint's)."),
-    protocol: Optional[str] = typer.Option(None, "--protocol", envvar=E + "PROTOCOL", help="Prompt profile: sensenova | mars."),
-    on_malformed: Optional[str] = typer.Option(None, "--on-malformed", help="end | observe (default: the profile's)."),
-    workflow: str = typer.Option("agent", "--workflow", help="agent | direct | rag."),
+    max_turns: int = X.MAX_TURNS,
+    max_prompt_tokens: int = X.MAX_PROMPT_TOKENS,
+    max_response_tokens: int = X.MAX_RESPONSE_TOKENS,
+    max_total_tokens: Optional[int] = X.MAX_TOTAL_TOKENS,
+    max_new_tokens: int = X.MAX_NEW_TOKENS,
+    min_pixels: Optional[int] = X.MIN_PIXELS,
+    max_pixels: Optional[int] = X.MAX_PIXELS,
+    protocol: Optional[str] = X.PROTOCOL,
+    system_prompt: Optional[str] = X.SYSTEM_PROMPT,
+    on_malformed: Optional[str] = X.ON_MALFORMED,
+    workflow: str = X.WORKFLOW,
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy (the default here)."),
     seed: Optional[int] = typer.Option(None, "--seed"),
     device: str = typer.Option("cpu", "--device", envvar=E + "DEVICE"),
@@ -42,11 +45,12 @@ def main(
     request_timeout: Optional[float] = typer.Option(None, "--request-timeout", help="openai: seconds per request [default: MARS_OPENAI_TIMEOUT or 120]."),
     retries: Optional[int] = typer.Option(None, "--retries", help="openai: retries of a failed request [default: MARS_OPENAI_RETRIES or 3]."),
     artifacts: Optional[str] = typer.Option(None, "--artifacts", help="Crops folder (default: MARS_ARTIFACTS or ./artifacts)."),
-    search_backend: Optional[str] = typer.Option(None, "--search-backend"),
-    index: Optional[str] = typer.Option(None, "--index", help="Local text index directory."),
-    image_search_backend: Optional[str] = typer.Option(None, "--image-search-backend"),
-    image_index: Optional[str] = typer.Option(None, "--image-index", help="Local image index directory."),
-    cache: Optional[str] = typer.Option(None, "--cache", help="Tool record/replay cache directory."),
+    search_backend: Optional[str] = X.SEARCH_BACKEND,
+    index: Optional[str] = X.INDEX,
+    search_k: int = X.SEARCH_K,
+    image_search_backend: Optional[str] = X.IMAGE_SEARCH_BACKEND,
+    image_index: Optional[str] = X.IMAGE_INDEX,
+    cache: Optional[str] = X.CACHE,
 ) -> None:
     """Answer one question about an image, with a trace."""
     from mars_cli import streams
@@ -67,8 +71,8 @@ def main(
         sampling=dict(temperature=temperature, seed=seed),
         limits=dict(max_turns=max_turns, max_prompt_tokens=max_prompt_tokens, max_response_tokens=max_response_tokens,
                     max_total_tokens=max_total_tokens, max_new_tokens=max_new_tokens),
-        protocol=protocol, on_malformed=on_malformed, workflow=workflow,
-        tools=dict(search_backend=search_backend, index=index, image_search_backend=image_search_backend,
+        protocol=protocol, on_malformed=on_malformed, workflow=workflow, system_prompt=system_prompt,
+        tools=dict(search_backend=search_backend, index=index, k=search_k, image_search_backend=image_search_backend,
                    image_index=image_index, cache=cache),
     )
     if as_json:
