@@ -220,3 +220,22 @@ def test_bad_vocab_and_layers_are_refused(tmp_path):
         make_tiny_model(tmp_path / "n", width=100)
     r = CliRunner().invoke(app, ["tiny-model", str(tmp_path / "w"), "--width", "16"])
     assert r.exit_code == 2 and not (tmp_path / "w").exists()
+
+
+def test_head_dim_sets_heads_and_mrope_sections(tmp_path):
+    import torch
+
+    from mars_cli.models.load import load_policy
+
+    r = CliRunner().invoke(app, ["tiny-model", str(tmp_path / "m"), "--vocab", "512", "--head-dim", "32"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout.strip().splitlines()[-1])["head_dim"] == 32
+    policy = load_policy(tmp_path / "m")
+    text = policy.model.config.text_config
+    assert (text.num_attention_heads, text.num_key_value_heads, text.hidden_size // text.num_attention_heads) == (2, 1, 32)
+    assert text.rope_parameters["mrope_section"] == [4, 6, 6]  # sums to head_dim / 2
+    ids = policy.tokenizer.encode("<|im_start|>user\nhello<|im_end|>", add_special_tokens=False)
+    assert torch.isfinite(policy.model(input_ids=torch.tensor([ids])).logits).all()
+    for bad in (["--head-dim", "24"], ["--head-dim", "64"]):  # not a multiple of 16; width 64 < 2 heads of 64
+        r = CliRunner().invoke(app, ["tiny-model", str(tmp_path / "n"), *bad])
+        assert r.exit_code != 0 and "--head-dim" in r.output + str(r.exception) and not (tmp_path / "n").exists()

@@ -47,6 +47,8 @@ def test_serve_refuses_a_public_address_without_a_key_and_bad_policies(tiny_poli
 
     r = Ran(["serve", "--policy", tiny_policy_dir, "--host", "0.0.0.0"], env={"MARS_SERVE_API_KEY": ""})
     assert r.exit_code == 2 and "MARS_SERVE_API_KEY" in r.stderr
+    r = Ran(["serve", "--policy", tiny_policy_dir, "--sleep-mode", "maybe"])
+    assert r.exit_code == 2 and "--sleep-mode must be auto, on or off" in r.stderr
     r = Ran(["serve", "--policy", tmp_path / "nope"])
     assert r.exit_code == 1 and "mars serve: " in r.stderr and "no such model directory" in r.stderr
     broken = tmp_path / "broken"

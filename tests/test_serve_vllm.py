@@ -121,6 +121,22 @@ def test_sleep_wake_and_a_dead_child_fails_health(vllm_server):
     assert r.status_code == 503
 
 
+def test_sleep_mode_off_leaves_vllm_without_it_and_sleep_answers_409(vllm_server):
+    from mars_cli.serve.vllm_backend import VLLMBackend
+
+    url, app, ck, log = vllm_server
+    assert "--enable-sleep-mode" not in VLLMBackend(sleep_mode=False, executable=["vllm"]).argv(str(ck), 1)
+    app.backend.sleep_mode = False  # what `mars serve --sleep-mode off` (or auto on a CPU) builds
+    try:
+        r = httpx.post(url + "/sleep", params={"level": 1})
+        assert r.status_code == 409 and "without sleep mode" in r.json()["error"]["message"]
+        assert httpx.post(url + "/wake_up").status_code == 200
+        assert httpx.get(url + "/health").status_code == 200
+        assert not [c for c in calls(log) if c.get("path") in ("/sleep", "/wake_up")]  # vLLM never asked
+    finally:
+        app.backend.sleep_mode = True
+
+
 def test_weight_transfer_is_forwarded_and_counts_a_version(vllm_server):
     url, app, ck, log = vllm_server
     r = httpx.post(url + "/init_weight_transfer_engine", json={"init_info": {"master_port": 1234}})

@@ -17,7 +17,7 @@ E = "MARS_"
 
 def main(
     policy: Path = typer.Option(..., "--policy", envvar=E + "POLICY", help="The checkpoint directory to serve."),
-    engine: str = typer.Option("hf", "--engine", envvar=E + "ENGINE", help="hf (transformers, CPU or GPU) | vllm (GPUs)."),
+    engine: str = typer.Option("hf", "--engine", envvar=E + "ENGINE", help="hf (transformers, CPU or GPU) | vllm (GPUs; on a CPU from scripts/vllm_cpu.sh)."),
     port: int = typer.Option(8100, "--port", min=0, max=65535, help="TCP port (0: any free one)."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; any but loopback needs MARS_SERVE_API_KEY."),
     allow_load: Optional[Path] = typer.Option(None, "--allow-load", help="Directory /load may read checkpoints from [default: --policy's parent]."),
@@ -35,6 +35,9 @@ def main(
     max_image_bytes: int = typer.Option(32 << 20, "--max-image-bytes", min=1, help="Largest encoded image accepted."),
     max_body: int = typer.Option(256 << 20, "--max-body", min=1024, help="Largest request body accepted (bytes)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Sampling seed of the server."),
+    sleep_mode: str = typer.Option("auto", "--sleep-mode", envvar=E + "SLEEP_MODE",
+                                   help="/sleep and /wake_up: on | off | auto (on where the platform supports it: "
+                                        "hf always, vllm on GPUs; off, /sleep answers 409)."),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="Log warnings and errors only."),
 ) -> None:
     """Serve a policy over HTTP until SIGINT/SIGTERM; print its URL when ready.
@@ -52,6 +55,8 @@ def main(
     check_exposure(host, api_key)
     if engine not in ("hf", "vllm"):
         raise UsageError(f"--engine must be hf or vllm, got {engine!r}")
+    if sleep_mode not in ("auto", "on", "off"):
+        raise UsageError(f"--sleep-mode must be auto, on or off, got {sleep_mode!r}")
     from mars_cli.models.load import read_config
 
     read_config(policy)  # a missing or non-model directory: said now, before anything starts
@@ -61,13 +66,14 @@ def main(
 
         backend = HFBackend(device=device, dtype=dtype, max_num_seqs=max_num_seqs or 32, min_pixels=min_pixels,
                             max_pixels=max_pixels, max_model_len=max_model_len, seed=seed)
+        backend.sleep_mode = sleep_mode != "off"
     else:
-        from mars_cli.serve.vllm_backend import VLLMBackend
+        from mars_cli.serve.vllm_backend import VLLMBackend, sleep_mode_available
 
         backend = VLLMBackend(tp=tp, dp=dp, max_model_len=max_model_len, max_images=limit_mm_per_prompt,
                               max_num_seqs=max_num_seqs, gpu_memory_utilization=gpu_memory_utilization,
                               enforce_eager=enforce_eager, dtype=dtype, min_pixels=min_pixels, max_pixels=max_pixels,
-                              seed=seed)
+                              seed=seed, sleep_mode=sleep_mode == "on" or (sleep_mode == "auto" and sleep_mode_available()))
     app = App(backend, allow_load=str(allow_load or policy.resolve().parent), max_images=limit_mm_per_prompt,
               max_image_bytes=max_image_bytes)
 

@@ -22,7 +22,8 @@ def main(
                               help="Keep only Qwen's first N BPE tokens (special tokens follow at N): "
                                    "a model that trains many times faster on a CPU. Default: all 151,643."),
     layers: int = typer.Option(2, "--layers", min=1, max=32, help="Language-model layers."),
-    width: int = typer.Option(64, "--width", min=32, max=1024, help="Language-model hidden size, a multiple of 32 (attention heads of 16, MLP twice as wide)."),
+    width: int = typer.Option(64, "--width", min=32, max=1024, help="Language-model hidden size, a multiple of 2 × --head-dim (MLP twice as wide)."),
+    head_dim: int = typer.Option(16, "--head-dim", min=16, max=256, help="Attention head size, a multiple of 16 (half as many KV heads as heads); vLLM's CPU attention needs 32 or more."),
 ) -> None:
     """Write a tiny random-weight VLM checkpoint.
 
@@ -43,6 +44,6 @@ def main(
     out = out or out_opt
     if arch not in ARCH_CHOICES:
         raise UsageError(f"--arch must be one of {', '.join(ARCH_CHOICES)}, got {arch!r}")
-    path = make_tiny_model(out, arch=arch, seed=seed, vocab=vocab, layers=layers, width=width)
+    path = make_tiny_model(out, arch=arch, seed=seed, vocab=vocab, layers=layers, width=width, head_dim=head_dim)
     with RecordWriter() as w:
         w.write(describe(path))

@@ -49,17 +49,22 @@ CHAT_TEMPLATE = (
 )
 
 
-def _configs(arch: str, special: dict[str, int], *, vocab_size: int | None = None, layers: int = 2, width: int = 64):
+def _configs(arch: str, special: dict[str, int], *, vocab_size: int | None = None, layers: int = 2, width: int = 64,
+             head_dim: int = 16):
     """The transformers config object of the tiny model of `arch`.
 
     `vocab_size`: the embedding rows of a truncated vocabulary (None: Qwen's own).
-    `width`: the language model's hidden size, a multiple of 32 (heads of 16, MLP 2x).
+    `width`: the language model's hidden size, a multiple of 2 × `head_dim` (MLP 2x);
+    `head_dim`: the size of an attention head, a multiple of 16 (half as many KV heads).
     """
-    if width < 32 or width % 32:
-        raise MarsError(f"the width must be a positive multiple of 32, got {width}")
+    check_shape(width, head_dim)
+    # M-RoPE splits a head's head_dim/2 frequencies into (temporal, height, width) sections
+    # in the released models' proportions: Qwen2.5-VL 2:3:3, Qwen3-VL 4:2:2.
+    q = head_dim // 16
     common_text = dict(
-        hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers, num_attention_heads=width // 16,
-        num_key_value_heads=width // 32, hidden_act="silu", max_position_embeddings=32768, rms_norm_eps=1e-6,
+        hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
+        num_attention_heads=width // head_dim, num_key_value_heads=width // (2 * head_dim), hidden_act="silu",
+        max_position_embeddings=32768, rms_norm_eps=1e-6,
         tie_word_embeddings=True, bos_token_id=special["<|endoftext|>"], eos_token_id=special["<|im_end|>"],
         pad_token_id=special["<|endoftext|>"],
     )
@@ -68,9 +73,9 @@ def _configs(arch: str, special: dict[str, int], *, vocab_size: int | None = Non
     if arch == "qwen2.5-vl":
         from transformers import Qwen2_5_VLConfig
 
-        # head_dim 16: the M-RoPE sections (temporal, height, width) split its 8 frequencies.
         text = dict(common_text, vocab_size=vocab_size or 152064,
-                    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [2, 3, 3]})
+                    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
+                                     "mrope_section": [2 * q, 3 * q, 3 * q]})
         vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, in_channels=3, patch_size=14,
                       spatial_merge_size=2, temporal_patch_size=2, window_size=112, out_hidden_size=width,
                       fullatt_block_indexes=[1], tokens_per_second=2, hidden_act="silu")
@@ -78,9 +83,9 @@ def _configs(arch: str, special: dict[str, int], *, vocab_size: int | None = Non
     if arch == "qwen3-vl":
         from transformers import Qwen3VLConfig
 
-        text = dict(common_text, vocab_size=vocab_size or 151936, head_dim=16,
+        text = dict(common_text, vocab_size=vocab_size or 151936, head_dim=head_dim,
                     rope_parameters={"rope_type": "default", "rope_theta": 5000000.0,
-                                     "mrope_section": [4, 2, 2], "mrope_interleaved": True})
+                                     "mrope_section": [4 * q, 2 * q, 2 * q], "mrope_interleaved": True})
         vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, in_channels=3, patch_size=16,
                       spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=width,
                       num_position_embeddings=64, deepstack_visual_indexes=[0], hidden_act="gelu_pytorch_tanh")
@@ -104,13 +109,14 @@ def _preprocessor_config(arch: str) -> dict:
 
 
 def make_tiny_model(out_dir: str | Path, *, arch: str = "qwen2.5-vl", seed: int = 0, vocab: int | None = None,
-                    layers: int = 2, width: int = 64) -> Path:
+                    layers: int = 2, width: int = 64, head_dim: int = 16) -> Path:
     """Write a tiny random-weight checkpoint of `arch` into `out_dir` (atomically).
 
     `vocab` keeps only Qwen's first `vocab` BPE tokens (special tokens right after): the
     same tokenizer stopped early, so text takes more, commoner tokens and the output layer
     (most of a tiny model's compute) shrinks with it. `layers`: language-model depth;
-    `width`: its hidden size (a multiple of 32).
+    `width`: its hidden size (a multiple of 2 × `head_dim`); `head_dim`: the attention head
+    size, a multiple of 16 (vLLM's CPU attention needs at least 32).
     """
     import torch
 
@@ -121,8 +127,7 @@ def make_tiny_model(out_dir: str | Path, *, arch: str = "qwen2.5-vl", seed: int 
         raise MarsError(f"unknown architecture {arch!r} (expected one of: {', '.join(ARCHS)})")
     if not 1 <= layers <= 32:
         raise MarsError(f"--layers must be between 1 and 32, got {layers}")
-    if not 32 <= width <= 1024 or width % 32:
-        raise MarsError(f"--width must be a multiple of 32 in [32, 1024], got {width}")
+    check_shape(width, head_dim)
     out_dir = Path(out_dir)
     # Replacing is for re-making a tiny model; never swap away some other directory.
     if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not (out_dir / META_FILE).is_file())):
@@ -133,7 +138,7 @@ def make_tiny_model(out_dir: str | Path, *, arch: str = "qwen2.5-vl", seed: int 
         # A truncated vocabulary's rows: up to a multiple of 64 past the special tokens,
         # as the real checkpoints pad theirs.
         vocab_size = None if vocab is None else -(-(max(special.values()) + 1) // 64) * 64
-        config = _configs(arch, special, vocab_size=vocab_size, layers=layers, width=width)
+        config = _configs(arch, special, vocab_size=vocab_size, layers=layers, width=width, head_dim=head_dim)
         model_cls = _model_class(arch)
         # Initialise on a private generator state so the weights depend on the seed only.
         with torch.random.fork_rng(devices=[]):
@@ -149,8 +154,16 @@ def make_tiny_model(out_dir: str | Path, *, arch: str = "qwen2.5-vl", seed: int 
         (tmp / "preprocessor_config.json").write_text(json.dumps(_preprocessor_config(arch), indent=2) + "\n")
         (tmp / "chat_template.jinja").write_text(CHAT_TEMPLATE)
         params = sum(p.numel() for p in model.parameters())
-        write_meta(tmp, arch=arch, seed=seed, params=params, **({"vocab": vocab} if vocab else {}))
+        write_meta(tmp, arch=arch, seed=seed, params=params, **({"vocab": vocab} if vocab else {}),
+                   **({"head_dim": head_dim} if head_dim != 16 else {}))
     return out_dir
+
+
+def check_shape(width: int, head_dim: int) -> None:
+    if head_dim < 16 or head_dim % 16:
+        raise MarsError(f"--head-dim must be a positive multiple of 16, got {head_dim}")
+    if not 32 <= width <= 1024 or width % (2 * head_dim):
+        raise MarsError(f"--width must be a multiple of 2 × --head-dim ({2 * head_dim}) in [32, 1024], got {width}")
 
 
 def _umask() -> int:
@@ -168,7 +181,8 @@ def describe(model_dir: str | Path) -> dict:
     config = json.loads((model_dir / "config.json").read_text())
     vocab = (config.get("text_config") or {}).get("vocab_size", config.get("vocab_size"))
     return {"path": str(model_dir), "arch": meta["arch"], "seed": meta["seed"], "params": meta["params"],
-            "vocab_size": vocab, "fingerprint": fingerprint(model_dir)}
+            "vocab_size": vocab, **({"head_dim": meta["head_dim"]} if "head_dim" in meta else {}),
+            "fingerprint": fingerprint(model_dir)}
 
 
 def _model_class(arch: str):

@@ -39,6 +39,7 @@ class Backend:
     pixels: dict | None = None  # {"min", "max"}: the image processor's bounds, so clients count image tokens alike
     image_pad: int = -1
     max_model_len: int | None = None
+    sleep_mode: bool = True  # False: /sleep answers 409 (mars serve --sleep-mode off, or a platform without it)
 
     async def start(self, policy: str) -> dict:  # -> {"path", "fingerprint"}
         raise NotImplementedError
@@ -280,12 +281,17 @@ class App:
             level = -1
         if level not in (0, 1, 2):
             raise HTTPError(400, "level must be 0, 1 or 2")
+        if not self.backend.sleep_mode:
+            raise HTTPError(409, "this server runs without sleep mode (mars serve --sleep-mode on enables it where "
+                                 "the platform supports it)", "SleepModeOff")
         async with self._load_lock:
             self.status = "sleeping"
             await self.backend.sleep(level)
         return 200, {"status": "sleeping", "level": level}
 
     async def wake_up(self, req: Request):
+        if not self.backend.sleep_mode:
+            return 200, {"status": "awake", "tags": None}  # never asleep
         async with self._load_lock:
             try:
                 await self.backend.wake_up()

@@ -5,7 +5,8 @@ What vLLM 0.33 does itself, and is used as is (see mars_cli.serve for why a fron
   sampling_params → choices[0].token_ids, .logprobs.content[i].logprob, .finish_reason,
   .weight_versions); requests are forwarded unchanged.
 - `VLLM_SERVER_DEV_MODE=1` registers /pause?mode=wait, /resume, /sleep?level=N, /wake_up
-  (with `--enable-sleep-mode`), /collective_rpc and /update_weight_version. A load is
+  (with `--enable-sleep-mode`, passed where the platform has it: vLLM's CPU build refuses
+  to start with it), /collective_rpc and /update_weight_version. A load is
   /pause?mode=wait (in-flight requests finish, new ones get 503), /collective_rpc
   {"method": "reload_weights", "kwargs": {"weights_path": DIR}} (every worker reloads in
   place from disk: no recompilation, CUDA graphs kept), /update_weight_version, /resume.
@@ -33,6 +34,17 @@ from mars_cli.serve.http import HTTPError
 log = logging.getLogger("mars.serve")
 
 
+def sleep_mode_available() -> bool:
+    """Whether vLLM's sleep mode works here: vLLM's own answer, else whether CUDA is there."""
+    try:
+        from vllm.platforms import current_platform
+    except ImportError:
+        import torch
+
+        return torch.cuda.is_available()
+    return bool(current_platform.is_sleep_mode_available())
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -57,12 +69,13 @@ class VLLMBackend(Backend):
     def __init__(self, *, tp: int = 1, dp: int = 1, max_model_len: int | None = None, max_images: int = 32,
                  max_num_seqs: int | None = None, gpu_memory_utilization: float = 0.85, enforce_eager: bool = False,
                  dtype: str | None = None, min_pixels: int | None = None, max_pixels: int | None = None,
-                 seed: int | None = None, startup_timeout: float = 1800.0, load_timeout: float = 1800.0,
-                 executable: list[str] | None = None):
+                 seed: int | None = None, sleep_mode: bool = True, startup_timeout: float = 1800.0,
+                 load_timeout: float = 1800.0, executable: list[str] | None = None):
         self.opts = dict(tp=tp, dp=dp, max_model_len=max_model_len, max_images=max_images, max_num_seqs=max_num_seqs,
                          gpu_memory_utilization=gpu_memory_utilization, enforce_eager=enforce_eager, dtype=dtype,
                          min_pixels=min_pixels, max_pixels=max_pixels, seed=seed)
         self.max_model_len = max_model_len
+        self.sleep_mode = sleep_mode
         self.startup_timeout = startup_timeout
         self.load_timeout = load_timeout
         self.executable = executable or vllm_command()
@@ -76,7 +89,7 @@ class VLLMBackend(Backend):
     def argv(self, policy: str, port: int) -> list[str]:
         o = self.opts
         args = [*self.executable, "serve", policy, "--host", "127.0.0.1", "--port", str(port),
-                "--enable-scale-out", "--enable-sleep-mode", "--logprobs-mode", "processed_logprobs",
+                "--enable-scale-out", "--logprobs-mode", "processed_logprobs",
                 "--generation-config", "vllm", "--tensor-parallel-size", str(o["tp"]),
                 "--limit-mm-per-prompt", json.dumps({"image": o["max_images"]}),
                 "--gpu-memory-utilization", str(o["gpu_memory_utilization"]), "--seed", str(o["seed"] or 0)]
@@ -87,6 +100,8 @@ class VLLMBackend(Backend):
                 args += [flag, str(o[key])]
         if o["enforce_eager"]:
             args.append("--enforce-eager")
+        if self.sleep_mode:
+            args.append("--enable-sleep-mode")
         mm = {k: o[k] for k in ("min_pixels", "max_pixels") if o[k] is not None}
         if mm:
             args += ["--mm-processor-kwargs", json.dumps(mm)]
