@@ -27,7 +27,7 @@ def local_image(src: str, folder: str | os.PathLike, *, allow_private: bool = Fa
     from mars_cli.eval.convert import image_extension
 
     if src.startswith(("http://", "https://")):
-        from mars_cli.fsutil import sha256_bytes
+        from mars_cli.spool import store
         from mars_cli.tools.web import HttpClient
 
         http = HttpClient(timeout=timeout, retries=1, max_bytes=MAX_IMAGE_BYTES, allow_private=allow_private,
@@ -43,12 +43,7 @@ def local_image(src: str, folder: str | os.PathLike, *, allow_private: bool = Fa
             raise MarsError(f"{src}: not an image (got {ctype or 'no content type'}, {len(data)} bytes)")
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        path = folder / (sha256_bytes(data)[:32] + ext)
-        if not path.exists():
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_bytes(data)
-            tmp.replace(path)
-        return str(path)
+        return str(store(folder, data, ext))
     if "://" in src:
         raise MarsError(f"{src}: only http(s) URLs and local files are supported")
     path = Path(src)

@@ -24,7 +24,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from mars_cli.errors import MarsError, RecordError
-from mars_cli.fsutil import atomic_dir, sha256_bytes
+from mars_cli.fsutil import atomic_dir
+from mars_cli.spool import content_name, store
+from mars_cli.spool import content_name, store
 
 # Magic bytes → file extension for stored images.
 _MAGIC = (
@@ -73,11 +75,9 @@ class Context:
         ext = image_extension(data)
         if ext is None:
             raise RowError("image data is not a JPEG, PNG, WebP, GIF, BMP or TIFF file")
-        name = sha256_bytes(data)[:32] + ext
+        name = content_name(data, ext)
         if name not in self.stored:
-            target = self.images_dir / name
-            if not target.exists():
-                target.write_bytes(data)
+            store(self.images_dir, data, name=name)
             self.stored[name] = str(self.final_images / name)
         return self.stored[name]
 

@@ -4,20 +4,21 @@ One asyncio task (the batcher) takes every request queued at that moment, groups
 sampling settings and runs each group as ONE left-padded `generate` on the single worker
 thread that owns the model; loads and sleep/wake run on that thread too, between batches,
 so a batch never sees half-swapped weights and each answer names the weights that made it.
-Images arrive as bytes; they are spooled under a content-hash name and decoded by mars's
-own image code (the code `update` uses), so the pixels are exactly what training sees.
+Images arrive as bytes; they are spooled under a content-hash name (mars_cli.spool: held
+until the request is answered, so eviction never removes an image a pending request needs)
+and decoded by mars's own image code (the code `update` uses), so the pixels are exactly
+what training sees. At most DECODE_SLOTS images are decoded at once outside the worker.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
+import functools
 import logging
-import tempfile
+import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from mars_cli.engines import Sampling, never_sampled
 from mars_cli.errors import MarsError, UsageError
@@ -28,6 +29,8 @@ log = logging.getLogger("mars.serve")
 
 IGNORED = {"detokenize", "skip_special_tokens", "spaces_between_special_tokens", "output_kind", "n"}
 SPOOL_FILES = 2048  # spooled images kept (a multi-turn episode resends the same images)
+SPOOL_BYTES = 2 << 30  # and their bytes at most (held images may exceed both for a while)
+DECODE_SLOTS = 2  # images decoded at once by the request checks (a 200 MP image is 600 MB decoded)
 
 
 @dataclass
@@ -47,7 +50,7 @@ class HFBackend(Backend):
 
     def __init__(self, *, device: str = "cpu", dtype: str | None = None, max_num_seqs: int = 32,
                  min_pixels: int | None = None, max_pixels: int | None = None, max_model_len: int | None = None,
-                 seed: int | None = None):
+                 seed: int | None = None, max_image_pixels: int | None = None, spool_bytes: int = SPOOL_BYTES):
         self.device, self.dtype = device, dtype
         self.max_num_seqs = max(1, max_num_seqs)
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
@@ -56,7 +59,10 @@ class HFBackend(Backend):
         self.policy = None
         self.serving: tuple = (0, None, None)  # (weight version, fingerprint, path), set on the worker
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="mars-serve-hf")
-        self._spool = tempfile.TemporaryDirectory(prefix="mars-serve-images-")
+        self.max_image_pixels = max_image_pixels
+        self._spool_bytes = spool_bytes
+        self._spool = None  # made by start(): a constructed backend leaves no folder behind
+        self._decodes = threading.BoundedSemaphore(DECODE_SLOTS)
         self._queue: asyncio.Queue | None = None
         self._running = asyncio.Event()
         self._busy = 0  # requests taken by the batcher and not answered yet
@@ -94,6 +100,9 @@ class HFBackend(Backend):
         self.image_pad = p.special["image_pad"]
         size = p.image_processor.size
         self.pixels = {"min": int(size["shortest_edge"]), "max": int(size["longest_edge"])}
+        from mars_cli.spool import Spool
+
+        self._spool = Spool(max_bytes=self._spool_bytes, max_files=SPOOL_FILES)
         self._queue = asyncio.Queue()
         self._running.set()
         self._idle.set()
@@ -150,28 +159,47 @@ class HFBackend(Backend):
                        request_id=str(body.get("request_id") or uuid.uuid4().hex))
 
     def _spool_image(self, data: bytes, i: int) -> str:
+        """Spool and decode one image (a bad one fails its request only); held until released."""
         from mars_cli import images
 
-        path = Path(self._spool.name) / (hashlib.sha256(data).hexdigest() + ".img")
-        if not path.exists():
-            tmp = path.with_suffix(".tmp")
-            tmp.write_bytes(data)
-            tmp.replace(path)
-            files = sorted(Path(self._spool.name).glob("*.img"), key=lambda p: p.stat().st_mtime)
-            for old in files[:max(0, len(files) - SPOOL_FILES)]:
-                old.unlink(missing_ok=True)
+        path = self._spool.hold(data, ".img")
         try:
-            images.load_array(str(path))  # decoded (and bomb-checked) now: a bad image fails its request only
+            with self._decodes:
+                arr = images.load_array(str(path), max_image_pixels=self.max_image_pixels)
+                big = arr.size > 3 * 16_000_000
+                del arr
+            if big:
+                _trim_heap()
         except MarsError as e:
+            self._spool.discard(path)  # refused: its bytes go now, not at the next eviction
             raise HTTPError(400, f"content_parts[{i}]: {str(e).replace(str(path), 'image')}") from None
+        except BaseException:
+            self._spool.release(path)
+            raise
         return str(path)
+
+    async def _hold_image(self, data: bytes, i: int) -> str:
+        job = asyncio.ensure_future(asyncio.to_thread(self._spool_image, data, i))
+        try:
+            return await asyncio.shield(job)
+        except asyncio.CancelledError:
+            # the thread still finishes: give back what it holds once it does
+            job.add_done_callback(lambda j: j.cancelled() or j.exception() or self._spool.release(j.result()))
+            raise
 
     async def generate(self, body: dict, images: list[bytes]) -> dict:
         item = self._parse(body)
-        item.images = [await asyncio.to_thread(self._spool_image, data, i) for i, data in enumerate(images)]
-        item.future = asyncio.get_running_loop().create_future()
-        await self._queue.put(item)
-        return await item.future
+        held: list[str] = []
+        try:
+            for i, data in enumerate(images):
+                held.append(await self._hold_image(data, i))
+            item.images = list(held)
+            item.future = asyncio.get_running_loop().create_future()
+            await self._queue.put(item)
+            return await item.future
+        finally:
+            for path in held:
+                self._spool.release(path)
 
     async def _batch_loop(self) -> None:
         while True:
@@ -301,7 +329,25 @@ class HFBackend(Backend):
                 if not it.future.done():
                     it.future.cancel()
         await asyncio.to_thread(self._worker.shutdown, wait=True, cancel_futures=True)
-        self._spool.cleanup()
+        if self._spool is not None:
+            self._spool.close()
+
+
+@functools.cache
+def _libc():
+    import ctypes
+
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+def _trim_heap() -> None:
+    """Hand freed heap pages back to the system (glibc keeps a decoded image's arenas otherwise)."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 def _free_memory(device: str) -> None:

@@ -40,7 +40,8 @@ import numpy as np
 
 from mars_cli import images
 from mars_cli.errors import MarsError
-from mars_cli.fsutil import atomic_file, sha256_bytes
+from mars_cli.fsutil import atomic_file
+from mars_cli.spool import store
 
 Box = tuple[float, float, float, float]
 # Floating-point slack when mapping a coordinate onto a pixel edge, in pixels.
@@ -228,9 +229,7 @@ def crop_image(
         except OSError as e:
             raise MarsError(f"{folder}: cannot create the output directory ({e.strerror or e})") from None
         # Named by content: the same crop twice is one file, and a record stays reproducible.
-        path = folder / (sha256_bytes(data)[:32] + images.EXTENSIONS[out_fmt])
-        if not (path.exists() and path.stat().st_size == len(data)):
-            _write(path, data)
+        path = store(folder, data, images.EXTENSIONS[out_fmt])
     return {
         "source": os.fspath(src),
         "box": list(box),

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from mars_cli import images, sensenova
 from mars_cli.errors import MarsError
-from mars_cli.fsutil import atomic_file, sha256_bytes
+from mars_cli.spool import store
 
 
 def _resized(im, factor: int, min_pixels: int, max_pixels: int):
@@ -58,10 +58,6 @@ def crop_model_view(src: str | os.PathLike, bbox_2d, *, out_dir: str | os.PathLi
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise MarsError(f"{folder}: cannot create the output directory ({e.strerror or e})") from None
-    path = folder / (sha256_bytes(data)[:32] + ".png")
-    if not (path.exists() and path.stat().st_size == len(data)):
-        with atomic_file(path) as tmp:
-            tmp.write_bytes(data)
-            os.chmod(tmp, 0o644)
+    path = store(folder, data, ".png")
     return {"source": os.fspath(src), "box": [x1, y1, x2, y2], "box_px": list(box), "size": list(crop.size),
             "path": os.fspath(path), "image_size": [W, H]}

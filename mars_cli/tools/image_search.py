@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 
 from mars_cli.errors import MarsError, ToolError
-from mars_cli.fsutil import sha256_bytes, sha256_file
+from mars_cli.fsutil import sha256_file
 from mars_cli.tools.cache import ToolCache, open_cache
 
 BACKENDS = ("local", "precomputed", "serper")
@@ -128,14 +128,9 @@ class SerperLensBackend:
                 im.verify()
         except Exception:
             raise ToolError(f"thumbnail {url}: not an image") from None
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        path = self.out_dir / f"{sha256_bytes(body)[:24]}.img"
-        if not path.exists():
-            from mars_cli.fsutil import atomic_file
+        from mars_cli.spool import store
 
-            with atomic_file(path) as tmp:
-                tmp.write_bytes(body)
-        return str(path)
+        return str(store(self.out_dir, body, ".img"))
 
 
 class ImageSearch:
