@@ -7,11 +7,22 @@ What is drawn:
 - training records (`kind` update or sft, or any record with a numeric `step`): each metric
   in TRAIN_METRICS against `step`, one line per run, runs overlaid in one panel;
 - eval records (`kind: metrics`, the whole-benchmark row, not a --by subset): each metric in
-  EVAL_METRICS per benchmark, one line per (run, benchmark), points by `label` in file order
-  (the checkpoints in the order they were evaluated).
+  EVAL_METRICS per benchmark, one line per (run, benchmark). When every eval record names
+  its training step (a `step` field, or a label ending in a number: `rl-16`, `step_16`),
+  the points stand at that step on a training-step axis; otherwise by `label` in file
+  order (the checkpoints in the order they were evaluated), beside the training panels.
 A metric a run does not carry is left out, a record without it is skipped, and a panel
 with no point at all is not drawn. Nested fields are read by dotted name
 (`logprob_gap.mean_abs`). matplotlib draws both formats (Agg backend, no display).
+
+What keeps a plot honest:
+- rates (accuracy, format, clip fraction, pass@1, avg@k, invalid call rate) are drawn on a
+  0–1 axis, so a 0.185 → 0.215 wobble does not look like a collapse; eval pass@1 also shows
+  its n (judged samples) and a 95% Wilson interval per point;
+- SFT records count seconds per epoch: the step time panel divides by the epoch's steps;
+- a value beyond OFF_SCALE × the panel's typical size (or beyond MAX_SHOWN; a diverged
+  `loss: 1e308`) is drawn as a red triangle at the axis edge and named in the panel's note,
+  instead of stretching the axis until nothing else is visible (or matplotlib gives up).
 """
 
 from __future__ import annotations
@@ -20,6 +31,8 @@ import html
 import io
 import math
 import os
+import re
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,8 +50,13 @@ TRAIN_METRICS = [
     ("KL", ("kl",)),
     ("clip fraction", ("clip_fraction",)),
     ("staleness", ("staleness.mean", "staleness", "staleness_mean")),
-    ("step time (s)", ("seconds", "step_seconds")),
+    ("step time (s)", ("step_seconds", "seconds")),
 ]
+# Panels whose values are shares in [0, 1]: their axis shows the whole range.
+RATES = {"accuracy", "format rate", "clip fraction", "pass@1", "avg@k", "invalid call rate"}
+OFF_SCALE = 1e6   # a value this many times the panel's median magnitude (at least 1) is off scale
+MAX_SHOWN = 1e15  # and so is any value beyond this, whatever the rest
+Z95 = 1.959964
 EVAL_METRICS = [
     ("pass@1", ("pass@1",)),
     ("avg@k", ("avg@k",)),
@@ -62,8 +80,14 @@ class Panel:
     title: str
     xlabel: str
     series: list[tuple[str, list, list]]               # (legend name, xs, ys)
-    categories: list[str] | None = None                # eval panels: x is a label index
+    categories: list[str] | None = None                # eval panels by label: x is a label index
     legend: bool = False                               # several runs: name even a lone line
+    section: str = "train"                             # "train" or "eval"
+    rate: bool = False                                 # a share: drawn on a 0–1 axis
+    intervals: list | None = None                      # per series: [(lo, hi)…] 95% intervals, or None
+    note: str = ""                                     # what the reader must know (points off scale)
+    bound: float = MAX_SHOWN                           # values beyond ±bound are drawn at the edge
+    off_scale: int = 0                                 # how many values are beyond it
 
 
 def _field(rec: dict, name: str):
@@ -106,6 +130,8 @@ def load_runs(paths: list[str], *, skip_bad: bool = False) -> list[Run]:
             elif kind in ("update", "sft") or _field(rec, "step") is not None:
                 if _field(rec, "step") is None and _field(rec, "steps") is not None:
                     rec = {**rec, "step": rec["steps"]}  # sft epoch records count steps
+                if kind == "sft" and _field(rec, "seconds") is not None:
+                    rec = {**rec, "step_seconds": _per_step(rec, run.train)}  # sft: seconds per epoch
                 if _field(rec, "step") is not None:
                     run.train.append(rec)
         runs.append(run)
@@ -114,8 +140,41 @@ def load_runs(paths: list[str], *, skip_bad: bool = False) -> list[Run]:
     return runs
 
 
+def _per_step(rec: dict, earlier: list[dict]) -> float | None:
+    """An sft epoch record's seconds over the steps of that epoch (`steps` counts from the start)."""
+    prev = next((_field(r, "step") for r in reversed(earlier) if r.get("kind") == "sft"), 0.0) or 0.0
+    n = _field(rec, "step") - prev if _field(rec, "step") is not None else 0
+    return _field(rec, "seconds") / n if n > 0 else None
+
+
+_STEP_LABEL = re.compile(r"(?:^|[-_/:@])(?:step)?[-_]?(\d+)$", re.IGNORECASE)
+
+
+def eval_step(rec: dict) -> float | None:
+    """The training step an eval record names: its `step`, or a label ending in a number (rl-16)."""
+    if _field(rec, "step") is not None:
+        return _field(rec, "step")
+    m = _STEP_LABEL.search(str(rec.get("label") or ""))
+    return float(m.group(1)) if m else None
+
+
+def wilson(p: float, n: int) -> tuple[float, float]:
+    """The 95% Wilson score interval of a share p over n trials."""
+    d = 1 + Z95 ** 2 / n
+    mid = (p + Z95 ** 2 / (2 * n)) / d
+    half = Z95 * math.sqrt(p * (1 - p) / n + Z95 ** 2 / (4 * n * n)) / d
+    return max(0.0, mid - half), min(1.0, mid + half)
+
+
 def panels(runs: list[Run]) -> list[Panel]:
     """The panels that have at least one point, training first, then eval."""
+    out = _train_panels(runs) + _eval_panels(runs)
+    for p in out:
+        _mark_off_scale(p)
+    return out
+
+
+def _train_panels(runs: list[Run]) -> list[Panel]:
     out = []
     for title, names in TRAIN_METRICS:
         series = []
@@ -125,7 +184,13 @@ def panels(runs: list[Run]) -> list[Panel]:
             if pts:
                 series.append((run.name, [x for x, _ in pts], [y for _, y in pts]))
         if series:
-            out.append(Panel(title, "step", series, legend=len(runs) > 1))
+            out.append(Panel(title, "step", series, legend=len(runs) > 1, rate=title in RATES))
+    return out
+
+
+def _eval_panels(runs: list[Run]) -> list[Panel]:
+    out = []
+    by_step = all(eval_step(r) is not None for run in runs for r in run.evals)
     labels: list[str] = []
     for run in runs:
         for r in run.evals:
@@ -133,25 +198,67 @@ def panels(runs: list[Run]) -> list[Panel]:
             if lab not in labels:
                 labels.append(lab)
     for title, names in EVAL_METRICS:
-        series = []
+        series, intervals = [], []
         for run in runs:
             benches = list(dict.fromkeys(r["benchmark"] for r in run.evals))
             for b in benches:
-                pts = [(labels.index(str(r.get("label") if r.get("label") is not None else run.name)), _first(r, names))
+                pts = [(eval_step(r) if by_step else labels.index(str(r.get("label") if r.get("label") is not None
+                                                                       else run.name)), _first(r, names), r)
                        for r in run.evals if r["benchmark"] == b]
-                pts = [(x, y) for x, y in pts if y is not None]
-                if pts:
-                    legend = b if len(runs) == 1 else f"{run.name}: {b}"
-                    series.append((legend, [x for x, _ in pts], [y for _, y in pts]))
+                pts = [(x, y, r) for x, y, r in pts if y is not None]
+                if not pts:
+                    continue
+                legend = b if len(runs) == 1 else f"{run.name}: {b}"
+                ns = [r.get("judged") for _, _, r in pts]
+                if title == "pass@1" and all(isinstance(n, int) and n > 0 for n in ns):
+                    legend += f" (n={ns[0]})" if len(set(ns)) == 1 else f" (n={min(ns)}–{max(ns)})"
+                    intervals.append([wilson(min(1.0, max(0.0, y)), n) for (_, y, _), n in zip(pts, ns)])
+                else:
+                    intervals.append(None)
+                series.append((legend, [x for x, _, _ in pts], [y for _, y, _ in pts]))
         if series:
-            out.append(Panel(f"eval {title}", "checkpoint", series, categories=labels))
+            out.append(Panel(f"eval {title}", "training step" if by_step else "checkpoint", series,
+                             categories=None if by_step else labels, section="eval", rate=title in RATES, legend=True,
+                             intervals=intervals if any(intervals) else None,
+                             note="95% interval over n judged samples" if any(intervals) else ""))
     return out
 
 
+def _mark_off_scale(p: Panel) -> None:
+    """Name the values too large to draw beside the rest (see the module docstring)."""
+    ys = [abs(y) for _, _, s in p.series for y in s]
+    bound = min(MAX_SHOWN, OFF_SCALE * max(1.0, statistics.median(ys)))
+    off = [y for _, _, s in p.series for y in s if abs(y) > bound]
+    p.off_scale = len(off)
+    if off:
+        worst = max(off, key=abs)
+        p.note = "; ".join(x for x in (p.note, f"{len(off)} off scale (up to {worst:.3g}), drawn at the edge") if x)
+    p.bound = bound
+
+
 def _draw(ax, panel: Panel) -> None:
-    for name, xs, ys in panel.series:
-        ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, linewidth=1.4, label=name)
-    ax.set_title(panel.title, fontsize=10)
+    ys_all = [y for _, _, s in panel.series for y in s]
+    shown = [y for y in ys_all if abs(y) <= panel.bound] or [0.0]
+    # off-scale values stand just beyond the others, on their side of zero
+    top, bottom = max(max(shown), 0.0), min(min(shown), 0.0)
+    pad = 0.1 * ((top - bottom) or 1.0)
+    for i, (name, xs, ys) in enumerate(panel.series):
+        drawn = [y if abs(y) <= panel.bound else (top + pad if y > 0 else bottom - pad) for y in ys]
+        # the line breaks at an off-scale point: its edge position is no value to connect
+        line, = ax.plot(xs, [d if abs(y) <= panel.bound else math.nan for y, d in zip(ys, drawn)],
+                        marker="o" if len(xs) < 30 else None, markersize=3, linewidth=1.4, label=name)
+        if panel.intervals and panel.intervals[i]:
+            lo = [max(0.0, y - a) for y, (a, _) in zip(drawn, panel.intervals[i])]  # rounding aside, a <= y <= b
+            hi = [max(0.0, b - y) for y, (_, b) in zip(drawn, panel.intervals[i])]
+            ax.errorbar(xs, drawn, yerr=[lo, hi], fmt="none", ecolor=line.get_color(), alpha=0.5, capsize=2)
+        for x, y, d in zip(xs, ys, drawn):
+            if abs(y) > panel.bound:
+                ax.plot([x], [d], linestyle="none", color="red", markersize=7, marker="^" if y > 0 else "v")
+    if panel.rate and all(-1e-9 <= y <= 1 + 1e-9 for y in ys_all):
+        ax.set_ylim(-0.03, 1.03)
+    elif len(shown) < len(ys_all):
+        ax.set_ylim(bottom - 1.5 * pad, top + 1.5 * pad)
+    ax.set_title(panel.title + (f"\n{panel.note}" if panel.note else ""), fontsize=9 if panel.note else 10)
     ax.set_xlabel(panel.xlabel, fontsize=8)
     ax.tick_params(labelsize=7)
     ax.grid(True, alpha=0.3)
@@ -224,8 +331,8 @@ def _summary(runs: list[Run]) -> str:
 
 def render_html(runs: list[Run], ps: list[Panel], *, title: str = "mars runs") -> str:
     sections = []
-    for heading, group in (("Training", [p for p in ps if p.categories is None]),
-                           ("Evaluation", [p for p in ps if p.categories is not None])):
+    for heading, group in (("Training", [p for p in ps if p.section == "train"]),
+                           ("Evaluation", [p for p in ps if p.section == "eval"])):
         if group:
             figs = "".join(f'<figure data-panel="{html.escape(p.title)}">{_svg(p)}</figure>' for p in group)
             sections.append(f"<h2>{heading}</h2><div class=\"grid\">{figs}</div>")

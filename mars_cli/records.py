@@ -156,6 +156,7 @@ class DuplicateCheck:
         key = (rec.get("group"), rec.get("sample"))
         if key[0] is None or key[1] is None:
             return
+        validate(rec, "trajectory", where, only=("group", "sample"))  # a key must be a string/integer, not [] or {}
         key = (str(key[0]), key[1])
         first = self.seen.setdefault(key, where)
         if first is not where:

@@ -226,6 +226,15 @@ def test_missing_reward_field_names_the_line():
     assert "<stdin>:2: missing field 'reward'" in res.stderr
 
 
+@pytest.mark.parametrize("sample", [[], {}, 1.5, True])
+def test_r11_sample_not_an_integer_is_a_located_error(sample):
+    rec = judged("a", 0, 1.0)
+    rec["sample"] = sample
+    res = Ran(["advantage"], input=lines([judged("a", 1, 0.0), rec]))
+    assert res.exit_code == 1
+    assert "<stdin>:2: field 'sample' must be an integer" in res.stderr
+
+
 def test_subprocess_chunks_stream_and_head_ends_quietly():
     recs = [judged(f"g{i}", s, float(s % 2)) for i in range(300) for s in range(4)]
     proc = subprocess.run(

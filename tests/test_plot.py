@@ -152,3 +152,71 @@ def test_page_renders_in_headless_chromium(real_run, tmp_path):
 
     with Image.open(shot) as im:
         assert len(im.convert("RGB").getcolors(1 << 24)) > 30  # drawn, not blank
+
+
+def _records(path, recs):
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return path
+
+
+def test_r12_extreme_values_are_drawn_at_the_edge_with_a_note(tmp_path):
+    from mars_cli.plot import load_runs, panels
+
+    f = _records(tmp_path / "m.jsonl", [{"kind": "update", "step": 1, "loss": 0.5, "kl": 0.01},
+                                        {"kind": "update", "step": 2, "loss": 1e308, "kl": -1e308},
+                                        {"kind": "update", "step": 3, "loss": 0.25, "kl": 0.02}])
+    for out in ("p.png", "p.html"):
+        r = H.Ran(["plot", f, "-o", tmp_path / out])
+        assert r.exit_code == 0, r.stderr
+        assert "loss: 1 off scale (up to 1e+308), drawn at the edge" in r.stderr
+        assert "KL: 1 off scale (up to -1e+308)" in r.stderr
+    assert "off scale" in (tmp_path / "p.html").read_text()
+    ps = {p.title: p for p in panels(load_runs([str(f)]))}
+    assert ps["loss"].series == [("m", [1.0, 2.0, 3.0], [0.5, 1e308, 0.25])]  # the data is kept, only drawn clipped
+    assert ps["loss"].off_scale == 1 and ps["grad norm" if "grad norm" in ps else "loss"].bound < 1e308
+
+
+def test_rate_axes_run_0_to_1_and_pass1_shows_n_and_its_interval(tmp_path):
+    from mars_cli.plot import _draw, _pyplot, load_runs, panels, wilson
+
+    f = _records(tmp_path / "m.jsonl", [
+        {"kind": "update", "step": 1, "accuracy": 0.185, "grad_norm": 2.0},
+        {"kind": "update", "step": 2, "accuracy": 0.215, "grad_norm": 3.0},
+        {"kind": "metrics", "benchmark": "vstar", "label": "rl-1", "by": None, "pass@1": 0.2, "judged": 200},
+        {"kind": "metrics", "benchmark": "vstar", "label": "rl-2", "by": None, "pass@1": 0.21, "judged": 200}])
+    ps = {p.title: p for p in panels(load_runs([str(f)]))}
+    plt = _pyplot()
+    for title, rate in (("accuracy", True), ("eval pass@1", True), ("grad norm", False)):
+        fig, ax = plt.subplots()
+        _draw(ax, ps[title])
+        lo, hi = ax.get_ylim()
+        plt.close(fig)
+        assert ((lo, hi) == (-0.03, 1.03)) == rate, (title, lo, hi)
+    ev = ps["eval pass@1"]
+    assert ev.series[0][0] == "vstar (n=200)" and "95% interval" in ev.note
+    lo, hi = ev.intervals[0][0]
+    assert wilson(0.2, 200) == (lo, hi) and lo == pytest.approx(0.1505, abs=1e-3) and hi == pytest.approx(0.2609, abs=1e-3)  # by hand
+
+
+def test_evals_stand_on_the_training_step_their_label_names(tmp_path):
+    from mars_cli.plot import eval_step, load_runs, panels
+
+    f = _records(tmp_path / "m.jsonl", [
+        {"kind": "update", "step": 8, "grad_norm": 1.0}, {"kind": "update", "step": 16, "grad_norm": 1.0},
+        {"kind": "metrics", "benchmark": "vstar", "label": "rl-16", "by": None, "pass@1": 0.4},
+        {"kind": "metrics", "benchmark": "vstar", "label": "step_8", "by": None, "pass@1": 0.3}])
+    ev = {p.title: p for p in panels(load_runs([str(f)]))}["eval pass@1"]
+    assert ev.xlabel == "training step" and ev.categories is None and ev.section == "eval"
+    assert ev.series == [("vstar", [16.0, 8.0], [0.4, 0.3])]
+    assert [eval_step({"label": x}) for x in ("rl-16", "step16", "16", "v2", "base", "qwen2.5-7b")] == \
+        [16.0, 16.0, 16.0, None, None, None]
+    assert eval_step({"label": "base", "step": 0}) == 0.0
+
+
+def test_sft_step_time_is_seconds_per_step(tmp_path):
+    from mars_cli.plot import load_runs, panels
+
+    f = _records(tmp_path / "sft.jsonl", [{"kind": "sft", "epoch": 1, "steps": 4, "seconds": 8.0, "train_nll": 2.0},
+                                          {"kind": "sft", "epoch": 2, "steps": 12, "seconds": 12.0, "train_nll": 1.5}])
+    p = {p.title: p for p in panels(load_runs([str(f)]))}["step time (s)"]
+    assert p.series == [("sft", [4.0, 12.0], [2.0, 1.5])]

@@ -19,9 +19,12 @@ def main(
     Reads the records `mars update` and `mars sft` print (x = step) and `mars eval`'s
     (kind: metrics; one line per benchmark, points by --label in file order). Panels:
     reward, accuracy, format rate, tool calls per episode, loss, grad norm, KL, clip
-    fraction, staleness, step time; eval pass@1, format, tool calls… per benchmark. A
-    metric no record carries is left out. The HTML page is self-contained (inline SVG, no
-    script, works offline). Prints one summary record.
+    fraction, staleness, step time (seconds per step, SFT too); eval pass@1 (with n and a 95%
+    interval), format, tool calls… per benchmark, at the training step a label names (rl-16)
+    or else by label. Rates run on a 0–1 axis. A value far off the panel's scale (a diverged
+    loss) is drawn at the edge and named on stderr. A metric no record carries is left out.
+    The HTML page is self-contained (inline SVG, no script, works offline). Prints one
+    summary record.
 
     Example: mars update … >> rl.jsonl; mars eval … -l step-4 >> rl.jsonl; mars plot rl.jsonl -o rl.html
     """
@@ -31,6 +34,9 @@ def main(
 
     runs = load_runs([str(f) for f in files] if files else ["-"], skip_bad=skip_bad)
     ps = write_plot(runs, out, title=title)
+    for p in ps:
+        if p.off_scale:
+            warn(f"{p.title}: {p.note}")
     warn(f"wrote {len(ps)} panels to {out}")
     with RecordWriter() as w:
         w.write({"out": str(out), "runs": [r.name for r in runs], "panels": [p.title for p in ps],
