@@ -69,7 +69,16 @@ def generate(path: Path, n: int, tokens: int, group_size: int, seed: int = 0, *,
             f.write(orjson.dumps(rec, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_APPEND_NEWLINE))
 
 
-def timed(cmd: list[str], src: Path, env: dict | None = None) -> tuple[float, float]:
+def write_images(folder: Path, groups: int) -> None:
+    """The small distinct images the LLM-judged records name (images/G.jpg): the judge sends each."""
+    from PIL import Image
+
+    folder.mkdir(exist_ok=True)
+    for g in range(groups):
+        Image.new("RGB", (64, 48), (g % 256, (g * 7) % 256, 128)).save(folder / f"{g}.jpg")
+
+
+def timed(cmd: list[str], src: Path, env: dict | None = None, cwd: Path | None = None) -> tuple[float, float]:
     """(wall seconds, CPU seconds user+system) of one subprocess run.
 
     CPU time is reported beside wall time because it hardly moves when other work
@@ -78,7 +87,7 @@ def timed(cmd: list[str], src: Path, env: dict | None = None) -> tuple[float, fl
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
     with open(src, "rb") as fin, open(os.devnull, "wb") as fout:
-        p = subprocess.run(cmd, stdin=fin, stdout=fout, stderr=subprocess.PIPE, env=env)
+        p = subprocess.run(cmd, stdin=fin, stdout=fout, stderr=subprocess.PIPE, env=env, cwd=cwd)
     dt = time.perf_counter() - t
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if p.returncode != 0:
@@ -149,6 +158,8 @@ def main() -> None:
         size_gb = big.stat().st_size / 1e9
         print(f"generated {args.n} records ({size_gb:.2f} GB) in {gen_s:.1f}s", file=sys.stderr)
         generate(small, args.llm_n, 16, args.group_size, seed=1, all_wrong=True)
+        # records read from stdin resolve relative image paths against the working directory
+        write_images(Path(tmp) / "images", -(-args.llm_n // args.group_size))
 
         adv = mars + ["advantage"] + (["--batch-groups", str(args.adv_batch_size)] if args.adv_batch_size else [])
         warm(big)
@@ -166,7 +177,7 @@ def main() -> None:
         llm_env = {**env, "MARS_JUDGE_API_KEY": "bench"}
         llm_cmd = mars + ["judge", "--scorer", "llm", "--judge-base-url", stub.url, "--judge-model", "stub",
                           "--max-inflight", str(args.concurrency)]
-        llm_s, llm_cpu = timed(llm_cmd, small, llm_env)
+        llm_s, llm_cpu = timed(llm_cmd, small, llm_env, cwd=Path(tmp))
         ideal = args.llm_n * args.latency / args.concurrency
         stub.server.shutdown()
 
