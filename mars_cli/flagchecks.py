@@ -158,6 +158,8 @@ def install(command, errors) -> None:
                 why = problem(v, rng)
                 if why:  # "--eps must be at least 0, got -1.0" (exit 2)
                     name = (getattr(param, "opts", None) or [param.name])[0]
+                    if getattr(ctx.get_parameter_source(param.name), "name", "") == "ENVIRONMENT" and param.envvar:
+                        name += f" (from {param.envvar})"  # the value the user did not type: say where it came from
                     raise errors.UsageError(f"{name} {why}, got {v}", ctx=ctx)
             return value
 

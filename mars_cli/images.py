@@ -34,6 +34,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from mars_cli.errors import MarsError
 from mars_cli.imagecache import PixelLRU
+from mars_cli.settings import env_number
 
 DEFAULT_MAX_IMAGE_PIXELS = 200_000_000
 DEFAULT_CACHE_PIXELS = 150_000_000
@@ -49,29 +50,24 @@ EXTENSIONS = {"JPEG": ".jpg", "PNG": ".png", "WEBP": ".webp", "TIFF": ".tif", "B
 warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        value = int(float(raw))
-    except ValueError:
-        raise MarsError(f"{name} must be a positive integer, got {raw!r}") from None
-    if value <= 0:
-        raise MarsError(f"{name} must be a positive integer, got {raw!r}")
-    return value
-
-
 def pixel_limit(value: int | None = None) -> int:
     """The decompression-bomb limit: `value`, else MARS_MAX_IMAGE_PIXELS, else 200 MP."""
     if value is not None:
         if value <= 0:
             raise MarsError(f"the image pixel limit must be positive, got {value}")
         return int(value)
-    return _env_int("MARS_MAX_IMAGE_PIXELS", DEFAULT_MAX_IMAGE_PIXELS)
+    return env_number("MARS_MAX_IMAGE_PIXELS", DEFAULT_MAX_IMAGE_PIXELS)
 
 
-_cache = PixelLRU(_env_int("MARS_IMAGE_CACHE_PIXELS", DEFAULT_CACHE_PIXELS))
+_cache = PixelLRU(DEFAULT_CACHE_PIXELS)
+_budget_env = [None]  # the MARS_IMAGE_CACHE_PIXELS text last applied (read at decode time, not at import)
+
+
+def _cache_budget_from_env() -> None:
+    raw = os.environ.get("MARS_IMAGE_CACHE_PIXELS")
+    if raw != _budget_env[0]:
+        set_cache_budget(env_number("MARS_IMAGE_CACHE_PIXELS", DEFAULT_CACHE_PIXELS, minimum=0))
+        _budget_env[0] = raw
 
 
 def cache_info() -> dict:
@@ -108,7 +104,7 @@ def _local_path(src: str | os.PathLike) -> Path:
 
 def max_image_bytes() -> int:
     """The largest image file read: MARS_MAX_IMAGE_BYTES, else 1 GiB."""
-    return _env_int("MARS_MAX_IMAGE_BYTES", DEFAULT_MAX_IMAGE_BYTES)
+    return env_number("MARS_MAX_IMAGE_BYTES", DEFAULT_MAX_IMAGE_BYTES)
 
 
 def _stat_key(path: Path) -> tuple:
@@ -143,6 +139,7 @@ def load_array(src: str | os.PathLike, *, max_image_pixels: int | None = None) -
     path = _local_path(src)
     limit = pixel_limit(max_image_pixels)
     key = _stat_key(path)
+    _cache_budget_from_env()
     arr = _cache.get(key, lambda: _decode_file(path, limit))
     # A cached image was checked against the limit it was decoded under; check this one's.
     _check_pixels(path, arr.shape[1], arr.shape[0], limit)

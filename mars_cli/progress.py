@@ -20,10 +20,9 @@ from typing import Iterable, Iterator
 
 
 def _interval() -> float:
-    try:
-        return max(0.0, float(os.environ.get("MARS_PROGRESS_INTERVAL", "30")))
-    except ValueError:
-        return 30.0
+    from mars_cli.settings import env_number
+
+    return env_number("MARS_PROGRESS_INTERVAL", 30.0, integer=False, minimum=0)
 
 
 def duration(seconds: float) -> str:

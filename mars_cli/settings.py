@@ -8,6 +8,11 @@ then the file, then the built-in default. Positional arguments are not settings.
 
 `resolved(ctx)` is what a command ran with: every option's value and where it came from;
 update and sft write it beside their checkpoint as mars_settings.json.
+
+`env_number(name, default)` reads a MARS_* number that no flag carries (image limits,
+cache budgets, the progress interval): the one check for all of them, a usage error (exit 2,
+like a bad flag or a bad number in an option's own MARS_* variable) when the text is not a
+number or is below the minimum.
 """
 
 from __future__ import annotations
@@ -78,6 +83,23 @@ def config_defaults(command, path: str | os.PathLike) -> dict:
         raise UsageError(f"--config {path}: unknown option{'s' if len(unknown) > 1 else ''} "
                          f"{', '.join(repr(u) for u in unknown)} for `{command.name}` (known: {', '.join(known)})")
     return out
+
+
+def env_number(name: str, default: float, *, integer: bool = True, minimum: float = 1):
+    """The MARS_* variable `name` as a number >= minimum (an int when `integer`), else `default`
+    when unset or blank; anything else is a UsageError naming the variable and what it needs."""
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    need = ("an integer" if integer else "a number") + (
+        " >= 0" if minimum == 0 else " >= 1" if minimum == 1 and integer else f" >= {minimum:g}")
+    try:
+        value = float(raw)
+    except ValueError:
+        raise UsageError(f"{name} must be {need}, got {raw!r}") from None
+    if not value >= minimum or value == float("inf") or (integer and value != int(value)):
+        raise UsageError(f"{name} must be {need}, got {raw!r}")
+    return int(value) if integer else value
 
 
 def _jsonable(v):

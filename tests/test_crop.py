@@ -291,6 +291,22 @@ def test_cli_bad_images(tmp_path, kind, extra, message):
     assert not (tmp_path / "out.jpg").exists()
 
 
+@pytest.mark.parametrize("var, value, need", [
+    ("MARS_MAX_IMAGE_PIXELS", "-5", "at least 1"), ("MARS_MAX_IMAGE_PIXELS", "lots", "valid integer"),
+    ("MARS_MAX_IMAGE_BYTES", "-5", "an integer >= 1"), ("MARS_MAX_IMAGE_BYTES", "lots", "an integer >= 1"),
+    ("MARS_MAX_IMAGE_BYTES", "0", "an integer >= 1"), ("MARS_IMAGE_CACHE_PIXELS", "-1", "an integer >= 0"),
+    ("MARS_IMAGE_CACHE_PIXELS", "1.5", "an integer >= 0")])
+def test_minor_bad_mars_number_variable_is_a_usage_error(tmp_path, var, value, need):
+    """Every MARS_* number is checked one way (settings.env_number, or click for a flag's own
+    variable): a negative, zero or non-number limit is a usage error naming the variable."""
+    from PIL import Image
+
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.jpg")
+    r = mars(tmp_path / "a.jpg", 0, 0, 1, 1, "-o", tmp_path / "o.jpg", env={var: value})
+    assert r.exit_code == 2 and var in r.stderr and need in r.stderr, r.stderr
+    assert not (tmp_path / "o.jpg").exists()
+
+
 def test_cli_bomb_limit_from_env(tmp_path):
     p = make_bad(tmp_path, "bomb")
     r = mars(p, 0, 0, 1, 1, "-o", tmp_path / "o.jpg", env={"MARS_MAX_IMAGE_PIXELS": "5000"})

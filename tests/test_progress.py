@@ -150,6 +150,16 @@ def test_judge_cli_off_a_terminal_ends_with_a_summary(tmp_path):
     assert lines[-1].startswith("mars judge: 3 records in ")
 
 
+def test_minor_bad_progress_interval_is_a_usage_error(tmp_path):
+    from clirun import Ran
+
+    f = tmp_path / "t.jsonl"
+    f.write_text('{"schema_version": 1, "id": "t", "group": "t", "sample": 0, "question": "q", "answers": ["P"], '
+                 '"scorer": "em", "messages": [], "prediction": "P", "finish": "answer", "tool_calls": []}\n')
+    r = Ran(["judge", f], env={"MARS_PROGRESS": "log", "MARS_PROGRESS_INTERVAL": "soon"})
+    assert r.exit_code == 2 and "MARS_PROGRESS_INTERVAL must be a number >= 0, got 'soon'" in r.stderr
+
+
 def test_summary_says_one_step_not_one_steps():
     from mars_cli.progress import LogProgress
 

@@ -108,10 +108,9 @@ class _PixelCache:
 
     @staticmethod
     def budget() -> int:
-        try:
-            return int(float(os.environ.get("MARS_PIXEL_CACHE_MB", "512")) * 2**20)
-        except ValueError:
-            raise MarsError("MARS_PIXEL_CACHE_MB must be a number of megabytes") from None
+        from mars_cli.settings import env_number
+
+        return int(env_number("MARS_PIXEL_CACHE_MB", 512.0, integer=False, minimum=0) * 2**20)
 
     def get(self, key):
         with self._lock:
