@@ -8,7 +8,7 @@ then, interleaved in one run so the ratios are side by side, times the median of
 
   full        model(**inputs).logits → log_softmax over the vocabulary → gather (the
               textbook way: two (batch × length × vocab) float tensors)
-  ours        models.inputs.token_logprobs: backbone hidden states, vocabulary projection
+  ours        models.logprobs.token_logprobs: backbone hidden states, vocabulary projection
               in 256-row chunks, a fused cross-entropy per chunk (no full-vocab copy)
   ours_masked token_logprobs with the policy mask (a quarter of the tokens scored, as
               for the assistant turns of an episode)
@@ -70,7 +70,7 @@ def _full(policy, seqs, batch_in):
 
 
 def _ours(policy, seqs, batch_in, masks=None):
-    from mars_cli.models.inputs import token_logprobs
+    from mars_cli.models.logprobs import token_logprobs
 
     return token_logprobs(policy, seqs, batch=batch_in, masks=masks)
 

@@ -33,7 +33,7 @@ def prompt(engine, tmp_path, q="What is this?", size=(112, 84)):
 
 
 def test_hf_contract_and_logprobs_match_a_forward_pass(hf_engine, tmp_path):
-    from mars_cli.models.inputs import token_logprobs
+    from mars_cli.models.logprobs import token_logprobs
 
     ids, _, images = prompt(hf_engine, tmp_path)
     short = ids[:40] + hf_engine.renderer.generation_prompt()
@@ -108,7 +108,7 @@ def test_vision_placeholders_are_never_sampled_but_logprobs_stay_the_models(tiny
     import torch
 
     from mars_cli.engines import never_sampled
-    from mars_cli.models.inputs import token_logprobs
+    from mars_cli.models.logprobs import token_logprobs
     from mars_cli.models.load import load_policy
 
     policy = load_policy(tiny_policy_dir)
@@ -244,7 +244,7 @@ def test_vllm_real(tiny_policy_dir, tmp_path):
 
 
 def test_hf_qwen3_vl(tiny_qwen3_dir, tmp_path):
-    from mars_cli.models.inputs import token_logprobs
+    from mars_cli.models.logprobs import token_logprobs
 
     eng = open_engine("hf", policy=str(tiny_qwen3_dir), sampling=Sampling(seed=0))
     ids, _, images = prompt(eng, tmp_path, size=(128, 96))

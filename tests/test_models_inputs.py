@@ -13,7 +13,8 @@ from PIL import Image
 from mars_cli import protocol
 from mars_cli.errors import MarsError
 from mars_cli.models import inputs, vocab
-from mars_cli.models.inputs import build_inputs, image_tokens, token_logprobs
+from mars_cli.models.inputs import build_inputs, image_tokens
+from mars_cli.models.logprobs import token_logprobs
 from mars_cli.models.load import load_policy
 
 

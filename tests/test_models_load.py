@@ -123,7 +123,7 @@ def test_release_style_image_processor_configs(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_bf16_logprobs_track_cpu_float32(tiny_policy_dir):
     from mars_cli import protocol
-    from mars_cli.models.inputs import token_logprobs
+    from mars_cli.models.logprobs import token_logprobs
 
     cpu = load_policy(tiny_policy_dir)
     gpu = load_policy(tiny_policy_dir, device="cuda")

@@ -45,7 +45,7 @@ def test_tiny_rollout_records(rollout_file, tiny_policy_dir):
 
 
 def test_stored_logprobs_match_a_forward_pass(rollout_file, tiny_policy_dir):
-    from mars_cli.models.inputs import token_logprobs
+    from mars_cli.models.logprobs import token_logprobs
     from mars_cli.models.load import load_policy
 
     policy = load_policy(tiny_policy_dir)

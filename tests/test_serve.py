@@ -57,7 +57,7 @@ def prompt(engine, text="Describe it.", images=0):
 
 
 def forward_logprobs(policy_dir, ids, images, n_new):
-    from mars_cli.models.inputs import token_logprobs
+    from mars_cli.models.logprobs import token_logprobs
     from mars_cli.models.load import load_policy
 
     pol = load_policy(policy_dir)

@@ -82,7 +82,10 @@ def test_update_push_loads_the_new_checkpoint_and_a_failed_push_exits_1(tiny_pol
         assert r.exit_code == 0, r.stderr
         m = json.loads(r.stdout)
         fp2 = fingerprint(tmp_path / "ck2")
-        assert m["push"] == [{"url": url, "fingerprint": fp2, "weight_version": 2, "seconds": m["push"][0]["seconds"]}]
+        (res,) = m["push"]
+        assert {k: res[k] for k in ("url", "fingerprint", "weight_version")} == {"url": url, "fingerprint": fp2,
+                                                                                 "weight_version": 2}
+        assert res["probe"]["gap"] <= res["probe"]["bound"] == 2e-2 and res["probe"]["tokens"] > 0  # proven
         assert set(m["logprob_gap"]) >= {"max", "mean_abs"}
         assert m["sampled_by"] == {"fingerprints": {fingerprint(ck): 2}, "weight_versions": {"1": 2}, "other_policy": 0}
         h = httpx.get(url + "/health").json()

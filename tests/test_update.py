@@ -12,7 +12,7 @@ import helpers_train as H
 def _mean_logprobs(model_dir, batch_file):
     """Per trajectory, the mean log-prob of its policy tokens under the model at model_dir."""
     from mars_cli.jsonl import read_located
-    from mars_cli.models.inputs import token_logprobs
+    from mars_cli.models.logprobs import token_logprobs
     from mars_cli.models.load import load_policy
     from mars_cli.rl.batching import update_examples
 
@@ -23,7 +23,7 @@ def _mean_logprobs(model_dir, batch_file):
 
 
 def test_gspo_step_matches_closed_form_and_moves_the_policy(tiny_policy_dir, tmp_path):
-    from mars_cli.models.inputs import token_logprobs
+    from mars_cli.models.logprobs import token_logprobs
     from mars_cli.models.load import load_policy
     from mars_cli.rl.update import UpdateConfig, run_update
 

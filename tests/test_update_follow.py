@@ -216,7 +216,8 @@ class FakeServer:
 
 
 def fake_push_module():
-    """mars_cli.serve.push's contract: push_checkpoint(urls, checkpoint, *, fingerprint, api_key, timeout)."""
+    """mars_cli.serve.push's contract: push_checkpoint(urls, checkpoint, *, fingerprint, api_key, timeout,
+    reference, max_gap) (this fake proves nothing: the probe is tests/test_push_probe.py's)."""
     import urllib.error
     import urllib.request
 
@@ -225,9 +226,12 @@ def fake_push_module():
     mod = types.ModuleType("mars_cli.serve.push")
 
     class PushError(MarsError):
+        results: list = []
+
+    class ProbeError(PushError):
         pass
 
-    def push_checkpoint(urls, checkpoint, *, fingerprint=None, api_key=None, timeout=900.0):
+    def push_checkpoint(urls, checkpoint, *, fingerprint=None, api_key=None, timeout=900.0, reference=None, max_gap=None):
         out, failed = [], []
         for url in urls:
             req = urllib.request.Request(url + "/load", data=json.dumps({"checkpoint": checkpoint, "fingerprint": fingerprint}).encode(),
@@ -242,7 +246,7 @@ def fake_push_module():
             raise PushError("; ".join(failed))
         return out
 
-    mod.PushError, mod.push_checkpoint = PushError, push_checkpoint
+    mod.PushError, mod.ProbeError, mod.push_checkpoint = PushError, ProbeError, push_checkpoint
     return mod
 
 

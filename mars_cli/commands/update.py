@@ -51,6 +51,7 @@ def main(
     save_every: int = typer.Option(1, "--save-every", min=1, help="With --follow: write OUT/step-N every K steps (the last step always)."),
     keep_last: int = typer.Option(3, "--keep-last", min=0, help="With --follow: keep the newest N step folders (0: all)."),
     push: Optional[str] = typer.Option(None, "--push", envvar="MARS_PUSH", help="Policy servers (URL[,URL…]) that load each new checkpoint."),
+    push_max_gap: Optional[float] = typer.Option(None, "--push-max-gap", envvar="MARS_PUSH_MAX_GAP", help="With --push: the largest log-prob gap allowed between a server's answer to the push probe and the trainer's forward pass on the same tokens; over it the push fails (the server reports the checkpoint but serves other weights) [default: 0.02, measured on fp32]."),
     push_dir: Optional[Path] = typer.Option(None, "--push-dir", help="With --follow --push: where weights of unsaved steps go [default: OUT/.push; /dev/shm/… avoids the disk]."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unparsable lines with a warning."),
     local_rank: Optional[int] = T.LOCAL_RANK,
@@ -60,9 +61,9 @@ def main(
 
     Rebuilds each trajectory's model input from its stored token ids and images and trains only on the policy's own tokens (mask 1). GSPO: s = exp(mean over policy tokens of log π_θ − log π_old), loss = −mean over trajectories of min(s·A, clip(s, 1−ε_low, 1+ε_high)·A) + β·KL(π_θ‖π_ref). Records without token ids (openai engine) are refused. A batch whose advantages are all 0 (every group's rewards equal) is trained and written anyway, with a warning: only the KL term and weight decay move the weights.
 
-    Writes --out (an HF safetensors checkpoint with mars_meta.json) atomically and prints one metrics record: loss, clip_fraction, kl, ratio_mean/min/max, grad_norm, tokens, trajectories, seconds, logprob_gap, rewards (the batch's mean of each judged reward: reward, accuracy, format…), sampled_by (the fingerprints and server weight versions that sampled the batch: reported, never refused). With --push, every server then loads --out; the command returns once each one's /health shows its fingerprint at the next weight version, and exits 1 naming any server that failed (the checkpoint stays written). A sleeping server (POST /sleep, to lend its GPUs to this trainer) wakes to load; with --nproc the push waits until every rank has exited and is reported on stderr. Under a launcher (deepspeed, accelerate, torchrun) every rank runs this command; --nproc N does that for you on one machine.
+    Writes --out (an HF safetensors checkpoint with mars_meta.json) atomically and prints one metrics record: loss, clip_fraction, kl, ratio_mean/min/max, grad_norm, tokens, trajectories, seconds, logprob_gap, rewards (the batch's mean of each judged reward: reward, accuracy, format…), sampled_by (the fingerprints and server weight versions that sampled the batch: reported, never refused). With --push, every server then loads --out; the command returns once each one's /health shows its fingerprint at the next weight version and the load is proven: the server's log-probs on a fixed probe (its /load answer) match the trainer's forward pass on the same tokens within --push-max-gap (each server's gap is in the record's push entries). It exits 1 naming any server that failed, and the gap against the bound where the server serves other weights than it reports (the checkpoint stays written). A sleeping server (POST /sleep, to lend its GPUs to this trainer) wakes to load; with --nproc the push waits until every rank has exited and is reported on stderr. Under a launcher (deepspeed, accelerate, torchrun) every rank runs this command; --nproc N does that for you on one machine.
 
-    --follow keeps the policy, the reference model and the optimizer in memory and reads a stream of batches written by `mars advantage` (each record's `batch` {id, size}), taking one optimizer step as soon as a batch's last record arrives and printing exactly one metrics record per step (with the batch, `staleness` of its records in steps, push result, timings and bytes written). --out then holds OUT/step-N/ checkpoints, every --save-every steps and after the last one; the newest also holds the optimizer state (OUT/step-N/optimizer/), so the same command restarted resumes from it with the same step numbering, skipping batches it already trained. --keep-last bounds the disk. With --push each step's weights go to the servers; a refused push is a warning and the next step's push retries. A trajectory without policy tokens is skipped with a warning; a token id beyond the vocabulary stops the trainer before that step.
+    --follow keeps the policy, the reference model and the optimizer in memory and reads a stream of batches written by `mars advantage` (each record's `batch` {id, size}), taking one optimizer step as soon as a batch's last record arrives and printing exactly one metrics record per step (with the batch, `staleness` of its records in steps, push result, timings and bytes written). --out then holds OUT/step-N/ checkpoints, every --save-every steps and after the last one; the newest also holds the optimizer state (OUT/step-N/optimizer/), so the same command restarted resumes from it with the same step numbering, skipping batches it already trained. --keep-last bounds the disk. With --push each step's weights go to the servers; a refused push is a warning and the next step's push retries, but a server whose probe gap exceeds --push-max-gap (it serves other weights than it reports) stops the trainer with exit 1, after that step's record and with the step saved. A trajectory without policy tokens is skipped with a warning; a token id beyond the vocabulary stops the trainer before that step.
     """
     import os
 
@@ -70,7 +71,7 @@ def main(
     from mars_cli.jsonl import RecordWriter
     from mars_cli.rl.engine import launch_ranks
     from mars_cli.models.load import resolve_policy
-    from mars_cli.rl.update import UpdateConfig, run_update
+    from mars_cli.rl.update import UpdateConfig, run_update, update_once
     from mars_cli.settings import write_settings
     from mars_cli.tracking import check_report_to, report
 
@@ -93,11 +94,15 @@ def main(
     urls = [u.strip() for u in push.split(",") if u.strip()] if push else []
     if push is not None and not urls:
         raise UsageError("--push needs URL[,URL…]")
+    if push_max_gap is not None:
+        from mars_cli.serve.probe import check_max_gap
+
+        check_max_gap(push_max_gap)
     if follow:
         from mars_cli.rl.follow import FollowConfig, run_command
 
         fcfg = FollowConfig(max_steps=max_steps, save_every=save_every, keep_last=keep_last, push=urls,
-                            push_dir=str(push_dir) if push_dir else None, report_to=report_to,
+                            push_dir=str(push_dir) if push_dir else None, push_max_gap=push_max_gap, report_to=report_to,
                             logging_dir=str(logging_dir) if logging_dir else None)
         raise typer.Exit(run_command(paths, cfg, fcfg, nproc=nproc, local_rank=local_rank, skip_bad=skip_bad))
     if max_steps is not None or push_dir is not None:
@@ -109,22 +114,33 @@ def main(
             from mars_cli import streams
             from mars_cli.serve.push import push_checkpoint
 
-            for res in push_checkpoint(urls, str(out)):
-                streams.warn(f"{res['url']} serves {out} ({res['fingerprint']}), weight version {res['weight_version']}")
+            for res in push_checkpoint(urls, str(out), max_gap=push_max_gap):  # reference: OUT loaded on the CPU
+                streams.warn(f"{res['url']} serves {out} ({res['fingerprint']}), weight version {res['weight_version']}, "
+                             f"probe gap {res['probe']['gap']:.3g}")
         raise typer.Exit(code)
-    metrics = run_update(paths, cfg, skip_bad=skip_bad)
+    metrics, session = update_once(paths, cfg, skip_bad=skip_bad) if urls else (run_update(paths, cfg, skip_bad=skip_bad), None)
     if int(os.environ.get("RANK", "0")) == 0:
         write_settings(out)
         report([metrics], report_to=report_to, logging_dir=logging_dir, command="update")
         failure = None
         if urls:
+            from mars_cli.serve.probe import model_reference
             from mars_cli.serve.push import PushError, push_checkpoint
 
-            _free_gpu_memory()  # a sleeping server wakes to load: leave it the memory
+            # The probe's reference: the trainer's model as the step left it. On a GPU, or
+            # across ranks, the memory goes to the servers (a sleeping one wakes to load)
+            # and the reference is OUT as written, loaded on the CPU.
+            reference = None
+            if session.trainer.world == 1 and session.policy.device.type == "cpu":
+                reference = model_reference(session.policy, session.trainer.model)
+            else:
+                session = None
+                _free_gpu_memory()
             try:
-                metrics["push"] = push_checkpoint(urls, str(out), fingerprint=metrics.get("fingerprint"))
+                metrics["push"] = push_checkpoint(urls, str(out), fingerprint=metrics.get("fingerprint"),
+                                                  reference=reference, max_gap=push_max_gap)
             except PushError as e:
-                failure, metrics["push"] = e, {"error": str(e)}
+                failure, metrics["push"] = e, {"error": str(e), "servers": e.results}
         with RecordWriter() as w:
             w.write(metrics)
         if failure is not None:

@@ -54,6 +54,16 @@ def image_part(path: str) -> dict:
     return part
 
 
+def generate_body(ids, s: Sampling, max_tokens: int, special: dict) -> dict:
+    """The /inference/v1/generate body of one turn (images, if any, are added as content parts)."""
+    return {"token_ids": list(ids),
+            "sampling_params": {"temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k if s.top_k > 0 else -1,
+                                "presence_penalty": s.presence_penalty, "max_tokens": max_tokens,
+                                "logprobs": 0, "stop_token_ids": [special["im_end"]], "detokenize": False,
+                                "skip_special_tokens": False,
+                                "logit_bias": {str(t): -100.0 for t in never_sampled(special)} or None}}
+
+
 class Dead(Exception):
     """The server is gone (connection refused or dropped): drop it."""
 
@@ -148,13 +158,7 @@ class ServerEngine(Engine):
     # ---------------------------------------------------------------- requests
 
     def _body(self, req: GenRequest) -> dict:
-        s = self.sampling
-        body = {"token_ids": list(req.ids),
-                "sampling_params": {"temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k if s.top_k > 0 else -1,
-                                    "presence_penalty": s.presence_penalty, "max_tokens": req.max_new_tokens,
-                                    "logprobs": 0, "stop_token_ids": [self.special["im_end"]], "detokenize": False,
-                                    "skip_special_tokens": False,
-                                    "logit_bias": {str(t): -100.0 for t in never_sampled(self.special)} or None}}
+        body = generate_body(req.ids, self.sampling, req.max_new_tokens, self.special)
         if req.images:
             body["content_parts"] = [image_part(p) for p in req.images]
         return body

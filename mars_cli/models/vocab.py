@@ -9,7 +9,7 @@ gradient comes out of one matmul over every row (no summing of per-chunk partial
 gradients in bf16) and the hidden gradient is summed in float32.
 
 It is one autograd node that reads the weight once per forward and once per backward.
-Called as the output projection's forward (see models.inputs.token_logprobs), it makes
+Called as the output projection's forward (see models.logprobs.token_logprobs), it makes
 exactly one parameter gather per micro-batch under ZeRO-3 however many rows are scored,
 so every rank issues the same collectives.
 """

@@ -224,7 +224,7 @@ def micro_logprobs(policy, examples: Sequence[Example], *, model=None, grad: boo
     """
     import torch
 
-    from mars_cli.models.inputs import token_logprobs, unwrap_model
+    from mars_cli.models.logprobs import token_logprobs, unwrap_model
     from mars_cli.rl.prefetch import PREFETCHER, build_for
 
     seqs = [(ex.ids, ex.images) for ex in examples]

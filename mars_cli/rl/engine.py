@@ -204,7 +204,7 @@ class Trainer:
             model=model, optimizer=opt, config=self.config, lr_scheduler=sched,
             dist_init_required=None)
         self.model = self.engine.module
-        # models.inputs forwards through the engine (see its _forward_of); a weak reference
+        # models.logprobs forwards through the engine (see its _forward_of); a weak reference
         # keeps the module free of a cycle and of a submodule that state_dict would walk.
         self.model.ds_engine_ref = weakref.ref(self.engine)
 

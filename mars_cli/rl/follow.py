@@ -17,7 +17,14 @@ trained twice.
 
 After each step the weights go to the policy servers (`push`): the step's checkpoint, or
 for a step that is not saved a weights-only folder (`push_dir`, replaced each time). A
-refused push is a warning; the next step's push brings every server up to date.
+refused push (a server down, a load that failed, a probe that could not run) is a
+warning; the next step's push brings every server up to date. Every load is proven
+(serve.probe): the trainer's model, as the step left it, scores the tokens each server
+sampled on the push probe, in one forward on every rank. A server whose gap exceeds the
+bound serves other weights than it reports, and every rollout it serves would train on
+wrong log-probs: the step's record is printed (its `push` holds the error and the gap),
+the step is saved if it was not, and the trainer stops with exit 1. A restart resumes
+from that step once the server is fixed.
 
 Staleness of a record = the trainer's step before this one − the step whose weights
 sampled it, found from the record's `policy.weight_version` (as servers reported it
@@ -51,6 +58,7 @@ class FollowConfig:
     keep_last: int = 3  # 0: keep every step folder
     push: list[str] = field(default_factory=list)
     push_dir: str | None = None  # default OUT/.push
+    push_max_gap: float | None = None  # the push probe's bound (None: MARS_PUSH_MAX_GAP or serve.probe.MAX_GAP)
     report_to: str = "none"  # --report-to: each step's record also goes to tensorboard or wandb (rank 0)
     logging_dir: str | None = None
 
@@ -185,18 +193,61 @@ def staleness(records, at_step: int, by_version: dict, by_fingerprint: dict) -> 
     return {"mean": sum(lags) / len(lags), "max": max(lags), "min": min(lags), "known": len(lags)}
 
 
-def _push(urls: list[str], checkpoint: str, fp: str | None) -> tuple[dict, list]:
-    from mars_cli.serve.push import PushError, push_checkpoint
+def _push(session, fcfg: FollowConfig, checkpoint: str, fp: str | None) -> tuple[dict, list, str | None]:
+    """Push on rank 0, the probe's reference forward on every rank (a ZeRO-3 forward is collective).
+
+    Returns (the record's `push`, the servers' weight versions, the message to stop with or None)."""
+    trainer = session.trainer
+
+    def score(probes):
+        from mars_cli.serve.probe import reference_logprobs
+
+        return reference_logprobs(session.policy, probes, model=trainer.model)
+
+    if trainer.rank != 0:
+        probes = _shared(trainer, None)  # what rank 0's reference() sends
+        if probes:
+            score(probes)
+        return _shared(trainer, None)
+    sent = []
+
+    def reference(probes):
+        sent.append(True)
+        return score(_shared(trainer, probes))
+
+    try:
+        out = _push_here(fcfg, checkpoint, fp, reference)
+    finally:
+        if not sent:
+            _shared(trainer, [])  # no probe to score: release the other ranks
+    return _shared(trainer, out)
+
+
+def _push_here(fcfg: FollowConfig, checkpoint: str, fp: str | None, reference) -> tuple[dict, list, str | None]:
+    from mars_cli.serve.push import ProbeError, PushError, push_checkpoint
 
     t = time.perf_counter()
     try:
-        res = push_checkpoint(urls, checkpoint, fingerprint=fp, api_key=os.environ.get("MARS_SERVE_API_KEY"))
+        res = push_checkpoint(fcfg.push, checkpoint, fingerprint=fp, api_key=os.environ.get("MARS_SERVE_API_KEY"),
+                              reference=reference, max_gap=fcfg.push_max_gap)
     except PushError as e:
+        push = {"ok": False, "error": str(e), "seconds": round(time.perf_counter() - t, 3), **_probe_summary(e.results)}
+        if isinstance(e, ProbeError):
+            return push, [], f"push of {checkpoint}: {e}; stopping: rollouts from that server would train on wrong log-probs"
         streams.warn(f"push of {checkpoint} failed: {e}; training goes on, the next step pushes again")
-        return {"ok": False, "error": str(e), "seconds": round(time.perf_counter() - t, 3)}, []
+        return push, [], None
     versions = [r.get("weight_version") for r in res if r.get("weight_version") is not None]
     return {"ok": True, "servers": len(res), "weight_version": max(versions) if versions else None,
-            "seconds": round(time.perf_counter() - t, 3)}, versions
+            "seconds": round(time.perf_counter() - t, 3), **_probe_summary(res)}, versions, None
+
+
+def _probe_summary(results: list[dict]) -> dict:
+    """The record's `probe`: the largest gap over the servers that answered it, and the bound."""
+    probes = [r["probe"] for r in results if isinstance(r.get("probe"), dict)]
+    if not probes:
+        return {}
+    return {"probe": {"gap": max(p["gap"] for p in probes), "bound": probes[0]["bound"],
+                      "servers": {r["url"]: r["probe"]["gap"] for r in results if isinstance(r.get("probe"), dict)}}}
 
 
 # --- the loop ------------------------------------------------------------------------------
@@ -283,7 +334,7 @@ def follow(paths, cfg: U.UpdateConfig, fcfg: FollowConfig, *, emit: Callable[[di
             else:
                 last = {"n": n, "examples": examples, "metrics": dict(metrics)}
             save_seconds = time.perf_counter() - t_save
-            push = None
+            push, stop = None, None
             if fcfg.push:
                 t_push = time.perf_counter()
                 target, tfp = ck, fp
@@ -293,8 +344,7 @@ def follow(paths, cfg: U.UpdateConfig, fcfg: FollowConfig, *, emit: Callable[[di
                     target = str(push_dir)
                     written += S.tree_bytes(push_dir)
                     state.fingerprints[tfp] = n
-                push, versions = _push(fcfg.push, target, tfp) if rank == 0 else ({}, [])
-                push, versions = _shared(trainer, (push, versions))
+                push, versions, stop = _push(session, fcfg, target, tfp)
                 for v in versions:
                     state.versions[str(v)] = n
                 push["write_seconds"] = round(time.perf_counter() - t_push - push["seconds"], 3)
@@ -310,6 +360,8 @@ def follow(paths, cfg: U.UpdateConfig, fcfg: FollowConfig, *, emit: Callable[[di
             stepping = False
             if rank == 0:
                 emit(record)
+            if stop:
+                raise MarsError(stop)  # after the record; the handler below saves an unsaved step
             log.info(f"step {n}: batch {bid} ({size} records) loss {metrics['loss']:.4g} in {record['seconds']} s")
             if fcfg.max_steps is not None and taken >= fcfg.max_steps:
                 break
@@ -339,6 +391,7 @@ def run_command(paths, cfg: U.UpdateConfig, fcfg: FollowConfig, *, nproc: int, l
         extra += ["--max-steps", str(fcfg.max_steps)] if fcfg.max_steps else []
         extra += ["--push", ",".join(fcfg.push)] if fcfg.push else []
         extra += ["--push-dir", fcfg.push_dir] if fcfg.push_dir else []
+        extra += ["--push-max-gap", repr(fcfg.push_max_gap)] if fcfg.push_max_gap is not None else []
         extra += ["--report-to", fcfg.report_to] + (["--logging-dir", fcfg.logging_dir] if fcfg.logging_dir else [])
         return relaunch(nproc, "update", [*paths, *config_argv(cfg), *extra, *(["--skip-bad"] if skip_bad else [])])
     from mars_cli.tracking import open_tracker, run_settings

@@ -347,6 +347,11 @@ def write_checkpoint(session: Session, out: str, examples, metrics: dict, *, par
 
 def run_update(paths, cfg: UpdateConfig, *, skip_bad: bool = False, trainer_hook=None) -> dict:
     """Train one batch and write the checkpoint; return the metrics record (all ranks)."""
+    return update_once(paths, cfg, skip_bad=skip_bad, trainer_hook=trainer_hook)[0]
+
+
+def update_once(paths, cfg: UpdateConfig, *, skip_bad: bool = False, trainer_hook=None) -> tuple[dict, Session]:
+    """run_update, also returning the session: its model as it is after the step (the push probe's reference)."""
     from mars_cli.jsonl import read_located
     from mars_cli.rl.sampled_by import SampledBy
 
@@ -368,7 +373,7 @@ def run_update(paths, cfg: UpdateConfig, *, skip_bad: bool = False, trainer_hook
         session.trainer.save_state(cfg.state, {"step": step, "fingerprint": fp, "checkpoint": cfg.out})
     metrics["seconds"] = round(time.time() - t0, 3)
     metrics.update(timing)
-    return {"kind": "update", "out": cfg.out, "step": step, "fingerprint": fp, **metrics}
+    return {"kind": "update", "out": cfg.out, "step": step, "fingerprint": fp, **metrics}, session
 
 
 def resume_state(trainer, state_dir, policy) -> None:

@@ -2,7 +2,8 @@
 
 Both backends (hf in-process, vLLM behind a child `vllm serve`) sit behind these routes, so
 one client speaks to either. The routes and their shapes are vLLM 0.33's where vLLM has
-them (see mars_cli.serve); /load and the /health body are mars's.
+them (see mars_cli.serve); /load and the /health body are mars's. Every /load ends with
+the push probe (serve.probe) on the new weights, sent through the backend's generate.
 """
 
 from __future__ import annotations
@@ -105,6 +106,7 @@ class App:
         self.pause_mode = "abort"
         self.started = time.monotonic()
         self._load_lock = asyncio.Lock()
+        self._probe_request: dict | None = None  # serve.probe's request, built at the first load
 
     def routes(self) -> dict:
         extra = {}
@@ -235,8 +237,22 @@ class App:
             seconds = round(time.time() - t0, 3)
             log.info("serving %s (%s), weight version %d, loaded in %.2f s", self.path, self.fingerprint,
                      self.weight_version, seconds)
+            probe = await self._probe()
             return 200, {"policy": self.path, "fingerprint": self.fingerprint,
-                         "weight_version": self.weight_version, "seconds": seconds}
+                         "weight_version": self.weight_version, "seconds": seconds, "probe": probe}
+
+    async def _probe(self) -> dict:
+        """The push probe (serve.probe) on the weights just loaded; a paused server is not probed."""
+        from mars_cli.serve import probe
+
+        if self.status != "ready":
+            return {"error": f"not probed: the server is {self.status}"}
+        if self._probe_request is None:
+            try:
+                self._probe_request = await asyncio.to_thread(probe.request_for, self.path)
+            except MarsError as e:
+                return {"error": f"no probe for this tokenizer: {e}"}
+        return await probe.run(self.backend, self._probe_request, self.weight_version)
 
     async def weight_transfer(self, req: Request):
         """Forwarded to vLLM. /finish_weight_update sets the next weight version; its optional
