@@ -47,14 +47,9 @@ TIMEOUT = 120.0  # seconds the server gives the probe's generate
 
 def max_gap_default() -> float:
     """The bound: MARS_PUSH_MAX_GAP, else MAX_GAP."""
-    raw = os.environ.get("MARS_PUSH_MAX_GAP")
-    if raw is None or raw == "":
-        return MAX_GAP
-    try:
-        value = float(raw)
-    except ValueError:
-        raise UsageError(f"MARS_PUSH_MAX_GAP must be a number, got {raw!r}") from None
-    return check_max_gap(value)
+    from mars_cli.settings import env_number
+
+    return check_max_gap(env_number("MARS_PUSH_MAX_GAP", MAX_GAP, integer=False, minimum=0))
 
 
 def check_max_gap(value: float) -> float:
