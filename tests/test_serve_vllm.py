@@ -78,20 +78,30 @@ def test_launches_vllm_serve_with_the_rl_endpoints_and_forwards_generation(vllm_
 
 def test_load_is_pause_reload_version_resume_and_a_failure_restores(vllm_server, tiny_policy_dir):
     from mars_cli.models.load import fingerprint
-    from mars_cli.serve.push import PushError, push_checkpoint
+    from mars_cli.models.load import load_tokenizer, special_ids
+    from mars_cli.serve import probe
+    from mars_cli.serve.push import ProbeError, PushError, push_checkpoint
 
     url, app, ck, log = vllm_server
     ck2 = ck.parent / "ck2"
     shutil.copytree(tiny_policy_dir, ck2)
     (ck2 / "model.safetensors").touch()  # new mtime: another fingerprint
     n = len(calls(log))
-    (res,) = push_checkpoint([url], str(ck2))
+    # The fake's log-probs are no model's: a trainer that agrees with them proves the load,
+    # the checkpoint itself (push_checkpoint's default reference) does not.
+    agree = lambda probes: [[-0.25 * (k + 1) for k in range(len(p["token_ids"]))] for p in probes]  # noqa: E731
+    (res,) = push_checkpoint([url], str(ck2), reference=agree)
     assert res["weight_version"] == 2 and res["fingerprint"] == fingerprint(ck2) != fingerprint(ck)
+    assert res["probe"]["gap"] == 0
     seq = [(c["path"], c.get("query"), c.get("body")) for c in calls(log)[n:] if c.get("path") != "/health"]
-    assert seq == [("/pause", {"mode": ["wait"]}, {}),
-                   ("/collective_rpc", {}, {"method": "reload_weights", "kwargs": {"weights_path": str(ck2)},
-                                            "timeout": 1800.0}),
-                   ("/update_weight_version", {}, {"new_version": "2"}), ("/resume", {}, {})]
+    assert seq[:4] == [("/pause", {"mode": ["wait"]}, {}),
+                       ("/collective_rpc", {}, {"method": "reload_weights", "kwargs": {"weights_path": str(ck2)},
+                                                "timeout": 1800.0}),
+                       ("/update_weight_version", {}, {"new_version": "2"}), ("/resume", {}, {})]
+    assert [s[0] for s in seq[4:]] == ["/inference/v1/generate"]  # the push probe, on the new weights
+    assert seq[4][2]["token_ids"] == probe.prompt_ids(special_ids(load_tokenizer(ck)))
+    with pytest.raises(ProbeError, match=f"{url}: serves other weights than it reports"):
+        push_checkpoint([url], str(ck2))  # weight version 3
     broken = ck.parent / "broken"
     shutil.copytree(tiny_policy_dir, broken)
     n = len(calls(log))
@@ -101,7 +111,7 @@ def test_load_is_pause_reload_version_resume_and_a_failure_restores(vllm_server,
     assert rpcs == [str(broken), str(ck2)]  # the old weights put back
     assert calls(log)[-1]["path"] in ("/resume", "/health")
     h = httpx.get(url + "/health").json()
-    assert (h["status"], h["fingerprint"], h["weight_version"]) == ("ready", fingerprint(ck2), 2)
+    assert (h["status"], h["fingerprint"], h["weight_version"]) == ("ready", fingerprint(ck2), 3)
 
 
 def test_sleep_wake_and_a_dead_child_fails_health(vllm_server):
