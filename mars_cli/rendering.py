@@ -11,6 +11,8 @@ import re
 from typing import Sequence
 
 SPECIAL_NAMES = ("im_start", "im_end", "vision_start", "vision_end", "image_pad")
+ROLES = ("system", "user", "assistant", "tool")
+PART_TYPES = ("text", "image")  # what the template renders: no video, no audio, no image_url
 # Template tags some Qwen tokenizers hold as added tokens (Qwen3-VL); inside the template
 # they are those tokens, inside a tool's text they are just characters.
 TEMPLATE_TAGS = ("<tool_response>", "</tool_response>")
@@ -114,6 +116,26 @@ class Renderer:
                 run.append(p.get("text", ""))
         template("\n</tool_response>")
         flush()
+
+    @staticmethod
+    def check(m) -> None:
+        """Refuse (ValueError) a message the template cannot render as it says: an unknown
+        role, no content (null), a part that is neither text nor an image (video)."""
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise ValueError(f"role must be one of {', '.join(ROLES)}, got {m.get('role') if isinstance(m, dict) else m!r}")
+        content = m.get("content")
+        if content is None:
+            raise ValueError('content is null (an empty turn is "")')
+        if isinstance(content, str):
+            return
+        if not isinstance(content, list):
+            raise ValueError(f"content must be a string or a list of parts, got {type(content).__name__}")
+        for p in content:
+            kind = p.get("type", "text") if isinstance(p, dict) else None
+            if kind not in PART_TYPES:
+                raise ValueError(f"a content part of type {kind!r} cannot be rendered (only text and image parts)")
+            if kind == "text" and not isinstance(p.get("text", ""), str) or kind == "image" and not isinstance(p.get("image"), str):
+                raise ValueError(f"a {kind} part needs a string '{kind}' field")
 
     def message(self, m: dict) -> tuple[list[int], list[int], list[str]]:
         """One message with its header and <|im_end|>\\n; assistant content is mask 1."""

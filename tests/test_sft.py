@@ -33,6 +33,56 @@ def test_teacher_records_are_rendered_with_only_assistant_tokens_trained(tiny_po
     assert len(ex.images) == 2 and sum(1 for t in ex.ids if t == sp["image_pad"]) == 2
 
 
+@pytest.mark.parametrize("change, message", [
+    (lambda m: m[-1].update(role="bogus"), "messages[2]: role must be one of system, user, assistant, tool, got 'bogus'"),
+    (lambda m: m[-1].update(content=None), 'messages[2]: content is null (an empty turn is "")'),
+    (lambda m: m[1]["content"].append({"type": "video", "video": "v.mp4"}),
+     "messages[1]: a content part of type 'video' cannot be rendered (only text and image parts)"),
+    (lambda m: m[1]["content"].append({"type": "image_url", "image_url": {"url": "x"}}), "type 'image_url' cannot be rendered"),
+    (lambda m: m[1]["content"].append({"type": "text", "text": 7}), "a text part needs a string 'text' field")])
+def test_minor_sft_refuses_messages_it_cannot_render(tiny_policy_dir, tmp_path, change, message):
+    """role "bogus", content null and video parts were silently trained on (or dropped)."""
+    from mars_cli.errors import MarsError
+    from mars_cli.jsonl import read_located, write_records
+    from mars_cli.models.load import load_tokenizer, special_ids
+    from mars_cli.rl.batching import sft_examples
+
+    tok = load_tokenizer(tiny_policy_dir)
+    sp = special_ids(tok)
+    renderer = protocol.Renderer(tok, sp)
+    good = H.trajectory(renderer, "t0", "What is it?", "a cat", [], with_tokens=False)
+    bad = H.trajectory(renderer, "t1", "What is it?", "a dog", [], with_tokens=False)
+    if isinstance(bad["messages"][1]["content"], str):
+        bad["messages"][1]["content"] = [{"type": "text", "text": bad["messages"][1]["content"]}]
+    change(bad["messages"])
+    write_records([good, bad], tmp_path / "t.jsonl")
+    with pytest.raises(MarsError) as e:
+        sft_examples(read_located([tmp_path / "t.jsonl"]), renderer, sp["image_pad"])
+    assert str(e.value).startswith(f"{tmp_path / 't.jsonl'}:2: ") and message in str(e.value)
+
+
+def test_minor_sft_skips_a_trajectory_over_max_seq_len(tiny_policy_dir, tmp_path):
+    """A runaway assistant message is skipped with a warning naming its line, not trained for minutes."""
+    from mars_cli.jsonl import write_records
+    from mars_cli.models.load import load_policy, load_tokenizer, special_ids
+    from mars_cli.rl.sft import context_length
+
+    tok = load_tokenizer(tiny_policy_dir)
+    renderer = protocol.Renderer(tok, special_ids(tok))
+    recs = [H.trajectory(renderer, f"t{i}", "What is it?", "a cat", [], with_tokens=False) for i in range(3)]
+    recs[1]["messages"][-1]["content"] = "word " * 5000
+    write_records(recs, tmp_path / "t.jsonl")
+    r = H.Ran(["sft", tmp_path / "t.jsonl", "--policy", tiny_policy_dir, "--out", tmp_path / "sft", "--max-seq-len", "1000",
+               "--batch-size", "2", "--no-eval"])
+    assert r.exit_code == 0, r.stderr
+    assert f"{tmp_path / 't.jsonl'}:2: skipped: " in r.stderr and "tokens, over --max-seq-len 1,000" in r.stderr
+    assert json.loads(r.stdout.splitlines()[-1])["steps"] == 1  # two trajectories left, one step of 2
+    r = H.Ran(["sft", tmp_path / "t.jsonl", "--policy", tiny_policy_dir, "--out", tmp_path / "sft2", "--max-seq-len", "10"])
+    assert r.exit_code == 1 and "no trajectories within --max-seq-len 10 tokens" in r.stderr
+    assert not (tmp_path / "sft2").exists()
+    assert context_length(load_policy(tiny_policy_dir).model) == 32768  # the default bound
+
+
 def test_lr_schedule_warms_up_then_decays():
     from mars_cli.rl.sft import lr_factor
 

@@ -25,6 +25,7 @@ def main(
     min_lr_ratio: float = typer.Option(0.0, "--min-lr-ratio", help="Final learning rate as a fraction of --lr."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="Stop after this many optimizer steps."),
     min_reward: Optional[float] = typer.Option(None, "--min-reward", help="Train only on records whose reward is at least this."),
+    max_seq_len: Optional[int] = typer.Option(None, "--max-seq-len", min=1, help="Skip (with a warning naming the line) a trajectory longer than this many tokens, images expanded [default: the model's context length]."),
     zero: int = T.ZERO,
     deepspeed: Optional[Path] = T.DEEPSPEED,
     train_vision: bool = T.TRAIN_VISION,
@@ -63,7 +64,7 @@ def main(
     cfg = SFTConfig(policy=str(policy), out=str(out), state=str(state) if state else None, epochs=epochs, lr=lr,
                     weight_decay=weight_decay, grad_clip=grad_clip, batch_size=batch_size,
                     micro_batch_tokens=micro_batch_tokens, warmup=warmup, min_lr_ratio=min_lr_ratio,
-                    max_steps=max_steps, min_reward=min_reward, zero=zero, deepspeed=str(deepspeed) if deepspeed else None,
+                    max_steps=max_steps, min_reward=min_reward, max_seq_len=max_seq_len, zero=zero, deepspeed=str(deepspeed) if deepspeed else None,
                     train_vision=train_vision, gradient_checkpointing=gradient_checkpointing, bf16=bf16, seed=seed, eval=eval,
                     attn_implementation=attn_implementation, min_pixels=min_pixels, max_pixels=max_pixels)
     paths = [str(f) for f in files or []]

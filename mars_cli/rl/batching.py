@@ -123,6 +123,11 @@ def sft_examples(located: Iterable, renderer, image_pad: int, *, min_reward: flo
             images = [_resolve_image(str(p), where) for p in (tok.get("images") or [])]
         else:
             validate(rec, "trajectory", where, only=("messages",))
+            for i, m in enumerate(rec["messages"]):
+                try:
+                    renderer.check(m)  # trained as rendered: a role or a part the template would drop is an error
+                except ValueError as e:
+                    raise where.error(f"messages[{i}]: {e}") from None
             try:
                 ids, mask, images = renderer.render(rec["messages"], add_generation_prompt=False)
             except (KeyError, TypeError, AttributeError) as e:

@@ -38,6 +38,7 @@ class SFTConfig:
     min_lr_ratio: float = 0.0
     max_steps: int | None = None
     min_reward: float | None = None
+    max_seq_len: int | None = None  # None: the model's context length (max_position_embeddings)
     zero: int = 0
     deepspeed: str | None = None
     train_vision: bool = False
@@ -72,6 +73,33 @@ def _check(cfg: SFTConfig) -> None:
         raise UsageError("--max-steps must be at least 1")
 
 
+def context_length(model) -> int | None:
+    """The model's context length (its text config's max_position_embeddings), or None."""
+    cfg = getattr(model, "config", None)
+    for c in (getattr(cfg, "text_config", None), cfg):
+        n = getattr(c, "max_position_embeddings", None)
+        if isinstance(n, int) and not isinstance(n, bool) and n > 0:
+            return n
+    return None
+
+
+def _within_length(examples: list, lengths: list[int], limit: int | None) -> tuple[list, list[int]]:
+    """Drop, with a warning naming its line, each example longer than `limit` tokens: one
+    runaway message (a million tokens) would otherwise train alone for minutes, or beyond
+    the positions the model knows."""
+    if limit is None:
+        return examples, lengths
+    keep = []
+    for i, n in enumerate(lengths):
+        if n > limit:
+            streams.warn(f"{examples[i].where}: skipped: {n:,} tokens, over --max-seq-len {limit:,}")
+        else:
+            keep.append(i)
+    if not keep:
+        raise MarsError(f"no trajectories within --max-seq-len {limit:,} tokens")
+    return [examples[i] for i in keep], [lengths[i] for i in keep]
+
+
 def run_sft(paths, cfg: SFTConfig, *, skip_bad: bool = False, on_epoch=None) -> list[dict]:
     """Train, write the checkpoint, return the per-epoch records (also passed to on_epoch)."""
     import torch
@@ -90,6 +118,9 @@ def run_sft(paths, cfg: SFTConfig, *, skip_bad: bool = False, on_epoch=None) -> 
     renderer = Renderer(policy.tokenizer, policy.special)
     examples = batching.sft_examples(read_located(paths, skip_bad=skip_bad), renderer, policy.special["image_pad"],
                                      min_reward=cfg.min_reward, vocab_size=policy.model.get_input_embeddings().num_embeddings)
+    cache: dict = {}
+    lengths = [batching.expanded_length(policy, ex, cache) for ex in examples]
+    examples, lengths = _within_length(examples, lengths, cfg.max_seq_len or context_length(policy.model))
     per_epoch = math.ceil(len(examples) / cfg.batch_size)
     total = cfg.epochs * per_epoch
     if cfg.max_steps is not None:
@@ -101,8 +132,6 @@ def run_sft(paths, cfg: SFTConfig, *, skip_bad: bool = False, on_epoch=None) -> 
     resume_state(trainer, cfg.state, policy)
     rank, world = trainer.rank, trainer.world
     budget = token_budget(cfg.micro_batch_tokens, policy)
-    cache: dict = {}
-    lengths = [batching.expanded_length(policy, ex, cache) for ex in examples]
 
     has_images = [bool(ex.images) for ex in examples] if trainer.stage == 3 else None
 
