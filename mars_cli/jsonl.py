@@ -7,7 +7,10 @@ Reading rules (each has a test):
 - a last line without a final newline is accepted when it parses; when it does not, it is
   reported as a truncated last line (a producer that was killed mid-write);
 - anything that is not a JSON object is an error naming file and line. With `skip_bad`
-  the line is skipped with a warning instead, and a count is printed at the end.
+  the line is skipped with a warning instead, and a count is printed at the end;
+- a line longer than MARS_MAX_LINE_BYTES (default 256 MiB) is such an error too ("line
+  longer than N bytes"), found without holding it: the reader takes at most N + 1 bytes of
+  a line and passes over the rest in 1 MiB pieces.
 
 Writing: one object per line, flushed per record so pipes stream; NaN/Inf are refused
 (orjson would silently write `null`); `-o FILE` goes to a temporary name beside FILE and
@@ -28,6 +31,7 @@ from mars_cli import streams
 from mars_cli.errors import MarsError, RecordError
 
 BOM = b"\xef\xbb\xbf"
+DEFAULT_MAX_LINE_BYTES = 1 << 28  # a trajectory of 100k tokens with log-probs is ~5 MB
 WRITER_MAX_DEPTH = 254  # orjson.dumps refuses deeper nesting
 
 
@@ -86,6 +90,22 @@ def _open_sources(paths: Iterable[str | os.PathLike] | None) -> Iterator[tuple[s
             yield p, f
 
 
+def _lines(f: IO[bytes], limit: int) -> Iterator[bytes | None]:
+    """The lines of `f` (newline kept); None for a line over `limit` bytes, read past unheld."""
+    while True:
+        raw = f.readline(limit + 1)
+        if not raw:
+            return
+        if len(raw) <= limit or (len(raw) == limit + 1 and raw.endswith(b"\n")):
+            yield raw
+            continue
+        while True:  # the rest of the long line, in pieces never kept
+            piece = f.readline(1 << 20)
+            if not piece or piece.endswith(b"\n"):
+                break
+        yield None
+
+
 def read_located(
     paths: Iterable[str | os.PathLike] | None = None,
     *,
@@ -93,11 +113,21 @@ def read_located(
     skipped: SkipCounter | None = None,
 ) -> Iterator[tuple[Where, dict]]:
     """Yield (where, record) for every record of the named files (or stdin)."""
+    from mars_cli.settings import env_number
+
     counter = skipped if skipped is not None else SkipCounter()
+    limit = env_number("MARS_MAX_LINE_BYTES", DEFAULT_MAX_LINE_BYTES)
     for source, f in _open_sources(paths):
         lineno = 0
-        for raw in f:
+        for raw in _lines(f, limit):
             lineno += 1
+            if raw is None:
+                msg = f"line longer than {limit:,} bytes (MARS_MAX_LINE_BYTES)"
+                if skip_bad:
+                    counter.count += 1
+                    streams.warn(f"{source}:{lineno}: skipped: {msg}")
+                    continue
+                raise RecordError(source, lineno, msg)
             if lineno == 1 and raw.startswith(BOM):
                 raw = raw[len(BOM):]
             terminated = raw.endswith(b"\n")

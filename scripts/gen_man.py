@@ -32,6 +32,7 @@ EXIT_STATUS = [
     ("130", "Interrupted (Ctrl-C)."),
 ]
 
+SECRET = "A secret, read from the environment only and never written into records, logs or checkpoints."
 # Environment variables the code reads directly (not through an option's envvar).
 ENV_DOCS = {
     "MARS_LOG_LEVEL": "Log level on stderr (DEBUG, INFO, WARNING, ERROR); overrides -v.",
@@ -51,6 +52,25 @@ ENV_DOCS = {
                             "are read as images.",
     "MARS_OPENAI_TIMEOUT": "Seconds per request of the openai engine (default 120; --request-timeout overrides).",
     "MARS_OPENAI_RETRIES": "Retries of a failed openai engine request (default 3; --retries overrides).",
+    "MARS_OPENAI_BASE_URL": "The OpenAI-compatible API the openai engine asks when --base-url is not given "
+                            "(then OPENAI_BASE_URL; unset: api.openai.com). user:password@ in it is sent as "
+                            "Basic auth and kept out of records and logs.",
+    "MARS_OPENAI_MODEL": "The model name the openai engine asks for when neither --model nor --policy names one.",
+    "MARS_CACHE_HOME": "mars's own cache folder (default ~/.cache/mars): the real Qwen tokenizer files "
+                       "`mars prompt` and the tiny models are built with, written once and reused.",
+    "MARS_PIXEL_CACHE_MB": "Megabytes of processed images (pixel values and grids) that update, sft and the hf "
+                           "engine keep between turns and steps, so one image is not resized and patchified again "
+                           "(default 512; 0 keeps none).",
+    "MARS_PREFETCH": "0 (or false, no) builds each training micro-batch's model input inline; by default the "
+                     "next micro-batch's images are prepared on a worker thread while the current one trains.",
+    "MARS_JUDGE_API_KEY": "The API key `mars judge` sends to --judge-base-url (then OPENAI_API_KEY). " + SECRET,
+    "MARS_LLM_API_KEY": "The API key of the LLM that summarizes search results (then OPENAI_API_KEY). " + SECRET,
+    "MARS_OPENAI_API_KEY": "The API key of the openai engine (then OPENAI_API_KEY). " + SECRET,
+    "MARS_SERVE_API_KEY": "The key `mars serve` requires of every client (Authorization: Bearer), and that "
+                          "rollout --server, ask, and update --push send. " + SECRET,
+    "MARS_MAX_LINE_BYTES": "The longest JSONL line any command reads (default 268435456, 256 MiB); a longer line "
+                           "is an error naming its file and line (or skipped with --skip-bad), never held whole "
+                           "in memory.",
 }
 
 OVERVIEW = """\
@@ -259,13 +279,13 @@ def environment(root, ctx) -> dict[str, str]:
         if name in docs:
             text = docs[name]
         elif name.endswith(("_API_KEY", "_KEY", "_TOKEN")):
-            text = "A secret, read from the environment only and never written into records, logs or checkpoints."
+            text = SECRET
         else:
             text = ""
         if name in uses:
             text += " Default for " + ", ".join(uses[name]) + "."
-        elif name not in ENV_DOCS:
-            text += " Read by " + ", ".join(readers[name]) + "."
+        elif not text:  # tests/test_man.py refuses this on the real page: describe it in ENV_DOCS
+            text = "Read by " + ", ".join(readers[name]) + "."
         env[name] = text.strip()
     return env
 

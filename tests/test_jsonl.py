@@ -167,3 +167,39 @@ def test_output_file_gets_the_usual_permissions(tmp_path):
     finally:
         os.umask(old)
     assert out.stat().st_mode & 0o777 == 0o644
+
+
+def test_minor_line_longer_than_the_bound_is_named_not_held(tmp_path, monkeypatch, capsys):
+    """A 2 GB line used to be read whole (6 GB RSS) and then called invalid JSON."""
+    monkeypatch.setenv("MARS_MAX_LINE_BYTES", "1000")
+    exact = b'{"x":"' + b"a" * (1000 - 8) + b'"}\n'  # 1000 bytes before its newline: within the bound
+    assert len(exact) == 1001
+    long = b'{"x":"' + b"b" * 5_000_000 + b'"}\n'
+    p = tmp_path / "a.jsonl"
+    p.write_bytes(b'{"a":1}\n' + exact + long + b'{"a":4}\n' + b'{"y":"' + b"c" * 3000)  # the last unterminated
+    with pytest.raises(RecordError, match=r"a.jsonl:3: line longer than 1,000 bytes \(MARS_MAX_LINE_BYTES\)"):
+        list(jsonl.read_located([p]))
+    got = [(w.line, r) for w, r in jsonl.read_located([p], skip_bad=True)]
+    assert [ln for ln, _ in got] == [1, 2, 4] and got[2][1] == {"a": 4}
+    err = capsys.readouterr().err
+    assert "a.jsonl:3: skipped: line longer than 1,000 bytes" in err and "a.jsonl:5: skipped: line longer" in err
+
+    class Counting(io.BufferedReader):
+        largest = 0
+
+        def readline(self, size=-1):
+            out = super().readline(size)
+            Counting.largest = max(Counting.largest, len(out))
+            return out
+
+    lines = list(jsonl._lines(Counting(io.BytesIO(long * 3)), 1000))
+    assert lines == [None, None, None] and Counting.largest <= 1 << 20  # never more than a piece at a time
+
+
+def test_minor_bad_line_bound_is_a_usage_error(tmp_path, monkeypatch):
+    from mars_cli.errors import UsageError
+
+    monkeypatch.setenv("MARS_MAX_LINE_BYTES", "-5")
+    (tmp_path / "a.jsonl").write_text('{"a": 1}\n')
+    with pytest.raises(UsageError, match="MARS_MAX_LINE_BYTES must be an integer >= 1, got '-5'"):
+        list(jsonl.read_located([tmp_path / "a.jsonl"]))

@@ -79,6 +79,18 @@ def test_environment_lists_option_envvars_and_documented_ones(generated):
         assert name in env and f"\\fB{gen_man.esc(name)}\\fR" in generated["mars.1"]
 
 
+def test_every_mars_variable_says_what_it_does(generated, monkeypatch):
+    env = gen_man.environment(gen_man.root_command(), gen_man.make_ctx(gen_man.root_command(), "mars"))
+    for name in ("MARS_CACHE_HOME", "MARS_OPENAI_BASE_URL", "MARS_OPENAI_MODEL", "MARS_PIXEL_CACHE_MB", "MARS_PREFETCH",
+                 "MARS_MAX_LINE_BYTES", "MARS_JUDGE_API_KEY"):
+        assert len(env[name]) > 40 and "Read by" not in env[name], (name, env[name])
+    # a variable described only by where it is read: add a sentence to ENV_DOCS in scripts/gen_man.py
+    assert "Read by" not in generated["mars.1"]
+    monkeypatch.delitem(gen_man.ENV_DOCS, "MARS_PREFETCH")
+    env = gen_man.environment(gen_man.root_command(), gen_man.make_ctx(gen_man.root_command(), "mars"))
+    assert env["MARS_PREFETCH"] == "Read by mars_cli/rl/batching.py."
+
+
 def test_records_page_has_every_field(generated):
     from mars_cli import records
 

@@ -66,16 +66,6 @@ def to_chat(messages: list[dict]) -> list[dict]:
     return out
 
 
-def _env_number(name: str, default, kind):
-    raw = os.environ.get(name)
-    if raw is None or not raw.strip():
-        return default
-    try:
-        return kind(raw)
-    except ValueError:
-        raise UsageError(f"{name} must be a number, got {raw!r}") from None
-
-
 class OpenAIEngine(Engine):
     name = "openai"
     tokens = False
@@ -87,8 +77,10 @@ class OpenAIEngine(Engine):
         from mars_cli.urls import public_url, split_credentials
 
         base_url = base_url or os.environ.get("MARS_OPENAI_BASE_URL") or os.environ.get("OPENAI_BASE_URL")
-        timeout = _env_number("MARS_OPENAI_TIMEOUT", 120.0, float) if timeout is None else timeout
-        max_retries = _env_number("MARS_OPENAI_RETRIES", 3, int) if max_retries is None else max_retries
+        from mars_cli.settings import env_number
+
+        timeout = env_number("MARS_OPENAI_TIMEOUT", 120.0, integer=False, minimum=0) if timeout is None else timeout
+        max_retries = env_number("MARS_OPENAI_RETRIES", 3, minimum=0) if max_retries is None else max_retries
         if not (timeout > 0 and timeout != float("inf")):
             raise UsageError(f"the openai request timeout must be a positive number of seconds, got {timeout}")
         if max_retries < 0:
