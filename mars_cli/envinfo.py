@@ -2,9 +2,10 @@
 
 Meant to be pasted into a bug report, so secrets never appear: a variable whose name says
 it holds one (…KEY, …TOKEN, …SECRET, …PASSWORD) shows only that it is set and its length,
-and a password inside a URL is replaced by ***. Versions come from package metadata, not
-imports, so a broken install (vLLM without a GPU, say) is still reported rather than
-crashing the report; only torch is imported, for the CUDA facts.
+and every other value goes through `mars_cli.urls.redact`, the masking logs use too (URL
+passwords, bare tokens before `@`, secret query values). Versions come from package
+metadata, not imports, so a broken install (vLLM without a GPU, say) is still reported
+rather than crashing the report; only torch is imported, for the CUDA facts.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import platform
 import re
 import sys
 
+from mars_cli.urls import redact
+
 PACKAGES = ("torch", "transformers", "deepspeed", "vllm", "accelerate", "tokenizers", "safetensors",
             "typer", "numpy", "pillow", "faiss-cpu", "sentence-transformers", "bm25s", "httpx", "openai")
 # Variables mars or the libraries it drives read, besides MARS_*.
@@ -21,14 +24,13 @@ OTHER_VARS = ("OPENAI_API_KEY", "OPENAI_BASE_URL", "SERPER_API_KEY", "CUDA_VISIB
               "HF_HOME", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "TORCH_EXTENSIONS_DIR", "VLLM_USE_V1",
               "MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK")
 _SECRET = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL)", re.IGNORECASE)
-_URL_PASSWORD = re.compile(r"(://[^/:@\s]+:)[^@/\s]+@")
 
 
 def masked(name: str, value: str) -> str:
-    """The value as it may be shown: secrets reduced to their length, URL passwords hidden."""
+    """The value as it may be shown: secrets reduced to their length, URL credentials masked."""
     if _SECRET.search(name):
         return f"(set, {len(value)} characters)" if value else "(set, empty)"
-    return _URL_PASSWORD.sub(r"\1***@", value)
+    return redact(value)
 
 
 def versions() -> dict[str, str | None]:

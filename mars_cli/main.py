@@ -24,6 +24,7 @@ except ImportError:  # pragma: no cover - depends on the installed typer
 
 from mars_cli import __version__, streams
 from mars_cli.errors import MarsError
+from mars_cli.urls import redact
 
 # name -> module under mars_cli.commands. Each module is light to import (heavy libraries
 # are imported inside the command body) and exposes either `main` (one command) or
@@ -54,7 +55,7 @@ class CommandFailed(click_exc.ClickException):
     """A MarsError on its way out: `mars CMD: message`, with the error's exit code."""
 
     def __init__(self, prog: str, message: str, exit_code: int = 1):
-        super().__init__(message)
+        super().__init__(redact(message))
         self.prog = prog
         self.exit_code = exit_code
 
@@ -164,7 +165,9 @@ def _root(
 ) -> None:
     streams.verbosity, streams.quiet = verbose, quiet
     level = os.environ.get("MARS_LOG_LEVEL") or ("DEBUG" if verbose > 1 else "INFO" if verbose else "WARNING")
-    logging.basicConfig(level=level.upper(), stream=sys.stderr, format="%(name)s: %(message)s", force=True)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(streams.RedactingFormatter("%(name)s: %(message)s"))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
 
 
 def _register() -> None:

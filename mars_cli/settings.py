@@ -7,7 +7,9 @@ precedence is click's own: a flag on the command line, then the option's MARS_* 
 then the file, then the built-in default. Positional arguments are not settings.
 
 `resolved(ctx)` is what a command ran with: every option's value and where it came from;
-update and sft write it beside their checkpoint as mars_settings.json.
+update and sft write it beside their checkpoint as mars_settings.json, and trackers
+(wandb, TensorBoard) record it as the run's config: URL credentials in any value are
+masked here (mars_cli.urls.redact_value), the one place all three read from.
 
 `env_number(name, default)` reads a MARS_* number that no flag carries (image limits,
 cache budgets, the progress interval): the one check for all of them, a usage error (exit 2,
@@ -22,6 +24,7 @@ import os
 from pathlib import Path
 
 from mars_cli.errors import MarsError, UsageError
+from mars_cli.urls import redact_value
 
 SETTINGS_FILE = "mars_settings.json"
 
@@ -117,7 +120,7 @@ def resolved(ctx) -> dict:
     for p in ctx.command.params:
         if p.name not in ctx.params or p.name in ("local_rank",):
             continue
-        settings[p.name] = _jsonable(ctx.params[p.name])
+        settings[p.name] = redact_value(_jsonable(ctx.params[p.name]))
         src = ctx.get_parameter_source(p.name)
         sources[p.name] = names.get(getattr(src, "name", ""), "default")
     return {"command": ctx.command_path.replace("mars ", "", 1), "config": ctx.meta.get("mars.config"),

@@ -9,9 +9,12 @@ descriptor 1 at stderr. Core modules write records only through `records_out()`.
 from __future__ import annotations
 
 import contextvars
+import logging
 import os
 import sys
 from typing import Iterable, TypeVar
+
+from mars_cli.urls import redact
 
 T = TypeVar("T")
 
@@ -116,6 +119,13 @@ def close_records() -> None:
 _closed: set[int] = set()  # standard descriptors that were closed when mars started
 
 
+class RedactingFormatter(logging.Formatter):
+    """Log lines with URL credentials masked (httpx and the OpenAI client log whole URLs)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact(super().format(record))
+
+
 def silence_broken_pipe() -> None:
     """After the reader went away, stop Python complaining when it flushes at exit."""
     devnull = os.open(os.devnull, os.O_WRONLY)
@@ -134,12 +144,12 @@ _held: contextvars.ContextVar[list | None] = contextvars.ContextVar("held_warnin
 
 
 def warn(message: str) -> None:
-    """One line on stderr, prefixed with the program name."""
+    """One line on stderr, prefixed with the program name; URL credentials masked."""
     held = _held.get()
     if held is not None:
         held.append(message)
         return
-    sys.stderr.write(f"{current_program()}: {message}\n")
+    sys.stderr.write(f"{current_program()}: {redact(message)}\n")
     sys.stderr.flush()
 
 

@@ -9,16 +9,21 @@ files are written by tensorboardX (no TensorFlow) into --logging-dir, default
 `./runs/<command>-<UTC time>/`, the layout TensorBoard and TRL use. wandb runs in whatever
 mode its environment says (WANDB_MODE=offline writes to the logging dir and sends nothing);
 its key comes only from the environment (WANDB_API_KEY), never from a flag or a file.
+A run's config has its URL credentials masked (mars_cli.urls.redact_value) before either
+backend sees it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
 from mars_cli.errors import MarsError, UsageError
+from mars_cli.urls import redact_value
 
 REPORT_TO = ("none", "tensorboard", "wandb")
 
@@ -47,6 +52,7 @@ class Tracker:
         self._tb = self._wandb = None
         if report_to == "none":
             return
+        config = redact_value(config) if config else config
         self.logging_dir.mkdir(parents=True, exist_ok=True)
         if report_to == "tensorboard":
             try:
@@ -65,9 +71,10 @@ class Tracker:
                 raise MarsError("--report-to wandb needs the wandb package (pip install wandb)") from None
             project = os.environ.get("WANDB_PROJECT") or "mars"
             try:
-                self._wandb = wandb.init(project=project, dir=str(self.logging_dir), config=config or {},
-                                         job_type=command, name=os.environ.get("WANDB_NAME") or self.logging_dir.name,
-                                         reinit="finish_previous")
+                with _argv_redacted():  # wandb records the command line in the run's metadata
+                    self._wandb = wandb.init(project=project, dir=str(self.logging_dir), config=config or {},
+                                             job_type=command, name=os.environ.get("WANDB_NAME") or self.logging_dir.name,
+                                             reinit="finish_previous")
             except Exception as e:  # wandb raises its own error types (auth, network)
                 raise MarsError(f"--report-to wandb: {type(e).__name__}: {e}") from None
         else:
@@ -103,6 +110,17 @@ class Tracker:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+@contextlib.contextmanager
+def _argv_redacted():
+    """sys.argv with URL credentials masked, for a library that records the command line."""
+    saved = sys.argv
+    sys.argv = redact_value(list(saved))
+    try:
+        yield
+    finally:
+        sys.argv = saved
 
 
 def check_report_to(report_to: str | None) -> str:

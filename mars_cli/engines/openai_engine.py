@@ -74,7 +74,7 @@ class OpenAIEngine(Engine):
                  concurrency: int = 8, timeout: float | None = None, max_retries: int | None = None, client=None):
         import openai
 
-        from mars_cli.urls import public_url, split_credentials
+        from mars_cli.urls import public_url, split_credentials, split_query
 
         base_url = base_url or os.environ.get("MARS_OPENAI_BASE_URL") or os.environ.get("OPENAI_BASE_URL")
         from mars_cli.settings import env_number
@@ -92,6 +92,9 @@ class OpenAIEngine(Engine):
             base_url, basic = split_credentials(base_url)
             if basic:
                 headers["Authorization"] = basic
+        # A query (?api_key=…) goes on every request after the route; the client would
+        # append the route after it as text (…/v1?api_key=Xchat/completions).
+        query_base, query = split_query(base_url) if base_url else (base_url, {})
         model = model or policy or os.environ.get("MARS_OPENAI_MODEL")
         if not model:
             raise MarsError("the openai engine needs --model (or --policy, or MARS_OPENAI_MODEL): the model name to ask for")
@@ -100,8 +103,8 @@ class OpenAIEngine(Engine):
             if not base_url:
                 raise MarsError("the openai engine needs MARS_OPENAI_API_KEY (or OPENAI_API_KEY), or --base-url for a local server")
             key = "EMPTY"  # local OpenAI-compatible servers accept any key
-        self.client = client or openai.OpenAI(base_url=base_url, api_key=key, timeout=timeout, max_retries=max_retries,
-                                              default_headers=headers or None)
+        self.client = client or openai.OpenAI(base_url=query_base, api_key=key, timeout=timeout, max_retries=max_retries,
+                                              default_headers=headers or None, default_query=query or None)
         self.model = model
         self.base_url = public_url(base_url)
         self.timeout, self.max_retries = timeout, max_retries

@@ -10,6 +10,10 @@ Requests go to the live server with the fewest in flight. A server that cannot b
 reached, or drops the connection, fails the requests it had ("URL: reason") and is
 dropped; a 503 (loading, paused for a weight update, asleep) is waited out, up to the
 timeout. `agenerate` raises MarsError once no server is left.
+
+A server is known by its URL without credentials (`mars_cli.urls.public_url`): that form
+is what records (`policy.servers`), errors and logs show; a `user:password@` in a --server
+URL travels only as the Basic Authorization header of that server's requests.
 """
 
 from __future__ import annotations
@@ -78,6 +82,7 @@ class ServerEngine(Engine):
 
         from mars_cli.models.load import fingerprint, load_image_processor, load_tokenizer, special_ids
         from mars_cli.protocol import Renderer
+        from mars_cli.urls import split_credentials
 
         if not urls:
             raise MarsError("the server engine needs at least one URL (--server URL[,URL…])")
@@ -85,11 +90,15 @@ class ServerEngine(Engine):
         self.timeout = timeout
         api_key = api_key or os.environ.get("MARS_SERVE_API_KEY") or None
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.urls = [u.rstrip("/") for u in urls]
+        self._auth: dict[str, dict] = {}  # public URL -> its Basic Authorization header, if any
+        for u in urls:
+            public, basic = split_credentials(u.rstrip("/"))
+            self._auth[public] = {"Authorization": basic} if basic else {}
+        self.urls = list(self._auth)
         healths = {}
         with httpx.Client(headers=self.headers, timeout=30.0) as c:
             for url in self.urls:
-                healths[url] = _health(c, url, wait=timeout)
+                healths[url] = _health(c, url, wait=timeout, headers=self._auth[url])
         alive = {u: h for u, h in healths.items() if not isinstance(h, str)}
         for u, h in healths.items():
             if isinstance(h, str):
@@ -139,7 +148,7 @@ class ServerEngine(Engine):
         seen = []
         for url in list(self.alive):
             try:
-                r = await client.get(url + "/health", timeout=30.0)
+                r = await client.get(url + "/health", timeout=30.0, headers=self._auth[url])
                 v = r.json().get("weight_version")
             except (httpx.HTTPError, ValueError, AttributeError):
                 continue  # an unreachable server is dropped by the request that finds it dead
@@ -210,7 +219,7 @@ class ServerEngine(Engine):
         deadline = time.monotonic() + self.timeout
         while True:
             try:
-                r = await client.post(url + "/inference/v1/generate", json=body)
+                r = await client.post(url + "/inference/v1/generate", json=body, headers=self._auth[url])
             except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as e:
                 raise Dead(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__) from None
             except httpx.TimeoutException:
@@ -283,14 +292,14 @@ class ServerEngine(Engine):
                 pass
 
 
-def _health(client, url: str, wait: float = 600.0):
+def _health(client, url: str, wait: float = 600.0, headers: dict | None = None):
     """The /health body, or a string saying why there is none (a loading server is waited for)."""
     import httpx
 
     deadline = time.monotonic() + wait
     while True:
         try:
-            r = client.get(url + "/health")
+            r = client.get(url + "/health", headers=headers)
         except httpx.HTTPError as e:
             return f"unreachable ({type(e).__name__}: {e})"
         if r.status_code == 401:

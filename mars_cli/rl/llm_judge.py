@@ -242,10 +242,10 @@ class AsyncJudge:
         max_tokens: int = 512,
         cache: VerdictCache | None = None,
     ):
-        from mars_cli.urls import split_credentials
+        from mars_cli.urls import join, split_credentials
 
         base_url, basic = split_credentials(base_url)  # user:password@ → a header, never logged
-        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.url = join(base_url, "/chat/completions")
         self.model = model
         self.rubric = rubric_name(rubric)
         prompt_version(rubric)  # an unknown rubric fails here, before any call

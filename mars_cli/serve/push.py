@@ -9,6 +9,7 @@ all servers. Returns one dict per server, its `probe` {gap, mean, tokens, bound}
 included. A server that did not load raises PushError; one whose gap exceeds the bound
 (it reports the checkpoint but serves other weights) raises ProbeError. Both name every
 server that failed and why; the others keep the new weights; the checkpoint stays.
+Results and errors name a server by its URL without credentials (mars_cli.urls).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import time
 from pathlib import Path
 
 from mars_cli.errors import MarsError
+from mars_cli.urls import public_url, redact
 
 
 class PushError(MarsError):
@@ -54,14 +56,15 @@ def push_checkpoint(urls: list[str], checkpoint: str, *, fingerprint: str | None
     bound = P.check_max_gap(max_gap) if max_gap is not None else P.max_gap_default()
     urls = [u.rstrip("/") for u in urls]
     results = asyncio.run(_push_all(urls, path, fp, api_key, timeout))
-    results = [r if isinstance(r, dict) else {"url": u, "error": r} for u, r in zip(urls, results)]
+    results = [{**r, "url": public_url(u)} if isinstance(r, dict) else {"url": public_url(u), "error": redact(r)}
+               for u, r in zip(urls, results)]
     mismatch = _prove(results, reference or P.checkpoint_reference(path), bound)
     failed = [r for r in results if "error" in r]
     if failed:
         where = (f"{checkpoint} not served as written by" if mismatch else f"{checkpoint} not loaded by")
         message = (f"{where} {len(failed)} of {len(urls)} server(s): "
                    + "; ".join(f"{r['url']}: {r['error']}" for r in failed) + f" (the checkpoint stays at {checkpoint})")
-        raise (ProbeError if mismatch else PushError)(message, results)
+        raise (ProbeError if mismatch else PushError)(redact(message), results)
     return results
 
 

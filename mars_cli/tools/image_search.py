@@ -18,6 +18,7 @@ from pathlib import Path
 from mars_cli.errors import MarsError, ToolError
 from mars_cli.fsutil import sha256_file
 from mars_cli.tools.cache import ToolCache, open_cache
+from mars_cli.urls import join, public_url
 
 BACKENDS = ("local", "precomputed", "serper")
 MAX_K = 20
@@ -82,7 +83,7 @@ class SerperLensBackend:
     name = "serper"
 
     def __init__(self, opts: dict):
-        from mars_cli.tools.text_search import _http, _url, public_url
+        from mars_cli.tools.text_search import _http, _url
 
         self.http = _http(opts)
         self.url = _url(opts, "serper_url", "MARS_SERPER_URL", "https://google.serper.dev")
@@ -96,7 +97,7 @@ class SerperLensBackend:
         if not _is_url(image):
             raise ToolError(f"serper (Google Lens) searches images by public URL; {image} is a local file "
                             "(use the local or precomputed backend, or give the image's URL)")
-        data = self.http.request_json("POST", f"{self.url}/lens", json={"url": image}, headers={"X-API-KEY": self._key}, what="serper lens")
+        data = self.http.request_json("POST", join(self.url, "/lens"), json={"url": image}, headers={"X-API-KEY": self._key}, what="serper lens")
         hits = None
         if isinstance(data, dict):
             hits = next((data[f] for f in ("organic", "visualMatches", "visual_matches") if isinstance(data.get(f), list)), None)

@@ -12,6 +12,7 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 
 from mars_cli.errors import MarsError, ToolError
+from mars_cli.urls import join, public_url, split_credentials
 
 PAGE_PROMPT = (
     "You help a research assistant that is answering a question with web search.\n"
@@ -38,7 +39,6 @@ class Summarizer:
                  page_chars: int = 6000, sentences: int = 4, workers: int = 4):
         from mars_cli.tools.web import HttpClient
 
-        from mars_cli.urls import split_credentials
 
         # user:password@ in the URL becomes a header: the URL itself appears in logs.
         self.base_url, self._basic = split_credentials((base_url or os.environ.get("MARS_LLM_BASE_URL") or "").rstrip("/"))
@@ -54,8 +54,6 @@ class Summarizer:
     @property
     def params(self) -> dict:
         """What changes a summary (a cache key part); never the key."""
-        from mars_cli.tools.text_search import public_url
-
         return {"llm": public_url(self.base_url), "model": self.model, "page_chars": self.page_chars, "sentences": self.sentences}
 
     def chat(self, prompt: str, max_tokens: int = 400) -> str:
@@ -63,7 +61,7 @@ class Summarizer:
         if self._basic and not self._key:
             headers = {"Authorization": self._basic}
         body = {"model": self.model, "messages": [{"role": "user", "content": prompt}], "temperature": 0.0, "max_tokens": max_tokens}
-        data = self.http.request_json("POST", f"{self.base_url}/chat/completions", json=body, headers=headers, what="summarizer")
+        data = self.http.request_json("POST", join(self.base_url, "/chat/completions"), json=body, headers=headers, what="summarizer")
         try:
             text = data["choices"][0]["message"]["content"]
         except (KeyError, IndexError, TypeError):
