@@ -23,6 +23,10 @@ def _json(obj, status: int = 200, headers: dict | None = None):
     return status, {"Content-Type": "application/json", **(headers or {})}, json.dumps(obj).encode()
 
 
+class _Listener(ThreadingHTTPServer):
+    request_queue_size = 128  # concurrency tests connect by the dozen at once (the default is 5)
+
+
 class FakeServer:
     def __init__(self, routes: dict, *, timeout_sleep: float = 1.0):
         self.routes = routes  # (method, path) -> fn(request dict) -> (status, headers, body)
@@ -67,7 +71,7 @@ class FakeServer:
             def do_POST(self):
                 self._handle("POST")
 
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd = _Listener(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}"
 

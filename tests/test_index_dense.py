@@ -187,10 +187,10 @@ def test_retriever_server_speaks_search_r1_and_mars_reads_it(tiny_encoder, tmp_p
         assert r.status_code == 200
         res = r.json()["result"]
         assert len(res) == 2 and len(res[0]) == 2
-        assert res[0][0]["document"] == {"id": "b", "contents": '"Everest"\neverest mountain nepal'}
+        assert res[0][0]["document"] == {"id": "b", "title": "Everest", "text": "everest mountain nepal", "contents": '"Everest"\neverest mountain nepal'}
         assert isinstance(res[0][0]["score"], float)
         plain = httpx.post(f"{server.url}/retrieve", json={"queries": ["everest mountain"], "topk": 1}).json()["result"]
-        assert plain == [[{"id": "b", "contents": '"Everest"\neverest mountain nepal'}]]
+        assert plain == [[{"id": "b", "title": "Everest", "text": "everest mountain nepal", "contents": '"Everest"\neverest mountain nepal'}]]
         assert httpx.post(f"{server.url}/retrieve", json={"queries": "x"}).status_code == 400
         assert httpx.post(f"{server.url}/retrieve", content=b"{").status_code == 400
         assert httpx.get(f"{server.url}/health").json()["passages"] == 3

@@ -158,13 +158,13 @@ def test_search_serve_answers_retrieve_and_stops_on_ctrl_c(idx, tmp_path):
     p = subprocess.Popen([sys.executable, "-m", "mars_cli", "search", "--serve", "--index", str(idx), "--port", "0"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     try:
-        line = p.stderr.readline()
-        m = re.search(r"on (http://127\.0\.0\.1:\d+)/retrieve", line)
-        assert m, line
-        r = httpx.post(f"{m.group(1)}/retrieve", json={"queries": ["Great Wall of China"], "topk": 2, "return_scores": True}, timeout=30)
+        ready = json.loads(p.stdout.readline())  # the ready line, once listening
+        assert re.fullmatch(r"http://127\.0\.0\.1:\d+/retrieve", ready["url"]), ready
+        assert ready["passages"] == 3 and ready["index"] == str(idx)
+        assert ready["method"] == "bm25"  # an index without vectors is served by BM25, and says so
+        r = httpx.post(ready["url"], json={"queries": ["Great Wall of China"], "topk": 2, "return_scores": True}, timeout=30)
         assert r.status_code == 200 and len(r.json()["result"][0]) == 2
-        assert "bm25" in line  # an index without vectors is served by BM25, and says so
     finally:
         p.send_signal(signal.SIGINT)
         out, err = p.communicate(timeout=30)
-    assert p.returncode == 0 and out == "" and "stopped" in err
+    assert p.returncode == 0 and out == "" and f"on {ready['url']}" in err and "stopped" in err

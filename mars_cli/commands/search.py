@@ -21,7 +21,7 @@ def main(
     dense_model: Optional[Path] = typer.Option(None, "--dense-model", envvar="MARS_DENSE_MODEL", help="Embedding model for dense/hybrid retrieval [default: the path the index records]."),
     serper_url: Optional[str] = typer.Option(None, "--serper-url", envvar="MARS_SERPER_URL", help="serper.dev base URL (key from SERPER_API_KEY)."),
     searxng_url: Optional[str] = typer.Option(None, "--searxng-url", envvar="MARS_SEARXNG_URL", help="SearXNG base URL."),
-    retriever_url: Optional[str] = typer.Option(None, "--retriever-url", envvar="MARS_RETRIEVER_URL", help="Search-R1 retrieval server URL."),
+    retriever_url: Optional[str] = typer.Option(None, "--retriever-url", envvar="MARS_RETRIEVER_URL", help="Search-R1 retrieval server URL (…/retrieve, or its base)."),
     summarize: bool = typer.Option(False, "--summarize", help="Two-stage LLM summary of the results (key from MARS_LLM_API_KEY or OPENAI_API_KEY)."),
     llm_base_url: Optional[str] = typer.Option(None, "--llm-base-url", envvar="MARS_LLM_BASE_URL", help="OpenAI-compatible endpoint for --summarize."),
     llm_model: Optional[str] = typer.Option(None, "--llm-model", envvar="MARS_LLM_MODEL", help="Model name for --summarize."),
@@ -43,7 +43,7 @@ def main(
 
     With a QUERY, prints one record per result {query, rank, title, text, url or doc_id, score, backend}. Without one, reads stdin: {"query": …} records get the results added (every other field passes through), and a plain-text line is a query of its own. A query that fails (timeout, no results, replay miss) is reported on stderr; the others are still written, and the exit status is 1.
 
-    With --serve, answers POST /retrieve in the Search-R1 retriever protocol from the local index (the embedding model loaded once), for `--backend retriever`, Search-R1, verl or SenseNova-MARS training.
+    With --serve, answers POST /retrieve in the Search-R1 retriever protocol from the local index (the embedding model loaded once), for `--backend retriever`, Search-R1, verl or SenseNova-MARS training. Once listening it prints one JSON line {url, index, passages, method, model} on stdout; -k is the default topk.
 
     Example: mars index text wiki.jsonl --out wiki-idx && mars search --index wiki-idx "eiffel tower height"
     """
@@ -65,6 +65,8 @@ def main(
         if query or ts.backend.name != "local":
             raise UsageError("--serve serves a local index (--index DIR) and takes no query")
         server = RetrieverServer(ts.backend.index, host=host, port=port, method=method, default_k=k)
+        with RecordWriter() as w:  # the ready line, as `mars serve` prints one
+            w.write(server.describe())
         warn(f"serving {index or 'MARS_INDEX'} ({server.method}) on {server.url}/retrieve; Ctrl-C stops")
         try:
             server.serve_forever()

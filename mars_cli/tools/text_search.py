@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from mars_cli.errors import MarsError, ToolError
 from mars_cli.tools.cache import ToolCache, open_cache
+from mars_cli.urls import join, public_url
 
 BACKENDS = ("local", "serper", "searxng", "retriever")
 MAX_K = 50
@@ -36,16 +37,6 @@ def _url(opts: dict, name: str, env: str, default: str | None = None) -> str:
         flag = "--" + name.replace("_", "-")
         raise MarsError(f"this backend needs {flag} (or {env})")
     return url.rstrip("/")
-
-
-def public_url(url: str) -> str:
-    """The URL without user:password@ (what may go into cache keys, records and logs)."""
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
 
 
 class LocalBackend:
@@ -134,7 +125,7 @@ class SerperBackend(_WebBackend):
         self.params = {"url": public_url(self.url), "fetch": self.fetch, "page_chars": self.page_chars}
 
     def search(self, query: str, k: int) -> list[dict]:
-        data = self.http.request_json("POST", f"{self.url}/search", json={"q": query, "num": k},
+        data = self.http.request_json("POST", join(self.url, "/search"), json={"q": query, "num": k},
                                       headers={"X-API-KEY": self._key}, what="serper search")
         # serper leaves "organic" out when nothing matched
         organic = data.get("organic", []) if isinstance(data, dict) else None
@@ -155,7 +146,7 @@ class SearxngBackend(_WebBackend):
         self.params = {"url": public_url(self.url), "fetch": self.fetch, "page_chars": self.page_chars}
 
     def search(self, query: str, k: int) -> list[dict]:
-        data = self.http.request_json("GET", f"{self.url}/search", params={"q": query, "format": "json"}, what="searxng search")
+        data = self.http.request_json("GET", join(self.url, "/search"), params={"q": query, "format": "json"}, what="searxng search")
         results = data.get("results") if isinstance(data, dict) else None
         if not isinstance(results, list):
             raise ToolError("searxng search: unexpected response (no 'results' list)")
@@ -165,16 +156,31 @@ class SearxngBackend(_WebBackend):
 
 
 class RetrieverBackend:
+    """A Search-R1 retrieval server; the URL names its /retrieve route or the server's base."""
+
     name = "retriever"
 
     def __init__(self, opts: dict):
+        from urllib.parse import urlsplit, urlunsplit
+
         self.http = _http(opts)
-        self.url = _url(opts, "retriever_url", "MARS_RETRIEVER_URL")
-        self.params = {"url": public_url(self.url)}
+        base = _url(opts, "retriever_url", "MARS_RETRIEVER_URL")
+        # Search-R1's own clients are given the route itself (…/retrieve): either form works.
+        parts = urlsplit(base)
+        if parts.path.rstrip("/").endswith("/retrieve"):
+            base = urlunsplit(parts._replace(path=parts.path.rstrip("/")[: -len("/retrieve")]))
+        self.url = join(base, "/retrieve")
+        self.params = {"url": public_url(base)}  # the server's base, as cache keys have always named it
 
     def search(self, query: str, k: int) -> list[dict]:
-        data = self.http.request_json("POST", f"{self.url}/retrieve", json={"queries": [query], "topk": k, "return_scores": True},
-                                      what="retriever")
+        what = f"retriever {public_url(self.url)}"
+        try:
+            data = self.http.request_json("POST", self.url, json={"queries": [query], "topk": k, "return_scores": True},
+                                          what=what)
+        except ToolError as e:
+            if str(e).endswith("HTTP 404"):
+                raise ToolError(f"{e}: no retrieval server route there (--retriever-url names the server, or its /retrieve)") from None
+            raise
         try:
             items = data["result"][0]
         except (KeyError, IndexError, TypeError):
