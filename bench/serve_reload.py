@@ -9,7 +9,8 @@ in one run so the ratio is side by side, times the median of:
            for the other checkpoint (process start, imports, tokenizer, weights): what a
            pipeline that starts its engine anew every RL step pays per step
   reload   POST /load of the other checkpoint into the one server kept running, until
-           /health shows its fingerprint at the next weight version (`push_checkpoint`)
+           /health shows its fingerprint at the next weight version and the push probe
+           matches the trainer's model (`push_checkpoint`)
 
 and a generation request after each, so both are timed to "serving again". Prints a table
 on stderr and one JSON line {restart_s, reload_s, ratio} on stdout. The tiny model keeps
@@ -86,6 +87,12 @@ def main() -> None:
             extra = ["--vocab", a.vocab] if a.vocab else []
             subprocess.run(mars("tiny-model", ck, "--seed", i, "--layers", a.layers, *extra), check=True,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env())
+        # The push's proof scores the probe with the trainer's model, in memory as a
+        # resident trainer's is (loading it is not the server's cost).
+        from mars_cli.models.load import load_policy
+        from mars_cli.serve.probe import model_reference
+
+        trainers = {str(ck): model_reference(load_policy(ck, dtype="float32")) for ck in cks}
         restart, reload = [], []
         server, url = start(cks[0], a.device)
         try:
@@ -100,7 +107,7 @@ def main() -> None:
                 stop(p2)
                 # reload: the running server loads `target` in place
                 t0 = time.perf_counter()
-                push_checkpoint([url], str(target))
+                push_checkpoint([url], str(target), reference=trainers[str(target)])
                 first_token(url)
                 reload.append(time.perf_counter() - t0)
                 print(f"rep {rep + 1}: restart {restart[-1]:.2f} s, reload {reload[-1]:.2f} s", file=sys.stderr)

@@ -19,12 +19,13 @@ k = 0…m−1, m = PROMPT_TOKENS − 1. Sampling: temperature 1, top-p 1, no top
 <|im_end|>, the vision tokens suppressed: a rollout turn's request (engines.server).
 
 The bound, MAX_GAP = 2e-2 (`update --push-max-gap`, MARS_PUSH_MAX_GAP), the figure a
-correct push must meet. Measured on a 2-core CPU, fp32, `mars serve --engine hf` against
-the trainer's forward pass, tiny models from `mars tiny-model` (seeds 0 and 1), 10 loads
-each: after a correct load the largest gap over the probe's 32 tokens is 1e-6 to 2e-6;
-against the other model's weights it is 0.33–0.64 (mean 0.13–0.19), and a server that
-kept the other model's tied embeddings measures 0.49–0.67. vLLM's CPU build measured
-2.7e-3 at most over 256 tokens against the trainer. bf16 servers or trainers round
+correct push must meet. Measured by scripts/push_probe_gap.py on a 2-core CPU, fp32,
+`mars serve --engine hf` against the trainer's forward pass, tiny models from
+`mars tiny-model` (seeds 0 and 1), 10 loads each, Qwen2.5-VL and Qwen3-VL alike: after a
+correct load the largest gap over the probe's 16 tokens is 1e-6; against the weights
+served before it is 0.33–0.57, and a server that kept the other model's tied embeddings
+measures 0.28–0.77: over 10× the bound every time. vLLM's CPU build measured 2.7e-3 at
+most over 256 rollout tokens against the trainer. bf16 servers or trainers round
 log-probs more coarsely: raise the bound there after measuring (each push record
 carries the gaps).
 What the probe cannot tell apart: two checkpoints whose own log-probs differ by less than
@@ -40,7 +41,7 @@ import os
 from mars_cli.errors import MarsError, UsageError
 
 PROMPT_TOKENS = 16
-NEW_TOKENS = 32
+NEW_TOKENS = 16
 MAX_GAP = 2e-2
 TIMEOUT = 120.0  # seconds the server gives the probe's generate
 
