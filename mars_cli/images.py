@@ -4,7 +4,11 @@ Every image mars looks at (task images, crops, thumbnails) goes through `load_ar
 `load_image`, so the rules live in one place:
 
 - the result is always 8-bit RGB as displayed: EXIF orientation applied, CMYK and 16-bit
-  converted, transparency composited on white (a black background would hide dark text);
+  converted, transparency composited on white (a black background would hide dark text).
+  A protocol profile may ask for the other decode mode, "stored" (`set_decode_mode`, or
+  `decode=` per call): the pixels as stored, no EXIF rotation, any other mode turned
+  into RGB by Pillow's convert("RGB") (alpha dropped), as the official evaluation reads
+  images (inference/eval.py:1418-1421). The mode is part of the cache key;
 - JPEGs in YCbCr or grey are decoded by libjpeg-turbo through simplejpeg (1.5-2× faster
   than Pillow on a 4K photo), everything else (PNG, WebP, TIFF, GIF, CMYK JPEG) by Pillow;
 - only regular files are opened (a device or FIFO is refused before any read), at most
@@ -70,6 +74,35 @@ def _cache_budget_from_env() -> None:
         _budget_env[0] = raw
 
 
+DECODE_MODES = ("display", "stored")
+_decode_mode = "display"
+
+
+def set_decode_mode(mode: str) -> None:
+    """How this process decodes images from now on: "display" (default) or "stored".
+
+    A command sets it once from its protocol profile (protocol.Profile.decode), so every
+    reader (crops, engines, the judge's image) sees the image the same way.
+    """
+    global _decode_mode
+    if mode not in DECODE_MODES:
+        raise MarsError(f"unknown image decode mode {mode!r} (choose {', '.join(DECODE_MODES)})")
+    _decode_mode = mode
+
+
+def decode_mode() -> str:
+    """The process's decode mode ("display" unless a profile set "stored")."""
+    return _decode_mode
+
+
+def _mode(decode: str | None) -> str:
+    if decode is None:
+        return _decode_mode
+    if decode not in DECODE_MODES:
+        raise MarsError(f"unknown image decode mode {decode!r} (choose {', '.join(DECODE_MODES)})")
+    return decode
+
+
 def cache_info() -> dict:
     """Counters of the decoded-image cache: hits, misses, decodes, entries, pixels, budget."""
     return _cache.info()
@@ -130,17 +163,19 @@ def _stat_key(path: Path) -> tuple:
     return (os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-def load_array(src: str | os.PathLike, *, max_image_pixels: int | None = None) -> np.ndarray:
-    """The image as an (H, W, 3) uint8 RGB array, as displayed; shared and read-only.
+def load_array(src: str | os.PathLike, *, max_image_pixels: int | None = None, decode: str | None = None) -> np.ndarray:
+    """The image as an (H, W, 3) uint8 RGB array, as displayed (or as stored, by the
+    decode mode); shared and read-only.
 
     Decoded once per file version and kept in the cache; do not write to the result
     (numpy refuses: the array is flagged read-only). Copy it if you need to.
     """
     path = _local_path(src)
     limit = pixel_limit(max_image_pixels)
-    key = _stat_key(path)
+    mode = _mode(decode)
+    key = _stat_key(path) + (mode,)
     _cache_budget_from_env()
-    arr = _cache.get(key, lambda: _decode_file(path, limit))
+    arr = _cache.get(key, lambda: _decode_file(path, limit, mode))
     # A cached image was checked against the limit it was decoded under; check this one's.
     _check_pixels(path, arr.shape[1], arr.shape[0], limit)
     return arr
@@ -164,10 +199,12 @@ def load_image(
     return img
 
 
-def image_size(src: str | os.PathLike, *, max_image_pixels: int | None = None) -> tuple[int, int]:
-    """(width, height) as displayed, from the cache or the file header (no decode)."""
+def image_size(src: str | os.PathLike, *, max_image_pixels: int | None = None,
+               decode: str | None = None) -> tuple[int, int]:
+    """(width, height) as displayed (or stored), from the cache or the file header (no decode)."""
     path = _local_path(src)
-    key = _stat_key(path)
+    mode = _mode(decode)
+    key = _stat_key(path) + (mode,)
     with _cache._lock:
         arr = _cache._items.get(key)
     if arr is not None:
@@ -175,7 +212,7 @@ def image_size(src: str | os.PathLike, *, max_image_pixels: int | None = None) -
     data = _read(path)
     with _open_pillow(path, data, pixel_limit(max_image_pixels)) as im:
         w, h = im.size
-        if _orientation(im) in (5, 6, 7, 8):
+        if mode == "display" and _orientation(im) in (5, 6, 7, 8):
             w, h = h, w
     return w, h
 
@@ -261,11 +298,14 @@ def _open_pillow(path: Path, data: bytes, limit: int) -> Image.Image:
     return im
 
 
-def _decode_file(path: Path, limit: int) -> np.ndarray:
+def _decode_file(path: Path, limit: int, mode: str = "display") -> np.ndarray:
     data = _read(path)
-    arr = _decode_jpeg_fast(path, data, limit) if data.startswith(JPEG_MAGIC) else None
-    if arr is None:
-        arr = _decode_pillow(path, data, limit)
+    if mode == "stored":
+        arr = _decode_stored(path, data, limit)
+    else:
+        arr = _decode_jpeg_fast(path, data, limit) if data.startswith(JPEG_MAGIC) else None
+        if arr is None:
+            arr = _decode_pillow(path, data, limit)
     arr.flags.writeable = False
     return arr
 
@@ -329,6 +369,18 @@ def _decode_pillow(path: Path, data: bytes, limit: int) -> np.ndarray:
             return np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8))
         except MarsError:
             raise
+        except (OSError, SyntaxError, ValueError, EOFError) as e:
+            raise MarsError(f"{path}: truncated or corrupt image ({str(e).strip().lower()})") from None
+
+
+def _decode_stored(path: Path, data: bytes, limit: int) -> np.ndarray:
+    """The pixels as stored: Pillow's decoder, no EXIF rotation, convert("RGB") for any
+    other mode (alpha dropped, not composited)."""
+    with _open_pillow(path, data, limit) as im:
+        try:
+            im.load()
+            rgb = im if im.mode == "RGB" else im.convert("RGB")
+            return np.ascontiguousarray(np.asarray(rgb, dtype=np.uint8))
         except (OSError, SyntaxError, ValueError, EOFError) as e:
             raise MarsError(f"{path}: truncated or corrupt image ({str(e).strip().lower()})") from None
 

@@ -1,12 +1,22 @@
 """The agent protocol: prompt, tool schemas, parsing, answer extraction, chat rendering.
 
 One owner for everything the model reads or writes, so rollout, SFT, judge and eval can
-never disagree. Two profiles (`--protocol`), one turn format (Qwen-VL hermes-style calls):
+never disagree. Three profiles (`--protocol`), one turn format (Qwen-VL hermes-style calls).
+A profile is data (`Profile`): the shared code (agent loop, toolbox, engines, judge) reads
+its fields, it never asks for a profile by name.
 
-- `sensenova` (the default): byte-identical to the released SenseNova-MARS code: the
+- `sensenova` (the default): the released TRAINING loop (the verl fork's
+  `tool_agent_loop` and `image_zoom_in_tool`), what the checkpoints learned from: the
   dataset's "#Role …" system prompt, a blank line, the official tools block
-  (mars_cli/sensenova.py), the official tool schemas, result strings and crop rule; a
-  malformed call ends the episode (`on_malformed="end"`), as it does there.
+  (mars_cli/sensenova.py), the official tool schemas, verl's result strings and crop rule
+  (the model's resized view), the 8,192-character cut of tool text; a malformed call ends
+  the episode (`on_malformed="end"`), as it does there.
+- `sensenova-eval`: the released EVALUATION script (`inference/eval.py`), where the
+  paper's scores come from (mars_cli/sensenova_eval.py): same prompt and schemas, but a
+  call wins over an answer and an untagged reply is the answer, zooms are cut from the
+  full-resolution original, eval.py's error texts, 50 turns of 4,096 tokens without
+  budgets, the first image only, resized to 65,536–8,294,400 pixels and sent as PNG,
+  images decoded as stored, and eval.py's scoring (A–D cascade, ASCII exact match).
 - `mars`: mars's own system prompt and schemas, crops cut from the full-resolution
   source, and a malformed call answered with an error the model can read
   (`on_malformed="observe"`).
@@ -32,7 +42,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
-from mars_cli import sensenova
+from mars_cli import sensenova, sensenova_eval
 
 ZOOM, TEXT_SEARCH, IMAGE_SEARCH = "image_zoom_in_tool", "text_search_tool", "image_search_tool"
 TOOL_NAMES = (ZOOM, TEXT_SEARCH, IMAGE_SEARCH)
@@ -121,18 +131,47 @@ SYSTEM_PROMPT = MARS_SYSTEM_PROMPT  # the mars profile's; the sensenova one is s
 
 @dataclass(frozen=True)
 class Profile:
-    """A protocol profile: what the model is told and shown, and how a malformed call ends."""
+    """A protocol profile: what the model is told and shown, how its turns are read, how
+    its tools answer, the episode's default limits and how the judge scores it."""
 
     name: str
     on_malformed: str  # "end": the episode finishes `malformed` (reward 0); "observe": an error message
     tool_schemas: list
-    crop: str  # "model-view": cut from the image as the model sees it (official); "source": full resolution
+    crop: str  # "model-view": cut from the resized view; "source": full resolution (with provenance);
+    #            "original": cut from the task's first image at full resolution, then resized
     summary: str
+    official: bool = False  # the released system prompt, tools block and result strings
+    parse: str = "one-action"  # "one-action": the first action wins; "call-first": eval.py's rule
+    texts: dict = field(default_factory=dict)  # tool error texts: unknown_tool, search_unavailable, invalid_bbox
+    tool_text_limit: int | None = None  # characters of tool text kept (the end), None: all
+    limits: dict = field(default_factory=dict)  # defaults of the episode limits; flags win
+    last_call_runs: bool = False  # at the turn limit the last call still runs
+    pixels: tuple | None = None  # (min_pixels, max_pixels, factor) of the model's view; None: the checkpoint's
+    send_images: str = "file"  # chat engines: "file" (the bytes as stored) or "view" (resized to pixels, PNG)
+    task_images: int | None = None  # how many of a task's images the model gets (None: all)
+    decode: str = "display"  # images.load_array's mode: "display" (EXIF, alpha on white) or "stored"
+    needs_system_prompt: bool = False  # a task without a dataset system prompt is an error
+    scoring: str = "mars"  # "mars": scorers.py on the prediction; "eval": sensenova_eval on the final reply
+    judge: dict = field(default_factory=dict)  # LLM judge call: max_tokens, abort_on_failure
 
+
+_VERL_TEXTS = {"unknown_tool": "Error: Unknown tool '{}'", "search_unavailable": "Error: Search not available."}
+_EVAL_TEXTS = {"unknown_tool": sensenova_eval.UNKNOWN_TOOL, "search_unavailable": sensenova_eval.SEARCH_UNAVAILABLE,
+               "invalid_bbox": sensenova_eval.INVALID_BBOX}
 
 PROFILES: dict[str, Profile] = {
     "sensenova": Profile("sensenova", "end", sensenova.TOOL_SCHEMAS, "model-view",
-                         "the released SenseNova-MARS prompt, schemas, results and crop rule"),
+                         "the released training loop (verl): its prompt, schemas, results and crop rule",
+                         official=True, texts=_VERL_TEXTS, tool_text_limit=sensenova.TOOL_TEXT_LIMIT),
+    "sensenova-eval": Profile(
+        "sensenova-eval", "end", sensenova.TOOL_SCHEMAS, "original",
+        "the released evaluation script (inference/eval.py), where the paper's scores come from",
+        official=True, parse="call-first", texts=_EVAL_TEXTS,
+        limits={"max_turns": sensenova_eval.MAX_TURNS, "max_new_tokens": sensenova_eval.MAX_NEW_TOKENS,
+                "max_prompt_tokens": None, "max_response_tokens": None},
+        last_call_runs=True, pixels=(sensenova.MIN_PIXELS, sensenova.MAX_PIXELS, 32), send_images="view",
+        task_images=1, decode="stored", needs_system_prompt=True, scoring="eval",
+        judge={"max_tokens": sensenova_eval.JUDGE_MAX_TOKENS, "abort_on_failure": True}),
     "mars": Profile("mars", "observe", TOOL_SCHEMAS, "source",
                     "mars's prompt; crops from the full-resolution source; malformed calls get an error message"),
 }
@@ -156,7 +195,7 @@ def build_system_prompt(custom: str | None = None, *, profile: str = "mars") -> 
     mars: mars's text (a custom text may place the schemas with {tools}). sensenova: the
     official rule: `custom` (or the official prompt), a blank line, the tools block.
     """
-    if get_profile(profile).name == "sensenova":
+    if get_profile(profile).official:
         return sensenova.system_text(custom)
     text = MARS_SYSTEM_PROMPT if custom is None else custom
     tools = "\n".join(json.dumps(t, ensure_ascii=False) for t in TOOL_SCHEMAS)
@@ -185,13 +224,20 @@ def question_text(task: dict) -> str:
 def initial_messages(task: dict, *, profile: str = DEFAULT_PROFILE, system_prompt: str | None = None) -> list[dict]:
     """The conversation an episode starts from: system prompt, then images and question.
 
-    `system_prompt` overrides the prompt text (sensenova: the dataset part, before the
-    tools block); otherwise sensenova uses the task's own dataset prompt when it has one.
+    `system_prompt` overrides the prompt text (official profiles: the dataset part, before
+    the tools block); otherwise they use the task's own dataset prompt when it has one. A
+    profile that needs one (sensenova-eval, as eval.py:1682) raises MarsError without it.
     """
     prof = get_profile(profile)
-    if prof.name == "sensenova" and system_prompt is None:
+    if prof.official and system_prompt is None:
         system_prompt = task_system_prompt(task)
-    content: list[dict] = [{"type": "image", "image": str(p)} for p in task.get("images") or []]
+    if prof.needs_system_prompt and not system_prompt:
+        from mars_cli.errors import MarsError
+
+        raise MarsError(f"task {task.get('id')!r} has no dataset system prompt (system_prompt or meta.system_prompt): "
+                        f"--protocol {prof.name} needs one, as the official evaluation does; give --system-prompt")
+    images = list(task.get("images") or [])[: prof.task_images]
+    content: list[dict] = [{"type": "image", "image": str(p)} for p in images]
     content.append({"type": "text", "text": question_text(task)})
     return [{"role": "system", "content": build_system_prompt(system_prompt, profile=prof.name)},
             {"role": "user", "content": content}]
@@ -215,6 +261,7 @@ class Turn:
     error: str | None = None  # a malformed call: tell the model, go on
     extra_calls: int = 0  # calls after the first, ignored
     raw_call: Any = field(default=None, repr=False)  # what was inside <tool_call>, for records
+    fatal: str | None = None  # the reply stops the episode with an error (call-first: a call that is no object)
 
     @property
     def action(self) -> str:
@@ -315,13 +362,34 @@ def _check_arguments(name: str, args: dict) -> str | None:
     return None
 
 
-def parse_turn(text: str) -> Turn:
-    """Read one assistant turn. Never raises: any input gives a Turn (an error at worst)."""
+def parse_turn(text: str, *, rule: str = "one-action") -> Turn:
+    """Read one assistant turn by a profile's `parse` rule. Never raises: any input gives a
+    Turn (an error at worst)."""
     try:
-        return _parse_turn(text)
+        return _parse_call_first(text) if rule == "call-first" else _parse_turn(text)
     except Exception as e:  # a parser bug must not end a rollout: the model reads an error
         body = text if isinstance(text, str) else repr(text)
         return Turn(error=f"the turn could not be read ({type(e).__name__})", raw_call=clean_text(body[:2000]))
+
+
+def _parse_call_first(text: str) -> Turn:
+    """eval.py's reading (sensenova_eval): the first closed call anywhere, thinking
+    included, wins; without one, the reply is the answer, tagged or not."""
+    text = clean_text(text)
+    turn = Turn()
+    m = _THINK.search(text)
+    if m:
+        turn.thinking = m.group(1).strip() or None
+    obj = sensenova_eval.find_call(text)
+    if not obj:  # eval.py:1476 `if tool_call:` — none, unreadable JSON, {} or []: the reply ends the episode
+        turn.answer = sensenova_eval.answer_text(text)
+        return turn
+    turn.raw_call = obj
+    if not isinstance(obj, dict):  # eval.py:1477 calls .get on it: the sample fails
+        turn.fatal = "the tool call is not a JSON object (the official evaluation fails such a sample)"
+        return turn
+    turn.call = ToolCall("{}".format(obj.get("name", "")), obj.get("arguments", {}))
+    return turn
 
 
 def _parse_turn(text: str) -> Turn:
@@ -421,7 +489,7 @@ def malformed_message(turn: Turn, messages: Sequence[dict], *, profile: str = DE
     """
     raw = turn.raw_call if isinstance(turn.raw_call, dict) else {}
     name = raw.get("name") if isinstance(raw.get("name"), str) else None
-    if get_profile(profile).name == "sensenova" and name is not None:
+    if get_profile(profile).official and name is not None:
         args = raw.get("arguments", {})
         if isinstance(args, str):
             try:

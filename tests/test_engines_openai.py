@@ -34,7 +34,9 @@ def test_engine_contract(tmp_path, monkeypatch):
     user = req["messages"][1]["content"]
     assert user[0]["type"] == "image_url" and user[0]["image_url"]["url"].startswith("data:image/jpeg;base64,")
     tool = req["messages"][3]
-    assert tool["role"] == "user" and tool["content"][0]["text"] == "<tool_response>\n"
+    # one text part before the image, as the chat template joins them (and eval.py:1499-1504 sends them)
+    assert tool["role"] == "user" and tool["content"][0]["text"] == "<tool_response>\nHere"
+    assert tool["content"][1]["type"] == "image_url" and tool["content"][2]["text"] == "\n</tool_response>"
     assert stub.headers[0]["authorization"] == "Bearer sk-test-secret"
     d = eng.describe()
     assert d["trainable"] is False and "sk-test" not in json.dumps(d)

@@ -52,17 +52,20 @@ def test_format_reward(rec, want):
     assert format_reward(rec) == want
 
 
-def test_offline_llm_records_use_the_rule_judge_and_say_so():
-    recs = [traj(0, "paris"), traj(1, "It was taken in Paris."), traj(2, "Lyon")]
+def test_offline_llm_records_use_the_official_exact_match_and_say_so():
+    # Offline, llm-scored records get eval.py's exact match (inference/eval.py:504 em_check,
+    # OpenSenseNova/SenseNova-MARS @ ce052d7) and nothing more lenient: a gold inside a
+    # sentence, or a full-width spelling mars's own normalization would fold, scores 0.
+    recs = [traj(0, "paris"), traj(1, "It was taken in Paris."), traj(2, "Lyon"), traj(3, "Ｐａｒｉｓ")]
     res = Ran(["judge"], input=lines(recs))
     assert res.exit_code == 0, res.stderr
     out = parse(res.stdout)
-    assert [r["judge"]["method"] for r in out] == ["em-shortcut", "rule-fallback:substring", "rule-fallback:em+substring"]
-    assert [r["rewards"]["accuracy"] for r in out] == [1.0, 1.0, 0.0]
-    assert [r["reward"] for r in out] == [1.5, 1.5, 0.5]
+    assert [r["judge"]["method"] for r in out] == ["em-shortcut"] + ["rule-fallback:em"] * 3
+    assert [r["rewards"]["accuracy"] for r in out] == [1.0, 0.0, 0.0, 0.0]
+    assert [r["reward"] for r in out] == [1.5, 0.5, 0.5, 0.5]
     assert out[0]["tokens"] == recs[0]["tokens"] and list(out[0])[: len(recs[0])] == list(recs[0])
     help_text = " ".join(Ran(["judge", "--help"]).stdout.replace("│", " ").split())
-    assert "llm-scored records use the rule judge" in help_text
+    assert "scored by the official exact-match rule" in help_text
 
 
 def test_scorers_weights_and_tool_cost():

@@ -132,7 +132,7 @@ def test_mars_profile_differs_and_policy_template_agrees(tmp_path, tiny_policy_d
 
 def test_unknown_protocol_is_a_usage_error(tmp_path):
     res = CliRunner().invoke(app, ["prompt", "--protocol", "nope"], input="{}\n")
-    assert res.exit_code == 2 and "--protocol must be one of sensenova, mars" in res.output
+    assert res.exit_code == 2 and "--protocol must be one of sensenova, sensenova-eval, mars" in res.output
 
 
 def test_profiles_and_their_malformed_policy():

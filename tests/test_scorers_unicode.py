@@ -61,12 +61,13 @@ def test_judge_warns_on_fallback_and_empty_golds(tmp_path):
     r = Ran(["judge", f, "--allow-missing"])
     assert r.exit_code == 0, r.stderr
     lines = r.stderr.splitlines()
-    assert sum("judged by rules" in ln for ln in lines) == 1  # one line, with its cause
+    assert sum("judged by the official exact-match rule" in ln for ln in lines) == 1  # one line, with its cause
     assert any("no judge endpoint (--judge-base-url or MARS_JUDGE_BASE_URL)" in ln for ln in lines)
     assert f"mars judge: {f}:2: task 't1': gold answer(s) '.' are empty after normalization and are ignored" in lines
     assert f"mars judge: {f}:3: task 't2' has no gold answer: not judged" in lines
     out = [json.loads(x) for x in r.stdout.splitlines()]
-    assert [o["rewards"]["accuracy"] for o in out] == [1.0, 0.0, None, 0.0]
+    # offline: the official exact match alone (a gold inside a sentence is no match)
+    assert [o["rewards"]["accuracy"] for o in out] == [0.0, 0.0, None, 0.0]
 
 
 def test_unreachable_judge_shows_its_cause(tmp_path):

@@ -17,14 +17,16 @@ expands to (engine.image_tokens).
 
 Budgets (as the official run): the first prompt gets `max_prompt_tokens`; everything after
 it (generated turns AND tool results) shares `max_response_tokens`; `max_total_tokens`, when
-set, caps the two together. A first prompt that does not fit ends the episode `error`,
-saying how many tokens it needed: it is never run silently cut.
+set, caps the two together. A budget set to None is no budget (the `sensenova-eval`
+profile's default, as eval.py has none). A first prompt that does not fit ends the episode
+`error`, saying how many tokens it needed: it is never run silently cut.
 
 Finish reasons: `answer`; `max_turns` (the turn limit was reached without an answer; the
-last call is not run); `max_tokens` (the response budget is used up, or a turn was cut at
+last call is not run, unless the profile says `last_call_runs`, as eval.py does); `max_tokens` (the response budget is used up, or a turn was cut at
 its token limit without a usable action); `no_action` (a complete turn with neither call
 nor answer); `malformed` (a malformed call under `on_malformed="end"`); `error` (the engine
-failed for that episode, or its prompt cannot fit). With `on_malformed="observe"` a
+failed for that episode, its prompt cannot fit, or the profile's rules fail the sample: a
+task without the system prompt it needs, a call eval.py cannot run). With `on_malformed="observe"` a
 malformed call gets an error tool message and the episode goes on.
 """
 
@@ -47,8 +49,8 @@ from mars_cli.records import task_view
 @dataclass
 class Limits:
     max_turns: int = 10
-    max_prompt_tokens: int = 16384
-    max_response_tokens: int = 16384
+    max_prompt_tokens: int | None = 16384  # None: no budget
+    max_response_tokens: int | None = 16384  # None: no budget
     max_total_tokens: int | None = None  # optional cap on prompt + response
     max_new_tokens: int = 2048
 
@@ -103,6 +105,7 @@ class AgentLoop:
         self.system_prompt = system_prompt
         self.on_turn = on_turn  # traces (`mars ask`)
         self.profile = profile
+        self.prof = protocol.get_profile(profile)
         self.on_malformed = on_malformed or wf.default_on_malformed(profile)
         if self.on_malformed not in ("end", "observe"):
             raise UsageError(f"--on-malformed must be end or observe, got {self.on_malformed!r}")
@@ -210,6 +213,7 @@ class AgentLoop:
             "tokens": {"ids": ep.ids, "mask": ep.mask, "logprobs": ep.logprobs, "images": ep.images}
             if self.engine.tokens else None,
             "policy": policy,
+            "protocol": self.prof.name,
             "elapsed": round(time.perf_counter() - ep.started, 4),
         })
         if self.workflow != "agent":
@@ -239,8 +243,12 @@ class AgentLoop:
 
     async def _start(self, rec: dict, sample: int, group: str) -> Episode:
         task = task_view(rec)
-        messages = wf.initial_messages(task, workflow=self.workflow, profile=self.profile,
-                                       system_prompt=self.system_prompt)
+        try:
+            messages = wf.initial_messages(task, workflow=self.workflow, profile=self.profile,
+                                           system_prompt=self.system_prompt)
+        except MarsError as e:  # the profile refuses this task (no dataset system prompt): it fails alone
+            return Episode(record=rec, sample=sample, group=group, messages=[], state=EpisodeState(task=rec),
+                           finish="error", error=str(e))
         ep = Episode(record=rec, sample=sample, group=group, messages=messages, state=EpisodeState(task=rec))
         if self.workflow == "rag":
             text, ep.rag = await asyncio.get_running_loop().run_in_executor(self._tools, wf.retrieve, self.toolbox, rec)
@@ -258,7 +266,7 @@ class AgentLoop:
         lim, cap = self.limits, self.engine.max_images
         if cap is not None and len(images) > cap:
             ep.finish, ep.error = "error", f"the task has {len(images)} images; the engine takes at most {cap} per episode"
-        elif ep.prompt > lim.max_prompt_tokens:
+        elif lim.max_prompt_tokens is not None and ep.prompt > lim.max_prompt_tokens:
             ep.finish, ep.error = "error", (f"the first prompt needs {ep.prompt} tokens (images expanded), over "
                                             f"--max-prompt-tokens {lim.max_prompt_tokens}; lower --max-pixels or raise the limit")
         elif lim.max_total_tokens is not None and ep.prompt >= lim.max_total_tokens:
@@ -266,9 +274,11 @@ class AgentLoop:
                                             f"under --max-total-tokens {lim.max_total_tokens}")
         return ep
 
-    def _room(self, ep: Episode) -> int:
-        """Tokens the episode may still add after its first prompt."""
-        room = self.limits.max_response_tokens - ep.response
+    def _room(self, ep: Episode) -> float:
+        """Tokens the episode may still add after its first prompt (inf: no budget)."""
+        room = float("inf")
+        if self.limits.max_response_tokens is not None:
+            room = self.limits.max_response_tokens - ep.response
         if self.limits.max_total_tokens is not None:
             room = min(room, self.limits.max_total_tokens - ep.used)
         return room
@@ -279,7 +289,7 @@ class AgentLoop:
             ep.finish = "max_tokens"
             return
         req = GenRequest(ids=ep.ids if self.engine.tokens else None, images=list(ep.images), messages=ep.messages,
-                         max_new_tokens=min(self.limits.max_new_tokens, room))
+                         max_new_tokens=int(min(self.limits.max_new_tokens, room)))
         try:
             res = await self.engine.agenerate(req)
         except (asyncio.CancelledError, KeyboardInterrupt):
@@ -306,7 +316,12 @@ class AgentLoop:
             if self.on_malformed == "end" and protocol.is_malformed(turn):
                 ep.finish = "malformed"
                 return
+        if out.fatal is not None:  # the official evaluation fails the sample here (a crop it cannot cut)
+            ep.finish, ep.error = "error", out.fatal
+            return
         self._append_result(ep, out, ended)
+        if ep.finish is None and ep.turns >= self.limits.max_turns:  # last_call_runs: the call ran, now stop
+            ep.finish = "max_turns"
 
     def _take_turn(self, ep: Episode, res: GenResult):
         """Record a generated turn; return (ended_with_eos, turn) when a tool result must follow."""
@@ -326,14 +341,16 @@ class AgentLoop:
             ep.used = res.usage  # chat engines: prompt and response are not told apart
         ep.messages.append({"role": "assistant", "content": res.text})
         ep.turns += 1
-        turn = protocol.parse_turn(res.text)
-        if turn.answer is not None:
+        turn = protocol.parse_turn(res.text, rule=self.prof.parse)
+        if turn.fatal is not None:
+            ep.finish, ep.error = "error", turn.fatal
+        elif turn.answer is not None:
             ep.finish, ep.prediction = "answer", turn.answer
         elif res.finish == "length" and turn.call is None:
             ep.finish = "max_tokens"
         elif turn.call is None and turn.error is None:
             ep.finish = "no_action"
-        elif ep.turns >= self.limits.max_turns:
+        elif ep.turns >= self.limits.max_turns and not (self.prof.last_call_runs and turn.call is not None):
             ep.finish = "max_turns"
         else:
             return ended, turn
@@ -345,7 +362,7 @@ class AgentLoop:
         ep.tool_calls.append({"turn": ep.turns, "name": turn.call.name, "arguments": turn.call.arguments,
                               "ok": out.ok, "error": out.error, "latency": round(out.latency, 6),
                               "infra": out.infra})
-        if turn.extra_calls and protocol.get_profile(self.profile).name != "sensenova":
+        if turn.extra_calls and not self.prof.official:
             # (the official loop runs the first call and says nothing of the others)
             _add_note(out.message, protocol.ignored_calls_note(turn.extra_calls))
         if self.on_turn is not None:

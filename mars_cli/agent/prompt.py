@@ -48,8 +48,11 @@ class PromptRenderer:
                  max_pixels: int | None = None):
         from mars_cli.models.load import load_tokenizer, special_ids
 
-        self.profile = protocol.get_profile(profile).name
+        prof = protocol.get_profile(profile)
+        self.profile = prof.name
         self.system_prompt = system_prompt
+        if prof.pixels is not None:  # the profile's view (sensenova-eval), where no flag gave one
+            min_pixels, max_pixels = min_pixels or prof.pixels[0], max_pixels or prof.pixels[1]
         path = Path(policy) if policy else vocab_dir(arch)
         self.tokenizer = load_tokenizer(path)
         self.renderer = protocol.Renderer(self.tokenizer, special_ids(self.tokenizer, path))
@@ -97,10 +100,11 @@ class PromptRenderer:
 def prompt_records(located: Iterable, renderer: PromptRenderer) -> Iterator[dict]:
     """(where, task record) pairs → one prompt record each."""
     for where, rec in located:
+        validate(rec, "task", where)
         try:
-            validate(rec, "task", where)
-            yield renderer.record(rec)
-        except MarsError:
-            raise
+            out = renderer.record(rec)
+        except MarsError as e:  # a task the profile refuses (no dataset system prompt), an image
+            raise MarsError(f"{where}: {e}") from None
         except (KeyError, TypeError, ValueError) as e:
             raise MarsError(f"{where}: cannot render this task ({type(e).__name__}: {e})") from None
+        yield out

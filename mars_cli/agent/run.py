@@ -70,8 +70,31 @@ def open_toolbox(artifacts: str | os.PathLike, *, search_backend: str | None = N
 
 ENGINE_OPTS = {"hf": ("device", "dtype", "max_batch", "attn_implementation", "min_pixels", "max_pixels"),
                "vllm": ("tp", "gpu_memory_utilization", "dtype", "min_pixels", "max_pixels"),
-               "openai": ("base_url", "model", "timeout", "max_retries"),
+               "openai": ("base_url", "model", "timeout", "max_retries", "image_view"),
                "server": ("urls", "api_key", "timeout", "min_pixels", "max_pixels")}
+
+
+def apply_profile(protocol: str | None, engine: dict) -> dict:
+    """Engine options with the profile's image settings where no flag gave them.
+
+    Sets the process's image decode mode (protocol.Profile.decode), so crops, engines and
+    the judge read images alike. A profile with `pixels` (sensenova-eval) fills in
+    --min-pixels/--max-pixels; with `send_images="view"` a chat engine sends each image
+    resized to them (the factor is the profile's) instead of the file as stored.
+    """
+    from mars_cli import images
+    from mars_cli import protocol as proto
+
+    prof = proto.get_profile(protocol)
+    images.set_decode_mode(prof.decode)
+    engine = dict(engine)
+    if prof.pixels is not None:
+        lo, hi, factor = prof.pixels
+        engine["min_pixels"] = engine.get("min_pixels") or lo
+        engine["max_pixels"] = engine.get("max_pixels") or hi
+        if prof.send_images == "view":
+            engine["image_view"] = (engine["min_pixels"], engine["max_pixels"], factor)
+    return engine
 
 
 def make_engine(name: str, policy: str | None, sampling: dict | None = None, **opts):
@@ -112,6 +135,7 @@ def rollout(files, *, out: str | None, n: int, engine: dict, sampling: dict, lim
     from mars_cli.records import validate, warn_duplicate_tasks
 
     lim = Limits(**limits)
+    engine = apply_profile(protocol, engine)
     EpisodeOutput.check(out)  # before the model loads; the file itself is opened once it has
     writer = None
     counts: dict[str, int] = {}
@@ -217,6 +241,8 @@ def ask(image: str, question: str, *, engine: dict, sampling: dict, limits: dict
     from mars_cli.agent.loop import AgentLoop, Limits
     from mars_cli.agent.trace import Tracer
     from mars_cli.errors import MarsError
+    from mars_cli import sensenova
+    from mars_cli.protocol import get_profile
     from mars_cli.records import make_task
 
     if not image.startswith(("http://", "https://")):
@@ -226,13 +252,16 @@ def ask(image: str, question: str, *, engine: dict, sampling: dict, limits: dict
 
         image_size(image)  # a FIFO or a non-image: one line, before the model loads
     lim = Limits(**limits)
-    eng = make_engine(**engine, sampling=sampling)
+    eng = make_engine(**apply_profile(protocol, engine), sampling=sampling)
     toolbox = open_toolbox(artifacts_dir(artifacts, None), **tools, profile=protocol, engine=eng)
     tracer = Tracer() if trace else None
     loop = AgentLoop(eng, toolbox, limits=lim, max_inflight=1, on_turn=tracer, profile=protocol, system_prompt=system_prompt,
                      on_malformed=on_malformed, workflow=workflow)
     try:
-        [rec] = list(loop.run([make_task("ask", question, images=[image], benchmark="ask")]))
+        # A person's question has no dataset: official profiles give it the system prompt every
+        # dataset of the official manifests carries (sensenova-eval refuses a task without one).
+        meta = {"system_prompt": sensenova.SYSTEM_PROMPT} if get_profile(protocol).official else None
+        [rec] = list(loop.run([make_task("ask", question, images=[image], benchmark="ask", meta=meta)]))
     finally:
         eng.close()
     if tracer is not None:

@@ -14,11 +14,16 @@ the infrastructure's (a backend error, a replay miss, no stored image results, a
 cannot be read) rather than the model's (a box outside the image, an img_idx out of range):
 the format reward ignores infrastructure failures, as the official reward does.
 
-Profiles (protocol.PROFILES): under `sensenova` results use the official strings (zoom
-text, "Reverse Image Search Results:" with at most five results, the search summary
-format, "No matching images were found.", the 8,192-character cut of long text) and zooms
-follow the official crop rule (tools/crop_official.py). Under `mars` crops come from the
-full-resolution source (with provenance) and results use mars's layouts.
+Profiles (protocol.PROFILES) are read as data: `official` profiles use the released
+result strings (zoom text, "Reverse Image Search Results:" with at most five results, the
+search summary format, "No matching images were found."), `texts` gives the error texts,
+`tool_text_limit` the cut of long text (the training loop's 8,192 characters), `crop` the
+crop rule (tools/crop_official.py: the model's view, or the full-resolution original as
+inference/eval.py cuts it, img_idx ignored and `bbox` accepted). Under `mars` crops come
+from the full-resolution source (with provenance) and results use mars's layouts.
+
+`Outcome.fatal`: a call the official evaluation cannot run at all (arguments that are not
+an object, an inverted box): it fails the sample there, so the episode ends `error`.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ class Outcome:
     latency: float
     detail: dict = field(default_factory=dict)  # for traces: crop box, result titles…
     infra: bool = False  # the failure (or empty result) is the infrastructure's, not the model's
+    fatal: str | None = None  # the episode cannot go on (the official evaluation fails the sample)
 
 
 @dataclass
@@ -74,8 +80,10 @@ class Toolbox:
         self.image_k = image_k
         self.crop_max_pixels = crop_max_pixels
         self.text_budget_chars = text_budget_chars
-        self.profile = protocol.get_profile(profile).name
-        self.official = self.profile == "sensenova"
+        self.prof = protocol.get_profile(profile)
+        self.profile = self.prof.name
+        self.official = self.prof.official
+        self.texts = self.prof.texts
         self.min_pixels, self.max_pixels, self.factor = int(min_pixels), int(max_pixels), int(factor)
 
     def run(self, call: protocol.ToolCall, messages: list[dict], state: EpisodeState) -> Outcome:
@@ -89,7 +97,10 @@ class Toolbox:
             elif call.name == protocol.IMAGE_SEARCH:
                 message, detail = self._image(call.arguments, messages, state)
             else:
-                raise ModelFault(sensenova.unknown_tool(call.name) if self.official else f"unknown tool {call.name!r}")
+                raise ModelFault(self.texts["unknown_tool"].format(call.name) if "unknown_tool" in self.texts
+                                 else f"unknown tool {call.name!r}")
+        except _Fatal as f:
+            return Outcome(protocol.tool_message(call.name, str(f)), False, str(f), time.perf_counter() - t0, fatal=str(f))
         except _Observed as o:  # an official "empty" result: a normal message, not the model's fault
             return Outcome(protocol.tool_message(call.name, o.text), True, None, time.perf_counter() - t0,
                            {"empty": True}, infra=True)
@@ -104,8 +115,8 @@ class Toolbox:
             streams.warn(text)
             return Outcome(protocol.error_message(f"the {call.name} tool failed", call.name), False, text,
                            time.perf_counter() - t0, infra=True)
-        if self.official:
-            _cut_texts(message)
+        if self.prof.tool_text_limit is not None:
+            _cut_texts(message, self.prof.tool_text_limit)
         return Outcome(message, True, None, time.perf_counter() - t0, detail)
 
     # --- the tools -------------------------------------------------------------------
@@ -128,6 +139,8 @@ class Toolbox:
     def _zoom(self, args: dict, messages: list[dict], state: EpisodeState):
         from mars_cli.tools.crop import check_box, compose_box, covered_box, crop_image
 
+        if self.prof.crop == "original":
+            return self._zoom_original(args, messages)
         src = self._pick_image(args, messages)
         if self.official:
             return self._zoom_official(src, args)
@@ -154,13 +167,43 @@ class Toolbox:
         msg = protocol.tool_message(protocol.ZOOM, sensenova.ZOOM_TEXT, [res["path"]])
         return msg, {"source": src, "box": [round(v, 6) for v in res["box"]], "box_px": res["box_px"], "path": res["path"]}
 
+    def _zoom_original(self, args, messages: list[dict]):
+        """eval.py's zoom (eval.py:1483-1508): the task's first image, `bbox_2d` or `bbox`."""
+        from mars_cli.tools.crop_official import crop_original
+
+        if not isinstance(args, dict):
+            raise _Fatal(f"the {protocol.ZOOM} arguments are not a JSON object")
+        bbox = args.get("bbox_2d") or args.get("bbox")
+        try:
+            well_formed = bool(bbox) and len(bbox) == 4
+        except TypeError:
+            raise _Fatal(f"the zoom box {bbox!r} has no length") from None
+        if not well_formed:
+            raise ModelFault(self.texts["invalid_bbox"])
+        originals = protocol.message_images(messages)
+        if not originals:
+            raise _Fatal("the task has no image to zoom into")
+        try:
+            res = crop_original(originals[0], bbox, out_dir=self.artifacts, factor=self.factor,
+                                min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+        except (TypeError, ValueError, MarsError) as e:
+            raise _Fatal(f"the zoom box {bbox!r} cannot be cut: {e}") from None
+        msg = protocol.tool_message(protocol.ZOOM, sensenova.ZOOM_TEXT, [res["path"]])
+        return msg, {"source": originals[0], "box": [round(float(v), 6) for v in res["box"]], "box_px": res["box_px"],
+                     "path": res["path"]}
+
     def _text(self, args: dict):
+        unavailable = self.texts.get("search_unavailable")
+        if self.prof.parse == "call-first":  # eval.py:1511-1532: no argument checks, no query → unavailable
+            if not isinstance(args, dict):
+                raise _Fatal(f"the {protocol.TEXT_SEARCH} arguments are not a JSON object")
+            if not args.get("query", ""):
+                raise ModelFault(unavailable)
         if self.text_search is None:
-            raise ToolError("Error: Search not available." if self.official
-                            else "text search is not available in this run (no search backend configured)")
+            raise ToolError(unavailable or "text search is not available in this run (no search backend configured)")
         from mars_cli.tools.text_search import render_text_results
 
-        query = args["query"]
+        query = "{}".format(args["query"])
         results = self.text_search.search(query, k=self.k)
         titles = {"titles": [r.get("title") for r in results]}
         summary = results[0].get("query_summary") if results else None
@@ -178,7 +221,7 @@ class Toolbox:
             raise ToolError("image search is not available in this run (no image search backend configured)")
         from mars_cli.tools.image_search import render_image_results
 
-        src = self._pick_image(args, messages)
+        src = protocol.message_images(messages)[0] if self.prof.crop == "original" else self._pick_image(args, messages)
         if not self.official:
             results = self.image_search.search(src, k=self.image_k, task=state.task)
             text, thumbs = render_image_results(results)
@@ -200,6 +243,10 @@ class Toolbox:
         return protocol.tool_message_parts(protocol.IMAGE_SEARCH, parts), {"titles": [r.get("title") for r in results]}
 
 
+class _Fatal(Exception):
+    """A call the official evaluation cannot run: the episode ends `error`."""
+
+
 class _Observed(Exception):
     """An official result text that reports nothing found (sent to the model as a result)."""
 
@@ -208,11 +255,11 @@ class _Observed(Exception):
         self.text = text
 
 
-def _cut_texts(message: dict) -> None:
-    """The official loop's cut of long tool text (each text part, keeping its end)."""
+def _cut_texts(message: dict, limit: int) -> None:
+    """The training loop's cut of long tool text (each text part, keeping its end)."""
     for part in message.get("content") or []:
-        if part.get("type") == "text" and len(part.get("text", "")) > sensenova.TOOL_TEXT_LIMIT:
-            part["text"] = sensenova.cut_tool_text(part["text"])
+        if part.get("type") == "text" and len(part.get("text", "")) > limit:
+            part["text"] = sensenova.cut_tool_text(part["text"], limit)
 
 
 _THUMB = re.compile(r"^Thumbnail (\d+):", re.MULTILINE)

@@ -18,6 +18,7 @@ E = "MARS_"
 
 
 def main(
+    ctx: typer.Context,
     image: str = typer.Argument(..., help="The image: a path, or an http(s) URL (fetched into the artifacts folder; public addresses only)."),
     question: str = typer.Argument(..., help="The question."),
     policy: Optional[str] = typer.Option(None, "--policy", envvar=E + "POLICY", help="Model directory (hf, vllm) or model name (openai)."),
@@ -53,8 +54,9 @@ def main(
     cache: Optional[str] = X.CACHE,
 ) -> None:
     """Answer one question about an image, with a trace."""
-    from mars_cli import streams
+    from mars_cli import presets, streams
     from mars_cli.agent import run
+    from mars_cli.protocol import get_profile
     from mars_cli.errors import MarsError
     from mars_cli.agent.workflow import check_episode_flags
     from mars_cli.inputs import local_image
@@ -69,8 +71,9 @@ def main(
                     attn_implementation=attn_implementation, base_url=base_url, model=model, timeout=request_timeout,
                     max_retries=retries, min_pixels=min_pixels, max_pixels=max_pixels),
         sampling=dict(temperature=temperature, seed=seed),
-        limits=dict(max_turns=max_turns, max_prompt_tokens=max_prompt_tokens, max_response_tokens=max_response_tokens,
-                    max_total_tokens=max_total_tokens, max_new_tokens=max_new_tokens),
+        limits=presets.apply(ctx, dict(max_turns=max_turns, max_prompt_tokens=max_prompt_tokens,
+                                       max_response_tokens=max_response_tokens, max_total_tokens=max_total_tokens,
+                                       max_new_tokens=max_new_tokens), get_profile(protocol).limits),
         protocol=protocol, on_malformed=on_malformed, workflow=workflow, system_prompt=system_prompt,
         tools=dict(search_backend=search_backend, index=index, k=search_k, image_search_backend=image_search_backend,
                    image_index=image_index, cache=cache),

@@ -22,6 +22,7 @@ def main(
     tool_cost: float = typer.Option(0.0, "--tool-cost", help="Subtract this per tool call (recorded as rewards.tool_cost)."),
     base_url: Optional[str] = typer.Option(None, "--judge-base-url", envvar="MARS_JUDGE_BASE_URL", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1 [default: none: rule judge]."),
     model: Optional[str] = typer.Option(None, "--judge-model", envvar="MARS_JUDGE_MODEL", help="Judge model name (needed with an endpoint)."),
+    protocol: Optional[str] = typer.Option(None, "--protocol", envvar="MARS_PROTOCOL", help="Score by this profile's rules [default: each record's protocol]: sensenova-eval scores as the official eval.py."),
     rubric: str = typer.Option("sensenova", "--rubric", help="LLM rubric for llm-scored records: sensenova (the official lenient 13-rule Yes/No, image sent, one call per gold) or strict (mars's yes/no over all golds)."),
     judge_image: Optional[bool] = typer.Option(None, "--judge-image/--no-judge-image", help="Send the question's first image to the judge [default: on for sensenova, off for strict]."),
     min_judge_success: float = typer.Option(0.95, "--min-judge-success", help="Judge health: fail when a smaller share of LLM judge requests succeeded (with an endpoint only)."),
@@ -36,7 +37,9 @@ def main(
 
     Accuracy comes from each record's `scorer` (or --scorer): em and substring after SQuAD normalization, f1 (SQuAD token F1, max over golds), mcq (option letter cascade, or the option's text), llm / simpleqa (an LLM judge over an OpenAI-compatible API; key from MARS_JUDGE_API_KEY or OPENAI_API_KEY; an exact match skips the call). With several golds any one counts.
 
-    Without --judge-base-url (the offline default) llm-scored records use the rule judge: exact match, then a short gold (at most 5 words, not yes/no) contained in the prediction; judge.method then says "rule-fallback:…".
+    Without --judge-base-url (the offline default) llm-scored records are scored by the official exact-match rule (eval.py's em_check: SQuAD normalization on ASCII rules), never a more lenient one; judge.method then says "rule-fallback:em".
+
+    --protocol sensenova-eval (or records written with it) scores as the official inference/eval.py: mcq by its A–D cascade on the final reply, llm on the final reply's answer tag or, untagged, the whole reply, exact match without Unicode folding, judge calls with max_tokens 8192, and a judge call that fails after its retries stops the command (exit 1, nothing written).
 
     The default rubric is the official SenseNova-MARS judge: a lenient 13-rule Yes/No rubric that sees the image, asked once per gold (the first Yes wins); a reply without a Yes counts as No, and a request that fails after its retries scores 0. Judge health: when fewer than --min-judge-success of the LLM requests succeeded, the command fails (exit 1, nothing written with -o), as the official runs do.
 
@@ -50,6 +53,10 @@ def main(
     from mars_cli.rl.judge import FIELDS, JudgeConfig, JudgeStats, check_health, judge_records
     from mars_cli.rl.llm_judge import rubric_name
 
+    if protocol is not None:
+        from mars_cli.protocol import get_profile
+
+        get_profile(protocol)
     if scorer is not None and scorer not in SCORERS:
         raise UsageError(f"--scorer must be one of {', '.join(SCORERS)}, got {scorer!r}")
     rubric = rubric_name(rubric)
@@ -61,7 +68,7 @@ def main(
         raise UsageError("--format-weight and --tool-cost must be finite numbers")
     api_key = os.environ.get("MARS_JUDGE_API_KEY") or os.environ.get("OPENAI_API_KEY")
     cfg = JudgeConfig(scorer=scorer, format_weight=format_weight, tool_cost=tool_cost, base_url=base_url or None,
-                      model=model, api_key=api_key, rubric=rubric, judge_image=judge_image, min_success=min_judge_success,
+                      model=model, api_key=api_key, rubric=rubric, protocol=protocol, judge_image=judge_image, min_success=min_judge_success,
                       concurrency=concurrency,
                       timeout=timeout, retries=retries, cache_dir=str(cache) if cache else None)
     if output is None:

@@ -15,7 +15,7 @@ import typer
 def main(
     files: Optional[List[Path]] = typer.Argument(None, help="Task JSONL files [default: stdin]."),
     policy: Optional[str] = typer.Option(None, "--policy", envvar="MARS_POLICY", help="Checkpoint whose tokenizer renders the prompt [default: the Qwen vocabulary]."),
-    protocol_name: str = typer.Option("sensenova", "--protocol", envvar="MARS_PROTOCOL", help="Protocol profile: sensenova (the released checkpoints') or mars."),
+    protocol_name: str = typer.Option("sensenova", "--protocol", envvar="MARS_PROTOCOL", help="Protocol profile: sensenova (the training loop), sensenova-eval (the official eval.py) or mars."),
     system_prompt: Optional[str] = typer.Option(None, "--system-prompt", help="Replace the system prompt text (sensenova: the part before the tools block)."),
     arch: str = typer.Option("qwen3-vl", "--arch", help="Without --policy: qwen3-vl or qwen2.5-vl special tokens."),
     min_pixels: Optional[int] = typer.Option(None, "--min-pixels", min=1, help="With --policy: the image processor's min pixels [default: the checkpoint's min_pixels]."),

@@ -81,6 +81,7 @@ def main(
     """
     from mars_cli import presets as _presets
     from mars_cli.agent import run as runner
+    from mars_cli.protocol import get_profile
 
     if check:
         if not policy:
@@ -117,8 +118,9 @@ def main(
                     min_pixels=min_pixels, max_pixels=max_pixels),
         sampling=_presets.apply(ctx, dict(temperature=temperature, top_p=top_p, top_k=top_k, presence_penalty=presence_penalty,
                                           seed=seed), _presets.sampling(sampling_preset)),
-        limits=dict(max_turns=max_turns, max_prompt_tokens=max_prompt_tokens, max_response_tokens=max_response_tokens,
-                    max_total_tokens=max_total_tokens, max_new_tokens=max_new_tokens),
+        limits=_presets.apply(ctx, dict(max_turns=max_turns, max_prompt_tokens=max_prompt_tokens,
+                                        max_response_tokens=max_response_tokens, max_total_tokens=max_total_tokens,
+                                        max_new_tokens=max_new_tokens), get_profile(protocol).limits),
         max_inflight=max_inflight, artifacts=artifacts, group_order=group_order, max_error_rate=max_error_rate,
         loop=loop, seed=seed, batch_groups=batch_groups, max_staleness=max_staleness, protocol=protocol,
         on_malformed=on_malformed, workflow=workflow, system_prompt=system_prompt,

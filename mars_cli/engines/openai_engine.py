@@ -3,8 +3,14 @@
 For baselines and teacher trajectories. The conversation is sent as chat messages with
 images as data URLs (http(s) URLs pass through); tool results are sent as user turns
 wrapped in <tool_response>, as the Qwen template renders them, because the protocol's
-calls are plain text rather than the API's function-calling objects. The endpoint returns
-text only, so records carry tokens=null and are not trainable.
+calls are plain text rather than the API's function-calling objects; adjacent text parts
+are sent as one. The endpoint returns text only, so records carry tokens=null and are not
+trainable.
+
+Images are sent as their files are (`image_view=None`), or, with `image_view=(min_pixels,
+max_pixels, factor)` (the `sensenova-eval` profile's `send_images="view"`), as the
+official evaluation sends them: decoded by the process's mode, resized by smart_resize
+within those bounds (bicubic) and encoded as PNG (inference/eval.py:1424-1427, 315-323).
 
 The key comes from MARS_OPENAI_API_KEY or OPENAI_API_KEY only; it never reaches a record.
 Requests of a batch run concurrently (`concurrency` threads).
@@ -22,47 +28,83 @@ from mars_cli.errors import MarsError, UsageError
 from mars_cli.strictjson import clean_text
 
 @functools.lru_cache(maxsize=256)
-def data_url(path: str) -> str:
+def data_url(path: str, view: tuple | None = None, decode: str | None = None) -> str:
     """An image file as a data URL; remote URLs are passed through unchanged.
 
     Only a real image is sent (images.read_image_file: a regular file within the size
     bound whose header an image decoder recognises, under the pixel limit): a task naming
-    /etc/passwd or a device gets an error, and nothing leaves the machine.
+    /etc/passwd or a device gets an error, and nothing leaves the machine. With `view`
+    (min_pixels, max_pixels, factor) the image is resized to the model's view and sent as
+    PNG instead of as stored.
     """
     if path.startswith(("http://", "https://", "data:")):
         return path
+    if view is not None:
+        return "data:image/png;base64," + base64.b64encode(view_png(path, *view, decode=decode)).decode("ascii")
     from mars_cli.images import read_image_file
 
     data, mime = read_image_file(path)
     return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
 
 
-def _parts(content) -> list[dict] | str:
+def view_png(path: str, min_pixels: int, max_pixels: int, factor: int, *, decode: str | None = None) -> bytes:
+    """The image resized by the official smart_resize (bicubic), as PNG bytes."""
+    import io
+
+    from PIL import Image
+
+    from mars_cli import images, sensenova
+
+    im = Image.fromarray(images.load_array(path, decode=decode))
+    h, w = sensenova.smart_resize(im.height, im.width, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
+    if (w, h) != im.size:
+        im = im.resize((w, h), Image.Resampling.BICUBIC)
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _parts(content, view: tuple | None = None) -> list[dict] | str:
     if isinstance(content, str):
         return content
-    out = []
+    out: list[dict] = []
     for p in content or []:
         if p.get("type") == "image":
-            out.append({"type": "image_url", "image_url": {"url": data_url(str(p["image"]))}})
+            from mars_cli.images import decode_mode
+
+            url = data_url(str(p["image"]), view, decode_mode() if view else None)
+            out.append({"type": "image_url", "image_url": {"url": url}})
         else:
             out.append({"type": "text", "text": p.get("text", "")})
-    return out
+    return _merge_text(out)
 
 
-def to_chat(messages: list[dict]) -> list[dict]:
+def to_chat(messages: list[dict], view: tuple | None = None) -> list[dict]:
     """Our messages → OpenAI chat messages (tool results as <tool_response> user turns)."""
     out = []
     for m in messages:
         if m["role"] == "tool":
-            parts = _parts(m.get("content"))
+            parts = _parts(m.get("content"), view)
             parts = [{"type": "text", "text": parts}] if isinstance(parts, str) else parts
-            body = [{"type": "text", "text": "<tool_response>\n"}, *parts, {"type": "text", "text": "\n</tool_response>"}]
-            out.append({"role": "user", "content": body})
+            body = _merge_text([{"type": "text", "text": "<tool_response>\n"}, *parts, {"type": "text", "text": "\n</tool_response>"}])
+            # a text-only result as a plain string, as eval.py sends it (eval.py:1507, 1531, 1582)
+            out.append({"role": "user", "content": body[0]["text"] if len(body) == 1 else body})
         elif m["role"] == "assistant":
             c = m.get("content")
             out.append({"role": "assistant", "content": c if isinstance(c, str) else "".join(p.get("text", "") for p in c or [])})
         else:
-            out.append({"role": m["role"], "content": _parts(m.get("content"))})
+            out.append({"role": m["role"], "content": _parts(m.get("content"), view)})
+    return out
+
+
+def _merge_text(parts: list[dict]) -> list[dict]:
+    """Adjacent text parts as one: the chat template joins them anyway (eval.py sends one)."""
+    out: list[dict] = []
+    for p in parts:
+        if p["type"] == "text" and out and out[-1]["type"] == "text":
+            out[-1] = {"type": "text", "text": out[-1]["text"] + p["text"]}
+        else:
+            out.append(p)
     return out
 
 
@@ -71,7 +113,8 @@ class OpenAIEngine(Engine):
     tokens = False
 
     def __init__(self, policy, *, sampling: Sampling, base_url: str | None = None, model: str | None = None,
-                 concurrency: int = 8, timeout: float | None = None, max_retries: int | None = None, client=None):
+                 concurrency: int = 8, timeout: float | None = None, max_retries: int | None = None, client=None,
+                 image_view: tuple | None = None):
         import openai
 
         from mars_cli.urls import public_url, split_credentials, split_query
@@ -112,6 +155,10 @@ class OpenAIEngine(Engine):
         self.fingerprint = None
         self.sampling = sampling
         self.concurrency = max(1, concurrency)
+        self.image_view = tuple(image_view) if image_view is not None else None
+        if self.image_view is not None:  # the model's view (crops are cut to the same bounds)
+            self.pixels = {"min": self.image_view[0], "max": self.image_view[1]}
+            self.image_factor = self.image_view[2]
 
     def describe(self) -> dict:
         d = super().describe()
@@ -132,7 +179,7 @@ class OpenAIEngine(Engine):
 
         s = self.sampling
         try:
-            messages = to_chat(req.messages or [])
+            messages = to_chat(req.messages or [], self.image_view)
         except MarsError as e:  # an image that cannot be sent: this episode fails, not the run
             return GenResult(text="", error=f"openai: {e}")
         kwargs = dict(model=self.model, messages=messages, max_tokens=req.max_new_tokens,

@@ -7,10 +7,17 @@ For every trajectory it writes (replacing them on a re-judge, leaving every othe
 
 The scorer is the record's `scorer` field unless overridden: em, substring, f1, mcq use
 the rules in scorers.py; llm and simpleqa ask the LLM judge, after an exact match has
-short-circuited the call. With no judge endpoint they fall back to the rule judge
-(em, then containment of a short gold) and say so in `judge.method` ("rule-fallback:…").
-An episode without an answer, or one that ended on a malformed turn (finish "malformed"),
-scores 0 without asking anyone.
+short-circuited the call. With no judge endpoint they fall back to the official
+exact-match rule (sensenova_eval.exact_match: eval.py's em_check, ASCII normalization),
+never to anything more lenient, so an offline score is never above the official
+exact-match level; `judge.method` says "rule-fallback:em". An episode without an answer,
+or one that ended on a malformed turn (finish "malformed"), scores 0 without asking anyone.
+
+The protocol profile (`--protocol`, else the record's `protocol`) may score by other
+rules: `sensenova-eval` (scoring "eval") scores the final reply as inference/eval.py
+does: mcq by its A–D cascade, llm by its untagged answer, ASCII exact match, then the
+judge with max_tokens 8192, and a judge call that fails after its retries stops the
+stage (eval.py:665) instead of scoring 0.
 
 The default rubric is the official one (`sensenova`: the image is sent, one call per gold,
 max over golds; see llm_judge.py). Judge health: every LLM request is counted, and
@@ -36,13 +43,13 @@ import threading
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
-from mars_cli import streams
+from mars_cli import protocol, sensenova_eval, streams
 from mars_cli.records import validate
 from mars_cli.rl import scorers
 from mars_cli.rl.llm_judge import AsyncJudge, Verdict, VerdictCache, prompt_version
 
 FIELDS = ("rewards", "reward", "judge")
-_READS = ("question", "answers", "choices", "scorer", "prediction", "finish", "tool_calls")
+_READS = ("question", "answers", "choices", "scorer", "prediction", "finish", "tool_calls", "messages")
 LLM_SCORERS = ("llm", "simpleqa")
 
 
@@ -55,6 +62,7 @@ class JudgeConfig:
     model: str | None = None
     api_key: str | None = None
     rubric: str = "sensenova"
+    protocol: str | None = None  # the profile whose scoring rules apply; None: each record's own
     judge_image: bool | None = None  # None: on for the sensenova rubric, off otherwise
     min_success: float = 0.95  # judge health: the least share of LLM requests that must succeed
     concurrency: int = 32
@@ -125,6 +133,8 @@ class _Pending:
     info: dict
     accuracy: float | None = None
     call: tuple | None = None  # (question, golds, prediction, image, rubric)
+    call_opts: dict | None = None  # the profile's judge call: max_tokens, decode
+    abort: bool = False  # a failed judge call stops the stage (the profile's judge.abort_on_failure)
 
 
 def _info(cfg: JudgeConfig, scorer: str, method: str, **kw) -> dict:
@@ -138,12 +148,22 @@ def _verdict_word(acc: float) -> str:
     return "correct" if acc == 1.0 else "incorrect" if acc == 0.0 else "partial"
 
 
+def _profile(record: dict, where, cfg: JudgeConfig) -> protocol.Profile:
+    name = cfg.protocol or record.get("protocol") or protocol.DEFAULT_PROFILE
+    if name not in protocol.PROFILES:
+        raise where.error(f"unknown protocol {name!r} (known: {', '.join(protocol.PROFILES)})")
+    return protocol.PROFILES[name]
+
+
 def prepare(record: dict, where, cfg: JudgeConfig) -> _Pending:
     """Rule-score one record, or describe the LLM call it needs."""
     record = validate(record, "trajectory", where, only=_READS)
     scorer = cfg.scorer or record.get("scorer") or "llm"
     golds = record.get("answers") or []
     pred = record["prediction"]
+    prof = _profile(record, where, cfg)
+    if prof.scoring == "eval":
+        pred = sensenova_eval.answer_text(sensenova_eval.final_output(record))
     if record.get("finish") == "malformed":
         return _Pending(record, scorer, _info(cfg, scorer, "malformed", verdict="incorrect"), 0.0)
     if pred is None or not pred.strip():
@@ -155,21 +175,35 @@ def prepare(record: dict, where, cfg: JudgeConfig) -> _Pending:
     if len(empty) == len(golds):
         streams.warn_once(("no-gold", record.get("id")), f"{where}: task {record.get('id')!r} has no gold answer: not judged")
         return _Pending(record, scorer, _info(cfg, scorer, "no-gold", error="the task has no gold answers"), None)
+    if prof.scoring == "eval" and scorer in ("mcq", "em"):
+        return _eval_rule(record, scorer, golds, pred, cfg)
     if scorer in scorers.RULE_SCORERS:
         s = scorers.RULE_SCORERS[scorer](pred, golds, record.get("choices"))
         info = _info(cfg, scorer, s.method, verdict=_verdict_word(s.accuracy), **s.detail)
         return _Pending(record, scorer, info, s.accuracy)
-    if scorers.exact_match(pred, golds):
+    # Offline the official exact-match rule decides alone: nothing more lenient stands in for the judge.
+    exact = sensenova_eval.exact_match if prof.scoring == "eval" or not cfg.base_url else scorers.exact_match
+    if not cfg.base_url and not exact(pred, golds):
+        return _Pending(record, scorer, _info(cfg, scorer, "rule-fallback:em", verdict="incorrect"), 0.0)
+    if exact(pred, golds):
         return _Pending(record, scorer, _info(cfg, scorer, "em-shortcut", verdict="correct"), 1.0)
-    if not cfg.base_url:
-        s = scorers.rule_judge(pred, golds)
-        info = _info(cfg, scorer, f"rule-fallback:{s.method}", verdict=_verdict_word(s.accuracy))
-        return _Pending(record, scorer, info, s.accuracy)
     rubric = "simpleqa" if scorer == "simpleqa" else cfg.rubric
     images = record.get("images") or []
     send = cfg.judge_image if cfg.judge_image is not None else rubric == "sensenova"
     image = images[0] if send and images else None
-    return _Pending(record, scorer, {}, None, (record["question"], golds, pred, image, rubric))
+    opts = {"max_tokens": prof.judge.get("max_tokens"), "decode": prof.decode}
+    return _Pending(record, scorer, {}, None, (record["question"], golds, pred, image, rubric), opts,
+                    bool(prof.judge.get("abort_on_failure")))
+
+
+def _eval_rule(record: dict, scorer: str, golds: list, pred: str, cfg: JudgeConfig) -> _Pending:
+    """eval.py's em_score_mcq (its A–D cascade on the final reply) or its exact match."""
+    if scorer == "mcq":
+        letter = sensenova_eval.choice_letter(sensenova_eval.final_output(record))
+        acc = float(sensenova_eval.choice_correct(letter, golds))
+        return _Pending(record, scorer, _info(cfg, scorer, "eval:mcq", verdict=_verdict_word(acc), extracted=letter), acc)
+    acc = float(sensenova_eval.exact_match(pred, golds))
+    return _Pending(record, scorer, _info(cfg, scorer, "eval:em", verdict=_verdict_word(acc)), acc)
 
 
 def complete(p: _Pending, cfg: JudgeConfig, stats: JudgeStats, verdict: Verdict | None = None) -> dict:
@@ -184,14 +218,19 @@ def complete(p: _Pending, cfg: JudgeConfig, stats: JudgeStats, verdict: Verdict 
         stats.cache_hits += verdict.cached
         stats.llm_calls += verdict.calls
         stats.llm_failed += verdict.failed
+        if verdict.failed and p.abort:
+            from mars_cli.errors import MarsError
+
+            raise MarsError(f"judge request for {rec.get('id')!r} failed after its retries: {verdict.error}; "
+                            f"the official evaluation stops here (nothing is written)")
         if verdict.failed and stats.first_failure is None and verdict.error:
             stats.first_failure = verdict.error
             if p.accuracy is not None:  # (an unjudged record is named below with the same cause)
                 streams.warn(f"judge request for {rec.get('id')!r} failed, scored {p.accuracy:g}: {verdict.error}")
     elif p.info["method"].startswith("rule-fallback"):
         stats.fallback += 1
-        streams.warn_once("rule-fallback", f"{p.scorer}-scored records are judged by rules (exact match, then a short "
-                          "gold inside the answer): no judge endpoint (--judge-base-url or MARS_JUDGE_BASE_URL)")
+        streams.warn_once("rule-fallback", f"{p.scorer}-scored records are judged by the official exact-match rule "
+                          "only: no judge endpoint (--judge-base-url or MARS_JUDGE_BASE_URL)")
     if p.accuracy is None and p.info.get("error") and stats.first_error is None:
         stats.first_error = p.info["error"]
         if p.info["method"] != "no-gold":  # that one was already named with its line
@@ -258,7 +297,7 @@ def _judge_concurrently(located: Iterable, cfg: JudgeConfig, stats: JudgeStats) 
                     if stop.is_set():
                         return
                     q, golds, pred, image, rubric = p.call
-                    coro = judge.judge(q, golds, pred, image=image, rubric=rubric)
+                    coro = judge.judge(q, golds, pred, image=image, rubric=rubric, **(p.call_opts or {}))
                     try:
                         fut = asyncio.run_coroutine_threadsafe(coro, loop)
                     except RuntimeError:  # the loop was closed: the command is ending

@@ -161,14 +161,14 @@ def image_data_url(path: str) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(data).decode()
 
 
-def official_image_data_url(path: str) -> str:
+def official_image_data_url(path: str, decode: str | None = None) -> str:
     """The image as the official judge receives it: resized by the official smart_resize
     (65,536–8,294,400 pixels, factor 32, bicubic), then JPEG quality 85."""
     from PIL import Image
 
     from mars_cli import images, sensenova
 
-    arr = images.load_array(path)  # mars's bounded reader (EXIF applied)
+    arr = images.load_array(path, decode=decode)  # mars's bounded reader (EXIF applied unless "stored")
     h, w = sensenova.smart_resize(arr.shape[0], arr.shape[1])
     if (h, w) != arr.shape[:2]:
         import numpy as np
@@ -282,11 +282,14 @@ class AsyncJudge:
             await client.aclose()
 
     async def judge(self, question: str, golds: list[str], prediction: str, *, image: str | None = None,
-                    rubric: str | None = None) -> Verdict:
-        """Grade one answer; never raises for a failed call (the Verdict carries the error)."""
+                    rubric: str | None = None, max_tokens: int | None = None, decode: str | None = None) -> Verdict:
+        """Grade one answer; never raises for a failed call (the Verdict carries the error).
+
+        `max_tokens` overrides the judge's (a profile's call); `decode` is the image decode mode.
+        """
         rubric = rubric_name(rubric or self.rubric)
         if rubric == "sensenova":
-            return await self._judge_each_gold(question, golds, prediction, image)
+            return await self._judge_each_gold(question, golds, prediction, image, max_tokens or self.max_tokens, decode)
         key = cache_key(self.model, prompt_version(rubric), question, golds, prediction, image)
         if self.cache is not None and (hit := self.cache.get(key)):
             _, acc = parse_verdict(hit[1], rubric)
@@ -301,7 +304,7 @@ class AsyncJudge:
             "model": self.model,
             "messages": build_messages(question, golds, prediction, rubric=rubric, image_url=url),
             "temperature": 0.0,
-            "max_tokens": self.max_tokens,
+            "max_tokens": max_tokens or self.max_tokens,
         }
         client = await self._free.get()
         try:
@@ -317,12 +320,13 @@ class AsyncJudge:
             self.cache.put(key, verdict, raw)
         return Verdict(acc, verdict, raw, calls=1)
 
-    async def _judge_each_gold(self, question: str, golds: list[str], prediction: str, image: str | None) -> Verdict:
+    async def _judge_each_gold(self, question: str, golds: list[str], prediction: str, image: str | None,
+                               max_tokens: int, decode: str | None = None) -> Verdict:
         """The official judge: one call per gold until one says Yes; a failed call scores 0."""
         url = image
         if image and not image.startswith(("http://", "https://", "data:")):
             try:
-                url = await asyncio.to_thread(official_image_data_url, image)
+                url = await asyncio.to_thread(official_image_data_url, image, decode)
             except MarsError as e:
                 return Verdict(None, None, None, error=str(e))
         calls = failed = 0
@@ -336,7 +340,7 @@ class AsyncJudge:
                 raw = hit[1]
             else:
                 cached_all = False
-                body = {"model": self.model, "temperature": 0.0, "max_tokens": self.max_tokens,
+                body = {"model": self.model, "temperature": 0.0, "max_tokens": max_tokens,
                         "messages": build_messages(question, [gold], prediction, rubric="sensenova", image_url=url)}
                 client = await self._free.get()
                 try:
