@@ -1,4 +1,4 @@
-"""Strict JSON for model output: only values a JSONL record can hold.
+"""Strict JSON for model output and request bodies: only values a JSONL record can hold.
 
 A model's tool call is parsed with these rules so that whatever is accepted can be
 written to a record unchanged (orjson refuses NaN/Infinity, integers beyond 64 bits,
@@ -74,6 +74,40 @@ def loads_json(body: str) -> Any:
     return obj
 
 
+REQUEST_DEPTH = 64  # nesting of a request body (mars serve, the retriever server)
+
+
+def loads_request(body: bytes | str, max_depth: int = REQUEST_DEPTH) -> Any:
+    """A request body's JSON with loads_json's rules (no NaN/Infinity, no overflowing
+    number, 64-bit integers, valid Unicode) and nesting bounded by `max_depth`: a
+    ValueError with one line for anything else, never a RecursionError."""
+    if isinstance(body, (bytes, bytearray)):
+        try:
+            body = body.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise Unwritable(f"not UTF-8 ({e.reason} at byte {e.start})") from None
+    # The nesting is bounded before parsing: the parser's recursion is not reached.
+    depth = deepest = 0
+    for m in _BRACKETS.finditer(body):
+        c = m.group()
+        if c in "[{":
+            depth += 1
+            if depth > max_depth:
+                raise Unwritable(f"it is nested more than {max_depth} levels deep")
+        elif c in "]}":
+            depth -= 1
+    try:
+        obj = json.loads(body, parse_constant=_reject_constant, parse_float=_finite_float, parse_int=_int64)
+    except RecursionError:
+        raise Unwritable(f"it is nested more than {max_depth} levels deep") from None
+    problem = writable_problem(obj, max_depth)
+    if problem:
+        raise Unwritable(problem)
+    return obj
+
+
+# brackets outside strings ("..." skipped whole, escapes included)
+_BRACKETS = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]')
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
 

@@ -13,6 +13,7 @@ from typing import Optional
 import typer
 
 E = "MARS_"
+DEFAULT_MAX_IMAGE_PIXELS = 100_000_000  # 300 MB decoded; the bound on what one request's image may cost
 
 
 def main(
@@ -38,6 +39,9 @@ def main(
     sleep_mode: str = typer.Option("auto", "--sleep-mode", envvar=E + "SLEEP_MODE",
                                    help="/sleep and /wake_up: on | off | auto (on where the platform supports it: "
                                         "hf always, vllm on GPUs; off, /sleep answers 409)."),
+    max_image_pixels: Optional[int] = typer.Option(None, "--max-image-pixels", envvar=E + "MAX_IMAGE_PIXELS", min=1, help="hf: largest decoded image accepted, in pixels (a 400 above it) [default: 100000000]."),
+    drain_timeout: float = typer.Option(30.0, "--drain-timeout", min=0, help="Seconds in-flight requests get to finish after SIGTERM/SIGINT (a second signal stops at once)."),
+    max_connections: int = typer.Option(256, "--max-connections", min=1, help="Open connections at most; the next one gets 503."),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="Log warnings and errors only."),
 ) -> None:
     """Serve a policy over HTTP until SIGINT/SIGTERM; print its URL when ready.
@@ -61,11 +65,14 @@ def main(
 
     read_config(policy)  # a missing or non-model directory: said now, before anything starts
     setup_logging(quiet)
+    if max_image_pixels:
+        os.environ[E + "MAX_IMAGE_PIXELS"] = str(max_image_pixels)  # every image reader of this process agrees
     if engine == "hf":
         from mars_cli.serve.hf_backend import HFBackend
 
         backend = HFBackend(device=device, dtype=dtype, max_num_seqs=max_num_seqs or 32, min_pixels=min_pixels,
-                            max_pixels=max_pixels, max_model_len=max_model_len, seed=seed)
+                            max_pixels=max_pixels, max_model_len=max_model_len, seed=seed,
+                            max_image_pixels=max_image_pixels or DEFAULT_MAX_IMAGE_PIXELS)
         backend.sleep_mode = sleep_mode != "off"
     else:
         from mars_cli.serve.vllm_backend import VLLMBackend, sleep_mode_available
@@ -82,4 +89,5 @@ def main(
             w.write({"url": url, "engine": engine, "policy": app.path, "fingerprint": app.fingerprint,
                      "weight_version": app.weight_version})
 
-    run(app, str(policy.resolve()), host=host, port=port, api_key=api_key, max_body=max_body, on_ready=ready)
+    run(app, str(policy.resolve()), host=host, port=port, api_key=api_key, max_body=max_body, on_ready=ready,
+        drain_timeout=drain_timeout, max_connections=max_connections)

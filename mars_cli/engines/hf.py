@@ -118,13 +118,16 @@ class HFEngine(Engine):
 
         return int(image_tokens(self.policy, image))
 
-    def generate(self, requests: list[GenRequest]) -> list[GenResult]:
+    def generate(self, requests: list[GenRequest], stop_rows=None) -> list[GenResult]:
+        """One turn per request. `stop_rows()`, when given, is asked after every token which
+        rows to end now (a list of bools, one per request): an ended row comes back "abort"."""
         out: list[GenResult] = []
         for i in range(0, len(requests), self.max_batch):
-            out.extend(self._generate(requests[i:i + self.max_batch]))
+            rows = None if stop_rows is None else (lambda i=i: stop_rows()[i:i + self.max_batch])
+            out.extend(self._generate(requests[i:i + self.max_batch], rows))
         return out
 
-    def _generate(self, requests: list[GenRequest]) -> list[GenResult]:
+    def _generate(self, requests: list[GenRequest], stop_rows=None) -> list[GenResult]:
         import torch
         from transformers import LogitsProcessorList
 
@@ -147,6 +150,19 @@ class HFEngine(Engine):
                       logits_processor=LogitsProcessorList(processors))
         if not s.greedy:
             kwargs.update(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k)
+        aborted: dict[int, int] = {}  # row -> tokens it had when it was ended
+        if stop_rows is not None:
+            from transformers import StoppingCriteria, StoppingCriteriaList
+
+            class _Rows(StoppingCriteria):
+                def __call__(self, input_ids, scores, **kw):
+                    for b, stop in enumerate(stop_rows()):
+                        if stop and b not in aborted:
+                            aborted[b] = input_ids.shape[1] - prompt_len
+                    return torch.tensor([b in aborted for b in range(input_ids.shape[0])], dtype=torch.bool,
+                                        device=input_ids.device)
+
+            kwargs["stopping_criteria"] = StoppingCriteriaList([_Rows()])
         with torch.inference_mode():
             gen = self.policy.model.generate(**tensors, **kwargs)
         new = gen.sequences[:, prompt_len:]
@@ -156,9 +172,9 @@ class HFEngine(Engine):
         for b, req in enumerate(requests):
             ids = new[b].tolist()
             stop = ids.index(eos) + 1 if eos in ids else len(ids)
-            stop = min(stop, req.max_new_tokens)
+            stop = min(stop, req.max_new_tokens, aborted.get(b, len(ids)))
             ids = ids[:stop]
-            finish = "stop" if ids and ids[-1] == eos else "length"
+            finish = "stop" if ids and ids[-1] == eos else "abort" if b in aborted else "length"
             body, _ = strip_eos(ids, eos)
             results.append(GenResult(text=self.decode(body), ids=ids, logprobs=picked[b, :stop].tolist(), finish=finish))
         return results

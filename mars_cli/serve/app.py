@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
+import math
 import os
+import stat
 import time
 from pathlib import Path
 
@@ -40,6 +43,7 @@ class Backend:
     pixels: dict | None = None  # {"min", "max"}: the image processor's bounds, so clients count image tokens alike
     image_pad: int = -1
     max_model_len: int | None = None
+    load_by_fd: bool = False  # True: load() may read the checkpoint through /proc/self/fd/N (see App._opened)
     sleep_mode: bool = True  # False: /sleep answers 409 (mars serve --sleep-mode off, or a platform without it)
 
     async def start(self, policy: str) -> dict:  # -> {"path", "fingerprint"}
@@ -86,6 +90,49 @@ def decode_image_part(part, i: int, max_image_bytes: int) -> bytes:
         return base64.b64decode(data, validate=True)
     except ValueError as e:
         raise HTTPError(400, f"content_parts[{i}]: invalid base64: {e}") from None
+
+
+# Sampling parameters both engines accept, checked here so a bad value is one 400 line on
+# either engine: (type check, what is wanted). Engine-specific rules come after, in the backend.
+def _number(lo: float, hi: float):
+    return lambda v: type(v) in (int, float) and math.isfinite(v) and lo <= v <= hi
+
+
+def _int_list(v) -> bool:
+    return isinstance(v, list) and all(type(t) is int for t in v)
+
+
+def _bias(v) -> bool:
+    return isinstance(v, dict) and all(k.lstrip("-").isdigit() and len(k) < 12 and _number(-100, 100)(x)
+                                       for k, x in v.items())
+
+
+SAMPLING_CHECKS = {
+    "temperature": (_number(0, 1e4), "a number from 0 to 10000"),
+    "top_p": (_number(0, 1), "a number in (0, 1]"),
+    "top_k": (lambda v: type(v) is int and -1 <= v < 1 << 31, "an integer, -1 or 0 for off"),
+    "presence_penalty": (_number(-2, 2), "a number from -2 to 2"),
+    "frequency_penalty": (_number(-2, 2), "a number from -2 to 2"),
+    "repetition_penalty": (_number(1e-3, 100), "a positive number"),
+    "max_tokens": (lambda v: type(v) is int and v >= 1, "a positive integer"),
+    "min_tokens": (lambda v: type(v) is int and v >= 0, "a non-negative integer"),
+    "logprobs": (lambda v: v is None or (type(v) is int and 0 <= v <= 20), "null or an integer from 0 to 20"),
+    "stop_token_ids": (lambda v: v is None or _int_list(v), "a list of token ids"),
+    "logit_bias": (lambda v: v is None or _bias(v), 'an object {"token id": bias from -100 to 100}'),
+    "seed": (lambda v: v is None or (type(v) is int and abs(v) < 1 << 63), "an integer"),
+}
+
+
+def check_sampling(sp) -> dict:
+    """`sampling_params` with every known field of the right type and range (a 400 otherwise)."""
+    if not isinstance(sp, dict):
+        raise HTTPError(400, "sampling_params: a JSON object is required")
+    for name, (ok, want) in SAMPLING_CHECKS.items():
+        if name in sp and not ok(sp[name]):
+            raise HTTPError(400, f"sampling_params.{name}: {want} is required, got {str(sp[name])[:40]}")
+    if sp.get("top_p", 1) == 0:
+        raise HTTPError(400, "sampling_params.top_p: a number in (0, 1] is required, got 0")
+    return sp
 
 
 class App:
@@ -141,7 +188,11 @@ class App:
     async def weight_info(self, req: Request):
         return 200, {"weight_version": str(self.weight_version), "fingerprint": self.fingerprint}
 
-    def _serving(self) -> None:
+    async def _serving(self) -> None:
+        if self.status == "loading" and self.weight_version:
+            # a /load in progress: the request waits for it like a queued one (then sees the new weights)
+            async with self._load_lock:
+                pass
         self.describe()
         if self.status == "paused" and self.pause_mode == "keep":
             return  # vLLM's "keep": accepted and queued until /resume
@@ -149,8 +200,10 @@ class App:
             raise HTTPError(503, f"the server is {self.status}; retry later", "ServiceUnavailableError")
 
     async def generate(self, req: Request):
-        self._serving()
-        body = req.json()
+        await self._serving()
+        # a body's values are bounded before parsing: the prompt's tokens, one per image, and the rest
+        limit = self.backend.max_model_len
+        body = req.json(max_values=(limit or 1 << 20) + self.max_images + 1024)
         if not isinstance(body, dict):
             raise HTTPError(400, "the request body must be a JSON object")
         extra = sorted(set(body) - GENERATE_FIELDS)
@@ -177,9 +230,7 @@ class App:
         if pads != len(images):
             raise HTTPError(400, f"token_ids hold {pads} image placeholders but {len(images)} images were sent "
                                  "(one <|image_pad|> per image)")
-        sp = body.get("sampling_params")
-        if not isinstance(sp, dict):
-            raise HTTPError(400, "sampling_params: a JSON object is required")
+        sp = check_sampling(body.get("sampling_params"))
         if sp.get("n", 1) != 1:
             raise HTTPError(400, "sampling_params.n: only 1 is supported (send one request per sample)")
         version, fingerprint = self.weight_version, self.fingerprint
@@ -193,20 +244,61 @@ class App:
         out.setdefault("mars", {"weight_version": version, "fingerprint": fingerprint, "policy": self.path})
         return 200, out
 
-    def _allowed(self, path: str) -> Path:
+    def _inside(self, real: Path) -> bool:
+        return real == self.allow_load or self.allow_load in real.parents
+
+    def _outside(self, path) -> HTTPError:
+        return HTTPError(403, f"{path}: outside the directory this server may load from ({self.allow_load}); "
+                              "start it with --allow-load DIR", "PermissionDenied")
+
+    @contextlib.contextmanager
+    def _opened(self, path):
+        """(the checkpoint's real path, a path to read it by) for a /load, checked once.
+
+        The directory is opened once and checked where it really is (the kernel's name for
+        the open directory), and a backend that can (`load_by_fd`) reads it through that
+        open descriptor: swapping a folder on the way for a symlink after the check changes
+        nothing. A symlink inside it that leads out of --allow-load is refused.
+        """
         if not isinstance(path, str) or not path:
             raise HTTPError(400, "path: a checkpoint directory is required")
-        real = Path(path).resolve()
-        if real != self.allow_load and self.allow_load not in real.parents:
-            raise HTTPError(403, f"{path}: outside the directory this server may load from ({self.allow_load}); "
-                                 "start it with --allow-load DIR", "PermissionDenied")
-        if not real.is_dir():
-            raise HTTPError(400, f"{path}: no such checkpoint directory")
-        return real
+        if "\0" in path or len(path) > 4096:
+            raise HTTPError(400, "path: not a usable file name (a NUL byte, or over 4096 characters)")
+        if not self._inside(Path(os.path.abspath(path)).resolve()):
+            raise self._outside(path)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError as e:
+            raise HTTPError(400, f"{path}: no such checkpoint directory ({e.strerror})") from None
+        try:
+            real = Path(os.readlink(f"/proc/self/fd/{fd}")) if os.path.isdir("/proc/self/fd") else Path(path).resolve()
+            if not self._inside(real):
+                raise self._outside(path)
+            self._check_links(fd, real, path)
+            yield real, (f"/proc/self/fd/{fd}" if self.backend.load_by_fd and os.path.isdir("/proc/self/fd")
+                         else str(real))
+        finally:
+            os.close(fd)
+
+    def _check_links(self, fd: int, real: Path, path: str) -> None:
+        for top, dirs, files, dfd in os.fwalk(dir_fd=fd):
+            for name in dirs + files:
+                try:
+                    if not stat.S_ISLNK(os.stat(name, dir_fd=dfd, follow_symlinks=False).st_mode):
+                        continue
+                    target = Path(os.path.realpath(real / top / name))
+                except OSError:
+                    continue
+                if not self._inside(target):
+                    raise HTTPError(403, f"{path}: {os.path.normpath(os.path.join(top, name))} is a symlink to "
+                                         f"{target}, outside --allow-load {self.allow_load}", "PermissionDenied")
 
     async def load(self, req: Request):
         body = req.json()
-        path = self._allowed(body.get("path") if isinstance(body, dict) else None)
+        with self._opened(body.get("path") if isinstance(body, dict) else None) as (path, source):
+            return await self._load(path, source)
+
+    async def _load(self, path: Path, source: str):
         async with self._load_lock:
             if self.status == "sleeping":
                 # A trainer put the server to sleep to use the GPUs, and now pushes its
@@ -221,7 +313,10 @@ class App:
             t0 = time.time()
             log.info("loading %s (weight version %d → %d)", path, self.weight_version, self.weight_version + 1)
             try:
-                info = await self.backend.load(str(path), self.weight_version + 1)
+                if self.backend.load_by_fd:  # read through the open descriptor, named by its real path
+                    info = await self.backend.load(source, self.weight_version + 1, real=str(path))
+                else:
+                    info = await self.backend.load(source, self.weight_version + 1)
             except MarsError as e:
                 self.last_error = f"load {path}: {e}"
                 self.status = before

@@ -47,6 +47,7 @@ class Pending:
 
 class HFBackend(Backend):
     engine = "hf"
+    load_by_fd = True
 
     def __init__(self, *, device: str = "cpu", dtype: str | None = None, max_num_seqs: int = 32,
                  min_pixels: int | None = None, max_pixels: int | None = None, max_model_len: int | None = None,
@@ -69,16 +70,19 @@ class HFBackend(Backend):
         self._idle = asyncio.Event()
         self._batcher: asyncio.Task | None = None
         self._asleep: int | None = None
+        self._closing = False  # set by close(): a generation in progress ends at its next token
         self.stats = {"requests": 0, "batches": 0, "generated_tokens": 0, "busy_seconds": 0.0}
 
     async def _on_worker(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
 
-    def _load(self, path: str, version: int):
+    def _load(self, path: str, version: int, real: str | None = None):
         from mars_cli.models.load import load_policy
 
         policy = load_policy(path, device=self.device, dtype=self.dtype, min_pixels=self.min_pixels,
                              max_pixels=self.max_pixels)
+        if real is not None:
+            policy.path = real  # read through a descriptor (App._opened): named by where it really is
         old, self.policy = self.policy, policy
         self.serving = (version, policy.fingerprint, policy.path)
         del old
@@ -98,6 +102,10 @@ class HFBackend(Backend):
             raise MarsError(f"{policy}: cannot load it: {type(e).__name__}: {e}") from None
         self.vocab_size = int(p.model.get_output_embeddings().weight.shape[0])
         self.image_pad = p.special["image_pad"]
+        if self.max_model_len is None:  # the model's own context length, as vLLM takes it
+            cfg = p.model.config
+            self.max_model_len = (getattr(cfg, "max_position_embeddings", None)
+                                  or getattr(getattr(cfg, "text_config", None), "max_position_embeddings", None))
         size = p.image_processor.size
         self.pixels = {"min": int(size["shortest_edge"]), "max": int(size["longest_edge"])}
         from mars_cli.spool import Spool
@@ -109,14 +117,14 @@ class HFBackend(Backend):
         self._batcher = asyncio.create_task(self._batch_loop(), name="mars-serve-batcher")
         return {"path": p.path, "fingerprint": p.fingerprint}
 
-    async def load(self, path: str, version: int) -> dict:
+    async def load(self, path: str, version: int, real: str | None = None) -> dict:
         from mars_cli.models.load import read_config
 
         cfg = read_config(path)
         if cfg.get("model_type") != read_config(self.policy.path).get("model_type"):
             raise MarsError(f"model_type {cfg.get('model_type')!r} is not the served policy's")
         try:
-            p = await self._on_worker(self._load, path, version)
+            p = await self._on_worker(self._load, path, version, real)
         except MarsError:
             raise
         except Exception as e:  # whatever the loader raised (a corrupt safetensors header…): the old model stays
@@ -141,12 +149,12 @@ class HFBackend(Backend):
         except (UsageError, TypeError, ValueError) as e:
             raise HTTPError(400, f"sampling_params: {e}") from None
         eos = self.policy.special["im_end"]
-        stops = set(sp.get("stop_token_ids") or [eos])
+        stops = set(sp.get("stop_token_ids") or [eos])  # app.check_sampling: a list of ints
         if stops != {eos}:
             raise HTTPError(400, f"sampling_params.stop_token_ids: the hf engine stops at <|im_end|> ({eos}) only")
         suppressed = set(never_sampled(self.policy.special))
-        for k, v in (sp.get("logit_bias") or {}).items():
-            if int(k) not in suppressed or float(v) > -100:
+        for k, v in (sp.get("logit_bias") or {}).items():  # app.check_sampling: {"digits": number}
+            if int(k) not in suppressed or v > -100:
                 raise HTTPError(400, "sampling_params.logit_bias: the hf engine only suppresses the vision tokens")
         max_tokens = sp.get("max_tokens")
         if type(max_tokens) is not int or max_tokens < 1:
@@ -227,8 +235,8 @@ class HFBackend(Backend):
     async def _run(self, items: list[Pending]) -> None:
         try:
             turns, serving = await self._on_worker(self._generate, items)
-        except Exception as e:  # one failed generate fails its batch, not the server
-            log.exception("generate failed")
+        except Exception as e:  # one failed generate fails its batch, not the server (one line, no traceback)
+            log.error("generate failed: %s: %s", type(e).__name__, str(e)[:500])
             for it in items:
                 if not it.future.done():
                     it.future.set_exception(HTTPError(500, f"generation failed: {type(e).__name__}: {e}",
@@ -262,8 +270,9 @@ class HFBackend(Backend):
             raise MarsError("the model is asleep")
         t0 = time.perf_counter()
         engine = HFEngine(None, sampling=items[0].sampling, loaded=self.policy, max_batch=len(items))
+        # a row ends at once when its client left (its future is done) or the server closes
         results = engine.generate([GenRequest(ids=it.ids, images=it.images, max_new_tokens=it.max_tokens)
-                                   for it in items])
+                                   for it in items], stop_rows=lambda: [self._closing or it.future.done() for it in items])
         st = self.stats  # read by /health: how busy the model was (a benchmark's idle fraction)
         st["busy_seconds"] += time.perf_counter() - t0
         st["batches"] += 1
@@ -320,6 +329,7 @@ class HFBackend(Backend):
             self.policy.model.to(self.device)
 
     async def close(self) -> None:
+        self._closing = True
         if self._batcher is not None:
             self._batcher.cancel()
             await asyncio.gather(self._batcher, return_exceptions=True)

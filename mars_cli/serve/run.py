@@ -1,9 +1,12 @@
 """Run a server: bind, load the policy (503 meanwhile), serve until SIGINT/SIGTERM, clean up.
 
 One event loop owns everything: the listening socket, one task per connection, the
-backend's batcher or child process. On a signal the server stops accepting, cancels its
-connection tasks, then closes the backend (its worker thread joined, its child stopped),
-so nothing outlives the command.
+backend's batcher or child process. On SIGTERM/SIGINT the server stops accepting, logs
+how many requests are in flight and gives them up to `drain_timeout` seconds to finish
+(a second signal ends the wait), then cancels what is left (a generation in progress
+ends at its next token), closes its connections and the backend (its worker thread
+joined, its child stopped), so nothing outlives the command. Nothing it logs is a
+traceback: an unexpected error is one line.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from mars_cli.serve.app import App
 from mars_cli.serve.http import HTTPServer
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+DRAIN_TIMEOUT = 30.0  # seconds in-flight requests get to finish after SIGTERM/SIGINT
 log = logging.getLogger("mars.serve")
 
 
@@ -44,19 +48,32 @@ def setup_logging(quiet: bool = False) -> None:
     logger.setLevel(logging.WARNING if quiet else logging.INFO)
 
 
+def _log_loop_error(loop, context) -> None:
+    err = context.get("exception")
+    log.error("%s%s", context.get("message", "error"), f": {type(err).__name__}: {err}" if err else "")
+
+
 async def serve_forever(app: App, policy: str, *, host: str, port: int, api_key: str | None, max_body: int,
-                        on_ready=None, stop: asyncio.Event | None = None) -> None:
+                        on_ready=None, stop: asyncio.Event | None = None, drain_timeout: float = DRAIN_TIMEOUT,
+                        max_connections: int = 256, read_timeout: float = 60.0) -> None:
     """Serve `app` until `stop` is set (or a signal arrives); `on_ready(url, app)` once the policy is loaded."""
     stop = stop or asyncio.Event()
+    hurry = asyncio.Event()  # a second signal: stop waiting for in-flight requests
     loop = asyncio.get_running_loop()
+    loop.set_exception_handler(_log_loop_error)
+
+    def on_signal():
+        (hurry if stop.is_set() else stop).set()
+
     signals = []
     for sig in (signal.SIGINT, signal.SIGTERM):
         try:
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal)
             signals.append(sig)
         except (NotImplementedError, RuntimeError, ValueError):  # not the main thread (tests)
             pass
-    server = HTTPServer(app.routes(), api_key=api_key, max_body=max_body)
+    server = HTTPServer(app.routes(), api_key=api_key, max_body=max_body, max_connections=max_connections,
+                        read_timeout=read_timeout)
     try:
         bound = await server.start(host, port)
         url = url_of(host, bound)
@@ -73,6 +90,7 @@ async def serve_forever(app: App, policy: str, *, host: str, port: int, api_key:
             if on_ready is not None:
                 on_ready(url, app)
             await stopping
+            await _drain(server, drain_timeout, hurry)
         log.info("shutting down")
     finally:
         for t in (locals().get("stopping"), locals().get("loading")):
@@ -82,6 +100,23 @@ async def serve_forever(app: App, policy: str, *, host: str, port: int, api_key:
             loop.remove_signal_handler(sig)
         await server.close()
         await app.backend.close()
+
+
+async def _drain(server: HTTPServer, timeout: float, hurry: asyncio.Event) -> None:
+    server.stop_accepting()
+    n = server.in_flight
+    if not n:
+        return
+    log.info("finishing %d in-flight request%s (up to %.0f s; a second signal stops now)", n, "s" * (n != 1), timeout)
+    waiting = asyncio.ensure_future(server.drain(timeout))
+    hurried = asyncio.ensure_future(hurry.wait())
+    await asyncio.wait({waiting, hurried}, return_when=asyncio.FIRST_COMPLETED)
+    hurried.cancel()
+    left = server.in_flight
+    if not waiting.done():
+        waiting.cancel()
+    if left:
+        log.warning("%d request%s still in flight: cut off (their generations end now)", left, "s" * (left != 1))
 
 
 def run(app: App, policy: str, **kw) -> None:
@@ -97,7 +132,7 @@ def run(app: App, policy: str, **kw) -> None:
 
 @contextlib.contextmanager
 def in_thread(app: App, policy: str, *, host: str = "127.0.0.1", port: int = 0, api_key: str | None = None,
-              max_body: int = 256 << 20, timeout: float = 300.0):
+              max_body: int = 256 << 20, timeout: float = 300.0, **kw):
     """A server on a thread of its own, for tests and benchmarks: yields its URL once ready; joined on exit."""
     started = threading.Event()
     box: dict = {}
@@ -109,7 +144,7 @@ def in_thread(app: App, policy: str, *, host: str = "127.0.0.1", port: int = 0, 
     async def main():
         box["loop"], box["stop"] = asyncio.get_running_loop(), asyncio.Event()
         await serve_forever(app, policy, host=host, port=port, api_key=api_key, max_body=max_body,
-                            on_ready=ready, stop=box["stop"])
+                            on_ready=ready, stop=box["stop"], **kw)
 
     def target():
         try:
