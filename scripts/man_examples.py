@@ -48,6 +48,8 @@ EXAMPLES: dict[str, list[Example]] = {
           "printf 'eiffel tower height\\nnile length\\n' | mars search --index wiki-idx --group"),
         E("A Search-R1 retrieval server.",
           "mars search -b retriever --retriever-url http://127.0.0.1:8000/retrieve \"who wrote hamlet\"", False),
+        E("Serve an index to Search-R1, verl or `-b retriever` clients; one JSON line with its URL once listening.",
+          "mars search --serve --index wiki-idx --port 8001", False),
     ],
     "image-search": [
         E("Index a folder of images, then find the ones like a photo.",

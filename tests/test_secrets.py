@@ -153,3 +153,24 @@ def test_r8_server_and_push_credentials_reach_no_record_log_or_settings_file(tin
     rec = json.loads(out.read_text())
     assert rec["policy"]["servers"] == [url] and "http://127.0.0.1:9" in r.stderr
     assert not leaks(r.stderr) and not leaks(out.read_text())
+
+
+def test_r8_every_log_handler_masks_urls(capsys):
+    """The CLI's root handler and `mars serve`'s own logger format through urls.redact."""
+    import logging
+
+    from mars_cli.serve.run import setup_logging
+
+    r = Ran(["-vv", "env"])  # the root callback installs the CLI's handler
+    assert r.exit_code == 0
+    serve_log = logging.getLogger("mars.serve")
+    saved = (list(serve_log.handlers), serve_log.propagate, serve_log.level)
+    serve_log.handlers = []
+    try:
+        setup_logging()
+        for logger in (logging.getLogger(), serve_log):
+            line = logger.handlers[0].format(logging.LogRecord("x", logging.WARNING, __file__, 1, "push to %s failed",
+                                                              ("http://user:hunter2@h:1/?token=tok123",), None))
+            assert "http://user:***@h:1/?token=***" in line and not leaks(line)
+    finally:
+        serve_log.handlers, serve_log.propagate, serve_log.level = saved[0], saved[1], saved[2]

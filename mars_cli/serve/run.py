@@ -19,6 +19,7 @@ import sys
 import threading
 
 from mars_cli.errors import MarsError, UsageError
+from mars_cli.streams import RedactingFormatter
 from mars_cli.serve.app import App
 from mars_cli.serve.http import HTTPServer
 
@@ -42,7 +43,7 @@ def setup_logging(quiet: bool = False) -> None:
     logger = logging.getLogger("mars.serve")
     if not logger.handlers:
         h = logging.StreamHandler(sys.stderr)
-        h.setFormatter(logging.Formatter("mars serve: %(asctime)s %(message)s", "%H:%M:%S"))
+        h.setFormatter(RedactingFormatter("mars serve: %(asctime)s %(message)s", "%H:%M:%S"))
         logger.addHandler(h)
         logger.propagate = False
     logger.setLevel(logging.WARNING if quiet else logging.INFO)
