@@ -356,3 +356,83 @@ def test_two_ranks_read_the_stream_once_and_equal_one_process(tiny_policy_dir, t
         diff = (a[n] - b[n]).abs()
         assert diff.max() <= 5e-5 and int((diff > 1e-5).sum()) <= max(1, diff.numel() // 1000), n
     assert (tmp_path / "two" / "step-2" / "optimizer" / "mars_state.json").is_file()
+
+
+KILLED_BEFORE_PRINT = """
+import os, signal, sys
+from mars_cli.rl import steps
+
+real = steps.keep_unprinted
+
+def keep_then_die(path, record):
+    real(path, record)
+    if record["step"] == 1:
+        os.kill(os.getpid(), signal.SIGKILL)  # step 1 saved, its record not yet printed (a push would run here)
+    return None
+
+steps.keep_unprinted = keep_then_die
+from mars_cli.main import run
+run(sys.argv[1:])
+"""
+
+
+def test_minor_kill_between_save_and_print_prints_the_record_on_resume(tiny_policy_dir, tmp_path):
+    from mars_cli.models.load import load_policy
+
+    bs = [advantage(judged_file(tiny_policy_dir, tmp_path / f"j{i}.jsonl", f"p{i}-", 2), tmp_path / f"b{i}.jsonl")
+          for i in (1, 2)]
+    ck = tmp_path / "ck"
+    args = ["update", "--follow", *map(str, bs), "--policy", str(tiny_policy_dir), "--out", str(ck), *COMMON]
+    p = subprocess.run([sys.executable, "-c", KILLED_BEFORE_PRINT, *args], capture_output=True, text=True, env=ENV, timeout=600)
+    assert p.returncode == -9 and p.stdout == "", p.stderr
+    assert (ck / "step-1" / "unprinted_record.json").is_file()
+    r = subprocess.run([*MARS, *args], capture_output=True, text=True, env=ENV, timeout=600)
+    assert r.returncode == 0, r.stderr
+    ms = metrics(r.stdout)
+    assert [m["step"] for m in ms] == [1, 2]  # step 1's record, lost with the kill, comes first
+    assert "printed on resume" in ms[0]["recovered"] and "recovered" not in ms[1]
+    assert ms[0]["fingerprint"] == load_policy(ck / "step-1").fingerprint and ms[0]["out"] == str(ck / "step-1")
+    assert ms[0]["batch"]["id"] == json.loads(bs[0].open().readline())["batch"]["id"] and "loss" in ms[0]
+    assert not list(ck.glob("step-*/unprinted_record.json"))  # printed: nothing left to print twice
+
+
+def test_follow_reads_a_live_pipe_fed_slowly_losing_and_repeating_nothing(tiny_policy_dir, tmp_path):
+    """A writer feeds three batches through a real pipe in small pieces that split lines,
+    pausing between them, while the trainer steps: every batch is trained once, in order."""
+    import time
+
+    bs = [advantage(judged_file(tiny_policy_dir, tmp_path / f"j{i}.jsonl", f"l{i}-", 2), tmp_path / f"b{i}.jsonl")
+          for i in (1, 2, 3)]
+    ids = [json.loads(b.open().readline())["batch"]["id"] for b in bs]
+    cmd = [*MARS, "update", "--follow", "--policy", str(tiny_policy_dir), "--out", str(tmp_path / "ck"), *COMMON]
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+
+    def writer():
+        try:
+            for b in bs:
+                batch = b.read_bytes()
+                for i in range(0, len(batch), 997):  # 997: pieces end mid-line
+                    proc.stdin.write(batch[i:i + 997])
+                    proc.stdin.flush()
+                    time.sleep(0.005)
+                time.sleep(2)  # the trainer steps, then waits on an open pipe for the next batch
+        finally:
+            proc.stdin.close()
+
+    got: dict = {}
+    threads = [threading.Thread(target=writer, daemon=True)] + [
+        threading.Thread(target=lambda k=k, f=f: got.__setitem__(k, f.read()), daemon=True)
+        for k, f in (("out", proc.stdout), ("err", proc.stderr))]  # not communicate(): it would close stdin now
+    for t in threads:
+        t.start()
+    try:
+        proc.wait(timeout=600)
+    finally:
+        proc.kill()
+    for t in threads:
+        t.join(10)
+    out, err = got["out"], got["err"]
+    assert proc.returncode == 0, err.decode()
+    ms = metrics(out.decode())
+    assert [m["step"] for m in ms] == [1, 2, 3] and [m["batch"]["id"] for m in ms] == ids
+    assert all(m["batch"]["size"] == 4 and m["skipped"] == 0 for m in ms)

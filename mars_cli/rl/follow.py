@@ -276,6 +276,10 @@ def follow(paths, cfg: U.UpdateConfig, fcfg: FollowConfig, *, emit: Callable[[di
         state = S.RunState.from_meta(resume.meta, origin_fp)
         streams.warn(f"resuming from {resume.path} (step {state.step}); "
                      f"{sum(state.batches.values())} batch(es) already trained are skipped if they come again")
+        lost = S.unprinted(resume.path) if rank == 0 else None
+        if lost is not None:  # stopped between saving that step and printing its record
+            emit({**lost, "recovered": "printed on resume: the run stopped after saving this step"})
+            S.printed(resume.path)
     else:
         state.fingerprints[session.policy.fingerprint] = 0
     to_skip = dict(state.batches)
@@ -334,6 +338,10 @@ def follow(paths, cfg: U.UpdateConfig, fcfg: FollowConfig, *, emit: Callable[[di
             else:
                 last = {"n": n, "examples": examples, "metrics": dict(metrics)}
             save_seconds = time.perf_counter() - t_save
+            record = {"kind": "update", "step": n, "out": ck, "fingerprint": fp, "batch": {"id": bid, "size": size},
+                      "skipped": skipped, "staleness": lag, **metrics}
+            if ck and rank == 0:
+                S.keep_unprinted(Path(ck), record)
             push, stop = None, None
             if fcfg.push:
                 t_push = time.perf_counter()
@@ -351,8 +359,6 @@ def follow(paths, cfg: U.UpdateConfig, fcfg: FollowConfig, *, emit: Callable[[di
             state.trim()
             parent_path, parent_fp = (ck, fp) if ck else (parent_path, None)
             taken += 1
-            record = {"kind": "update", "step": n, "out": ck, "fingerprint": fp, "batch": {"id": bid, "size": size},
-                      "skipped": skipped, "staleness": lag, **metrics}
             if push is not None:
                 record["push"] = push
             record.update(seconds=round(time.perf_counter() - t0, 3), wait_seconds=round(waited, 3), **timing,
@@ -360,6 +366,8 @@ def follow(paths, cfg: U.UpdateConfig, fcfg: FollowConfig, *, emit: Callable[[di
             stepping = False
             if rank == 0:
                 emit(record)
+                if ck:
+                    S.printed(Path(ck))
             if stop:
                 raise MarsError(stop)  # after the record; the handler below saves an unsaved step
             log.info(f"step {n}: batch {bid} ({size} records) loss {metrics['loss']:.4g} in {record['seconds']} s")

@@ -3,6 +3,7 @@
     OUT/step-3/                 an HF checkpoint (what `--policy` and servers load)
     OUT/step-4/                 the newest: the checkpoint, plus
     OUT/step-4/optimizer/       DeepSpeed's optimizer state + mars_state.json (RunState)
+    OUT/step-4/unprinted_record.json   the step's metrics record, from its save until printed
 
 The optimizer state lives inside the newest step folder, never beside it as a folder
 that looks like a checkpoint, and only there: a new step's state is written (crash-safely,
@@ -33,6 +34,34 @@ _KEEP_VERSIONS = 256
 
 def step_name(n: int) -> str:
     return f"step-{n}"
+
+
+UNPRINTED = "unprinted_record.json"
+
+
+def keep_unprinted(path: Path, record: dict) -> None:
+    """Save a step's record in its folder until `printed`: a kill between the save and the
+    print (a push can take minutes) leaves it for the restart to print (`unprinted`)."""
+    from mars_cli.fsutil import atomic_file
+    from mars_cli.jsonl import dumps
+
+    with atomic_file(path / UNPRINTED) as tmp:
+        tmp.write_bytes(dumps(record))
+
+
+def printed(path: Path) -> None:
+    (path / UNPRINTED).unlink(missing_ok=True)
+
+
+def unprinted(path: Path) -> dict | None:
+    """The record a killed run saved with step folder `path` but never printed, or None."""
+    import json
+
+    try:
+        rec = json.loads((path / UNPRINTED).read_text())
+    except (OSError, ValueError):
+        return None
+    return rec if isinstance(rec, dict) else None
 
 
 def step_dirs(out: Path) -> list[tuple[int, Path]]:
