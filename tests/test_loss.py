@@ -145,3 +145,45 @@ def test_k3_is_clamped_at_ten_as_verl():
     assert float(kl[0]) == pytest.approx(math.exp(-1) + 1 - 1)
     kl.sum().backward()
     assert logp.grad[2] == 0 and logp.grad[3] == 0 and logp.grad[0] != 0  # past the clamp: no gradient
+
+
+# --- grpo-verl: the released training script's policy loss -----------------------------------
+
+def _verl_reference(logp, old, adv, mask, eps_low=0.2, eps_high=0.28, c=3.0):
+    """verl core_algos.compute_policy_loss_vanilla restated token by token (dual clip,
+    then token-mean over the micro-batch's mask), in plain Python floats."""
+    import math
+
+    total, n = 0.0, 0
+    for b in range(len(adv)):
+        a = float(adv[b])
+        for t in range(logp.shape[1]):
+            if not mask[b, t]:
+                continue
+            r = math.exp(max(-20.0, min(20.0, float(logp[b, t] - old[b, t]))))
+            loss = max(-a * r, -a * min(max(r, 1 - eps_low), 1 + eps_high))
+            if a < 0:
+                loss = min(loss, -a * c)
+            total += loss
+            n += 1
+    return total / n
+
+
+def test_grpo_verl_is_verls_dual_clip_and_micro_batch_token_mean():
+    from mars_cli.rl import loss as L
+
+    torch.manual_seed(0)
+    logp = torch.randn(3, 6) * 0.1 - 1.0
+    old = logp.clone()
+    old[0, :3] -= 2.0  # ratios of e^2 ≈ 7.4 on a negative advantage: the dual clip caps them at 3
+    old[1, 2:] += 0.5
+    adv = torch.tensor([-1.0, 0.7, 0.3])
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0]], dtype=torch.float32)
+    # one micro-batch of 3 trajectories in a mini-batch of 5: verl scales its token-mean by 3/5
+    denom = L.loss_denominator("micro-token", 5, 999, 3, int(mask.sum()))
+    out = L.OBJECTIVES["grpo-verl"](logp, old, adv, mask, denom=denom)
+    assert float(out.loss) == pytest.approx(_verl_reference(logp, old, adv, mask) * 3 / 5, rel=1e-5)
+    # without the dual clip (mars's grpo) the capped tokens weigh more than 3
+    plain = L.grpo(logp, old, adv, mask, denom=denom)
+    assert float(plain.loss) > float(out.loss)
+    assert L.loss_denominator("token", 5, 40, 3, 12) == 40 and L.loss_denominator("sequence", 5, 40, 3, 12) == 5

@@ -41,7 +41,8 @@ def test_update_official_script_settings(monkeypatch, tmp_path):
     res = CliRunner().invoke(app, args + ["--lr", "2e-6"])
     assert res.exit_code == 0, res.output
     cfg = seen["cfg"]
-    assert (cfg.loss, cfg.eps_low, cfg.eps_high, cfg.beta, cfg.old_logprobs, cfg.mini_batch) == ("grpo", 0.2, 0.28, 0.0, "rollout", None)
+    # verl's policy loss as the script runs it: dual clip and token-mean per micro-batch (grpo-verl)
+    assert (cfg.loss, cfg.eps_low, cfg.eps_high, cfg.beta, cfg.old_logprobs, cfg.mini_batch) == ("grpo-verl", 0.2, 0.28, 0.0, "rollout", None)
     assert cfg.lr == 2e-6  # the explicit flag
     seen.clear()
     assert CliRunner().invoke(app, args[:-2]).exit_code == 0
@@ -57,3 +58,19 @@ def test_rollout_sampling_profiles(monkeypatch):
     assert seen["sampling"] == {"temperature": 0.7, "top_p": 0.8, "top_k": 20, "presence_penalty": 1.5, "seed": None}
     assert CliRunner().invoke(app, ["rollout", "--sampling", "greedy", "--top-k", "5"], input="").exit_code == 0
     assert seen["sampling"]["temperature"] == 0.0 and seen["sampling"]["top_k"] == 5
+
+
+def test_rollout_official_script_is_train_multi_node_sh(monkeypatch):
+    # train_multi_node.sh (OpenSenseNova/SenseNova-MARS @ ce052d7): rollout.presence_penalty=1.5,
+    # rollout.seed=3407, max_assistant_turns=10, max_prompt_length = max_response_length = 16384,
+    # max_model_len 32768; async_sglang_server.py:237 caps a turn at min(response_length, max_model_len - prompt - 1)
+    import mars_cli.agent.run as run
+
+    seen = {}
+    monkeypatch.setattr(run, "rollout", lambda files, **kw: seen.update(kw))
+    res = CliRunner().invoke(app, ["rollout", "--preset", "official-script", "--max-turns", "4"], input="")
+    assert res.exit_code == 0, res.output
+    assert seen["sampling"] == {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "presence_penalty": 1.5, "seed": 3407}
+    assert seen["limits"] == {"max_turns": 4, "max_prompt_tokens": 16384, "max_response_tokens": 16384,
+                              "max_total_tokens": 32768, "max_new_tokens": 16384}  # --max-turns: the flag wins
+    assert CliRunner().invoke(app, ["rollout", "--preset", "nope"], input="").exit_code == 2

@@ -168,3 +168,20 @@ def test_minibatches_checkpointing_and_vision_training(tiny_policy_dir, tmp_path
     assert changed
     flags = json.loads((out / "mars_meta.json").read_text())["flags"]
     assert flags["train_vision"] and flags["gradient_checkpointing"] and flags["deepspeed"].endswith("zero2.json")
+
+
+def test_grpo_verl_weighs_each_micro_batch_as_verl_does(tiny_policy_dir, tmp_path):
+    """verl's token-mean per micro-batch (dp_actor.py: loss_scale_factor = micro / mini-batch
+    size): with the whole mini-batch in one micro-batch it is grpo's token mean; split into
+    micro-batches of unequal token counts it differs."""
+    batch = H.write_batch(tiny_policy_dir, tmp_path / "b.jsonl", [1.0, -0.5, 0.8, -1.2])
+    losses = {}
+    for loss in ("grpo", "grpo-verl"):
+        for tokens in ("100000", "60"):
+            r = H.Ran(["update", str(batch), "--policy", str(tiny_policy_dir), "--out", str(tmp_path / f"{loss}-{tokens}"),
+                       "--loss", loss, "--lr", "1e-9", "--beta", "0", "--micro-batch-tokens", tokens])
+            assert r.exit_code == 0, r.stderr
+            losses[loss, tokens] = json.loads(r.stdout)["loss"]
+    assert losses["grpo-verl", "100000"] == pytest.approx(losses["grpo", "100000"], abs=1e-6)
+    assert losses["grpo", "60"] == pytest.approx(losses["grpo", "100000"], abs=1e-6)  # mars: packing never matters
+    assert losses["grpo-verl", "60"] != pytest.approx(losses["grpo-verl", "100000"], abs=1e-6)

@@ -50,6 +50,7 @@ def main(
     temperature: float = typer.Option(1.0, "--temperature"), top_p: float = typer.Option(1.0, "--top-p"),
     top_k: int = typer.Option(0, "--top-k", help="0 = off."), presence_penalty: float = typer.Option(0.0, "--presence-penalty"),
     seed: Optional[int] = typer.Option(None, "--seed"),
+    preset: Optional[str] = typer.Option(None, "--preset", help="official-script: the released training script's rollout (T 1, presence penalty 1.5, seed 3407, 10 turns, 16,384 + 16,384 tokens in a 32,768 context); explicit flags win."),
     sampling_preset: Optional[str] = typer.Option(None, "--sampling", help="greedy (T 0) or official (T 0.7, top-p 0.8, top-k 20, presence penalty 1.5, as the official evaluation); explicit flags win."),
     device: str = typer.Option("cpu", "--device", envvar=E + "DEVICE", help="hf engine: cpu, cuda, cuda:1…"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 | bfloat16 | float16."),
@@ -82,6 +83,8 @@ def main(
     from mars_cli import presets as _presets
     from mars_cli.agent import run as runner
     from mars_cli.protocol import get_profile
+
+    run_sampling, run_limits = _presets.split_sampling(_presets.training(preset, "rollout"))
 
     if check:
         if not policy:
@@ -117,10 +120,10 @@ def main(
                     base_url=base_url, model=model, timeout=request_timeout, max_retries=retries, urls=urls,
                     min_pixels=min_pixels, max_pixels=max_pixels),
         sampling=_presets.apply(ctx, dict(temperature=temperature, top_p=top_p, top_k=top_k, presence_penalty=presence_penalty,
-                                          seed=seed), _presets.sampling(sampling_preset)),
+                                          seed=seed), {**_presets.sampling(sampling_preset), **run_sampling}),
         limits=_presets.apply(ctx, dict(max_turns=max_turns, max_prompt_tokens=max_prompt_tokens,
                                         max_response_tokens=max_response_tokens, max_total_tokens=max_total_tokens,
-                                        max_new_tokens=max_new_tokens), get_profile(protocol).limits),
+                                        max_new_tokens=max_new_tokens), {**get_profile(protocol).limits, **run_limits}),
         max_inflight=max_inflight, artifacts=artifacts, group_order=group_order, max_error_rate=max_error_rate,
         loop=loop, seed=seed, batch_groups=batch_groups, max_staleness=max_staleness, protocol=protocol,
         on_malformed=on_malformed, workflow=workflow, system_prompt=system_prompt,

@@ -20,7 +20,7 @@ def main(
     out: Path = typer.Option(..., "--out", "-o", help="Where to write the new checkpoint (atomically); with --follow the folder of step-N/ checkpoints."),
     ref: Optional[Path] = typer.Option(None, "--ref", envvar="MARS_REF", help="Reference model for the KL term (none: no KL)."),
     state: Optional[Path] = typer.Option(None, "--state", envvar="MARS_STATE", help="Optimizer state dir: resumed if present, then saved."),
-    loss: str = typer.Option("gspo", "--loss", help="gspo (sequence level) or grpo (token-level PPO clip)."),
+    loss: str = typer.Option("gspo", "--loss", help="gspo (sequence level), grpo (token-level PPO clip) or grpo-verl (grpo with verl's dual clip c=3 and token-mean per micro-batch)."),
     eps_low: Optional[float] = typer.Option(None, "--eps-low", help="Lower clip range [default: 3e-4 gspo, 0.2 grpo]."),
     eps_high: Optional[float] = typer.Option(None, "--eps-high", help="Upper clip range [default: 4e-4 gspo, 0.28 grpo]."),
     beta: float = typer.Option(1e-4, "--beta", help="KL coefficient (k3 estimator); 0 loads no reference."),
@@ -55,7 +55,7 @@ def main(
     push_dir: Optional[Path] = typer.Option(None, "--push-dir", help="With --follow --push: where weights of unsaved steps go [default: OUT/.push; /dev/shm/… avoids the disk]."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unparsable lines with a warning."),
     local_rank: Optional[int] = T.LOCAL_RANK,
-    preset: Optional[str] = typer.Option(None, "--preset", help="official-script: the released training script's token-level clip 0.2/0.28, lr 1e-5, no KL, rollout log-probs; explicit flags win."),
+    preset: Optional[str] = typer.Option(None, "--preset", help="official-script: the released training script's loss (grpo-verl: clip 0.2/0.28, dual clip 3, token-mean per micro-batch), lr 1e-5, no KL, rollout log-probs; explicit flags win."),
 ) -> None:
     """Train the policy one step on a scored batch; write a checkpoint.
 

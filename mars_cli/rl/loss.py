@@ -11,6 +11,15 @@ for sequence-level objectives, mask tokens for token-level ones), so that summin
 micro-batch losses of a mini-batch gives the same value and gradient however the
 trajectories were packed into micro-batches. `stats` holds sums (not means) for the same
 reason; `reduce_stats` turns accumulated sums into the reported metrics.
+
+`grpo-verl` is the token-level clip exactly as the released training script runs it (the
+verl fork's core_algos.compute_policy_loss_vanilla and dp_actor, use_dynamic_bsz=True):
+the dual clip (a negative advantage's loss is capped at −A·c, c = clip_ratio_c = 3.0) and
+verl's token-mean PER MICRO-BATCH: each micro-batch's loss is the mean over its own mask
+tokens, weighted by its share of the mini-batch's trajectories (loss_scale_factor =
+micro-batch size / mini-batch size). Its `denom` is therefore per micro-batch
+(LEVEL "micro-token": its tokens × mini-batch trajectories / its trajectories), so short
+and long trajectories weigh differently than under `grpo`'s one token-mean per mini-batch.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ import torch
 # GSPO's ranges are tiny because a sequence ratio averages hundreds of token ratios.
 GSPO_EPS = (3e-4, 4e-4)
 GRPO_EPS = (0.2, 0.28)
+DUAL_CLIP_C = 3.0  # verl's clip_ratio_c default (core_algos.py compute_policy_loss_vanilla)
 
 
 @dataclass
@@ -88,14 +98,19 @@ def gspo(logp, old, adv, mask, *, ref=None, beta: float = 0.0, eps_low: float = 
 
 
 def grpo(logp, old, adv, mask, *, ref=None, beta: float = 0.0, eps_low: float = GRPO_EPS[0],
-         eps_high: float = GRPO_EPS[1], denom: float = 1.0) -> LossOut:
-    """Token-level PPO/GRPO clip (DAPO's asymmetric range), averaged over all mask tokens."""
+         eps_high: float = GRPO_EPS[1], denom: float = 1.0, clip_c: float | None = None) -> LossOut:
+    """Token-level PPO/GRPO clip (DAPO's asymmetric range), averaged over all mask tokens.
+
+    With `clip_c` (dual-clip PPO), a token of a negative advantage loses at most −A·clip_c.
+    """
     mask = mask.to(logp.dtype)
     ratio = torch.exp((logp - old).clamp(-20.0, 20.0))
     a = adv.unsqueeze(1)
     surr = ratio * a
     surr_clip = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * a
     per_tok = -torch.minimum(surr, surr_clip)
+    if clip_c is not None:
+        per_tok = torch.where(a < 0, torch.minimum(per_tok, -a * clip_c), per_tok)
     kl_tok = None
     if ref is not None and beta:
         kl_tok = k3(logp, ref)
@@ -120,10 +135,29 @@ def nll(logp, mask, *, denom: float = 1.0) -> LossOut:
     return LossOut(total / denom, {"n": float(mask.sum()), "nll_sum": float(total.detach())})
 
 
-OBJECTIVES = {"gspo": gspo, "grpo": grpo}
-# What `denom` counts for each objective: trajectories or mask tokens of the mini-batch.
-LEVEL = {"gspo": "sequence", "grpo": "token"}
-DEFAULT_EPS = {"gspo": GSPO_EPS, "grpo": GRPO_EPS}
+def grpo_verl(logp, old, adv, mask, *, ref=None, beta: float = 0.0, eps_low: float = GRPO_EPS[0],
+              eps_high: float = GRPO_EPS[1], denom: float = 1.0) -> LossOut:
+    """`grpo` with verl's dual clip (c = 3.0); its `denom` is per micro-batch (module doc)."""
+    return grpo(logp, old, adv, mask, ref=ref, beta=beta, eps_low=eps_low, eps_high=eps_high, denom=denom,
+                clip_c=DUAL_CLIP_C)
+
+
+OBJECTIVES = {"gspo": gspo, "grpo": grpo, "grpo-verl": grpo_verl}
+# What `denom` counts for each objective: trajectories or mask tokens of the mini-batch, or
+# (micro-token) a micro-batch's mask tokens scaled by mini-batch / micro-batch trajectories.
+LEVEL = {"gspo": "sequence", "grpo": "token", "grpo-verl": "micro-token"}
+DEFAULT_EPS = {"gspo": GSPO_EPS, "grpo": GRPO_EPS, "grpo-verl": GRPO_EPS}
+
+
+def loss_denominator(level: str, mini_trajectories: int, mini_tokens: int, micro_trajectories: int,
+                     micro_tokens: int) -> float:
+    """`denom` for one micro-batch, by the objective's LEVEL (never below 1 token/trajectory)."""
+    if level == "sequence":
+        return max(mini_trajectories, 1)
+    if level == "token":
+        return max(mini_tokens, 1)
+    # verl: mean over this micro-batch's tokens × (its trajectories / the mini-batch's)
+    return max(micro_tokens, 1) * max(mini_trajectories, 1) / max(micro_trajectories, 1)
 
 
 def merge_stats(acc: dict, new: dict) -> dict:

@@ -218,7 +218,7 @@ def train_step(session: Session, examples, *, trainer_hook=None) -> dict:
     length_cache = session.length_cache
     lengths = [batching.expanded_length(policy, ex, length_cache) for ex in examples]
     minis = batching.minibatches(len(examples), cfg.mini_batch)
-    sequence_level = L.LEVEL[cfg.loss] == "sequence"
+    level = L.LEVEL[cfg.loss]
 
     has_images = [bool(ex.images) for ex in examples] if trainer.stage == 3 else None
 
@@ -251,8 +251,7 @@ def train_step(session: Session, examples, *, trainer_hook=None) -> dict:
     losses, norms, tokens = [], [], 0
     bar = streams.progress(total=len(minis), desc="update", unit="steps", disable=rank != 0)
     for mb in minis:
-        denom = len(mb) if sequence_level else sum(examples[i].policy_tokens for i in mb)
-        denom = max(denom, 1)
+        mini_tokens = sum(examples[i].policy_tokens for i in mb)
         groups = plan(mb)
         step_loss = 0.0
         for j, (group, weight) in enumerate(groups):
@@ -275,6 +274,8 @@ def train_step(session: Session, examples, *, trainer_hook=None) -> dict:
                 with torch.no_grad():
                     ref_t = batching.micro_logprobs(ref, exs)[0].float().to(dev)
             adv = torch.tensor([ex.advantage for ex in exs], dtype=torch.float32, device=dev)
+            denom = L.loss_denominator(level, len(mb), mini_tokens, len(group),
+                                       sum(examples[i].policy_tokens for i in group))
             out = objective(lp, old_t, adv, mask, ref=ref_t, beta=cfg.beta, eps_low=eps_low,
                             eps_high=eps_high, denom=denom)
             value = float(out.loss.detach())
