@@ -13,17 +13,9 @@ import httpx
 import pytest
 
 from helpers_rollout import make_image
-from test_serve_hardening import GEN, Served, gen_body
+from test_serve_hardening import GEN, Served, gen_body, served  # noqa: F401 (served: a fixture)
 
 pytestmark = pytest.mark.network
-
-
-@pytest.fixture(scope="module")
-def served(tiny_policy_dir):
-    s = Served(tiny_policy_dir)
-    yield s
-    assert s.stop() == 0
-    assert "Traceback" not in s.stderr, s.stderr
 
 
 @pytest.mark.slow

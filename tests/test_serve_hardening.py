@@ -207,6 +207,11 @@ def test_r3_max_image_pixels_refuses_a_larger_image(in_proc):
     assert httpx.post(url + GEN, json=_image_body(app, _png(60, 50)), timeout=60).status_code == 200
 
 
+def test_r2_a_prompt_over_max_model_len_once_its_images_are_expanded_is_400(in_proc):
+    url, app = in_proc  # max_model_len 48; a 400x400 image is about 200 tokens
+    one_line_400(httpx.post(url + GEN, json=_image_body(app, _png(400, 400)), timeout=60), "images expanded", "48")
+
+
 def test_r3_concurrent_decodes_are_bounded(in_proc, monkeypatch):
     from mars_cli import images
     from mars_cli.serve import hf_backend

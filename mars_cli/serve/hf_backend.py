@@ -186,6 +186,19 @@ class HFBackend(Backend):
             raise
         return str(path)
 
+    def _image_tokens(self, paths: list[str]) -> int:
+        from mars_cli.models.inputs import image_tokens
+
+        return sum(int(image_tokens(self.policy, p)) for p in paths)
+
+    def _fit(self, item: Pending, image_tokens: int) -> None:
+        """The prompt with its images expanded must leave room in max_model_len (as vLLM checks)."""
+        n = len(item.ids) - len(item.images) + image_tokens
+        if n >= self.max_model_len:
+            raise HTTPError(400, f"token_ids: {n} prompt tokens with the images expanded leave no room in "
+                                 f"max_model_len {self.max_model_len}")
+        item.max_tokens = min(item.max_tokens, self.max_model_len - n)
+
     async def _hold_image(self, data: bytes, i: int) -> str:
         job = asyncio.ensure_future(asyncio.to_thread(self._spool_image, data, i))
         try:
@@ -202,6 +215,8 @@ class HFBackend(Backend):
             for i, data in enumerate(images):
                 held.append(await self._hold_image(data, i))
             item.images = list(held)
+            if held and self.max_model_len:
+                self._fit(item, await asyncio.to_thread(self._image_tokens, held))
             item.future = asyncio.get_running_loop().create_future()
             await self._queue.put(item)
             return await item.future
