@@ -6,14 +6,21 @@
 #   REPLAY=1 MODEL=… DATA=… bash examples/eval_released_checkpoint.sh   # re-run from the tool cache only
 #   DRY_RUN=1 bash examples/eval_released_checkpoint.sh                  # print the commands, run nothing
 #
-# The released checkpoints are run with what they were trained on: the default protocol
-# profile, `sensenova`, renders the official prompt byte for byte (each dataset's "#Role …"
-# system prompt kept by `mars data convert` from the manifest, then the official tools block;
-# check it with `mars prompt`), uses the official tool schemas, result strings and crop rule,
-# and ends an episode on a malformed call as the official code does. Sampling is the
+# The released checkpoints are scored as the paper scored them: with the protocol profile
+# `sensenova-eval` (PROTOCOL), the official evaluation script inference/eval.py point for
+# point. The official prompt byte for byte (each dataset's "#Role …" system prompt kept by
+# `mars data convert` from the manifest, then the official tools block; check it with
+# `mars prompt --protocol sensenova-eval`; a task without one is an error, as in eval.py:
+# give SYSTEM_PROMPT for data converted without its manifest), the first image only, resized
+# to 65,536–8,294,400 pixels, zooms cut from the full-resolution original, eval.py's error
+# texts and reading of replies (a call wins over an answer, an untagged reply is the answer),
+# 50 turns of 4,096 tokens without budgets. PROTOCOL=sensenova runs the training loop's rules
+# instead. Sampling is the
 # official evaluation's (SAMPLING=official: T 0.7, top-p 0.8, top-k 20, presence penalty 1.5,
-# seed 3407; SAMPLING=greedy for argmax), and `mars judge` uses the official rubric
-# (a lenient 13-rule Yes/No judge that sees the image; with JUDGE_BASE_URL set). To
+# seed 3407; SAMPLING=greedy for argmax), and `mars judge` scores the records by eval.py's
+# rules (its A–D multiple-choice cascade, its exact match) and the official rubric (a lenient
+# 13-rule Yes/No judge that sees the image, max_tokens 8192; with JUDGE_BASE_URL set; a judge
+# call that fails stops the run, as in eval.py). To
 # evaluate a whole official manifest, pass it as DATA (test_all.json): each dataset then
 # keeps its scorer (em_score_mcq → the mcq rule, llm_score → the LLM judge).
 # Image search uses the results stored with the benchmark (`precomputed`: the SenseNova-MARS
@@ -30,12 +37,13 @@
 #   ENGINE (vllm; hf runs on DEVICE, default cuda; openai: the checkpoint already behind
 #     `vllm serve MODEL` at BASE_URL, MODEL then being the served name)  TP (1)  DTYPE
 #   WORK (runs/released-<model name>)  CACHE ($WORK/tool-cache)  REPLAY (0)  BY (difficulty)
-#   N (1)  SAMPLING (official)  MAX_TURNS (10)  MAX_NEW_TOKENS (2048)  LIMIT
-#   MAX_PROMPT_TOKENS, MAX_RESPONSE_TOKENS (16384 each, as the official run)  MAX_TOTAL_TOKENS (unset: no total cap)
+#   N (1)  SAMPLING (official)  PROTOCOL (sensenova-eval)  SYSTEM_PROMPT (unset: each task's dataset prompt)
+#   MAX_TURNS (50)  MAX_NEW_TOKENS (4096)  LIMIT
+#   MAX_PROMPT_TOKENS, MAX_RESPONSE_TOKENS, MAX_TOTAL_TOKENS (unset: no budget, as eval.py)
 #   MIN_PIXELS, MAX_PIXELS (65536, 8294400: the official image limits)
 #   SEARCH_BACKEND (serper, needs SERPER_API_KEY; local with INDEX)  INDEX  IMAGE_SEARCH_BACKEND (precomputed)
 #   SUMMARY_URL, SUMMARY_MODEL (summarize search pages with an LLM behind an OpenAI-compatible server)
-#   JUDGE_BASE_URL, JUDGE_MODEL (unset: the offline rule judge)
+#   JUDGE_BASE_URL, JUDGE_MODEL (unset: the official exact match alone; eval.py needs a judge)
 set -euo pipefail
 here="$(cd "$(dirname "$0")/.." && pwd)"
 [ -x "$here/.venv/bin/mars" ] && export PATH="$here/.venv/bin:$PATH"
@@ -94,8 +102,10 @@ log "rollout ($tag tools): $MODEL on $ENGINE"
 run mkdir -p "$WORK"  # outputs are checked before any model loads: their folder must exist
 # --resume: an interrupted run continues with the episodes it had not finished.
 run mars rollout --policy "$MODEL" "${engine[@]}" "${tools[@]}" -n "${N:-1}" --sampling "${SAMPLING:-official}" \
-    --max-turns "${MAX_TURNS:-10}" --max-new-tokens "${MAX_NEW_TOKENS:-2048}" \
-    --max-prompt-tokens "${MAX_PROMPT_TOKENS:-16384}" --max-response-tokens "${MAX_RESPONSE_TOKENS:-16384}" \
+    --protocol "${PROTOCOL:-sensenova-eval}" ${SYSTEM_PROMPT:+--system-prompt "$SYSTEM_PROMPT"} \
+    --max-turns "${MAX_TURNS:-50}" --max-new-tokens "${MAX_NEW_TOKENS:-4096}" \
+    ${MAX_PROMPT_TOKENS:+--max-prompt-tokens "$MAX_PROMPT_TOKENS"} \
+    ${MAX_RESPONSE_TOKENS:+--max-response-tokens "$MAX_RESPONSE_TOKENS"} \
     ${MAX_TOTAL_TOKENS:+--max-total-tokens "$MAX_TOTAL_TOKENS"} \
     --min-pixels "${MIN_PIXELS:-65536}" --max-pixels "${MAX_PIXELS:-8294400}" \
     --seed 3407 --resume -o "$WORK/$tag.jsonl" "$WORK/tasks/tasks.jsonl"

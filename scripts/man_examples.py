@@ -104,6 +104,9 @@ EXAMPLES: dict[str, list[Example]] = {
         E("Evaluate an API model; a file output can be resumed after Ctrl-C.",
           "mars rollout --engine openai --model gpt-4o -o runs/gpt4o.jsonl tasks.jsonl", False),
         E("Check that stored tokens re-tokenize exactly.", "mars rollout --check --policy ckpt/ traj.jsonl", False),
+        E("A released checkpoint as the official inference/eval.py runs it (served by vLLM).",
+          "mars rollout --engine openai --base-url http://127.0.0.1:8000/v1 --model SenseNova-MARS-8B "
+          "--protocol sensenova-eval --sampling official --seed 3407 -o runs/eval.jsonl tasks.jsonl", False),
     ],
     "ask": [
         E("One question, the trace on stderr, the answer on stdout.",
@@ -112,7 +115,7 @@ EXAMPLES: dict[str, list[Example]] = {
           "mars ask https://example.com/street.jpg \"Which shop is this?\" --policy ckpt/", False),
     ],
     "judge": [
-        E("Rule-judge trajectories (exact match, then a short gold inside the answer).",
+        E("Rule-judge trajectories (offline, llm-scored records get the official exact match).",
           "mars judge synth/reference.jsonl -o judged.jsonl"),
         E("An LLM judge at an OpenAI-compatible endpoint.",
           "mars judge traj.jsonl --judge-base-url http://127.0.0.1:8000/v1 --judge-model qwen2.5-72b -o judged.jsonl", False),
@@ -134,6 +137,11 @@ EXAMPLES: dict[str, list[Example]] = {
         E("Pass@1 and tool use of judged trajectories.", "mars judge synth/reference.jsonl | mars eval"),
         E("Per category, tagged, into a metrics file.",
           "mars judge synth/reference.jsonl | mars eval --by type --label reference -o metrics.jsonl"),
+        E("A released checkpoint scored as the paper scored it: the official eval.py's rollout and scoring rules.",
+          "mars rollout --engine openai --base-url http://127.0.0.1:8000/v1 --model SenseNova-MARS-8B "
+          "--protocol sensenova-eval --sampling official --seed 3407 -o runs/eval.jsonl tasks.jsonl\n"
+          "mars judge runs/eval.jsonl --judge-base-url http://127.0.0.1:8001/v1 --judge-model gpt-4o-2024-11-20 "
+          "| mars eval --by difficulty", False),
     ],
     "show": [
         E("A page of episodes to open in a browser.", "mars show synth/reference.jsonl -o page.html"),
@@ -146,6 +154,8 @@ EXAMPLES: dict[str, list[Example]] = {
     "prompt": [
         E("The first prompt of each task, as the released checkpoints see it.",
           "mars prompt synth/tasks.jsonl | jq -r .prompt", False),
+        E("What the official eval.py shows: the first image only, its dataset prompt required.",
+          "mars prompt --protocol sensenova-eval synth/tasks.jsonl | jq -r .prompt", False),
         E("The mars profile, rendered with a checkpoint's tokenizer and pixel limits.",
           "mars prompt --policy tiny/ --protocol mars synth/tasks.jsonl"),
     ],

@@ -19,7 +19,7 @@ import pytest
 import typer
 
 from helpers_rollout import OpenAIStub, answer, call, make_image
-from mars_cli import protocol
+from mars_cli import protocol, sensenova
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -305,8 +305,12 @@ def test_eval_released_checkpoint_dry_run_parses(tmp_path):
     assert flag(roll, "--engine") == "vllm" and flag(roll, "--tp") == "4" and flag(roll, "--policy") == env["MODEL"]
     assert flag(roll, "--image-search-backend") == "precomputed" and flag(roll, "--cache") and "--replay" not in roll
     assert flag(roll, "--sampling") == "official" and flag(roll, "--seed") == "3407"  # as the official evaluation
-    assert [flag(roll, f) for f in ("--min-pixels", "--max-pixels", "--max-prompt-tokens", "--max-response-tokens")] == \
-        ["65536", "8294400", "16384", "16384"] and "--max-total-tokens" not in roll
+    # the official inference/eval.py's rules (OpenSenseNova/SenseNova-MARS @ ce052d7): the sensenova-eval
+    # profile, 50 turns of 4,096 tokens (eval.py:2246-2247), no budgets, the official pixel limits
+    assert flag(roll, "--protocol") == "sensenova-eval" and "--system-prompt" not in roll
+    assert [flag(roll, f) for f in ("--min-pixels", "--max-pixels", "--max-turns", "--max-new-tokens")] == \
+        ["65536", "8294400", "50", "4096"]
+    assert not {"--max-total-tokens", "--max-prompt-tokens", "--max-response-tokens"} & set(roll)
     assert flag(ev, "--by") == "difficulty"
     assert lines[lines.index(next(ln for ln in lines if ln.startswith("mars eval"))) + 1].startswith("cat ")  # metrics to stdout
     # A replay re-run reads tools from the same cache only; hf runs on a GPU by default.
@@ -320,7 +324,8 @@ def test_eval_released_checkpoint_dry_run_parses(tmp_path):
 def test_eval_released_checkpoint_runs_a_tiny_model_on_cpu(tmp_path, tiny_policy_dir):
     src = sensenova_jsonl(tmp_path)
     env = {"MODEL": str(tiny_policy_dir), "DATA": str(src), "ENGINE": "hf", "DEVICE": "cpu", "WORK": "run",
-           "SEARCH_BACKEND": "local", "MAX_TURNS": "2", "MAX_NEW_TOKENS": "12", "MAX_TOTAL_TOKENS": "4096"}
+           "SEARCH_BACKEND": "local", "MAX_TURNS": "2", "MAX_NEW_TOKENS": "12", "MAX_TOTAL_TOKENS": "4096",
+           "SYSTEM_PROMPT": sensenova.SYSTEM_PROMPT}  # a bare data file: no manifest, no dataset prompt
     live = run_script("eval_released_checkpoint.sh", tmp_path, env, timeout=300)
     assert live.returncode == 0, live.stderr
     tasks = records((tmp_path / "run" / "tasks" / "tasks.jsonl").read_text())
@@ -348,7 +353,7 @@ def test_eval_released_checkpoint_tools_precomputed_and_replayed(tmp_path):
     subprocess.run([str(VENV_BIN / "mars"), "index", "text", str(corpus), "--out", str(tmp_path / "idx")],
                    check=True, capture_output=True)
     env = {"ENGINE": "openai", "MODEL": "SenseNova-MARS-8B", "DATA": str(src), "WORK": "run", "INDEX": str(tmp_path / "idx"),
-           "MAX_TURNS": "4"}
+           "MAX_TURNS": "4", "SYSTEM_PROMPT": sensenova.SYSTEM_PROMPT}
 
     def script(query):
         return [call(protocol.IMAGE_SEARCH, img_idx=0), call(protocol.TEXT_SEARCH, query=query), answer("Gustave Eiffel")]
