@@ -251,3 +251,32 @@ def test_hf_qwen3_vl(tiny_qwen3_dir, tmp_path):
     [r] = eng.generate([GenRequest(ids=ids, images=images, max_new_tokens=4)])
     [lp] = token_logprobs(eng.policy, [(ids + r.ids, images)])
     assert lp[len(ids):].tolist() == pytest.approx(r.logprobs, abs=2e-3)
+
+
+def test_sensenova_eval_stops_on_endoftext_too(tiny_policy_dir, tmp_path):
+    """vLLM's chat server, which inference/eval.py talks to (eval.py:776-831), ends a reply at
+    <|endoftext|> as well as <|im_end|>; the profile's `stop` gives the hf engine the same rule."""
+    import torch
+
+    from mars_cli import protocol
+    from mars_cli.engines import cut_at_stop
+    from mars_cli.models.load import load_policy
+
+    policy = load_policy(tiny_policy_dir)
+    eot = policy.special["pad"]
+    head = policy.model.lm_head
+    bias = torch.zeros(head.out_features)
+    bias[eot] = 30.0  # greedy decoding emits <|endoftext|> at once
+    head.bias = torch.nn.Parameter(bias, requires_grad=False)
+    try:
+        stops = protocol.get_profile("sensenova-eval").stop
+        eng = open_engine("hf", policy=None, sampling=Sampling(temperature=0), loaded=policy, stop_tokens=stops)
+        ids, _, images = prompt(eng, tmp_path)
+        r = eng.generate([GenRequest(ids=ids, images=images, max_new_tokens=8)])[0]
+        assert r.ids == [eot] and r.finish == "stop" and r.text == ""
+        plain = open_engine("hf", policy=None, sampling=Sampling(temperature=0), loaded=policy)
+        r = plain.generate([GenRequest(ids=ids, images=images, max_new_tokens=8)])[0]
+        assert r.ids == [eot] * 8 and r.finish == "length"  # the training profile runs on to its limit
+    finally:
+        head.bias = None
+    assert cut_at_stop([5, 7, 9, 7], [9]) == ([5, 7, 9], [5, 7]) and cut_at_stop([1, 2], [9]) == ([1, 2], [1, 2])

@@ -67,6 +67,9 @@ def test_the_8k_photo_as_eval_py_shows_and_scores_it(tmp_path, monkeypatch):
     with Stub(turns) as stub:
         r = rollout(stub, tasks, out)
         assert r.exit_code == 0, r.stderr
+    from mars_cli import images
+
+    assert images.decode_mode() == "display"  # the profile's "stored" lasted only as long as the command
     first, second, third, fourth = stub.requests
     # eval.py:1424-1427: the first image resized by smart_resize (65,536-8,294,400 px, factor 32)
     sent = image_of(first["messages"][1]["content"][0])

@@ -68,8 +68,8 @@ def open_toolbox(artifacts: str | os.PathLike, *, search_backend: str | None = N
     return Toolbox(artifacts, text_search=text_search, image_search=image_search, k=k, **kwargs)
 
 
-ENGINE_OPTS = {"hf": ("device", "dtype", "max_batch", "attn_implementation", "min_pixels", "max_pixels"),
-               "vllm": ("tp", "gpu_memory_utilization", "dtype", "min_pixels", "max_pixels"),
+ENGINE_OPTS = {"hf": ("device", "dtype", "max_batch", "attn_implementation", "min_pixels", "max_pixels", "stop_tokens"),
+               "vllm": ("tp", "gpu_memory_utilization", "dtype", "min_pixels", "max_pixels", "stop_tokens"),
                "openai": ("base_url", "model", "timeout", "max_retries", "image_view"),
                "server": ("urls", "api_key", "timeout", "min_pixels", "max_pixels")}
 
@@ -78,9 +78,10 @@ def apply_profile(protocol: str | None, engine: dict) -> dict:
     """Engine options with the profile's image settings where no flag gave them.
 
     Sets the process's image decode mode (protocol.Profile.decode), so crops, engines and
-    the judge read images alike. A profile with `pixels` (sensenova-eval) fills in
+    the judge read images alike; the caller restores it (images.decode_mode() before). A profile with `pixels` (sensenova-eval) fills in
     --min-pixels/--max-pixels; with `send_images="view"` a chat engine sends each image
-    resized to them (the factor is the profile's) instead of the file as stored.
+    resized to them (the factor is the profile's) instead of the file as stored. A profile's
+    extra stop tokens (sensenova-eval: <|endoftext|>) go to the in-process engines.
     """
     from mars_cli import images
     from mars_cli import protocol as proto
@@ -88,6 +89,8 @@ def apply_profile(protocol: str | None, engine: dict) -> dict:
     prof = proto.get_profile(protocol)
     images.set_decode_mode(prof.decode)
     engine = dict(engine)
+    if prof.stop:
+        engine["stop_tokens"] = prof.stop
     if prof.pixels is not None:
         lo, hi, factor = prof.pixels
         engine["min_pixels"] = engine.get("min_pixels") or lo
@@ -134,7 +137,10 @@ def rollout(files, *, out: str | None, n: int, engine: dict, sampling: dict, lim
     from mars_cli.paths import resolve_task_images
     from mars_cli.records import validate, warn_duplicate_tasks
 
+    from mars_cli import images
+
     lim = Limits(**limits)
+    decode = images.decode_mode()
     engine = apply_profile(protocol, engine)
     EpisodeOutput.check(out)  # before the model loads; the file itself is opened once it has
     writer = None
@@ -172,6 +178,7 @@ def rollout(files, *, out: str | None, n: int, engine: dict, sampling: dict, lim
         agent.run_sync(agent.arun(tasks, n=n, skip=writer.done, emit=emit,
                                   group_of=feed.epoch_group if loop else None, admit=gate))
     finally:
+        images.set_decode_mode(decode)
         if writer is not None:
             writer.close()
         if eng is not None:
@@ -251,18 +258,26 @@ def ask(image: str, question: str, *, engine: dict, sampling: dict, limits: dict
         from mars_cli.images import image_size
 
         image_size(image)  # a FIFO or a non-image: one line, before the model loads
+    from mars_cli import images
+
     lim = Limits(**limits)
-    eng = make_engine(**apply_profile(protocol, engine), sampling=sampling)
-    toolbox = open_toolbox(artifacts_dir(artifacts, None), **tools, profile=protocol, engine=eng)
-    tracer = Tracer() if trace else None
-    loop = AgentLoop(eng, toolbox, limits=lim, max_inflight=1, on_turn=tracer, profile=protocol, system_prompt=system_prompt,
-                     on_malformed=on_malformed, workflow=workflow)
+    decode = images.decode_mode()
     try:
+        eng = make_engine(**apply_profile(protocol, engine), sampling=sampling)
+    except BaseException:
+        images.set_decode_mode(decode)
+        raise
+    try:
+        toolbox = open_toolbox(artifacts_dir(artifacts, None), **tools, profile=protocol, engine=eng)
+        tracer = Tracer() if trace else None
+        loop = AgentLoop(eng, toolbox, limits=lim, max_inflight=1, on_turn=tracer, profile=protocol,
+                         system_prompt=system_prompt, on_malformed=on_malformed, workflow=workflow)
         # A person's question has no dataset: official profiles give it the system prompt every
         # dataset of the official manifests carries (sensenova-eval refuses a task without one).
         meta = {"system_prompt": sensenova.SYSTEM_PROMPT} if get_profile(protocol).official else None
         [rec] = list(loop.run([make_task("ask", question, images=[image], benchmark="ask", meta=meta)]))
     finally:
+        images.set_decode_mode(decode)
         eng.close()
     if tracer is not None:
         tracer.summary(rec)

@@ -229,6 +229,20 @@ def decode_ids(tokenizer, ids: list[int]) -> str:
     return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
+def stop_ids(special: dict, extra=()) -> list[int]:
+    """The ids that end a turn: <|im_end|>, then a profile's extra specials by name
+    (`sensenova-eval` adds `pad`, Qwen's <|endoftext|>, where vLLM's chat server stops too)."""
+    return [special["im_end"], *(special[n] for n in extra if special.get(n) not in (None, special["im_end"]))]
+
+
+def cut_at_stop(ids: list[int], stops: list[int]) -> tuple[list[int], list[int]]:
+    """(the ids up to and including the first stop id, the same without it when it is there)."""
+    for k, t in enumerate(ids):
+        if t in stops:
+            return ids[:k + 1], ids[:k]
+    return ids, ids
+
+
 def strip_eos(ids: list[int], eos: int) -> tuple[list[int], bool]:
     """The ids of a turn without its final end-of-turn token, and whether it was there."""
     if ids and ids[-1] == eos:

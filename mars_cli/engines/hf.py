@@ -2,7 +2,7 @@
 
 Inputs are built by the model layer (models.inputs.build_inputs), which expands each
 image's single placeholder to the processor's patch count. Generation stops at
-<|im_end|> or max_new_tokens. Log-probs: log softmax(logits / T)[sampled token], T the
+<|im_end|> (or a profile's extra stop tokens) or max_new_tokens. Log-probs: log softmax(logits / T)[sampled token], T the
 sampling temperature (T = 1 when greedy), from the model's raw logits of each step. That is
 the distribution defined in mars_cli.engines: at T = 1 it equals a forward pass's
 log π(token | prefix).
@@ -18,7 +18,7 @@ the model's own (generate's built-in `suppress_tokens` would run first).
 
 from __future__ import annotations
 
-from mars_cli.engines import Engine, GenRequest, GenResult, Sampling, never_sampled, strip_eos
+from mars_cli.engines import Engine, GenRequest, GenResult, Sampling, cut_at_stop, never_sampled, stop_ids
 from mars_cli.errors import MarsError
 
 
@@ -88,7 +88,7 @@ class HFEngine(Engine):
 
     def __init__(self, policy, *, sampling: Sampling, device: str = "cpu", dtype=None, max_batch: int = 16,
                  min_pixels: int | None = None, max_pixels: int | None = None, loaded=None,
-                 attn_implementation: str | None = None):
+                 attn_implementation: str | None = None, stop_tokens=()):
         from mars_cli.models.load import load_policy
         from mars_cli.protocol import Renderer
 
@@ -102,6 +102,7 @@ class HFEngine(Engine):
         self.fingerprint = loaded.fingerprint
         self.sampling = sampling
         self.special = loaded.special
+        self.stop = stop_ids(self.special, stop_tokens)
         self.renderer = Renderer(loaded.tokenizer, loaded.special)
         self.max_batch = max(1, max_batch)
         size = getattr(loaded.image_processor, "size", None) or {}
@@ -146,7 +147,7 @@ class HFEngine(Engine):
         if s.presence_penalty:
             processors.append(_presence_processor(s.presence_penalty, prompt_len))
         kwargs = dict(max_new_tokens=max_new, do_sample=not s.greedy, return_dict_in_generate=True,
-                      eos_token_id=self.special["im_end"], pad_token_id=self.special["pad"], repetition_penalty=1.0,
+                      eos_token_id=self.stop, pad_token_id=self.special["pad"], repetition_penalty=1.0,
                       logits_processor=LogitsProcessorList(processors))
         if not s.greedy:
             kwargs.update(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k)
@@ -168,13 +169,13 @@ class HFEngine(Engine):
         new = gen.sequences[:, prompt_len:]
         picked = recorder.finish(gen.sequences)
         results = []
-        eos = self.special["im_end"]
+        stops = self.stop
         for b, req in enumerate(requests):
             ids = new[b].tolist()
-            stop = ids.index(eos) + 1 if eos in ids else len(ids)
+            stop = len(cut_at_stop(ids, stops)[0])
             stop = min(stop, req.max_new_tokens, aborted.get(b, len(ids)))
             ids = ids[:stop]
-            finish = "stop" if ids and ids[-1] == eos else "abort" if b in aborted else "length"
-            body, _ = strip_eos(ids, eos)
+            finish = "stop" if ids and ids[-1] in stops else "abort" if b in aborted else "length"
+            body = ids[:-1] if ids and ids[-1] in stops else ids
             results.append(GenResult(text=self.decode(body), ids=ids, logprobs=picked[b, :stop].tolist(), finish=finish))
         return results

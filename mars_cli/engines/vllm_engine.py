@@ -16,7 +16,7 @@ vllm is imported only when this engine is opened.
 
 from __future__ import annotations
 
-from mars_cli.engines import Engine, GenRequest, GenResult, Sampling, never_sampled, strip_eos
+from mars_cli.engines import Engine, GenRequest, GenResult, Sampling, never_sampled, stop_ids
 from mars_cli.errors import MarsError
 
 
@@ -26,7 +26,7 @@ class VLLMEngine(Engine):
 
     def __init__(self, policy, *, sampling: Sampling, tp: int = 1, gpu_memory_utilization: float = 0.85,
                  max_model_len: int | None = None, dtype: str = "auto", max_images: int = 32,
-                 min_pixels: int | None = None, max_pixels: int | None = None, llm=None, **_):
+                 min_pixels: int | None = None, max_pixels: int | None = None, llm=None, stop_tokens=(), **_):
         from mars_cli.models.load import fingerprint, load_image_processor, load_tokenizer, special_ids
         from mars_cli.protocol import Renderer
 
@@ -36,6 +36,7 @@ class VLLMEngine(Engine):
         tokenizer = load_tokenizer(policy)
         self.special = special_ids(tokenizer, policy)
         self.renderer = Renderer(tokenizer, self.special)
+        self.stop = stop_ids(self.special, stop_tokens)
         self.image_processor = load_image_processor(policy, min_pixels=min_pixels, max_pixels=max_pixels)
         self.fingerprint = fingerprint(policy)
         self.sampling = sampling
@@ -77,7 +78,7 @@ class VLLMEngine(Engine):
         # -1 (off) is accepted by every vLLM release; 0 only by recent ones
         return SamplingParams(n=1, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k if s.top_k > 0 else -1,
                               presence_penalty=s.presence_penalty, max_tokens=req.max_new_tokens, logprobs=0,
-                              stop_token_ids=[self.special["im_end"]], detokenize=False,
+                              stop_token_ids=list(self.stop), detokenize=False,
                               logit_bias={t: -100.0 for t in never_sampled(self.special)} or None)
 
     def generate(self, requests: list[GenRequest]) -> list[GenResult]:
@@ -92,7 +93,6 @@ class VLLMEngine(Engine):
                 p["multi_modal_data"] = {"image": [load_image(x) for x in r.images]}
             prompts.append(p)
         outs = self.llm.generate(prompts, [self._params(r) for r in requests], use_tqdm=False)
-        eos = self.special["im_end"]
         results = []
         for out in outs:
             c = out.outputs[0]
@@ -101,7 +101,8 @@ class VLLMEngine(Engine):
                 results.append(GenResult(text="", error="vllm returned no log-probs for the sampled tokens"))
                 continue
             lps = [float(step[t].logprob) for step, t in zip(c.logprobs, ids)]
-            body, ended = strip_eos(ids, eos)
+            ended = bool(ids) and ids[-1] in self.stop
+            body = ids[:-1] if ended else ids
             finish = "length" if c.finish_reason == "length" and not ended else "stop"
             results.append(GenResult(text=self.decode(body), ids=ids, logprobs=lps, finish=finish))
         return results
