@@ -27,7 +27,6 @@ from mars_cli.engines import Engine, GenRequest, GenResult, Sampling
 from mars_cli.errors import MarsError, UsageError
 from mars_cli.strictjson import clean_text
 
-@functools.lru_cache(maxsize=256)
 def data_url(path: str, view: tuple | None = None, decode: str | None = None) -> str:
     """An image file as a data URL; remote URLs are passed through unchanged.
 
@@ -40,11 +39,21 @@ def data_url(path: str, view: tuple | None = None, decode: str | None = None) ->
     if path.startswith(("http://", "https://", "data:")):
         return path
     if view is not None:
-        return "data:image/png;base64," + base64.b64encode(view_png(path, *view, decode=decode)).decode("ascii")
+        return _view_url(path, view, decode)
+    return _file_url(path)
+
+
+@functools.lru_cache(maxsize=256)
+def _file_url(path: str) -> str:
     from mars_cli.images import read_image_file
 
     data, mime = read_image_file(path)
     return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+@functools.lru_cache(maxsize=16)  # a resized 8 MP view is ~10-25 MB of PNG: keep few
+def _view_url(path: str, view: tuple, decode: str | None) -> str:
+    return "data:image/png;base64," + base64.b64encode(view_png(path, *view, decode=decode)).decode("ascii")
 
 
 def view_png(path: str, min_pixels: int, max_pixels: int, factor: int, *, decode: str | None = None) -> bytes:
