@@ -13,12 +13,15 @@ entry point, tests' CliRunner and the man page generator all see the same tree):
   text print as written, and flags show no `<bool>` type they would not accept.
 - `-v/--verbose` after the subcommand as well as before it, and `-q/--quiet` (no
   progress or summary lines on stderr) on every command that has no -q of its own.
+- whole summaries: each command's line in its parent's --help is the first paragraph of
+  its help, never cut at click's 45 characters.
 
 The vocabulary itself (which name means what) is the table in mars(1): VOCABULARY below.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import re
@@ -182,6 +185,9 @@ def finish_tree(cmd) -> None:
     cmd._mars_finished = True
     if hasattr(cmd, "rich_markup_mode"):
         cmd.rich_markup_mode = None
+    if not getattr(cmd, "short_help", None) and getattr(cmd, "help", None):
+        # the listing in the parent's --help shows the whole first paragraph (click cuts at 45 characters)
+        cmd.short_help = " ".join(inspect.cleandoc(cmd.help).split("\n\n")[0].split())
     subs = getattr(cmd, "commands", None)
     if subs is not None:
         for sub in subs.values():

@@ -39,11 +39,20 @@ def _num(x: float) -> str:
     return f"{int(x)}" if float(x).is_integer() else f"{x:.1f}"
 
 
+# unit -> True when its rates read "s/unit": chosen by the first rate a process shows, then
+# kept, so a long run's lines (a step of 0.8 s, then one of 1.3 s) never switch between
+# "steps/s" and "s/step".
+_PER_ITEM: dict[str, bool] = {}
+
+
 def _rate(n: float, seconds: float, unit: str) -> str:
+    per_item = _PER_ITEM.get(unit)
     if seconds <= 0 or n <= 0:
-        return f"- {unit}/s"
+        return f"- s/{unit.rstrip('s') or unit}" if per_item else f"- {unit}/s"
     r = n / seconds
-    if r >= 1 or r == 0:
+    if per_item is None:
+        per_item = _PER_ITEM[unit] = r < 1
+    if not per_item:
         return f"{r:.3g} {unit}/s" if r < 100 else f"{r:.0f} {unit}/s"
     return f"{1 / r:.3g} s/{unit.rstrip('s') or unit}"
 

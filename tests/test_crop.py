@@ -317,12 +317,14 @@ def test_cli_bomb_limit_from_env(tmp_path):
 
 @pytest.mark.parametrize(
     "box,message",
-    [((0.6, 0, 0.2, 1), "x0 must be less than x1"), ((0, 0, 1.5, 1), "x1=1.5 is outside [0, 1]"), ((0, 0.5, 1, 0.5), "y0 must be less than y1")],
+    [((0.6, 0, 0.2, 1), "x0 must be less than x1"), ((0, 0, 1.5, 1), "x1=1.5 is outside [0, 1]"), ((0, 0.5, 1, 0.5), "y0 must be less than y1"),
+     ((100, 100, 500, 500), "a 0-1000 box? pass --units 1000")],
 )
 def test_cli_bad_boxes(png, tmp_path, box, message):
+    """A bad box on the command line is a usage error (exit 2); in batch records it is bad data (exit 1)."""
     path, _ = png
     r = mars(path, *box, "-o", tmp_path / "c.png")
-    assert r.exit_code == 1 and r.stderr.startswith("mars crop: box ") and message in r.stderr
+    assert r.exit_code == 2 and r.stderr.startswith("mars crop: box ") and message in r.stderr
     assert not (tmp_path / "c.png").exists()
 
 

@@ -26,7 +26,7 @@ def test_units():
 def test_out_of_range_hints_at_units_and_clamp_warns(tmp_path):
     img = photo(tmp_path / "a.png")
     r = Ran(["crop", img, 100, 200, 500, 600])
-    assert r.exit_code == 1 and "is outside [0, 1]" in r.stderr and "a 0-1000 box? pass --units 1000" in r.stderr
+    assert r.exit_code == 2 and "is outside [0, 1]" in r.stderr and "a 0-1000 box? pass --units 1000" in r.stderr
     r = Ran(["crop", img, 100, 200, 500, 600, "--units", "1000", "-o", tmp_path / "c.png"])
     assert r.exit_code == 0, r.stderr
     rec = json.loads(r.stdout)

@@ -7,7 +7,13 @@ import re
 import pytest
 
 from mars_cli import streams
+from mars_cli import progress
 from mars_cli.progress import LogProgress, duration
+
+
+@pytest.fixture(autouse=True)
+def fresh_rate_units(monkeypatch):
+    monkeypatch.setattr(progress, "_PER_ITEM", {})  # each test chooses its units afresh
 
 
 def test_log_mode_prints_periodic_lines_with_total_rate_eta(monkeypatch, capsys):
@@ -169,3 +175,14 @@ def test_summary_says_one_step_not_one_steps():
     two = LogProgress(None, unit="steps", summary=False)
     two.update(2)
     assert " 2 steps in " in " " + two.final_line(two.start + 2.0)
+
+
+def test_minor_one_rate_unit_per_run():
+    """update --follow printed "2.8 s/step", then "1.25 steps/s": the unit now stays as first chosen."""
+    from mars_cli.progress import _rate
+
+    assert [_rate(1, t, "steps") for t in (2.8, 0.8, 2.0)] == ["2.8 s/step", "0.8 s/step", "2 s/step"]
+    assert [_rate(n, 1.0, "records") for n in (5, 0.5, 300)] == ["5 records/s", "0.5 records/s", "300 records/s"]
+    bar = LogProgress(None, unit="steps", summary=False)
+    bar.update(1)
+    assert bar.final_line(bar.start + 0.5).endswith("(0.5 s/step)")

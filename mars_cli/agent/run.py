@@ -53,7 +53,7 @@ def open_toolbox(artifacts: str | os.PathLike, *, search_backend: str | None = N
     if image_search is None:
         backend = image_search_backend or os.environ.get("MARS_IMAGE_SEARCH_BACKEND") or "local"
         if backend == "local" and not (image_index or os.environ.get("MARS_IMAGE_INDEX")):
-            streams.warn("image search is off: no --image-index (or MARS_IMAGE_INDEX) for the local backend")
+            pass  # said at the first task with images (note_image_search_off): text-only tasks never miss it
         else:
             from mars_cli.tools.image_search import open_image_search
 
@@ -66,6 +66,25 @@ def open_toolbox(artifacts: str | os.PathLike, *, search_backend: str | None = N
         if value is not None:
             kwargs[key] = value
     return Toolbox(artifacts, text_search=text_search, image_search=image_search, k=k, **kwargs)
+
+
+IMAGE_SEARCH_OFF = "image search is off: no --image-index (or MARS_IMAGE_INDEX) for the local backend"
+
+
+class ImageSearchNote:
+    """`note(located)` passes (where, task) pairs through and says once per run, at the first
+    task with images, that image search is off (not under -q: a note, not a warning)."""
+
+    def __init__(self, toolbox):
+        self.said = toolbox.image_search is not None
+
+    def __call__(self, located):
+        for where, rec in located:
+            if not self.said and rec.get("images"):
+                self.said = True
+                if not streams.quiet:
+                    streams.warn(IMAGE_SEARCH_OFF)
+            yield where, rec
 
 
 ENGINE_OPTS = {"hf": ("device", "dtype", "max_batch", "attn_implementation", "min_pixels", "max_pixels", "stop_tokens"),
@@ -157,9 +176,11 @@ def rollout(files, *, out: str | None, n: int, engine: dict, sampling: dict, lim
         gate = feed.StalenessGate(eng, batch_groups, max_staleness) if batch_groups else None
         writer = EpisodeOutput(out, resume=resume, n=n, group_order=group_order)
 
+        note_images = ImageSearchNote(toolbox)
+
         def read():
             return (validate(resolve_task_images(rec, where), "task", where)
-                    for where, rec in warn_duplicate_tasks(read_located(files, skip_bad=skip_bad)))
+                    for where, rec in note_images(warn_duplicate_tasks(read_located(files, skip_bad=skip_bad))))
 
         stdin = not files or any(str(f) == "-" for f in files)
         tasks = feed.passes(read, stdin=stdin, seed=seed, forever=loop)
@@ -269,6 +290,8 @@ def ask(image: str, question: str, *, engine: dict, sampling: dict, limits: dict
         raise
     try:
         toolbox = open_toolbox(artifacts_dir(artifacts, None), **tools, profile=protocol, engine=eng)
+        if toolbox.image_search is None and not streams.quiet:
+            streams.warn(IMAGE_SEARCH_OFF)  # ask always has an image
         tracer = Tracer() if trace else None
         loop = AgentLoop(eng, toolbox, limits=lim, max_inflight=1, on_turn=tracer, profile=protocol,
                          system_prompt=system_prompt, on_malformed=on_malformed, workflow=workflow)

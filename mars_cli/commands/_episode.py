@@ -17,7 +17,7 @@ E = "MARS_"
 
 SYSTEM_PROMPT = typer.Option(None, "--system-prompt", envvar=E + "SYSTEM_PROMPT", help="Replace the system prompt text (mars: {tools} places the tool schemas; sensenova: the part before the tools block).")
 SEARCH_K = typer.Option(5, "--search-k", envvar=E + "SEARCH_K", min=1, help="Results per text search.")
-PROTOCOL = typer.Option(None, "--protocol", envvar=E + "PROTOCOL", help="Protocol profile: sensenova (the training loop) | sensenova-eval (the official eval.py) | mars.")
+PROTOCOL = typer.Option(None, "--protocol", envvar=E + "PROTOCOL", help="Protocol profile: sensenova (the training loop) | sensenova-eval (the official eval.py) | mars. [default: sensenova]")
 ON_MALFORMED = typer.Option(None, "--on-malformed", help="end | observe (default: the profile's).")
 WORKFLOW = typer.Option("agent", "--workflow", help="agent | direct (no tools) | rag (search results, then answer).")
 MAX_TURNS = typer.Option(10, "--max-turns", min=1, help="Turns per episode (the paper's 10; sensenova-eval: 50; a small model on a CPU wants 2-3).")

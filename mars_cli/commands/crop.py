@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from mars_cli.errors import UsageError
+from mars_cli.errors import MarsError, UsageError
 from mars_cli.flags import renamed
 
 
@@ -65,7 +65,10 @@ def main(
         if any(v is not None for v in box):
             raise UsageError("give all four box numbers X0 Y0 X1 Y1, or none (boxes as records on stdin)")
         return _batch(image, out, out_dir, units, clamp, skip_bad, opts)
-    unit_box = prepare_box(box, units=units, clamp=clamp, warn=warn)
+    try:
+        unit_box = prepare_box(box, units=units, clamp=clamp, warn=warn)
+    except MarsError as e:  # the box came from the arguments: a usage error (in records it is bad data)
+        raise UsageError(str(e)) from None
     result = crop_image(image, unit_box, out=out, out_dir=out_dir, **opts)
     with RecordWriter() as w:
         w.write(result)
@@ -74,7 +77,6 @@ def main(
 def _batch(image, out, out_dir, units, clamp, skip_bad, opts) -> None:
     import sys
 
-    from mars_cli.errors import MarsError
     from mars_cli.jsonl import RecordWriter, read_located
     from mars_cli.paths import resolve
     from mars_cli.streams import progress, warn

@@ -120,8 +120,9 @@ def make_tiny_model(out_dir: str | Path, *, arch: str = "qwen2.5-vl", seed: int 
     """
     import torch
 
-    from mars_cli.models.load import quiet_transformers
+    from mars_cli.models.load import quiet_deepspeed, quiet_transformers
 
+    quiet_deepspeed()  # transformers imports DeepSpeed (and its "accelerator" warning) when installed
     quiet_transformers()
     if arch not in ARCHS:
         raise MarsError(f"unknown architecture {arch!r} (expected one of: {', '.join(ARCHS)})")
