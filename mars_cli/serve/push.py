@@ -73,7 +73,7 @@ def _prove(results: list[dict], reference, bound: float) -> bool:
     whether a server's gap was over the bound."""
     from mars_cli.serve import probe as P
 
-    probes = {}
+    loaded, probes = [], []
     for r in results:
         answer = r.pop("probe", None)
         if "error" not in r:
@@ -81,13 +81,15 @@ def _prove(results: list[dict], reference, bound: float) -> bool:
             if why:
                 r["error"] = f"loaded, but not proven: {why}"
             else:
-                probes[r["url"]] = answer
-    loaded = [r for r in results if r["url"] in probes]
+                loaded.append(r)
+                probes.append(answer)
     if not loaded:
         return False
     try:
-        refs = reference([probes[r["url"]] for r in loaded])
-        measured = [P.gaps(probes[r["url"]], ref) for r, ref in zip(loaded, refs)]
+        refs = list(reference(probes))
+        if len(refs) != len(probes):
+            raise MarsError(f"{len(refs)} reference rows for {len(probes)} probes")
+        measured = [P.gaps(probe, ref) for probe, ref in zip(probes, refs)]
     except Exception as e:  # the trainer's forward failed: the push is not proven (nor disproven)
         for r in loaded:
             r["error"] = f"loaded, but the trainer could not score its probe: {type(e).__name__}: {e}"
