@@ -233,7 +233,7 @@ def _push_here(fcfg: FollowConfig, checkpoint: str, fp: str | None, reference) -
     except PushError as e:
         push = {"ok": False, "error": str(e), "seconds": round(time.perf_counter() - t, 3), **_probe_summary(e.results)}
         if isinstance(e, ProbeError):
-            return push, [], f"push of {checkpoint}: {e}; stopping: rollouts from that server would train on wrong log-probs"
+            return push, [], f"{e}; stopping: rollouts from that server would train on wrong log-probs"
         streams.warn(f"push of {checkpoint} failed: {e}; training goes on, the next step pushes again")
         return push, [], None
     versions = [r.get("weight_version") for r in res if r.get("weight_version") is not None]
