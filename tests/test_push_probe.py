@@ -75,6 +75,37 @@ def test_load_reports_the_probe_which_matches_the_new_weights_and_is_10x_off_the
         (res,) = push_checkpoint([url], str(other))
         assert res["weight_version"] == 3 and res["probe"]["gap"] <= res["probe"]["bound"] == P.MAX_GAP
         assert 1 <= res["probe"]["tokens"] <= P.NEW_TOKENS
+        # A paused server loads but is not probed (its generate is held): the push cannot be proven.
+        assert httpx.post(url + "/pause", params={"mode": "abort"}).status_code == 200
+        r = httpx.post(url + "/load", json={"path": str(ck)}, timeout=300)
+        assert r.status_code == 200 and r.json()["probe"] == {"error": "not probed: the server is paused"}
+        assert P.check_answer(r.json()["probe"]) == "its probe failed: not probed: the server is paused"
+        httpx.post(url + "/resume")
+
+
+def test_probe_prompt_answer_checks_and_gaps(tmp_path):
+    import math
+
+    from mars_cli.models.load import load_tokenizer, special_ids
+    from mars_cli.models.tiny import make_tiny_model
+    from mars_cli.serve import probe as P
+
+    small = make_tiny_model(tmp_path / "small", arch="qwen2.5-vl", seed=0, vocab=1000)
+    special = special_ids(load_tokenizer(small))
+    ids = P.prompt_ids(special)  # <|im_start|>, then text ids spread evenly below the first special id
+    assert ids[0] == special["im_start"] and min(special.values()) == 1000
+    assert ids[1:] == [int((k + 0.5) * 1000 / 15) for k in range(15)] and len(set(ids)) == P.PROMPT_TOKENS
+    body = P.request(special)
+    sp = body["sampling_params"]
+    assert body["token_ids"] == ids and (sp["temperature"], sp["top_p"], sp["top_k"]) == (1.0, 1.0, -1)
+    assert sp["max_tokens"] == P.NEW_TOKENS and sp["logprobs"] == 0 and sp["stop_token_ids"] == [special["im_end"]]
+    good = {"prompt_ids": ids, "token_ids": [5, 6], "logprobs": [-1.0, -2.0], "weight_version": 2}
+    assert P.check_answer(good, 1100) is None  # the embedding rows: text ids and the special ones
+    assert "no probe" in P.check_answer(None)  # a server without the probe: not proven
+    assert "outside the vocabulary" in P.check_answer({**good, "token_ids": [5, 1100]}, 1100)
+    assert "malformed" in P.check_answer({**good, "logprobs": [-1.0]})
+    assert P.gaps(good, [-1.5, -2.0]) == {"gap": 0.5, "mean": 0.25, "tokens": 2}
+    assert P.gaps({**good, "logprobs": [math.nan, -2.0]}, [-1.0, -2.0])["gap"] == math.inf  # NaN never passes
 
 
 def test_a_server_keeping_old_embeddings_fails_the_push_unless_the_bound_allows_it(models, monkeypatch):
