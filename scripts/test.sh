@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Install everything into .venv and run the whole test suite on the CPU.
+# Install everything into .venv and run the whole test suite on the CPU; with no arguments,
+# then build .venv-vllm (scripts/vllm_cpu.sh) and run the `vllm` tier against the real vLLM.
+# MARS_VLLM_TIER=0 leaves the tier out.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh
@@ -10,4 +12,18 @@ if [ "${CI:-}" = "true" ] && ! command -v chromium >/dev/null && [ "$(id -u)" = 
 fi
 # DeepSpeed compiles a small CPU op on first use: build it once per machine.
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$HOME/.cache/mars/torch_extensions}"
-exec .venv/bin/python -m pytest "$@"
+if [ $# -gt 0 ] || [ "${MARS_VLLM_TIER:-1}" = 0 ]; then
+    exec .venv/bin/python -m pytest "$@"
+fi
+status=0
+.venv/bin/python -m pytest "$@" || status=$?
+# The vllm tier (its tests skipped above, without vLLM). 1 GiB of KV cache per vLLM server.
+scripts/vllm_cpu.sh
+tier=0
+VLLM_CPU_KVCACHE_SPACE="${VLLM_CPU_KVCACHE_SPACE:-1}" .venv-vllm/bin/python -m pytest -m vllm || tier=$?
+if [ "$tier" = 5 ]; then
+    echo "the vllm tier collected no tests" >&2  # pytest's "no tests ran": nothing failed
+    tier=0
+fi
+[ "$status" = 0 ] && status=$tier
+exit "$status"

