@@ -60,6 +60,12 @@ def records(path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines()]
 
 
+def wait_for_episodes(out, n: int, timeout: float = 300.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline and not (out.exists() and out.read_bytes().count(b"\n") >= n):
+        time.sleep(0.05)
+
+
 def load(url, path) -> dict:
     r = httpx.post(url + "/load", json={"path": str(path)}, timeout=600)
     assert r.status_code == 200, r.text
@@ -121,13 +127,12 @@ def test_pause_and_resume_under_load_lose_and_repeat_no_episode(server, models, 
     load(server.url, models["a"])
     out = root / "paused.jsonl"
     p = subprocess.Popen([*MARS, "rollout", "--server", server.url, str(tasks), "-n", "4", "--max-turns", "2",
-                          "--max-new-tokens", "24", "--seed", "1", "-o", str(out)],
+                          "--max-new-tokens", "48", "--seed", "1", "-o", str(out)],
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
     try:
-        for mode in ("wait", "keep"):
-            deadline = time.time() + 300
-            while time.time() < deadline and not (out.exists() and out.read_text().count("\n") >= 1):
-                time.sleep(0.2)
+        for mode, episodes in (("wait", 1), ("keep", 2)):
+            wait_for_episodes(out, episodes)
+            assert p.poll() is None  # still rolling out: the pause meets requests in flight
             assert httpx.post(server.url + "/pause", params={"mode": mode}, timeout=300).status_code == 200
             assert httpx.get(server.url + "/is_paused").json() == {"is_paused": True}
             time.sleep(2.0)  # requests meanwhile wait (503, retried; or held by vLLM: keep)
@@ -172,9 +177,11 @@ def test_a_server_killed_mid_rollout_fails_only_its_own_episodes(untied, models,
                               "--max-turns", "3", "--max-new-tokens", "24", "--seed", "2", "--max-error-rate", "1",
                               "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
         try:
-            deadline = time.time() + 300
-            while time.time() < deadline and not (out.exists() and out.read_text().count("\n") >= 2):
-                time.sleep(0.1)
+            wait_for_episodes(out, 1)
+            # held requests (mode keep) make sure the server dies with episodes of its own in flight
+            assert httpx.post(untied.url + "/pause", params={"mode": "keep"}).status_code == 200
+            time.sleep(1.0)
+            assert p.poll() is None
             untied.kill()
             _, err = p.communicate(timeout=600)
         finally:
