@@ -60,6 +60,24 @@ def records(path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines()]
 
 
+def rollout_in_background(urls: str, tasks, out, *args) -> subprocess.Popen:
+    """`mars rollout --server URLS` of 4 samples per task, left running."""
+    return subprocess.Popen([*MARS, "rollout", "--server", urls, str(tasks), "-n", "4", *map(str, args), "-o", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
+
+
+def every_episode_once(p: subprocess.Popen, out) -> list[dict]:
+    """The rollout's records once it ends: each (task, sample) exactly once."""
+    try:
+        _, err = p.communicate(timeout=600)
+    finally:
+        p.kill()
+    assert p.returncode == 0, err
+    recs = records(out)
+    assert sorted((x["group"], x["sample"]) for x in recs) == [(f"t{i}", s) for i in range(3) for s in range(4)]
+    return recs
+
+
 def wait_for_episodes(out, n: int, timeout: float = 300.0) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline and not (out.exists() and out.read_bytes().count(b"\n") >= n):
@@ -67,9 +85,12 @@ def wait_for_episodes(out, n: int, timeout: float = 300.0) -> None:
 
 
 def load(url, path) -> dict:
-    r = httpx.post(url + "/load", json={"path": str(path)}, timeout=600)
-    assert r.status_code == 200, r.text
-    return r.json()
+    """A push (POST /load, then the probe's proof: a ProbeError over the bound)."""
+    from mars_cli.serve.push import push_checkpoint
+
+    (res,) = push_checkpoint([url], str(path))
+    assert res["probe"]["gap"] <= GAP_BOUND
+    return res
 
 
 def test_rollout_through_the_server_is_token_exact_and_matches_the_trainer(server, models, tasks, root):
@@ -89,10 +110,33 @@ def test_rollout_through_the_server_is_token_exact_and_matches_the_trainer(serve
 
 
 def test_load_switches_tied_weights_exactly_and_back(server, models):
-    """vLLM's own in-place reload leaves a tied output layer's derived weights old (gap ~0.5)."""
     assert load(server.url, models["b"])["weight_version"] == 2
     assert_serves(server.url, models["b"], models["a"])
     load(server.url, models["a"])
+    assert_serves(server.url, models["a"], models["b"])
+
+
+def test_vllms_own_reload_serves_neither_checkpoint_and_the_probe_says_so(server, models):
+    """Why `mars_reload_weights`: vLLM's in-place reload_weights (model_loader/reload/
+    layerwise.py, finalize_layerwise_processing) skips process_weights_after_loading for a
+    tied lm_head, whose CPU GEMM keeps a packed copy of the old embeddings. Asked directly,
+    behind mars's back, vLLM serves a model that is neither checkpoint."""
+    import psutil
+
+    from mars_cli.serve import probe
+    from vllm_tier import served_probe, gap
+
+    child = next(p for p in psutil.Process(server.proc.pid).children(recursive=True) if "serve" in p.cmdline())
+    cmd = child.cmdline()
+    vllm_url = f"http://127.0.0.1:{cmd[cmd.index('--port') + 1]}"
+    r = httpx.post(vllm_url + "/collective_rpc", timeout=600,
+                   json={"method": "reload_weights", "kwargs": {"weights_path": str(models["b"])}})
+    assert r.status_code == 200, r.text
+    seqs, served = served_probe(server.url)
+    g_new, g_old = gap(models["b"], seqs, served), gap(models["a"], seqs, served)
+    assert min(g_new, g_old) > 10 * probe.MAX_GAP, (f"vLLM's own reload_weights now serves a tied model right "
+                                                    f"(gaps {g_new:.3g}, {g_old:.3g}): the retie may go", g_new, g_old)
+    load(server.url, models["a"])  # mars's reload puts it right
     assert_serves(server.url, models["a"], models["b"])
 
 
@@ -104,6 +148,7 @@ def test_update_push_switches_the_served_weights(server, models, root):
     assert r.returncode == 0, r.stderr
     m = json.loads(r.stdout)
     assert m["push"][0]["weight_version"] == before["weight_version"] + 1
+    assert m["push"][0]["probe"]["gap"] <= GAP_BOUND  # update's own proof
     assert_serves(server.url, root / "c", models["a"])
 
 
@@ -117,7 +162,8 @@ def test_follow_pushes_two_steps_through_the_server(server, models, root):
     r = run("update", "--follow", b1, b2, "--policy", models["a"], "--out", ck, *COMMON, "--push", server.url)
     assert r.returncode == 0, r.stderr
     ms = [json.loads(x) for x in r.stdout.splitlines()]
-    assert [m["step"] for m in ms] == [1, 2] and all(m["push"]["ok"] for m in ms)
+    assert [m["step"] for m in ms] == [1, 2]
+    assert all(m["push"]["ok"] and m["push"]["probe"]["gap"] <= GAP_BOUND for m in ms)  # each push proven
     h = httpx.get(server.url + "/health").json()
     assert h["weight_version"] == version + 2 and h["policy"] == str(ck / "step-2")
     assert_serves(server.url, ck / "step-2", root / "c")
@@ -126,23 +172,15 @@ def test_follow_pushes_two_steps_through_the_server(server, models, root):
 def test_pause_and_resume_under_load_lose_and_repeat_no_episode(server, models, tasks, root):
     load(server.url, models["a"])
     out = root / "paused.jsonl"
-    p = subprocess.Popen([*MARS, "rollout", "--server", server.url, str(tasks), "-n", "4", "--max-turns", "2",
-                          "--max-new-tokens", "48", "--seed", "1", "-o", str(out)],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
-    try:
-        for mode, episodes in (("wait", 1), ("keep", 2)):
-            wait_for_episodes(out, episodes)
-            assert p.poll() is None  # still rolling out: the pause meets requests in flight
-            assert httpx.post(server.url + "/pause", params={"mode": mode}, timeout=300).status_code == 200
-            assert httpx.get(server.url + "/is_paused").json() == {"is_paused": True}
-            time.sleep(2.0)  # requests meanwhile wait (503, retried; or held by vLLM: keep)
-            assert httpx.post(server.url + "/resume").status_code == 200
-        _, err = p.communicate(timeout=600)
-    finally:
-        p.kill()
-    assert p.returncode == 0, err
-    recs = records(out)
-    assert sorted((x["group"], x["sample"]) for x in recs) == [(f"t{i}", s) for i in range(3) for s in range(4)]
+    p = rollout_in_background(server.url, tasks, out, "--max-turns", "2", "--max-new-tokens", "48", "--seed", "1")
+    for mode, episodes in (("wait", 1), ("keep", 2)):
+        wait_for_episodes(out, episodes)
+        assert p.poll() is None  # still rolling out: the pause meets requests in flight
+        assert httpx.post(server.url + "/pause", params={"mode": mode}, timeout=300).status_code == 200
+        assert httpx.get(server.url + "/is_paused").json() == {"is_paused": True}
+        time.sleep(2.0)  # requests meanwhile wait (503, retried; or held by vLLM: keep)
+        assert httpx.post(server.url + "/resume").status_code == 200
+    recs = every_episode_once(p, out)
     assert all(x["finish"] != "error" for x in recs), [x.get("error") for x in recs]
     assert trajectories_gap(models["a"], recs) <= GAP_BOUND
 
@@ -173,22 +211,15 @@ def test_a_server_killed_mid_rollout_fails_only_its_own_episodes(untied, models,
     load(untied.url, ck)
     out = root / "killed.jsonl"
     with in_thread(App(HFBackend(seed=0), allow_load=str(root), max_images=4, max_image_bytes=1 << 20), str(ck)) as hf:
-        p = subprocess.Popen([*MARS, "rollout", "--server", f"{untied.url},{hf}", str(tasks), "-n", "4",
-                              "--max-turns", "3", "--max-new-tokens", "24", "--seed", "2", "--max-error-rate", "1",
-                              "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
-        try:
-            wait_for_episodes(out, 1)
-            # held requests (mode keep) make sure the server dies with episodes of its own in flight
-            assert httpx.post(untied.url + "/pause", params={"mode": "keep"}).status_code == 200
-            time.sleep(1.0)
-            assert p.poll() is None
-            untied.kill()
-            _, err = p.communicate(timeout=600)
-        finally:
-            p.kill()
-    assert p.returncode == 0, err
-    recs = records(out)
-    assert sorted((x["group"], x["sample"]) for x in recs) == [(f"t{i}", s) for i in range(3) for s in range(4)]
+        p = rollout_in_background(f"{untied.url},{hf}", tasks, out, "--max-turns", "3", "--max-new-tokens", "24",
+                                  "--seed", "2", "--max-error-rate", "1")
+        wait_for_episodes(out, 1)
+        # held requests (mode keep) make sure the server dies with episodes of its own in flight
+        assert httpx.post(untied.url + "/pause", params={"mode": "keep"}).status_code == 200
+        time.sleep(1.0)
+        assert p.poll() is None
+        untied.kill()
+        recs = every_episode_once(p, out)
     failed = [x for x in recs if x["finish"] == "error"]
     assert failed and all(x["error"].startswith(untied.url) for x in failed), [x["error"] for x in failed]
     assert len(failed) < len(recs)  # the hf server's episodes, and the vLLM one's before it died, stand

