@@ -29,6 +29,7 @@ import orjson
 
 from mars_cli import streams
 from mars_cli.errors import MarsError, RecordError
+from mars_cli.progress import arrived, reading
 
 BOM = b"\xef\xbb\xbf"
 DEFAULT_MAX_LINE_BYTES = 1 << 28  # a trajectory of 100k tokens with log-probs is ~5 MB
@@ -119,7 +120,7 @@ def read_located(
     limit = env_number("MARS_MAX_LINE_BYTES", DEFAULT_MAX_LINE_BYTES)
     for source, f in _open_sources(paths):
         lineno = 0
-        for raw in _lines(f, limit):
+        for raw in reading(_lines(f, limit)):  # progress: the time a slow writer keeps this stage waiting
             lineno += 1
             if raw is None:
                 msg = f"line longer than {limit:,} bytes (MARS_MAX_LINE_BYTES)"
@@ -157,6 +158,7 @@ def read_located(
                     streams.warn(f"{source}:{lineno}: skipped: {msg}")
                     continue
                 raise RecordError(source, lineno, msg)
+            arrived()
             yield Where(source, lineno), obj
     if skipped is None:
         counter.report()

@@ -5,7 +5,12 @@ reading their own input: they would learn that their reader is gone only at thei
 write, which may never come (a rollout held back by --max-staleness waits for weights
 the trainer will no longer push). A stage that writes records to a pipe therefore
 watches the pipe: Linux reports POLLERR on a pipe's write end once no reader is left,
-and the stage then ends at once, quietly, as a write to a closed pipe ends it.
+and the stage then ends at once, quietly, with status 0, as a write to a closed pipe ends
+it (a stage whose summary line is always printed, rollout's, prints it first).
+
+A `tee` between two stages hides a reader that is gone until tee next writes, so this
+is not the only way a pipeline ends: a rollout waiting for weights also watches the
+trainer's lease on its servers (serve/lease.py).
 """
 
 from __future__ import annotations
@@ -13,17 +18,20 @@ from __future__ import annotations
 import os
 import select
 import stat
+import sys
 import threading
+from typing import Callable
 
 from mars_cli import streams
 
 
-def exit_when_reader_gone() -> bool:
+def exit_when_reader_gone(last_words: Callable[[], None] | None = None) -> bool:
     """Watch the record stream; end the process (status 0) when its reader closes it.
 
     Only when records go to a pipe (a file or terminal has no reader to lose). Returns
     whether a watch was started. Call it only where the records on stdout are the whole
-    output: the process ends without finishing what it was doing.
+    output: the process ends without finishing what it was doing. `last_words()` (from
+    the watching thread) prints the stage's summary first.
     """
     out = streams.records_out()
     try:
@@ -41,7 +49,16 @@ def exit_when_reader_gone() -> bool:
         while True:
             for _, events in poller.poll():
                 if events & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
-                    os._exit(0)
+                    _last(last_words)
 
     threading.Thread(target=watch, name="reader-gone", daemon=True).start()
     return True
+
+
+def _last(last_words: Callable[[], None] | None) -> None:
+    try:
+        if last_words is not None:
+            last_words()
+        sys.stderr.flush()
+    finally:
+        os._exit(0)

@@ -9,14 +9,60 @@ set_description, close, a context manager), printing
 
 at most every MARS_PROGRESS_INTERVAL seconds (default 30, as vLLM logs its throughput)
 and, at close, `mars index: index: 500000 passages in 2m41s (3105 passages/s)`.
-Lines are printed from `update`, so they come between units of work, never mid-record.
+Lines are printed from `update`, and by a timer thread when no unit finishes within an
+interval, so a stage that waits still says so.
+
+A pipeline stage counts its input (`per_input=True`: one `update` per input record, as
+judge's): jsonl.read_located notes when each record arrived (`arrived`) and whether a
+read is blocked (`reading`). Its rate then counts only the stage's own busy time, the
+time it held at least one record that had arrived and was not finished, so a judge
+behind a slow rollout reports how fast it judges, not how fast rollout writes; a line
+while it waits says `waiting for input, 0 records in 1m00s`.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import time
+import weakref
+from collections import deque
 from typing import Iterable, Iterator
+
+_clock = time.monotonic  # tests put a fake clock here
+
+
+class _Input:
+    """When input records arrived (kept only while a per-input bar counts them), and
+    since when a read of the input has been blocked (None: not reading)."""
+
+    def __init__(self):
+        self.arrivals: deque[float] = deque()
+        self.blocked_since: float | None = None
+        self.counting = 0
+
+
+_INPUT = _Input()
+
+
+def arrived() -> None:
+    """A record was read (jsonl.read_located calls this as it yields each one)."""
+    if _INPUT.counting:
+        _INPUT.arrivals.append(_clock())
+
+
+def reading(lines: Iterable) -> Iterator:
+    """`lines`, noting the time each read is blocked (a pipe whose writer is slow)."""
+    it = iter(lines)
+    while True:
+        _INPUT.blocked_since = _clock()
+        try:
+            line = next(it)
+        except StopIteration:
+            return
+        finally:
+            _INPUT.blocked_since = None
+        yield line
 
 
 def _interval() -> float:
@@ -61,7 +107,8 @@ class LogProgress:
     """tqdm's interface, printing periodic plain lines (see the module docstring)."""
 
     def __init__(self, iterable: Iterable | None = None, *, total: float | None = None, desc: str | None = None,
-                 unit: str = "it", initial: float = 0, summary: bool = True, interval: float | None = None, **_ignored):
+                 unit: str = "it", initial: float = 0, summary: bool = True, interval: float | None = None,
+                 per_input: bool = False, **_ignored):
         if total is None and iterable is not None:
             try:
                 total = len(iterable)  # type: ignore[arg-type]
@@ -75,8 +122,17 @@ class LogProgress:
         self.postfix: str = ""
         self.summary = summary
         self.interval = _interval() if interval is None else interval
-        self.start = self._last = time.monotonic()
+        self.start = self._last = _clock()
         self.closed = False
+        self.per_input = per_input
+        self.busy = 0.0  # per_input: seconds holding at least one unfinished record
+        self._done_at = self.start  # per_input: when the last record was finished
+        if per_input:
+            _INPUT.counting += 1
+        self._stop = threading.Event()
+        if self.interval >= 1:  # a line even while nothing finishes (a stage waiting says so)
+            threading.Thread(target=_tick, args=(weakref.ref(self), self._stop, self.interval), name="progress",
+                             daemon=True).start()
 
     # tqdm's interface ---------------------------------------------------------------
     def __iter__(self) -> Iterator:
@@ -100,7 +156,17 @@ class LogProgress:
 
     def update(self, n: float = 1) -> None:
         self.n += n
-        now = time.monotonic()
+        now = _clock()
+        if self.per_input:
+            first = None
+            for _ in range(int(n)):
+                if not _INPUT.arrivals:
+                    break
+                t = _INPUT.arrivals.popleft()
+                first = t if first is None else first
+            # idle from the last record finished until this one arrived, busy after
+            self.busy += max(0.0, now - max(self._done_at, first if first is not None else self._done_at))
+            self._done_at = now
         if now - self._last >= self.interval:
             self._last = now
             self._print(self.line(now))
@@ -120,14 +186,28 @@ class LogProgress:
 
     def reset(self, total: float | None = None) -> None:
         self.n, self.total = 0, total
-        self.start = self._last = time.monotonic()
+        self.start = self._last = self._done_at = _clock()
+        self.busy = 0.0
 
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
+        self._stop.set()
+        if self.per_input:
+            _INPUT.counting -= 1
+            if not _INPUT.counting:
+                _INPUT.arrivals.clear()
         if self.summary:
-            self._print(self.final_line(time.monotonic()))
+            self._print(self.final_line(_clock()))
+
+    def _busy(self, elapsed: float) -> float:
+        """The seconds the rate is over: all of them, or (per_input) the busy ones."""
+        return self.busy if self.per_input else elapsed
+
+    def waiting(self) -> bool:
+        """Whether the stage holds nothing and waits for its next input record."""
+        return self.per_input and not _INPUT.arrivals and _INPUT.blocked_since is not None
 
     # lines -----------------------------------------------------------------------------
     def _desc(self) -> str:
@@ -143,10 +223,17 @@ class LogProgress:
         """`desc n/total unit (pct), rate, ETA …, elapsed …[, postfix]`."""
         elapsed = now - self.start
         count = f"{_num(self.n)}/{_num(self.total)} {self.unit}" if self.total else f"{_num(self.n)} {self.unit}"
+        if self.waiting():
+            waited = duration(now - max(self._done_at, _INPUT.blocked_since or now))
+            parts = [f"{self._prefix()}waiting for input ({waited}), {count} in {duration(elapsed)}"]
+            if self.n:
+                parts.append(_rate(self.n, self.busy, self.unit) + " busy")
+            return ", ".join(parts + ([self.postfix] if self.postfix else []))
+        busy = self._busy(elapsed)
         parts = [self._prefix() + count]
         if self.total:
             parts[0] += f" ({100 * self.n / self.total:.0f}%)"
-        parts.append(_rate(self.n, elapsed, self.unit))
+        parts.append(_rate(self.n, busy, self.unit) + (" busy" if self.per_input else ""))
         if self.total and self.n > 0:
             parts.append(f"ETA {duration(max(0.0, self.total - self.n) * elapsed / self.n)}")
         parts.append(f"elapsed {duration(elapsed)}")
@@ -159,13 +246,29 @@ class LogProgress:
         head = f"{self._desc()}: " if self._desc() else ""
         tail = f"; {self.postfix}" if self.postfix else ""
         unit = self.unit[:-1] if self.n == 1 and self.unit.endswith("s") else self.unit  # "1 step", "2 steps"
-        return f"{head}{_num(self.n)} {unit} in {duration(elapsed)} ({_rate(self.n, elapsed, self.unit)}){tail}"
+        rate = _rate(self.n, self._busy(elapsed), self.unit)
+        if self.per_input:  # how fast it works, and how long it waited for its input
+            rate += f" busy; {duration(max(0.0, elapsed - self.busy))} waiting for input"
+        return f"{head}{_num(self.n)} {unit} in {duration(elapsed)} ({rate}){tail}"
 
     @staticmethod
     def _print(line: str) -> None:
         from mars_cli import streams
 
         streams.warn(line)
+
+
+def _tick(ref, stop: threading.Event, interval: float) -> None:
+    """A bar's periodic line while no unit finishes; ends with the bar (closed, or dropped unclosed)."""
+    while not stop.wait(interval / 4):
+        bar = ref()
+        if bar is None or bar.closed:
+            return
+        now = _clock()
+        if now - bar._last >= interval:
+            bar._last = now
+            bar._print(bar.line(now))
+        del bar
 
 
 def count_lines(paths) -> int | None:

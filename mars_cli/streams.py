@@ -228,5 +228,6 @@ def progress(iterable: Iterable[T] | None = None, **kwargs) -> Iterable[T]:
     from tqdm import tqdm
 
     kwargs.pop("summary", None)
+    kwargs.pop("per_input", None)
     kwargs.setdefault("dynamic_ncols", True)
     return tqdm(iterable, file=sys.stderr, disable=mode == "off", **kwargs)

@@ -186,3 +186,68 @@ def test_minor_one_rate_unit_per_run():
     bar = LogProgress(None, unit="steps", summary=False)
     bar.update(1)
     assert bar.final_line(bar.start + 0.5).endswith("(0.5 s/step)")
+
+
+def test_a_stage_waiting_for_input_says_so_and_its_rate_counts_busy_time(monkeypatch, capsys):
+    """judge behind a slow rollout: 2 records, each read after 60 s and judged in 1 s."""
+    from mars_cli import progress
+
+    now = [1000.0]
+    monkeypatch.setattr(progress, "_clock", lambda: now[0])
+    monkeypatch.setattr(progress, "_PER_ITEM", {})  # each unit's rate style starts fresh
+    monkeypatch.setenv("MARS_PROGRESS", "log")
+    token = streams.program.set("mars judge")
+
+    def slow_pipe():  # what a blocked read looks like to progress.reading
+        for line in (b"a\n", b"b\n"):
+            now[0] += 60
+            yield line
+
+    try:
+        bar = streams.progress(desc="judge", unit="records", per_input=True, interval=1e9)
+        lines = []
+        for _ in progress.reading(slow_pipe()):
+            progress.arrived()
+            now[0] += 1  # judging it
+            bar.update(1)
+            progress._INPUT.blocked_since = now[0]  # the next read starts
+            now[0] += 30
+            lines.append(bar.line(now[0]))
+            now[0] -= 30
+        progress._INPUT.blocked_since = None
+        bar.close()
+    finally:
+        streams.program.reset(token)
+    assert lines[0] == "waiting for input (30.0s), 1 records in 1m31s, 1 records/s busy"
+    final = capsys.readouterr().err.splitlines()[-1]
+    # 2 records in 122 s of which 2 s busy: 1 record/s, not 61 s/record
+    assert final == "mars judge: 2 records in 2m02s (1 records/s busy; 2m00s waiting for input)"
+    assert not progress._INPUT.counting and not progress._INPUT.arrivals
+    idle = LogProgress(desc="x", unit="records", per_input=True, interval=1e9)
+    progress._INPUT.blocked_since = now[0]
+    now[0] += 60
+    assert idle.line(now[0]) == "x waiting for input (1m00s), 0 records in 1m00s"
+    progress._INPUT.blocked_since = None
+    idle.close()
+
+
+def test_a_line_comes_while_nothing_finishes_and_stops_with_the_bar(monkeypatch, capsys):
+    import time
+
+    from mars_cli import progress
+
+    now = [0.0]
+    monkeypatch.setattr(progress, "_clock", lambda: now[0])
+    monkeypatch.setattr(progress, "_PER_ITEM", {})
+    bar = LogProgress(desc="work", unit="records", interval=1)
+    now[0] = 61.0
+    seen = ""
+    deadline = time.monotonic() + 20
+    while "elapsed 1m01s" not in seen and time.monotonic() < deadline:
+        time.sleep(0.05)
+        seen += capsys.readouterr().err
+    assert "mars: work 0 records, - records/s, elapsed 1m01s" in seen
+    bar.close()
+    now[0] = 200.0
+    time.sleep(0.6)
+    assert "elapsed" not in capsys.readouterr().err  # closed: no more periodic lines

@@ -93,3 +93,60 @@ def test_prefetch_reads_lazily_and_hands_over_errors():
         return got
 
     assert asyncio.run(scenario()) == [0, 1, 2]
+
+
+def test_gate_ends_when_the_trainer_following_the_servers_ends():
+    """A previous run's ended trainer is waited past; this run's trainer done or lost ends the wait."""
+    eng = VersionEngine()
+    eng.trainers = {"http://a": {"id": "old", "state": "done", "seconds": 90.0}}
+    gate = feed.StalenessGate(eng, batch_groups=1, max_staleness=0, poll=0.01)
+
+    async def scenario(final: str, said: str):
+        await gate(0)
+        waiter = asyncio.create_task(gate(1))  # waits for the weights of batch 0
+        await asyncio.sleep(0.05)
+        assert not waiter.done()  # "old" ended before this run: not the trainer it waits for
+        eng.trainers = {"http://a": {"id": "new", "state": "following", "seconds": 0.1}}
+        await asyncio.sleep(0.05)
+        assert not waiter.done()
+        eng.trainers = {"http://a": {"id": "new", "state": final, "seconds": 0.1}}
+        with pytest.raises(feed.InputEnd, match=said):
+            await asyncio.wait_for(waiter, 1)
+
+    asyncio.run(scenario("done", "the trainer ended: no new weights will come"))
+    eng.trainers = {}
+    gate = feed.StalenessGate(eng, batch_groups=1, max_staleness=0, poll=0.01)
+    asyncio.run(scenario("lost", "stopped calling its servers"))
+
+
+def test_trainer_lease_reports_following_done_and_lost():
+    from mars_cli.serve.http import HTTPError
+    from mars_cli.serve.lease import TrainerLease
+
+    class Req:
+        def __init__(self, body):
+            self.body = body
+
+        def json(self):
+            return self.body
+
+    now = [100.0]
+    lease = TrainerLease(clock=lambda: now[0])
+    assert lease.describe() is None  # no trainer has called: a rollout waits as before
+
+    def post(body):
+        return asyncio.run(lease.post(Req(body)))
+
+    assert post({"id": "t1", "state": "following", "lease": 10}) == (200, {"id": "t1", "state": "following", "seconds": 0.0})
+    now[0] += 9.5
+    assert lease.describe()["state"] == "following"
+    now[0] += 1
+    assert lease.describe() == {"id": "t1", "state": "lost", "seconds": 10.5}  # killed: no call within the lease
+    post({"id": "t1", "state": "following", "lease": 10})
+    post({"id": "t1", "state": "done"})
+    now[0] += 1000
+    assert lease.describe()["state"] == "done"
+    for bad in ([], {"state": "following"}, {"id": "t", "state": "asleep"}, {"id": "t", "state": "done", "lease": 0},
+                {"id": "x" * 65, "state": "done"}, {"id": "t", "state": "done", "lease": True}):
+        with pytest.raises(HTTPError):
+            post(bad)

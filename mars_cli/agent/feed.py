@@ -108,6 +108,10 @@ def epoch_group(rec: dict) -> str:
     return f"{rec['id']}@{rec['epoch']}" if "epoch" in rec else str(rec["id"])
 
 
+class InputEnd(Exception):
+    """Raised by an `admit` gate: start no more groups, cancel the running ones, end the run."""
+
+
 class StalenessGate:
     """Holds back new groups while rollout runs more than `max_staleness` batches ahead.
 
@@ -115,6 +119,12 @@ class StalenessGate:
     v0 the weight version at the start and v the current one, batch b may start once
     b - (v - v0) <= max_staleness: 0 is fully on-policy (each batch waits for the update
     of the one before), 1 lets rollout sample batch b+1 while batch b trains.
+
+    The servers also report the trainer's lease (serve/lease.py). Once the trainer that
+    followed them is done or lost, no weights will come: the gate raises InputEnd, and
+    the rollout ends instead of waiting forever (`update --follow --max-steps N`, with
+    `tee` between the stages, or a trainer killed). A trainer that had already ended when
+    the rollout started is a previous run's, and is waited past.
     """
 
     def __init__(self, engine, batch_groups: int, max_staleness: int, poll: float = 1.0):
@@ -128,6 +138,17 @@ class StalenessGate:
         self.poll = poll
         self.base: int | None = None
         self.waits = 0
+        self._stale: set = set()  # ids of trainers that had ended before this run began
+
+    def _ended(self) -> str | None:
+        """Why no new weights will come, or None while a trainer follows (or none has yet)."""
+        states = [t for t in (getattr(self.engine, "trainers", None) or {}).values()
+                  if isinstance(t, dict) and t.get("id") not in self._stale]
+        if not states or any(t.get("state") == "following" for t in states):
+            return None
+        how = {"done": "ended", "lost": "stopped calling its servers (killed?)"}
+        t = states[0]
+        return f"the trainer {how.get(t.get('state'), t.get('state'))}: no new weights will come; ending"
 
     async def __call__(self, k: int) -> None:
         batch = k // self.batch_groups
@@ -135,9 +156,14 @@ class StalenessGate:
             self.base = await self.engine.apoll_weight_version()
             if self.base is None:
                 raise MarsError("--batch-groups/--max-staleness need an engine whose weights change (--server)")
+            self._stale = {t.get("id") for t in (getattr(self.engine, "trainers", None) or {}).values()
+                           if isinstance(t, dict) and t.get("state") != "following"}
         announced = False
         while True:
             v = await self.engine.apoll_weight_version()
+            ended = self._ended()
+            if ended is not None:
+                raise InputEnd(ended)
             if v is not None and batch - (v - self.base) <= self.max_staleness:
                 return
             if not announced:

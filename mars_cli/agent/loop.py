@@ -140,10 +140,11 @@ class AgentLoop:
         `tasks` is read lazily (at most max_inflight records ahead) off the loop's thread; an exception it
         raises (a bad input line) stops new episodes, lets the started ones finish and
         emit, and is then re-raised. `admit(k)` is awaited before the k-th group starts
-        (--max-staleness). When the engine itself fails, no new episode starts and
+        (--max-staleness); one that raises feed.InputEnd ends the run, cancelling the unfinished
+        episodes. When the engine itself fails, no new episode starts and
         MarsError is raised after the live ones end.
         """
-        from mars_cli.agent.feed import prefetch
+        from mars_cli.agent.feed import InputEnd, prefetch
 
         skip = skip or set()
         self.fatal = None
@@ -151,6 +152,7 @@ class AgentLoop:
         slots = asyncio.Semaphore(self.max_inflight)
         self._tools = ThreadPoolExecutor(self.tool_workers, thread_name_prefix="mars-tool")
         input_error: BaseException | None = None
+        running: set = set()
         try:
             async with asyncio.TaskGroup() as tg:
                 async with prefetch(tasks, ahead=self.max_inflight) as items:
@@ -171,14 +173,22 @@ class AgentLoop:
                         if not samples:
                             continue
                         if admit is not None:
-                            await admit(k)
+                            try:
+                                await admit(k)
+                            except InputEnd as e:  # no use for more episodes: end, dropping the unfinished
+                                streams.warn(str(e))
+                                for task in running:
+                                    task.cancel()
+                                break
                         k += 1
                         for s in samples:
                             await slots.acquire()
                             if self.fatal is not None:
                                 slots.release()
                                 break
-                            tg.create_task(self._episode(rec, s, group, slots, emit))
+                            task = tg.create_task(self._episode(rec, s, group, slots, emit))
+                            running.add(task)
+                            task.add_done_callback(running.discard)
         finally:
             self._tools.shutdown(wait=False, cancel_futures=True)
             await self.engine.aclose()  # a remote engine's HTTP client belongs to this loop

@@ -44,7 +44,8 @@ def open_toolbox(artifacts: str | os.PathLike, *, search_backend: str | None = N
     if text_search is None:
         backend = search_backend or os.environ.get("MARS_SEARCH_BACKEND") or "local"
         if backend == "local" and not (index or os.environ.get("MARS_INDEX")):
-            streams.warn("text search is off: no --index (or MARS_INDEX) for the local backend")
+            streams.warn("text search is off: no --index (or MARS_INDEX) for the local backend, so every search "
+                         "the model makes answers 'not available' (build one: mars index text CORPUS --out DIR)")
         else:
             from mars_cli.tools.text_search import open_text_search
 
@@ -187,6 +188,11 @@ def rollout(files, *, out: str | None, n: int, engine: dict, sampling: dict, lim
         total = None if loop else _task_total(files, n, len(writer.done))
         # summary=False: the summary line below sums up
         bar = streams.progress(unit="episodes", desc="rollout", total=total, summary=False)
+        if loop and out is None:
+            from mars_cli.pipes import exit_when_reader_gone
+
+            # `update --follow --max-steps` ends the loop while it may wait for weights
+            exit_when_reader_gone(lambda: _summary(dict(counts), writer.kept, time.perf_counter() - t0))
 
         def emit(rec: dict) -> None:
             writer.write(rec)

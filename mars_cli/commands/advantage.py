@@ -36,7 +36,6 @@ def main(
 
     A group with a null reward is dropped with a warning (--strict: an error). When every advantage comes out 0 (each group's rewards are equal) the batch is degenerate: a warning says so, and the records are still written. Each record gets `advantage`, `advantage_stats` {algo, group_mean, group_std, group_size, batch_mean, batch_std, ddof, eps, scope, scope_size} and `batch` {id, size}: the batch's record count and a hash of its content (group, sample and reward of each record, and the settings), so the same input gives the same output byte for byte and `mars update --follow` steps as soon as a batch's last record arrives.
     """
-    import logging
 
     from mars_cli.errors import UsageError
     from mars_cli.jsonl import RecordWriter, SkipCounter, read_located
@@ -67,7 +66,7 @@ def main(
 
         warn(f"all {stats.written} advantages are 0: every group's rewards are equal, so an update on this batch "
              "learns nothing from it (sample more per task with -n, or check the judge)")
-    logging.getLogger("mars.advantage").info(
-        f"{stats.written} of {stats.records} records written in {stats.batches} batch(es); dropped groups: {stats.dropped_null} with a null reward, "
-        f"{stats.dropped_constant} constant"
-    )
+    from mars_cli.streams import summary
+
+    summary(f"{stats.written} of {stats.records} records written in {stats.batches} batch(es); dropped groups: "
+            f"{stats.dropped_null} with a null reward, {stats.dropped_constant} constant")

@@ -78,7 +78,8 @@ def main(
     stats, skipped = JudgeStats(), SkipCounter()
     located = read_located(files, skip_bad=skip_bad, skipped=skipped)
     with RecordWriter(output) as w:
-        for rec in streams.progress(judge_records(located, cfg, stats), desc="judge", unit="records", total=count_lines(files)):
+        for rec in streams.progress(judge_records(located, cfg, stats), desc="judge", unit="records", total=count_lines(files),
+                                   per_input=True):
             w.write(rec, fresh=FIELDS)
         check_health(stats, cfg)  # inside the writer: a failed check leaves no -o file behind
     skipped.report()

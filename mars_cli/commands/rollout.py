@@ -109,10 +109,6 @@ def main(
         raise UsageError("--server needs at least one URL")
     if urls and engine not in (None, "server"):
         raise UsageError(f"--server and --engine {engine} disagree: --server runs the policy on those servers")
-    if loop and out is None:
-        from mars_cli.pipes import exit_when_reader_gone
-
-        exit_when_reader_gone()  # `update --follow --max-steps` ends the loop while it may wait for weights
     if batch_groups is not None and not urls:
         raise UsageError("--batch-groups/--max-staleness follow the weights of --server policy servers")
     runner.rollout(

@@ -134,6 +134,7 @@ class ServerEngine(Engine):
         self.alive: dict[str, int] = {u: 0 for u in alive}  # url -> requests in flight
         self.dropped: dict[str, str] = {u: h for u, h in healths.items() if isinstance(h, str)}
         self._order = itertools.count()
+        self.trainers: dict[str, dict | None] = {u: h.get("trainer") for u, h in alive.items()}  # serve/lease.py
         self._client = None
         self._client_loop = None
 
@@ -141,7 +142,10 @@ class ServerEngine(Engine):
         return {**super().describe(), "servers": list(self.alive)}
 
     async def apoll_weight_version(self) -> int | None:
-        """The weight version every live server has reached (the lowest of their /health)."""
+        """The weight version every live server has reached (the lowest of their /health).
+
+        Also notes each server's `trainer` lease in `self.trainers`: whether weights may still come.
+        """
         import httpx
 
         client = self._client_here()
@@ -149,7 +153,9 @@ class ServerEngine(Engine):
         for url in list(self.alive):
             try:
                 r = await client.get(url + "/health", timeout=30.0, headers=self._auth[url])
-                v = r.json().get("weight_version")
+                body = r.json()
+                v = body.get("weight_version")
+                self.trainers[url] = body.get("trainer")
             except (httpx.HTTPError, ValueError, AttributeError):
                 continue  # an unreachable server is dropped by the request that finds it dead
             if isinstance(v, int):

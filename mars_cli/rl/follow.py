@@ -25,6 +25,8 @@ bound serves other weights than it reports, and every rollout it serves would tr
 wrong log-probs: the step's record is printed (its `push` holds the error and the gap),
 the step is saved if it was not, and the trainer stops with exit 1. A restart resumes
 from that step once the server is fixed.
+While it runs, rank 0 holds a lease on those servers (serve/lease.py) and says "done"
+when it ends, so a rollout waiting for weights that will not come ends too.
 
 Staleness of a record = the trainer's step before this one − the step whose weights
 sampled it, found from the record's `policy.weight_version` (as servers reported it
@@ -49,6 +51,8 @@ from mars_cli.rl import update as U
 from mars_cli.rl.sampled_by import SampledBy
 
 log = logging.getLogger("mars.update")
+
+DRAIN_SECONDS = 30.0  # after --max-steps: how long the input may take to end once the lease says "done"
 
 
 @dataclass
@@ -405,17 +409,43 @@ def run_command(paths, cfg: U.UpdateConfig, fcfg: FollowConfig, *, nproc: int, l
     from mars_cli.tracking import open_tracker, run_settings
 
     rank0 = int(os.environ.get("RANK", "0")) == 0
-    with RecordWriter() as w, open_tracker(fcfg.report_to if rank0 else "none", logging_dir=fcfg.logging_dir,
-                                           command="update", config=run_settings()) as tracker:
-        def emit(rec: dict) -> None:  # live, one step at a time: a resident run lasts for days
-            w.write(rec)
-            tracker.log(rec, step=rec.get("step"), prefix="train/")
+    lease = None
+    if rank0 and fcfg.push:
+        try:
+            from mars_cli.serve.lease import Heartbeat
+        except ImportError:  # a build without the server side: pushes go on, rollouts are not told
+            Heartbeat = None
+        if Heartbeat is not None:
+            # the rollouts sampling from these servers wait for weights only while this runs
+            lease = Heartbeat(fcfg.push, api_key=os.environ.get("MARS_SERVE_API_KEY") or None)
+    try:
+        with RecordWriter() as w, open_tracker(fcfg.report_to if rank0 else "none", logging_dir=fcfg.logging_dir,
+                                               command="update", config=run_settings()) as tracker:
+            def emit(rec: dict) -> None:  # live, one step at a time: a resident run lasts for days
+                w.write(rec)
+                tracker.log(rec, step=rec.get("step"), prefix="train/")
 
-        follow(paths, cfg, fcfg, emit=emit, skip_bad=skip_bad)
-    if any(t.name == "follow-reader" and t.is_alive() for t in threading.enumerate()):
-        # --max-steps with the input still open: the reader thread is blocked in a read of
-        # stdin, whose lock Python's shutdown would wait for. Everything is saved and the
-        # records are flushed, so end here; the stages upstream then end on the closed pipe.
+            t0 = time.perf_counter()
+            taken = follow(paths, cfg, fcfg, emit=emit, skip_bad=skip_bad)
+        if rank0:
+            from mars_cli.progress import duration
+
+            why = "--max-steps reached" if fcfg.max_steps is not None and taken >= fcfg.max_steps else "the input ended"
+            streams.summary(f"follow: {taken} step{'s' * (taken != 1)} in {duration(time.perf_counter() - t0)} ({why})")
+    finally:
+        if lease is not None:
+            lease.close()  # "done": a rollout held back for the next weights ends now
+    reader = next((t for t in threading.enumerate() if t.name == "follow-reader" and t.is_alive()), None)
+    if reader is not None and lease is not None:
+        # --max-steps with the input still open: the lease's "done" ends the rollouts that
+        # feed this run, and the stages between end on their input. Reading on until they
+        # have (bounded) lets each stage end on its input, with its summary, rather than
+        # on a closed pipe (which `tee` between stages only notices when it next writes).
+        reader.join(DRAIN_SECONDS)
+    if reader is not None and reader.is_alive():
+        # The reader thread is blocked in a read of stdin, whose lock Python's shutdown
+        # would wait for. Everything is saved and the records are flushed, so end here;
+        # the stages upstream then end on the closed pipe.
         import sys
 
         streams.close_records()

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from mars_cli.errors import MarsError
 from mars_cli.serve.http import HTTPError, Request
+from mars_cli.serve.lease import TrainerLease
 
 log = logging.getLogger("mars.serve")
 
@@ -154,6 +155,7 @@ class App:
         self.started = time.monotonic()
         self._load_lock = asyncio.Lock()
         self._probe_request: dict | None = None  # serve.probe's request, built at the first load
+        self.trainer = TrainerLease()  # serve/lease.py: whether a trainer still follows
 
     def routes(self) -> dict:
         extra = {}
@@ -164,7 +166,7 @@ class App:
                 ("POST", "/load"): self.load, ("POST", "/pause"): self.pause, ("POST", "/resume"): self.resume,
                 ("GET", "/is_paused"): self.is_paused, ("POST", "/sleep"): self.sleep,
                 ("POST", "/wake_up"): self.wake_up, ("GET", "/is_sleeping"): self.is_sleeping,
-                ("GET", "/weight_info"): self.weight_info}
+                ("GET", "/weight_info"): self.weight_info, ("POST", "/trainer"): self.trainer.post}
 
     async def start(self, policy: str) -> None:
         info = await self.backend.start(policy)  # weight version 1
@@ -179,7 +181,7 @@ class App:
                 "max_images": self.max_images, "max_image_bytes": self.max_image_bytes,
                 "max_model_len": self.backend.max_model_len,
                 "pixels": self.backend.pixels, "pid": os.getpid(), "last_error": self.last_error,
-                "uptime_seconds": round(time.monotonic() - self.started, 3),
+                "uptime_seconds": round(time.monotonic() - self.started, 3), "trainer": self.trainer.describe(),
                 "stats": dict(self.backend.stats) if self.backend.stats is not None else None}
 
     async def health(self, req: Request):
