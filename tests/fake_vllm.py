@@ -81,9 +81,29 @@ def collective_rpc(body):
     return 200, {"results": [None]}
 
 
+def openai_chat(body):
+    """/v1/chat/completions (entrypoints/openai/chat_completion): one fixed reply, streamed when asked."""
+    head = {"id": "chatcmpl-fake", "created": int(time.time()), "model": state["model"]}
+    if body.get("model") != state["model"]:
+        return error(404, f"The model `{body.get('model')}` does not exist.", "NotFoundError")
+    if body.get("stream"):
+        chunks = [{**head, "object": "chat.completion.chunk",
+                   "choices": [{"index": 0, "delta": {"role": "assistant", "content": piece}, "finish_reason": None}]}
+                  for piece in ("fake ", "reply")]
+        chunks.append({**head, "object": "chat.completion.chunk",
+                       "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+        return 200, b"".join(b"data: " + json.dumps(c).encode() + b"\n\n" for c in chunks) + b"data: [DONE]\n\n"
+    return 200, {**head, "object": "chat.completion", "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7},
+                 "choices": [{"index": 0, "message": {"role": "assistant", "content": "fake reply"}, "finish_reason": "stop"}]}
+
+
 def route(method, path, query, body):
     if (method, path) == ("GET", "/health"):
         return 200, None
+    if (method, path) == ("GET", "/v1/models"):
+        return 200, {"object": "list", "data": [{"id": state["model"], "object": "model", "owned_by": "vllm"}]}
+    if (method, path) == ("POST", "/v1/chat/completions"):
+        return openai_chat(body)
     if (method, path) == ("POST", "/inference/v1/generate"):
         return generate(body)
     if (method, path) == ("POST", "/pause"):
@@ -126,9 +146,10 @@ class Handler(BaseHTTPRequestHandler):
         query = parse_qs(parts.query)
         record({"method": method, "path": parts.path, "query": query, "body": body})
         status, payload = route(method, parts.path, query, body)
-        data = b"" if payload is None else json.dumps(payload).encode()
+        stream = isinstance(payload, bytes)  # server-sent events
+        data = payload if stream else b"" if payload is None else json.dumps(payload).encode()
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", "text/event-stream" if stream else "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)

@@ -163,3 +163,26 @@ def test_weight_transfer_is_forwarded_and_counts_a_version(vllm_server):
     assert (h["fingerprint"], h["weight_version"]) == ("abc123", 2)
     out = httpx.post(url + "/inference/v1/generate", json={"token_ids": [5], "sampling_params": {"max_tokens": 2}}).json()
     assert out["choices"][0]["weight_versions"][0]["version"] == "2" and out["mars"]["fingerprint"] == "abc123"
+
+
+def test_openai_routes_pass_through_to_vllm_after_the_layers_checks(vllm_server):
+    import openai
+
+    url, app, ck, log = vllm_server
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
+    assert [m.id for m in client.models.list().data] == [str(ck)]
+    messages = [{"role": "user", "content": "Hi"}]
+    r = client.chat.completions.create(model=str(ck), messages=messages, max_tokens=5)
+    assert r.choices[0].message.content == "fake reply" and r.usage.total_tokens == 7
+    chunks = list(client.chat.completions.create(model=str(ck), messages=messages, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "fake reply"
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    sent = [c for c in calls(log) if c.get("path") == "/v1/chat/completions"]
+    assert len(sent) == 2 and sent[1]["body"]["stream"] is True and sent[0]["body"]["max_tokens"] == 5
+    with pytest.raises(openai.NotFoundError):  # vLLM's own answer, passed back
+        client.chat.completions.create(model="other", messages=messages)
+    # an image URL vLLM would fetch never reaches it
+    with pytest.raises(openai.BadRequestError, match="data: URLs"):
+        client.chat.completions.create(model=str(ck), messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "http://169.254.169.254/x.png"}}]}])
+    assert len([c for c in calls(log) if c.get("path") == "/v1/chat/completions"]) == 3

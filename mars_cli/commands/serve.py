@@ -46,7 +46,7 @@ def main(
 ) -> None:
     """Serve a policy over HTTP until SIGINT/SIGTERM; print its URL when ready.
 
-    Token-in/token-out generation at POST /inference/v1/generate (vLLM's request and response), GET /health (200 when serving: policy, fingerprint, weight version; 503 while loading), POST /load {"path": DIR} (new weights without a restart; the weight version goes up by one; a failed load keeps the old weights; the answer's `probe` holds the new weights' log-probs on a fixed probe, which `update --push` checks against the trainer), /pause, /resume, /sleep, /wake_up. --engine vllm runs `vllm serve` on a private loopback port behind this layer. Prints one JSON line {url, policy, fingerprint, weight_version} on stdout once ready; logs go to stderr.
+    Token-in/token-out generation at POST /inference/v1/generate (vLLM's request and response), GET /health (200 when serving: policy, fingerprint, weight version; 503 while loading), POST /load {"path": DIR} (new weights without a restart; the weight version goes up by one; a failed load keeps the old weights; the answer's `probe` holds the new weights' log-probs on a fixed probe, which `update --push` checks against the trainer), /pause, /resume, /sleep, /wake_up; OpenAI's GET /v1/models, POST /v1/chat/completions and /v1/completions for any OpenAI client (images as data: URLs, streaming); POST /trainer, the lease of an `update --follow` that pushes here (/health's `trainer`). --engine vllm runs `vllm serve` on a private loopback port behind this layer. Prints one JSON line {url, policy, fingerprint, weight_version} on stdout once ready; logs go to stderr.
     """
     import os
 

@@ -162,6 +162,9 @@ class App:
         if hasattr(self.backend, "forward"):
             # vLLM's weight-transfer API (NCCL/IPC from a trainer; no disk, so no --allow-load)
             extra = {("POST", p): self.weight_transfer for p in WEIGHT_TRANSFER}
+        from mars_cli.serve.openai_api import OpenAIRoutes
+
+        extra.update(OpenAIRoutes(self).routes())  # /v1: OpenAI's chat and completions (serve/openai_api.py)
         return {**extra,("GET", "/health"): self.health, ("POST", "/inference/v1/generate"): self.generate,
                 ("POST", "/load"): self.load, ("POST", "/pause"): self.pause, ("POST", "/resume"): self.resume,
                 ("GET", "/is_paused"): self.is_paused, ("POST", "/sleep"): self.sleep,

@@ -1,7 +1,7 @@
 """A small asyncio HTTP/1.1 server (h11) for JSON APIs: bounded bodies, timeouts, one owner.
 
 Every connection is a task the server keeps and cancels on `close()`; handlers are
-coroutines `async (Request) -> (status, dict)`. What it enforces before a handler runs:
+coroutines `async (Request) -> (status, dict or Streamed)`. What it enforces before a handler runs:
 the bearer key (when one is set, on every path; compared as UTF-8 bytes), a declared or
 streamed body over `max_body` (413, connection closed), a request not received whole
 within `read_timeout` of its first byte (408: a deadline per request, not per read, so a
@@ -23,7 +23,7 @@ import logging
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable
+from typing import AsyncIterator, Awaitable, Callable
 from urllib.parse import parse_qs, urlsplit
 
 import h11
@@ -71,7 +71,15 @@ class HTTPError(Exception):
         self.kind = kind
 
 
-Handler = Callable[[Request], Awaitable[tuple[int, dict]]]
+@dataclass
+class Streamed:
+    """An answer sent while it is produced (server-sent events): its chunks, in order."""
+
+    chunks: AsyncIterator[bytes]
+    content_type: str = "text/event-stream"
+
+
+Handler = Callable[[Request], Awaitable[tuple[int, "dict | Streamed"]]]
 
 
 def error_body(status: int, message: str, kind: str = "BadRequestError") -> dict:
@@ -262,7 +270,9 @@ class HTTPServer:
             log.error("%s %s failed: %s: %s", req.method, req.path, type(e).__name__, str(e)[:500])
             return 500, error_body(500, f"{type(e).__name__}: {str(e)[:500]}", "InternalServerError")
 
-    async def _respond(self, conn, writer, status: int, body: dict) -> bool:
+    async def _respond(self, conn, writer, status: int, body) -> bool:
+        if isinstance(body, Streamed):
+            return await self._stream(conn, writer, status, body)
         payload = json.dumps(body, allow_nan=False).encode()
         headers = [("Content-Type", "application/json"), ("Content-Length", str(len(payload)))]
         refused = status in (401, 408, 413)  # the rest of the body is not read: close after answering
@@ -273,3 +283,19 @@ class HTTPServer:
         writer.write(conn.send(h11.EndOfMessage()))
         await writer.drain()
         return not refused
+
+    async def _stream(self, conn, writer, status: int, body: Streamed) -> bool:
+        """Chunked transfer: each chunk is sent as it comes; a client gone stops the producer."""
+        headers = [("Content-Type", body.content_type), ("Cache-Control", "no-cache")]
+        writer.write(conn.send(h11.Response(status_code=status, headers=headers)))
+        try:
+            async for chunk in body.chunks:
+                writer.write(conn.send(h11.Data(data=chunk)))
+                await writer.drain()
+        finally:
+            close = getattr(body.chunks, "aclose", None)
+            if close is not None:
+                await close()
+        writer.write(conn.send(h11.EndOfMessage()))
+        await writer.drain()
+        return True

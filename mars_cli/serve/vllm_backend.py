@@ -210,6 +210,36 @@ class VLLMBackend(Backend):
         """A weight-transfer call, passed to vLLM as is."""
         return await self._call("POST", path, json=body, timeout=self.load_timeout)
 
+    async def proxy(self, method: str, path: str, body: dict | None = None):
+        """vLLM's own route (its OpenAI API), passed through: (status, body), a stream as Streamed."""
+        import httpx
+
+        from mars_cli.serve.http import Streamed
+
+        if self.failure:
+            raise HTTPError(503, self.failure, "EngineDeadError")
+        kw = {"json": body} if body is not None else {}
+        try:
+            r = await self._client.send(self._client.build_request(method, self.url + path, timeout=None, **kw),
+                                        stream=True)
+        except httpx.HTTPError as e:
+            raise HTTPError(502, f"vllm serve {path}: {type(e).__name__}: {e}", "EngineError") from None
+        if r.status_code == 200 and r.headers.get("content-type", "").startswith("text/event-stream"):
+            async def chunks():
+                try:
+                    async for chunk in r.aiter_raw():
+                        yield chunk
+                finally:
+                    await r.aclose()
+
+            return 200, Streamed(chunks())
+        await r.aread()
+        await r.aclose()
+        try:
+            return r.status_code, r.json()
+        except ValueError:
+            raise HTTPError(502, f"vllm serve {path}: {_message(r)}", "EngineError") from None
+
     async def pause(self, mode: str) -> None:
         await self._call("POST", "/pause", params={"mode": mode}, timeout=self.load_timeout)
 
