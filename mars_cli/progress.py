@@ -258,6 +258,13 @@ class LogProgress:
         streams.warn(line)
 
 
+def counting(items: Iterable, bar) -> Iterator:
+    """`items`, each counted on `bar` when the next is asked for (the stage's work on it done)."""
+    for item in items:
+        yield item
+        bar.update(1)
+
+
 def _tick(ref, stop: threading.Event, interval: float) -> None:
     """A bar's periodic line while no unit finishes; ends with the bar (closed, or dropped unclosed)."""
     while not stop.wait(interval / 4):

@@ -53,9 +53,14 @@ def main(
 
         exit_when_reader_gone()  # `update --follow --max-steps` ends the pipeline while this waits for input
     stats, skipped = AdvantageStats(), SkipCounter()
-    located = read_located(files, skip_bad=skip_bad, skipped=skipped)
+    from mars_cli import streams
+    from mars_cli.progress import counting
+
+    # periodic lines while it waits for its input; the summary line below ends the run
+    bar = streams.progress(desc="advantage", unit="records", per_input=True, summary=False)
+    located = counting(read_located(files, skip_bad=skip_bad, skipped=skipped), bar)
     signal = set()  # groups whose advantages are not all 0
-    with RecordWriter(output) as w:
+    with RecordWriter(output) as w, bar:
         for rec in advantage_records(located, cfg, batch_groups=batch_groups, group_size=group_size, drop_constant=drop_constant, strict=strict, stats=stats):
             w.write(rec, fresh=FIELDS)
             if rec["advantage"] != 0:
