@@ -300,14 +300,21 @@ run(sys.argv[1:])
 """
 
 
+def killed_run(policy_dir, tmp_path, prefix: str, script: str):
+    """Two batches through `update --follow` under `script` (which kills it somewhere): the
+    batches, the --out folder, the command's arguments (to run it again) and the killed run."""
+    bs = [advantage(judged_file(policy_dir, tmp_path / f"j{i}.jsonl", f"{prefix}{i}-", 2), tmp_path / f"b{i}.jsonl")
+          for i in (1, 2)]
+    ck = tmp_path / "ck"
+    args = ["update", "--follow", *map(str, bs), "--policy", str(policy_dir), "--out", str(ck), *COMMON]
+    p = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=ENV, timeout=600)
+    return bs, ck, args, p
+
+
 def test_kill_while_saving_the_optimizer_state_resumes_from_the_previous_step(tiny_policy_dir, tmp_path):
     from mars_cli.models.load import load_policy
 
-    bs = [advantage(judged_file(tiny_policy_dir, tmp_path / f"j{i}.jsonl", f"k{i}-", 2), tmp_path / f"b{i}.jsonl")
-          for i in (1, 2)]
-    ck = tmp_path / "ck"
-    args = ["update", "--follow", *map(str, bs), "--policy", str(tiny_policy_dir), "--out", str(ck), *COMMON]
-    p = subprocess.run([sys.executable, "-c", KILLED_IN_SAVE, *args], capture_output=True, text=True, env=ENV, timeout=600)
+    bs, ck, args, p = killed_run(tiny_policy_dir, tmp_path, "k", KILLED_IN_SAVE)
     assert p.returncode == -9, p.stderr
     # Step 2's weights were written, its optimizer state was not: step 1 still holds a whole one.
     assert (ck / "step-2" / "model.safetensors").is_file() and not (ck / "step-2" / "optimizer").exists()
@@ -379,11 +386,7 @@ run(sys.argv[1:])
 def test_minor_kill_between_save_and_print_prints_the_record_on_resume(tiny_policy_dir, tmp_path):
     from mars_cli.models.load import load_policy
 
-    bs = [advantage(judged_file(tiny_policy_dir, tmp_path / f"j{i}.jsonl", f"p{i}-", 2), tmp_path / f"b{i}.jsonl")
-          for i in (1, 2)]
-    ck = tmp_path / "ck"
-    args = ["update", "--follow", *map(str, bs), "--policy", str(tiny_policy_dir), "--out", str(ck), *COMMON]
-    p = subprocess.run([sys.executable, "-c", KILLED_BEFORE_PRINT, *args], capture_output=True, text=True, env=ENV, timeout=600)
+    bs, ck, args, p = killed_run(tiny_policy_dir, tmp_path, "p", KILLED_BEFORE_PRINT)
     assert p.returncode == -9 and p.stdout == "", p.stderr
     assert (ck / "step-1" / "unprinted_record.json").is_file()
     r = subprocess.run([*MARS, *args], capture_output=True, text=True, env=ENV, timeout=600)
