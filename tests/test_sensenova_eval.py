@@ -12,6 +12,8 @@ import hashlib
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from mars_cli import images, protocol, sensenova, sensenova_eval
@@ -272,3 +274,19 @@ def test_profile_limits_are_eval_pys():
     assert prof.last_call_runs and prof.pixels == (65536, 8294400, 32) and prof.tool_text_limit is None
     assert prof.judge == {"max_tokens": 8192, "abort_on_failure": True}  # eval.py:653, 665
     assert protocol.get_profile("sensenova").tool_text_limit == 8192  # the training loop's cut stays there
+
+
+_PIECES = ["<tool_call>", "</tool_call>", "<answer>", "</answer>", "<thinking>", "</thinking>", "</think>",
+           '{"name": "image_zoom_in_tool", "arguments": {"bbox_2d": [1, 2, 3, 4]}}', "[1]", "{}", "(A)", "B)", " ",
+           "\n", "x", "<|im_end|>", "<|im_start|>assistant\n"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(_PIECES), max_size=12).map("".join))
+def test_call_first_reading_is_total_and_exclusive(text):
+    # eval.py:1474-1598: each reply is either a call that runs, a failed sample, or the final answer
+    t = protocol.parse_turn(text, rule="call-first")
+    assert [t.call is not None, t.fatal is not None, t.answer is not None].count(True) == 1
+    if t.answer is not None:
+        assert t.answer == sensenova_eval.answer_text(text)
+    sensenova_eval.choice_letter(text)  # never raises
