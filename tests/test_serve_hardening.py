@@ -134,6 +134,39 @@ def test_r1_no_traceback_is_printed_by_mars_serve(served):
     assert "Traceback" not in served.stderr and " failed: " not in served.stderr, served.stderr
 
 
+def test_r1_adjacent_image_pads_are_400_not_a_model_error(in_proc):
+    url, app = in_proc
+    pad = app.backend.image_pad
+    body = gen_body(ids=[1, pad, pad, 2], content_parts=[{"type": "image_url", "url": _png(40, 30, seed=s)}
+                                                         for s in (1, 2)])
+    one_line_400(httpx.post(url + GEN, json=body, timeout=60), "side by side")
+
+
+def test_r1_a_request_that_breaks_generation_fails_alone_not_its_batch(in_proc, monkeypatch):
+    url, app = in_proc
+    real = app.backend._generate
+
+    def fragile(items):
+        if any(7777 in it.ids for it in items):
+            raise RuntimeError("this prompt breaks the model")
+        return real(items)
+
+    monkeypatch.setattr(app.backend, "_generate", fragile)
+
+    async def batch():
+        async with httpx.AsyncClient(timeout=120) as c:
+            assert (await c.post(url + "/pause", params={"mode": "keep"})).status_code == 200
+            sent = [asyncio.ensure_future(c.post(url + GEN, json=gen_body(ids=[1, 2, 7777 if i == 2 else 3])))
+                    for i in range(4)]
+            await asyncio.sleep(0.5)  # all four queued: resumed, they form one batch
+            await c.post(url + "/resume")
+            return await asyncio.gather(*sent)
+
+    answers = asyncio.run(batch())
+    assert [r.status_code for r in answers] == [200, 200, 500, 200]
+    assert "breaks the model" in answers[2].json()["error"]["message"]
+
+
 # ------------------------------------------------------------------ R2: bounded work
 
 

@@ -231,7 +231,11 @@ class App:
         if len(parts) > self.max_images:
             raise HTTPError(400, f"{len(parts)} images in one request; this server's limit is {self.max_images}")
         images = [decode_image_part(p, i, self.max_image_bytes) for i, p in enumerate(parts)]
-        pads = sum(1 for t in ids if t == self.backend.image_pad)
+        pad = self.backend.image_pad
+        if any(a == b == pad for a, b in zip(ids, ids[1:])):
+            raise HTTPError(400, "token_ids: two <|image_pad|> side by side read as one image; each image takes "
+                                 "its own <|vision_start|><|image_pad|><|vision_end|>")
+        pads = sum(1 for t in ids if t == pad)
         if pads != len(images):
             raise HTTPError(400, f"token_ids hold {pads} image placeholders but {len(images)} images were sent "
                                  "(one <|image_pad|> per image)")

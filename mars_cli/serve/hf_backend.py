@@ -250,7 +250,11 @@ class HFBackend(Backend):
     async def _run(self, items: list[Pending]) -> None:
         try:
             turns, serving = await self._on_worker(self._generate, items)
-        except Exception as e:  # one failed generate fails its batch, not the server (one line, no traceback)
+        except Exception as e:  # one failed generate fails its request, not its batch nor the server
+            if len(items) > 1:
+                for it in items:  # alone, so that only the request that broke it fails
+                    await self._run([it])
+                return
             log.error("generate failed: %s: %s", type(e).__name__, str(e)[:500])
             for it in items:
                 if not it.future.done():
@@ -293,6 +297,8 @@ class HFBackend(Backend):
         st["batches"] += 1
         st["requests"] += len(items)
         st["generated_tokens"] += sum(len(r.ids or []) for r in results)
+        if any(it.images for it in items):
+            _trim_heap()  # the processor's copies of the images are freed: give their pages back
         return results, self.serving
 
     # ---------------------------------------------------------------- pause, sleep, close
