@@ -439,3 +439,17 @@ def test_follow_reads_a_live_pipe_fed_slowly_losing_and_repeating_nothing(tiny_p
     ms = metrics(out.decode())
     assert [m["step"] for m in ms] == [1, 2, 3] and [m["batch"]["id"] for m in ms] == ids
     assert all(m["batch"]["size"] == 4 and m["skipped"] == 0 for m in ms)
+
+
+def test_the_stream_says_it_waits_for_input(monkeypatch, capsys):
+    """update --follow between steps: a line every progress interval while no record comes."""
+    from mars_cli.rl.follow import Stream
+
+    monkeypatch.setenv("MARS_PROGRESS", "log")
+    monkeypatch.setenv("MARS_PROGRESS_INTERVAL", "1")
+    r, w = os.pipe()
+    stream = Stream([f"/dev/fd/{r}"], skip_bad=False)
+    threading.Timer(2.5, lambda: (os.write(w, b'{"a": 1}\n'), os.close(w))).start()
+    assert [rec for (_, rec), _ in stream] == [{"a": 1}]
+    lines = [x for x in capsys.readouterr().err.splitlines() if "waiting for input" in x]
+    assert len(lines) >= 2 and lines[0].endswith("waiting for input (1.0s), 0 records read; a step takes each complete batch")

@@ -117,11 +117,22 @@ class Stream:
         return self.done.is_set() and self.q.qsize() <= 1
 
     def __iter__(self):
-        """Yields (item, seconds waited for it)."""
+        """Yields (item, seconds waited for it); says so every progress interval while it waits."""
+        from mars_cli.progress import _interval, duration
+
+        every = _interval() if streams.progress_enabled() else 0
+        taken = 0
         while True:
             t = time.perf_counter()
-            item = self.q.get()
+            while True:
+                try:
+                    item = self.q.get(timeout=every if every >= 1 else None)
+                    break
+                except queue.Empty:
+                    streams.warn(f"waiting for input ({duration(time.perf_counter() - t)}), "
+                                 f"{taken} records read; a step takes each complete batch")
             waited = time.perf_counter() - t
+            taken += 1
             if item is _END:
                 return
             if isinstance(item, BaseException):
