@@ -214,7 +214,7 @@ class LogProgress:
         """The description, unless it only repeats the command's name (`mars judge: judge …`)."""
         from mars_cli import streams
 
-        return "" if self.desc == streams.program.get().split(" ")[-1] else self.desc
+        return "" if self.desc == streams.current_program().split(" ")[-1] else self.desc
 
     def _prefix(self) -> str:
         return f"{self._desc()} " if self._desc() else ""
