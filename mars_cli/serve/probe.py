@@ -24,10 +24,11 @@ correct push must meet. Measured by scripts/push_probe_gap.py on a 2-core CPU, f
 `mars tiny-model` (seeds 0 and 1), 10 loads each, Qwen2.5-VL and Qwen3-VL alike: after a
 correct load the largest gap over the probe's 16 tokens is 1e-6; against the weights
 served before it is 0.33–0.57, and a server that kept the other model's tied embeddings
-measures 0.28–0.77: over 10× the bound every time. vLLM's CPU build measured 2.7e-3 at
-most over 256 rollout tokens against the trainer. bf16 servers or trainers round
-log-probs more coarsely: raise the bound there after measuring (each push record
-carries the gaps).
+measures 0.28–0.77: over 10× the bound every time. A bf16 hf server against the fp32
+trainer: 0.9e-3 to 2.3e-3 (6 loads). vLLM's CPU build measured 2.7e-3 at most over 256
+rollout tokens against the trainer. Larger models in bf16 on GPUs may round more
+coarsely: measure there (`--engine vllm --models A B --dtype bfloat16`) and raise the
+bound if needed; each push record carries the gaps.
 What the probe cannot tell apart: two checkpoints whose own log-probs differ by less than
 the bound (one small optimizer step); the fingerprint is the evidence there.
 """
