@@ -82,7 +82,8 @@ def test_clients_repeating_the_same_inputs_with_a_load_in_the_middle_lose_nothin
             v = [r.json()["mars"]["weight_version"] for r in rs]
             assert v == sorted(v)
         st = httpx.get(s.url + "/health").json()
-        assert st["weight_version"] == 2 and st["stats"]["requests"] == clients * repeats
+        probed = "error" not in (loaded.json().get("probe") or {"error": None})  # /load's push probe generates too
+        assert st["weight_version"] == 2 and st["stats"]["requests"] == clients * repeats + probed
     finally:
         assert s.stop() == 0
     assert "Traceback" not in s.stderr, s.stderr
