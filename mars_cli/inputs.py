@@ -41,9 +41,7 @@ def local_image(src: str, folder: str | os.PathLike, *, allow_private: bool = Fa
         ext = image_extension(data)
         if ext is None:
             raise MarsError(f"{src}: not an image (got {ctype or 'no content type'}, {len(data)} bytes)")
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        return str(store(folder, data, ext))
+        return str(store(folder, data, ext))  # makes the folder (an OS error is a MarsError)
     if "://" in src:
         raise MarsError(f"{src}: only http(s) URLs and local files are supported")
     path = Path(src)

@@ -26,7 +26,6 @@ from typing import Any, Callable, Iterator
 from mars_cli.errors import MarsError, RecordError
 from mars_cli.fsutil import atomic_dir
 from mars_cli.spool import content_name, store
-from mars_cli.spool import content_name, store
 
 # Magic bytes → file extension for stored images.
 _MAGIC = (

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import os
 
 from mars_cli.errors import MarsError, UsageError
 
