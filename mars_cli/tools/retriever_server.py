@@ -33,6 +33,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from mars_cli.errors import MarsError
+from mars_cli.strictjson import loads_request
 
 log = logging.getLogger("mars.retriever")
 MAX_BODY = 1 << 20
@@ -168,12 +169,10 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def _parse(body: bytes):
-    """(the request, None) or (None, why it is not JSON)."""
+    """(the request, None) or (None, why it is not JSON): strictjson's request rules, as mars serve reads."""
     try:
-        return json.loads(body or b"null"), None
-    except RecursionError:
-        return None, "invalid JSON: nested too deeply"
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer over Python's digit limit
+        return loads_request(body or b"null"), None
+    except ValueError as e:  # invalid JSON, not UTF-8, too deep, NaN/Infinity, an integer over 64 bits
         return None, f"invalid JSON: {str(e).split(';')[0]}"
 
 
