@@ -10,8 +10,9 @@ the rules in scorers.py; llm and simpleqa ask the LLM judge, after an exact matc
 short-circuited the call. With no judge endpoint they fall back to the official
 exact-match rule (sensenova_eval.exact_match: eval.py's em_check, ASCII normalization),
 never to anything more lenient, so an offline score is never above the official
-exact-match level; `judge.method` says "rule-fallback:em". An episode without an answer,
-or one that ended on a malformed turn (finish "malformed"), scores 0 without asking anyone.
+exact-match level; `judge.method` says "em-shortcut" for a match, "rule-fallback:em"
+otherwise. An episode without an answer, or one that ended on a malformed turn (finish
+"malformed"), scores 0 without asking anyone.
 
 The protocol profile (`--protocol`, else the record's `protocol`) may score by other
 rules: `sensenova-eval` (scoring "eval") scores the final reply as inference/eval.py
@@ -183,10 +184,10 @@ def prepare(record: dict, where, cfg: JudgeConfig) -> _Pending:
         return _Pending(record, scorer, info, s.accuracy)
     # Offline the official exact-match rule decides alone: nothing more lenient stands in for the judge.
     exact = sensenova_eval.exact_match if prof.scoring == "eval" or not cfg.base_url else scorers.exact_match
-    if not cfg.base_url and not exact(pred, golds):
-        return _Pending(record, scorer, _info(cfg, scorer, "rule-fallback:em", verdict="incorrect"), 0.0)
     if exact(pred, golds):
         return _Pending(record, scorer, _info(cfg, scorer, "em-shortcut", verdict="correct"), 1.0)
+    if not cfg.base_url:
+        return _Pending(record, scorer, _info(cfg, scorer, "rule-fallback:em", verdict="incorrect"), 0.0)
     rubric = "simpleqa" if scorer == "simpleqa" else cfg.rubric
     images = record.get("images") or []
     send = cfg.judge_image if cfg.judge_image is not None else rubric == "sensenova"
