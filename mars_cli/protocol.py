@@ -156,7 +156,7 @@ class Profile:
     stop: tuple = ()  # specials that end a turn besides <|im_end|> (hf, vllm engines), by name
 
 
-_VERL_TEXTS = {"unknown_tool": "Error: Unknown tool '{}'", "search_unavailable": "Error: Search not available."}
+_VERL_TEXTS = {"unknown_tool": sensenova.UNKNOWN_TOOL, "search_unavailable": sensenova.SEARCH_UNAVAILABLE}
 _EVAL_TEXTS = {"unknown_tool": sensenova_eval.UNKNOWN_TOOL, "search_unavailable": sensenova_eval.SEARCH_UNAVAILABLE,
                "invalid_bbox": sensenova_eval.INVALID_BBOX}
 

@@ -123,8 +123,12 @@ def cut_tool_text(text: str, limit: int = TOOL_TEXT_LIMIT) -> str:
     return TRUNCATED_MARK + text[-limit:]
 
 
+UNKNOWN_TOOL = "Error: Unknown tool '{}'"
+SEARCH_UNAVAILABLE = "Error: Search not available."
+
+
 def unknown_tool(name: object) -> str:
-    return f"Error: Unknown tool '{name}'"
+    return UNKNOWN_TOOL.format(name)
 
 
 def zoom_error(raw_args: dict, n_images: int) -> str | None:
