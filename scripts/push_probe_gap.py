@@ -36,12 +36,11 @@ def backend(engine: str, dtype: str):
     return VLLMBackend(seed=0, dtype=dtype, max_model_len=1024)
 
 
-def keep_old_embeddings() -> None:
+def stale_embeddings(real):
+    """HFBackend._load made to keep the embeddings (tied to the output head) it served
+    before, the way an in-place reload that mishandles tied embeddings fails; it still
+    reports the new fingerprint and weight version (tests/test_push_probe.py uses it too)."""
     import torch
-
-    from mars_cli.serve.hf_backend import HFBackend
-
-    real = HFBackend._load
 
     def load(self, *args, **kw):
         old = self.policy.model.get_input_embeddings().weight.detach().clone() if self.policy else None
@@ -51,7 +50,13 @@ def keep_old_embeddings() -> None:
                 policy.model.get_input_embeddings().weight.copy_(old)
         return policy
 
-    HFBackend._load = load
+    return load
+
+
+def keep_old_embeddings() -> None:
+    from mars_cli.serve.hf_backend import HFBackend
+
+    HFBackend._load = stale_embeddings(HFBackend._load)
 
 
 def measure(engine: str, dtype: str, models: list[Path], loads: int) -> dict:

@@ -7,17 +7,19 @@ the new fingerprint and weight version, and only the probe can tell.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
+from pathlib import Path
 
 import httpx
 import pytest
-import torch
 
 import helpers_train as H
 from test_update_follow import COMMON, advantage, judged_file
 
 pytestmark = pytest.mark.network
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
@@ -40,20 +42,14 @@ def hf_server(root, policy):
 
 
 def keep_old_embeddings(monkeypatch):
-    """Make every load of the hf backend keep the embeddings (tied to the output head) it served before."""
+    """Make every load of the hf backend keep the embeddings (tied to the output head) it
+    served before: the fault scripts/push_probe_gap.py measures the bound against."""
     from mars_cli.serve.hf_backend import HFBackend
 
-    real = HFBackend._load
-
-    def load(self, *args, **kw):
-        old = self.policy.model.get_input_embeddings().weight.detach().clone() if self.policy else None
-        policy = real(self, *args, **kw)
-        if old is not None:
-            with torch.no_grad():
-                policy.model.get_input_embeddings().weight.copy_(old)
-        return policy
-
-    monkeypatch.setattr(HFBackend, "_load", load)
+    spec = importlib.util.spec_from_file_location("push_probe_gap", ROOT / "scripts" / "push_probe_gap.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    monkeypatch.setattr(HFBackend, "_load", script.stale_embeddings(HFBackend._load))
 
 
 def test_load_reports_the_probe_which_matches_the_new_weights_and_is_10x_off_the_old(models):
