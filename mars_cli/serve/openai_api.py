@@ -13,7 +13,9 @@ fetches nothing), at most --max-images per request, each within the byte limit.
   true` the finished answer is sent as server-sent events (a chunk with the text, a
   chunk with the finish reason, the usage when `stream_options.include_usage`, then
   `[DONE]`): streaming clients work, and see the text at once. `n` must be 1; `seed`
-  is ignored (the server has one, `mars serve --seed`); `max_tokens` defaults to 2048.
+  is ignored (the server has one, `mars serve --seed`); `max_tokens` defaults to 2048;
+  `model` is not checked (a server serves one policy; /v1/models names it), and
+  `usage.prompt_tokens` counts each image as its one placeholder, before expansion.
 - vllm: vLLM's own /v1 routes, passed through unchanged (streams too) after the checks.
 
 Shapes: OpenAI's API reference (chat.completion, chat.completion.chunk, text_completion, list).
