@@ -45,9 +45,13 @@ def test_the_snippet_has_tee_between_every_stage_and_max_steps():
 @pytest.mark.parametrize("run", [1, 2])
 def test_readme_first_pipeline_ends_by_itself(tmp_path, run):
     snippet = readme_snippet().replace("8100", str(free_port()))
+    # `mars` as an installed entry point would run it: this interpreter and this checkout
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "mars").write_text(f'#!/bin/sh\nexec "{sys.executable}" -m mars_cli "$@"\n')
+    (bin_dir / "mars").chmod(0o755)
     env = {k: v for k, v in os.environ.items() if not k.startswith("MARS_") and "API_KEY" not in k}
-    env.update(PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}", PYTHONPATH=str(ROOT),
-               OMP_NUM_THREADS="1")
+    env.update(PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}", PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE"):
         env.pop(k, None)
     p = subprocess.run(["bash", "-euo", "pipefail", "-c", snippet], cwd=tmp_path, env=env, stdin=subprocess.DEVNULL,
