@@ -65,7 +65,7 @@ def test_minor_sft_skips_a_trajectory_over_max_seq_len(tiny_policy_dir, tmp_path
     """A runaway assistant message is skipped with a warning naming its line, not trained for minutes."""
     from mars_cli.jsonl import write_records
     from mars_cli.models.load import load_policy, load_tokenizer, special_ids
-    from mars_cli.rl.sft import context_length
+    from mars_cli.models.load import context_length
 
     tok = load_tokenizer(tiny_policy_dir)
     renderer = protocol.Renderer(tok, special_ids(tok))

@@ -268,6 +268,16 @@ def special_ids(tokenizer, where: str | Path = "") -> dict[str, int]:
     return out
 
 
+def context_length(model) -> int | None:
+    """The model's context length (its text config's max_position_embeddings), or None."""
+    cfg = getattr(model, "config", None)
+    for c in (getattr(cfg, "text_config", None), cfg):
+        n = getattr(c, "max_position_embeddings", None)
+        if isinstance(n, int) and not isinstance(n, bool) and n > 0:
+            return n
+    return None
+
+
 def load_policy(path, *, device: str = "cpu", dtype=None, trainable: bool = False,
                 min_pixels: int | None = None, max_pixels: int | None = None,
                 attn_implementation: str | None = None) -> Policy:

@@ -73,16 +73,6 @@ def _check(cfg: SFTConfig) -> None:
         raise UsageError("--max-steps must be at least 1")
 
 
-def context_length(model) -> int | None:
-    """The model's context length (its text config's max_position_embeddings), or None."""
-    cfg = getattr(model, "config", None)
-    for c in (getattr(cfg, "text_config", None), cfg):
-        n = getattr(c, "max_position_embeddings", None)
-        if isinstance(n, int) and not isinstance(n, bool) and n > 0:
-            return n
-    return None
-
-
 def _within_length(examples: list, lengths: list[int], limit: int | None) -> tuple[list, list[int]]:
     """Drop, with a warning naming its line, each example longer than `limit` tokens: one
     runaway message (a million tokens) would otherwise train alone for minutes, or beyond
@@ -105,6 +95,7 @@ def run_sft(paths, cfg: SFTConfig, *, skip_bad: bool = False, on_epoch=None) -> 
     import torch
 
     from mars_cli.jsonl import read_located
+    from mars_cli.models.load import context_length
     from mars_cli.protocol import Renderer
     from mars_cli.rl.engine import Trainer
     from mars_cli.rl.update import _shared, batch_hash, prepare_policy, resume_state, token_budget

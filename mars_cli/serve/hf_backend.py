@@ -103,9 +103,9 @@ class HFBackend(Backend):
         self.vocab_size = int(p.model.get_output_embeddings().weight.shape[0])
         self.image_pad = p.special["image_pad"]
         if self.max_model_len is None:  # the model's own context length, as vLLM takes it
-            cfg = p.model.config
-            self.max_model_len = (getattr(cfg, "max_position_embeddings", None)
-                                  or getattr(getattr(cfg, "text_config", None), "max_position_embeddings", None))
+            from mars_cli.models.load import context_length
+
+            self.max_model_len = context_length(p.model)
         size = p.image_processor.size
         self.pixels = {"min": int(size["shortest_edge"]), "max": int(size["longest_edge"])}
         from mars_cli.spool import Spool
