@@ -52,7 +52,7 @@ def test_launches_vllm_serve_with_the_rl_endpoints_and_forwards_generation(vllm_
     assert flags["--worker-extension-cls"] == "mars_cli.engines.vllm_worker.WorkerExtension"
     assert flags["--logprobs-mode"] == "processed_logprobs" and flags["--generation-config"] == "vllm"
     assert (flags["--tensor-parallel-size"], flags["--data-parallel-size"]) == ("2", "4")
-    assert json.loads(flags["--limit-mm-per-prompt"]) == {"image": 3}
+    assert json.loads(flags["--limit-mm-per-prompt"]) == {"image": 3, "video": 0}
     assert json.loads(flags["--mm-processor-kwargs"]) == {"min_pixels": 3136, "max_pixels": 401408}
     assert (flags["--max-model-len"], flags["--max-num-seqs"], flags["--dtype"], flags["--seed"]) == ("8192", "64", "bfloat16", "7")
     assert "--enforce-eager" in argv and int(flags["--port"]) != int(url.rsplit(":", 1)[1])

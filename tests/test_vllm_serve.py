@@ -1,7 +1,7 @@
 """`mars serve --engine vllm` against the real vLLM: rollouts, loads, pushes, pause, a killed server.
 
 One tied server (the tiny model's own layout) serves most tests in order; an untied one the
-last two. Every load is judged by what the server then samples: its log-probs against the
+last two. Both start at once: their start is most of this file's time. Every load is judged by what the server then samples: its log-probs against the
 trainer's forward pass of the new checkpoint (within GAP_BOUND) and of the old one (over 10×).
 """
 
@@ -46,10 +46,24 @@ def tasks(root):
 
 
 @pytest.fixture(scope="module")
-def server(models, root):
-    s = Server(models["a"], "--allow-load", str(root), "--seed", "0")
-    yield s
-    s.stop()
+def servers(models, root):
+    both = [Server(models["a"], "--allow-load", str(root), "--seed", "0"),
+            Server(models["ua"], "--allow-load", str(root))]
+    try:
+        yield [s.wait() for s in both]
+    finally:
+        for s in both:
+            s.stop()
+
+
+@pytest.fixture(scope="module")
+def server(servers):
+    return servers[0]
+
+
+@pytest.fixture(scope="module")
+def untied(servers):
+    return servers[1]
 
 
 def run(*args, timeout=600, **kw):
@@ -62,8 +76,8 @@ def records(path) -> list[dict]:
 
 def rollout_in_background(urls: str, tasks, out, *args) -> subprocess.Popen:
     """`mars rollout --server URLS` of 4 samples per task, left running."""
-    return subprocess.Popen([*MARS, "rollout", "--server", urls, str(tasks), "-n", "4", *map(str, args), "-o", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
+    return subprocess.Popen([*MARS, "rollout", "--server", urls, str(tasks), "-n", "4", *map(str, args),
+                             "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
 
 
 def every_episode_once(p: subprocess.Popen, out) -> list[dict]:
@@ -183,13 +197,6 @@ def test_pause_and_resume_under_load_lose_and_repeat_no_episode(server, models, 
     recs = every_episode_once(p, out)
     assert all(x["finish"] != "error" for x in recs), [x.get("error") for x in recs]
     assert trajectories_gap(models["a"], recs) <= GAP_BOUND
-
-
-@pytest.fixture(scope="module")
-def untied(models, root):
-    s = Server(models["ua"], "--allow-load", str(root))
-    yield s
-    s.stop()
 
 
 def test_load_and_push_switch_untied_weights_exactly(untied, models, root):

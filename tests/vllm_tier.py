@@ -57,16 +57,22 @@ def tiny(out: Path, seed: int, *, tied: bool = True) -> Path:
 class Server:
     """`mars serve --engine vllm` as a user runs it, in its own process group, stopped on exit."""
 
-    def __init__(self, policy: Path, *extra: str, timeout: float = 900.0):
+    def __init__(self, policy: Path, *extra: str):
+        """Started; `wait()` for it to serve (several may start at once)."""
         self.proc = subprocess.Popen([*MARS, "serve", "--policy", str(policy), "--engine", "vllm", "--port", "0",
                                       *VLLM_FLAGS, *extra], stdout=subprocess.PIPE, stderr=sys.stderr, env=ENV,
                                      text=True, start_new_session=True)
+        self.info: dict = {}
+        self.url = ""
+
+    def wait(self, timeout: float = 900.0) -> "Server":
         line = _readline(self.proc, timeout)
         if not line:
             self.stop()
             raise RuntimeError(f"mars serve --engine vllm did not start (exit {self.proc.returncode})")
         self.info = json.loads(line)
         self.url = self.info["url"]
+        return self
 
     def kill(self) -> None:
         """SIGKILL to the server and everything it started (vLLM runs in a session of its own)."""

@@ -55,7 +55,8 @@ class VLLMEngine(Engine):
                                 "scripts/vllm_cpu.sh builds .venv-vllm with vLLM's CPU build); or use --engine hf") from None
             kwargs = dict(model=self.path, tensor_parallel_size=tp, gpu_memory_utilization=gpu_memory_utilization,
                           dtype=dtype, seed=sampling.seed if sampling.seed is not None else 0,
-                          limit_mm_per_prompt={"image": max_images}, logprobs_mode="processed_logprobs")
+                          limit_mm_per_prompt={"image": max_images, "video": 0},  # no video: none profiled
+                          logprobs_mode="processed_logprobs")
             if min_pixels is not None or max_pixels is not None:
                 # vLLM reads preprocessor_config.json itself; only overrides need passing
                 size = self.image_processor.size

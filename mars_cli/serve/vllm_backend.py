@@ -15,7 +15,8 @@ What vLLM 0.33 does itself, and is used as is (see mars_cli.serve for why a fron
 - `--data-parallel-size N` (internal load balancing; utility calls such as
   collective_rpc reach every engine) for DP inside one server.
 - `--logprobs-mode processed_logprobs`, `--generation-config vllm` (no checkpoint
-  sampling defaults), `--limit-mm-per-prompt {"image": N}`, `--mm-processor-kwargs`.
+  sampling defaults), `--limit-mm-per-prompt {"image": N, "video": 0}` (mars sends no video:
+  vLLM then neither profiles nor warms up video inputs at start), `--mm-processor-kwargs`.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ class VLLMBackend(Backend):
         args = [*self.executable, "serve", policy, "--host", "127.0.0.1", "--port", str(port),
                 "--enable-scale-out", "--worker-extension-cls", EXTENSION, "--logprobs-mode", "processed_logprobs",
                 "--generation-config", "vllm", "--tensor-parallel-size", str(o["tp"]),
-                "--limit-mm-per-prompt", json.dumps({"image": o["max_images"]}),
+                "--limit-mm-per-prompt", json.dumps({"image": o["max_images"], "video": 0}),
                 "--gpu-memory-utilization", str(o["gpu_memory_utilization"]), "--seed", str(o["seed"] or 0)]
         if o["dp"] > 1:
             args += ["--data-parallel-size", str(o["dp"])]
