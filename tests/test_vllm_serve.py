@@ -186,7 +186,10 @@ def test_follow_pushes_two_steps_through_the_server(server, models, root):
 def test_pause_and_resume_under_load_lose_and_repeat_no_episode(server, models, tasks, root):
     load(server.url, models["a"])
     out = root / "paused.jsonl"
-    p = rollout_in_background(server.url, tasks, out, "--max-turns", "2", "--max-new-tokens", "48", "--seed", "1")
+    # 3 at a time: episodes (one turn each: a random model's turn ends at the token limit)
+    # keep starting while the server is paused
+    p = rollout_in_background(server.url, tasks, out, "--max-turns", "2", "--max-new-tokens", "48", "--seed", "1",
+                              "--max-inflight", "3")
     for mode, episodes in (("wait", 1), ("keep", 2)):
         wait_for_episodes(out, episodes)
         assert p.poll() is None  # still rolling out: the pause meets requests in flight
@@ -218,12 +221,13 @@ def test_a_server_killed_mid_rollout_fails_only_its_own_episodes(untied, models,
     load(untied.url, ck)
     out = root / "killed.jsonl"
     with in_thread(App(HFBackend(seed=0), allow_load=str(root), max_images=4, max_image_bytes=1 << 20), str(ck)) as hf:
+        # 2 at a time, so episodes still start after the pause: the least busy server, vLLM,
+        # gets them and holds them (mode keep), and dies with episodes of its own in flight
         p = rollout_in_background(f"{untied.url},{hf}", tasks, out, "--max-turns", "3", "--max-new-tokens", "24",
-                                  "--seed", "2", "--max-error-rate", "1")
+                                  "--seed", "2", "--max-error-rate", "1", "--max-inflight", "2")
         wait_for_episodes(out, 1)
-        # held requests (mode keep) make sure the server dies with episodes of its own in flight
         assert httpx.post(untied.url + "/pause", params={"mode": "keep"}).status_code == 200
-        time.sleep(1.0)
+        time.sleep(1.5)
         assert p.poll() is None
         untied.kill()
         recs = every_episode_once(p, out)
