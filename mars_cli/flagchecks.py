@@ -42,7 +42,7 @@ RANGES: dict[str, tuple] = {
     "judge --format-weight": GE0, "judge --min-judge-success": UNIT, "judge --tool-cost": GE0, "judge --timeout": GT0,
     "advantage --eps": GE0, "advantage --batch-eps": GE0,
     "update --eps-low": (0, 1, False, True), "update --eps-high": GE0, "update --beta": GE0, "update --lr": GT0,
-    "update --weight-decay": GE0, "update --grad-clip": GT0, "update --zero": (0, 3, False, False),
+    "update --weight-decay": GE0, "update --push-max-gap": GT0, "update --grad-clip": GT0, "update --zero": (0, 3, False, False),
     "sft --lr": GT0, "sft --weight-decay": GE0, "sft --grad-clip": GT0, "sft --warmup": (0, 1, False, True),
     "sft --min-lr-ratio": UNIT, "sft --zero": (0, 3, False, False),
 }

@@ -94,10 +94,6 @@ def main(
     urls = [u.strip() for u in push.split(",") if u.strip()] if push else []
     if push is not None and not urls:
         raise UsageError("--push needs URL[,URL…]")
-    if push_max_gap is not None:
-        from mars_cli.serve.probe import check_max_gap
-
-        check_max_gap(push_max_gap)
     if follow:
         from mars_cli.rl.follow import FollowConfig, run_command
 
