@@ -36,3 +36,11 @@ class ToolError(Exception):
     Not fatal: the agent loop renders the message as the tool's result so the model can
     read it and go on. `mars search` and friends turn it into a MarsError.
     """
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread (main.run installs the handler): a command ends
+    as on Ctrl-C (its `finally` blocks run, a follow run saves its last whole step, each
+    stage prints its summary line), then exits 143."""
+
+    raised = False  # set by the handler: a generator closed meanwhile is closed by it

@@ -1,6 +1,7 @@
 """The `mars` entry point: the typer app, command table and the stdout/exit-code guard.
 
-Exit status: 0 ok, 1 bad data or runtime error, 2 usage error, 130 interrupted.
+Exit status: 0 ok, 1 bad data or runtime error, 2 usage error, 130 interrupted (Ctrl-C),
+143 terminated (SIGTERM: ended as Ctrl-C ends it, summary line included).
 A reader that goes away (`mars … | head -1`) ends the program quietly.
 """
 
@@ -23,7 +24,7 @@ except ImportError:  # pragma: no cover - depends on the installed typer
     from click.utils import echo
 
 from mars_cli import __version__, streams
-from mars_cli.errors import MarsError
+from mars_cli.errors import MarsError, Terminated
 from mars_cli.urls import redact
 
 # name -> module under mars_cli.commands. Each module is light to import (heavy libraries
@@ -88,9 +89,11 @@ class MarsGroup(TyperGroup):
             return super().invoke(ctx)
         except MarsError as e:
             raise CommandFailed(prog, str(e), e.exit_code) from e
-        except KeyboardInterrupt:
-            sys.stderr.write(f"{prog}: interrupted\n")
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as e:
+            if "mars_cli.progress" in sys.modules:  # each open progress bar's summary first
+                sys.modules["mars_cli.progress"].stopped(e)
+            sys.stderr.write(f"{prog}: {_stopped(e)}\n")
+            raise typer.Exit(143 if isinstance(e, Terminated) else 130) from None
         except BrokenPipeError:
             # The reader went away (`| head -1`): that is how pipelines end, not an error.
             streams.silence_broken_pipe()
@@ -203,9 +206,38 @@ def _launcher_local_rank(argv: list[str]) -> list[str]:
     return argv
 
 
+def _stopped(e: BaseException) -> str:
+    return "terminated" if isinstance(e, Terminated) else "interrupted"
+
+
+# After SIGTERM, how long the command may take to end as on Ctrl-C (a follow run saving
+# its last step) before it is ended at once; a second SIGTERM ends it at once too.
+TERM_GRACE_S = 60.0
+
+
+def _terminate_like_interrupt() -> None:
+    """SIGTERM (kill, systemd, docker stop, a pipeline's supervisor) raises Terminated in the
+    main thread, so the command ends as Ctrl-C ends it: cleanup and the summary line, exit
+    143. Commands that handle their own shutdown (`mars serve`) install their own handler."""
+    import signal
+    import threading
+
+    def on_term(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the second one ends the process at once
+        timer = threading.Timer(TERM_GRACE_S, os._exit, args=(143,))
+        timer.daemon = True
+        timer.start()
+        Terminated.raised = True
+        raise Terminated()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, on_term)
+
+
 def run(argv: list[str] | None = None) -> None:
     """Console entry: guard stdout, run the app, map failures to exit codes."""
     argv = _launcher_local_rank(sys.argv[1:] if argv is None else list(argv))
+    _terminate_like_interrupt()
     streams.reopen_closed_std()
     # Help and version are text for a person: leave them on stdout.
     if any(a in ("-h", "--help", "--version") for a in argv) or not argv:
@@ -224,9 +256,9 @@ def run(argv: list[str] | None = None) -> None:
         code = e.exit_code
     except typer.Exit as e:
         code = e.exit_code
-    except (typer.Abort, KeyboardInterrupt):
-        sys.stderr.write("mars: interrupted\n")
-        code = 130
+    except (typer.Abort, KeyboardInterrupt) as e:
+        sys.stderr.write(f"mars: {_stopped(e)}\n")
+        code = 143 if isinstance(e, Terminated) else 130
     except BrokenPipeError:
         streams.silence_broken_pipe()
     except OSError as e:  # help text to a full or broken stdout

@@ -103,6 +103,16 @@ def _rate(n: float, seconds: float, unit: str) -> str:
     return f"{1 / r:.3g} s/{unit.rstrip('s') or unit}"
 
 
+_OPEN: "weakref.WeakSet[LogProgress]" = weakref.WeakSet()  # bars not yet closed
+
+
+def stopped(e: BaseException) -> None:
+    """Ctrl-C or SIGTERM ends the command (main.py): each bar still open prints what it did
+    (one held by a loop that the signal interrupted outside the bar's own iteration too)."""
+    for bar in list(_OPEN):
+        bar._ended_by(e)
+
+
 class LogProgress:
     """tqdm's interface, printing periodic plain lines (see the module docstring)."""
 
@@ -129,6 +139,7 @@ class LogProgress:
         self._done_at = self.start  # per_input: when the last record was finished
         if per_input:
             _INPUT.counting += 1
+        _OPEN.add(self)
         self._stop = threading.Event()
         if self.interval >= 1:  # a line even while nothing finishes (a stage waiting says so)
             threading.Thread(target=_tick, args=(weakref.ref(self), self._stop, self.interval), name="progress",
@@ -138,18 +149,36 @@ class LogProgress:
     def __iter__(self) -> Iterator:
         # The summary only when the work ran to its end: a reader that went away
         # (`| head`) or an error ends the command without a "done" line.
-        for x in self.iterable or ():
-            yield x
-            self.update(1)
+        try:
+            for x in self.iterable or ():
+                yield x
+                self.update(1)
+        except BaseException as e:
+            self._ended_by(e)
+            raise
         self.close()
 
     def __enter__(self):
         return self
 
-    def __exit__(self, exc_type, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             self.close()
-        self.closed = True
+        else:
+            self._ended_by(exc)
+
+    def _ended_by(self, e: BaseException | None) -> None:
+        """Ended by an exception: an error says why itself; Ctrl-C or SIGTERM gets the summary
+        of the work done so far (a stage stopped in a pipeline still says what it did)."""
+        from mars_cli.errors import Terminated
+
+        if self.closed:
+            return
+        self._release()
+        if isinstance(e, GeneratorExit) and Terminated.raised:
+            e = Terminated()  # the loop over this bar was left by SIGTERM raised in its body
+        if isinstance(e, KeyboardInterrupt):
+            self._print(self.final_line(_clock()) + ("; terminated" if isinstance(e, Terminated) else "; interrupted"))
 
     def __len__(self) -> int:
         return int(self.total or 0)
@@ -192,14 +221,22 @@ class LogProgress:
     def close(self) -> None:
         if self.closed:
             return
+        self._release()
+        if self.summary:
+            self._print(self.final_line(_clock()))
+
+    def _release(self) -> None:
+        """Stop the ticker and stop counting input arrivals, printing nothing (the bar
+        ended by an error or an abandoned iteration, or closed)."""
+        if self.closed:
+            return
         self.closed = True
+        _OPEN.discard(self)
         self._stop.set()
         if self.per_input:
             _INPUT.counting -= 1
             if not _INPUT.counting:
                 _INPUT.arrivals.clear()
-        if self.summary:
-            self._print(self.final_line(_clock()))
 
     def _busy(self, elapsed: float) -> float:
         """The seconds the rate is over: all of them, or (per_input) the busy ones."""

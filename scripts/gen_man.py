@@ -30,6 +30,9 @@ EXIT_STATUS = [
           "there is one, and what was wrong. Nothing half-written is left behind."),
     ("2", "Usage error: unknown option, missing or malformed argument."),
     ("130", "Interrupted (Ctrl-C)."),
+    ("143", "Terminated (SIGTERM): ended as Ctrl-C ends it, its summary line printed; a second SIGTERM, or 60 s "
+            "without ending, ends it at once. A server (mars serve, mars search --serve) stops on SIGTERM "
+            "as it is meant to, and exits 0."),
 ]
 
 SECRET = "A secret, read from the environment only and never written into records, logs or checkpoints."

@@ -195,6 +195,7 @@ def test_a_stage_waiting_for_input_says_so_and_its_rate_counts_busy_time(monkeyp
     now = [1000.0]
     monkeypatch.setattr(progress, "_clock", lambda: now[0])
     monkeypatch.setattr(progress, "_PER_ITEM", {})  # each unit's rate style starts fresh
+    monkeypatch.setattr(progress, "_INPUT", progress._Input())
     monkeypatch.setenv("MARS_PROGRESS", "log")
     token = streams.program.set("mars judge")
 
@@ -251,3 +252,29 @@ def test_a_line_comes_while_nothing_finishes_and_stops_with_the_bar(monkeypatch,
     now[0] = 200.0
     time.sleep(0.6)
     assert "elapsed" not in capsys.readouterr().err  # closed: no more periodic lines
+
+
+def test_a_bar_ended_by_an_error_or_abandoned_stops_counting_input(monkeypatch):
+    """A command that fails mid-stream (in-process, as `mars ask` and the tests run them)
+    must not leave its bar counting arrivals: the next bar's busy time would be wrong."""
+    from mars_cli import progress
+
+    monkeypatch.setattr(progress, "_INPUT", progress._Input())
+    monkeypatch.setenv("MARS_PROGRESS", "log")
+    try:
+        with LogProgress(desc="x", unit="records", per_input=True, interval=1e9):
+            progress.arrived()
+            raise RuntimeError("boom")
+    except RuntimeError:
+        pass
+    assert progress._INPUT.counting == 0 and not progress._INPUT.arrivals
+    bar = LogProgress(iter(range(5)), desc="y", unit="records", per_input=True, interval=1e9)
+    for i in bar:
+        progress.arrived()
+        if i == 1:
+            break
+    del i
+    it = iter(bar)  # an abandoned generator is closed when dropped
+    next(it)
+    it.close()
+    assert progress._INPUT.counting == 0 and not progress._INPUT.arrivals

@@ -123,6 +123,45 @@ def test_rollout_through_the_server_is_token_exact_and_matches_the_trainer(serve
     assert r.status_code == 409 and "sleep mode" in r.text  # --sleep-mode auto on a CPU: off
 
 
+def test_the_openai_client_chats_with_an_image_through_vllms_own_routes(server, models, root):
+    """`/v1/*` on `mars serve --engine vllm`: vLLM's own OpenAI server behind mars's layer,
+    spoken to by the official client; its chat template renders what the protocol renders."""
+    import base64
+
+    import openai
+
+    from mars_cli.models.load import load_tokenizer, special_ids
+    from mars_cli.rendering import Renderer
+
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    [model] = client.models.list().data
+    image = make_image(root / "chat.png", size=(112, 84))
+    url = "data:image/png;base64," + base64.b64encode(open(image, "rb").read()).decode()
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                             {"type": "text", "text": "What colour is it?"}]}]
+    r = client.chat.completions.create(model=model.id, messages=messages, max_tokens=6, temperature=0)
+    assert r.object == "chat.completion" and r.choices[0].finish_reason in ("stop", "length")
+    assert 0 < r.usage.completion_tokens <= 6
+    tok = load_tokenizer(models["a"])
+    renderer = Renderer(tok, special_ids(tok, models["a"]))
+    ids, _, _ = renderer.render([{"role": "system", "content": "Be brief."},
+                                 {"role": "user", "content": [{"type": "image", "image": "x"},
+                                                              {"type": "text", "text": "What colour is it?"}]}],
+                                add_generation_prompt=True)
+    # one image placeholder there, expanded by vLLM to the image's patches: the rest is the
+    # same tokens (mars asks vLLM for the template's own rendering of the parts, not vLLM's
+    # newline-joined "string" form)
+    pads = (112 // 28) * (84 // 28)
+    assert r.usage.prompt_tokens == len(ids) - 1 + pads
+    chunks = list(client.chat.completions.create(model=model.id, messages=messages, max_tokens=6, temperature=0,
+                                                 stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == r.choices[0].message.content
+    with pytest.raises(openai.BadRequestError):  # mars's checks come first: an image that is no image
+        client.chat.completions.create(model=model.id, max_tokens=2, messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}])
+
+
 def test_load_switches_tied_weights_exactly_and_back(server, models):
     assert load(server.url, models["b"])["weight_version"] == 2
     assert_serves(server.url, models["b"], models["a"])

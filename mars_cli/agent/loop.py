@@ -88,6 +88,32 @@ class Episode:
         return self.used - self.prompt
 
 
+async def _terminable(coro: Awaitable, hit: list):
+    """`coro`, cancelled on SIGTERM as asyncio.Runner cancels it on Ctrl-C (the episodes'
+    cleanup runs); `hit` then says so, for the caller to raise Terminated off the loop."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return await coro
+    loop, task = asyncio.get_running_loop(), asyncio.current_task()
+    before = signal.getsignal(signal.SIGTERM)
+
+    def on_term() -> None:
+        hit.append(True)
+        task.cancel()
+
+    loop.add_signal_handler(signal.SIGTERM, on_term)
+    try:
+        return await coro
+    except asyncio.CancelledError:
+        if not hit:
+            raise
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+        signal.signal(signal.SIGTERM, before)
+
+
 class AgentLoop:
     """Runs episodes of tasks on one engine with one toolbox."""
 
@@ -130,7 +156,13 @@ class AgentLoop:
             # generation of chat engines and the input reader run on the default executor
             runner.get_loop().set_default_executor(
                 ThreadPoolExecutor(self.max_inflight + 2, thread_name_prefix="mars-engine"))
-            return runner.run(coro)
+            hit: list = []
+            result = runner.run(_terminable(coro, hit))
+        if hit:  # SIGTERM: the command's own ending (main.run), once the loop is closed
+            from mars_cli.errors import Terminated
+
+            raise Terminated()
+        return result
 
     async def arun(self, tasks: Iterable[dict], *, n: int = 1, skip: set | None = None,
                    emit: Callable[[dict], None], group_of: Callable[[dict], str] | None = None,

@@ -432,17 +432,25 @@ def run_command(paths, cfg: U.UpdateConfig, fcfg: FollowConfig, *, nproc: int, l
     try:
         with RecordWriter() as w, open_tracker(fcfg.report_to if rank0 else "none", logging_dir=fcfg.logging_dir,
                                                command="update", config=run_settings()) as tracker:
+            emitted = []
+
             def emit(rec: dict) -> None:  # live, one step at a time: a resident run lasts for days
                 w.write(rec)
                 tracker.log(rec, step=rec.get("step"), prefix="train/")
+                emitted.append(rec.get("step"))
 
             t0 = time.perf_counter()
-            taken = follow(paths, cfg, fcfg, emit=emit, skip_bad=skip_bad)
-        if rank0:
-            from mars_cli.progress import duration
+            try:
+                taken = follow(paths, cfg, fcfg, emit=emit, skip_bad=skip_bad)
+            except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the last whole step saved, then say so
+                if rank0:
+                    from mars_cli.errors import Terminated
 
+                    _follow_summary(len(emitted), t0, "terminated" if isinstance(e, Terminated) else "interrupted")
+                raise
+        if rank0:
             why = "--max-steps reached" if fcfg.max_steps is not None and taken >= fcfg.max_steps else "the input ended"
-            streams.summary(f"follow: {taken} step{'s' * (taken != 1)} in {duration(time.perf_counter() - t0)} ({why})")
+            _follow_summary(taken, t0, why)
     finally:
         if lease is not None:
             lease.close()  # "done": a rollout held back for the next weights ends now
@@ -463,6 +471,12 @@ def run_command(paths, cfg: U.UpdateConfig, fcfg: FollowConfig, *, nproc: int, l
         sys.stderr.flush()
         os._exit(0)
     return 0
+
+
+def _follow_summary(taken: int, t0: float, why: str) -> None:
+    from mars_cli.progress import duration
+
+    streams.summary(f"follow: {taken} step{'s' * (taken != 1)} in {duration(time.perf_counter() - t0)} ({why})")
 
 
 def _shared_batches(trainer, local):

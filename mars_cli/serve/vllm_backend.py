@@ -97,7 +97,13 @@ class VLLMBackend(Backend):
                 "--enable-scale-out", "--worker-extension-cls", EXTENSION, "--logprobs-mode", "processed_logprobs",
                 "--generation-config", "vllm", "--tensor-parallel-size", str(o["tp"]),
                 "--limit-mm-per-prompt", json.dumps({"image": o["max_images"], "video": 0}),
-                "--gpu-memory-utilization", str(o["gpu_memory_utilization"]), "--seed", str(o["seed"] or 0)]
+                "--gpu-memory-utilization", str(o["gpu_memory_utilization"]), "--seed", str(o["seed"] or 0),
+                # /v1/chat/completions renders a message's parts through the model's own chat
+                # template, as the protocol does; vLLM's detection reads a template that loops
+                # over its own list (the tiny model's) as "string" and joins image and text
+                # with a newline the policy never saw in training (renderers/hf.py,
+                # _detect_content_format)
+                "--chat-template-content-format", "openai"]
         if o["dp"] > 1:
             args += ["--data-parallel-size", str(o["dp"])]
         for flag, key in (("--max-model-len", "max_model_len"), ("--max-num-seqs", "max_num_seqs"), ("--dtype", "dtype")):
