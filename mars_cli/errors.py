@@ -38,9 +38,23 @@ class ToolError(Exception):
     """
 
 
+# After SIGTERM, how long a command may take to end as on Ctrl-C (a follow run saving its
+# last step) before main.run ends it at once; a second SIGTERM ends it at once too.
+TERM_GRACE_S = 60.0
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised in the main thread (main.run installs the handler): a command ends
     as on Ctrl-C (its `finally` blocks run, a follow run saves its last whole step, each
     stage prints its summary line), then exits 143."""
 
     raised = False  # set by the handler: a generator closed meanwhile is closed by it
+
+
+def stop_word(e: BaseException) -> str:
+    """How Ctrl-C (KeyboardInterrupt) or SIGTERM (Terminated) ended a command, in its messages."""
+    return "terminated" if isinstance(e, Terminated) else "interrupted"
+
+
+def stop_status(e: BaseException) -> int:
+    return 143 if isinstance(e, Terminated) else 130

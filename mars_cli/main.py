@@ -24,7 +24,7 @@ except ImportError:  # pragma: no cover - depends on the installed typer
     from click.utils import echo
 
 from mars_cli import __version__, streams
-from mars_cli.errors import MarsError, Terminated
+from mars_cli.errors import TERM_GRACE_S, MarsError, Terminated, stop_status, stop_word
 from mars_cli.urls import redact
 
 # name -> module under mars_cli.commands. Each module is light to import (heavy libraries
@@ -92,8 +92,8 @@ class MarsGroup(TyperGroup):
         except KeyboardInterrupt as e:
             if "mars_cli.progress" in sys.modules:  # each open progress bar's summary first
                 sys.modules["mars_cli.progress"].stopped(e)
-            sys.stderr.write(f"{prog}: {_stopped(e)}\n")
-            raise typer.Exit(143 if isinstance(e, Terminated) else 130) from None
+            sys.stderr.write(f"{prog}: {stop_word(e)}\n")
+            raise typer.Exit(stop_status(e)) from None
         except BrokenPipeError:
             # The reader went away (`| head -1`): that is how pipelines end, not an error.
             streams.silence_broken_pipe()
@@ -206,15 +206,6 @@ def _launcher_local_rank(argv: list[str]) -> list[str]:
     return argv
 
 
-def _stopped(e: BaseException) -> str:
-    return "terminated" if isinstance(e, Terminated) else "interrupted"
-
-
-# After SIGTERM, how long the command may take to end as on Ctrl-C (a follow run saving
-# its last step) before it is ended at once; a second SIGTERM ends it at once too.
-TERM_GRACE_S = 60.0
-
-
 def _terminate_like_interrupt() -> None:
     """SIGTERM (kill, systemd, docker stop, a pipeline's supervisor) raises Terminated in the
     main thread, so the command ends as Ctrl-C ends it: cleanup and the summary line, exit
@@ -257,8 +248,8 @@ def run(argv: list[str] | None = None) -> None:
     except typer.Exit as e:
         code = e.exit_code
     except (typer.Abort, KeyboardInterrupt) as e:
-        sys.stderr.write(f"mars: {_stopped(e)}\n")
-        code = 143 if isinstance(e, Terminated) else 130
+        sys.stderr.write(f"mars: {stop_word(e)}\n")
+        code = stop_status(e)
     except BrokenPipeError:
         streams.silence_broken_pipe()
     except OSError as e:  # help text to a full or broken stdout
@@ -277,4 +268,13 @@ def run(argv: list[str] | None = None) -> None:
     engine = sys.modules.get("mars_cli.rl.engine")  # loaded only by the training commands
     if engine is not None:
         engine.exit_rank(code)
+    if code in (130, 143):
+        import threading
+
+        if any(t.daemon and t.is_alive() for t in threading.enumerate()):
+            # Interrupted with a reader thread still blocked on stdin (a stage in a pipeline
+            # whose writer is alive): Python's shutdown would wait for that read's lock and
+            # abort. Everything is written and flushed by now.
+            sys.stderr.flush()
+            os._exit(code)
     sys.exit(code)

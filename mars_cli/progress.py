@@ -170,7 +170,7 @@ class LogProgress:
     def _ended_by(self, e: BaseException | None) -> None:
         """Ended by an exception: an error says why itself; Ctrl-C or SIGTERM gets the summary
         of the work done so far (a stage stopped in a pipeline still says what it did)."""
-        from mars_cli.errors import Terminated
+        from mars_cli.errors import Terminated, stop_word
 
         if self.closed:
             return
@@ -178,7 +178,7 @@ class LogProgress:
         if isinstance(e, GeneratorExit) and Terminated.raised:
             e = Terminated()  # the loop over this bar was left by SIGTERM raised in its body
         if isinstance(e, KeyboardInterrupt):
-            self._print(self.final_line(_clock()) + ("; terminated" if isinstance(e, Terminated) else "; interrupted"))
+            self._print(f"{self.final_line(_clock())}; {stop_word(e)}")
 
     def __len__(self) -> int:
         return int(self.total or 0)

@@ -51,11 +51,14 @@ def wait_for(stream, what: bytes, timeout: float = 240.0) -> bytes:
 
 
 def terminated(p: subprocess.Popen, err_so_far: bytes = b"") -> str:
+    """SIGTERM with the input still open (an end of input would end the stage by itself)."""
     p.send_signal(signal.SIGTERM)
     try:
-        _, err = p.communicate(timeout=60)
+        p.wait(timeout=60)
     finally:
         p.kill()
+    err = p.stderr.read()
+    p.stdin.close()
     assert p.returncode == 143, (p.returncode, err[-2000:])
     return (err_so_far + err).decode()
 
@@ -95,3 +98,23 @@ def test_advantage_and_follow_terminated_while_waiting(tiny_policy_dir, tmp_path
     last = ["", *err.rstrip().splitlines()]
     assert last[-1] == "mars update: terminated"
     assert last[-2].startswith("mars update: follow: 0 steps in ") and last[-2].endswith("(terminated)"), err
+
+
+def test_follow_on_two_ranks_passes_sigterm_to_every_rank(tiny_policy_dir, tmp_path):
+    """`update --follow --nproc 2`: SIGTERM to the command reaches its launcher and each rank;
+    rank 0 saves its last whole step and says so, and no process is left behind."""
+    import psutil
+
+    from test_update_follow import advantage
+
+    batch = advantage(judged_file(tiny_policy_dir, tmp_path / "j.jsonl", "a", 2), tmp_path / "b.jsonl")
+    follow = started(["update", "--follow", "--nproc", "2", "--policy", tiny_policy_dir, "--out", tmp_path / "ck",
+                      "--save-every", "5", "--lr", "1e-3", "--beta", "0"], batch.read_bytes())
+    assert json.loads(wait_for(follow.stdout, b"\n", timeout=300).splitlines()[0])["step"] == 1
+    family = psutil.Process(follow.pid).children(recursive=True)
+    assert len(family) >= 3  # the launcher and its two ranks
+    err = terminated(follow)
+    assert "follow: 1 step in " in err and "(terminated)" in err, err
+    assert (tmp_path / "ck" / "step-1" / "optimizer" / "mars_state.json").is_file(), err  # saved on the way out
+    gone, alive = psutil.wait_procs(family, timeout=30)
+    assert not alive, [p.cmdline() for p in alive]

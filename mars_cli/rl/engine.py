@@ -385,6 +385,7 @@ def relaunch(nproc: int, command: str, args: list[str], *, nodes: dict | None = 
     inherits). `nodes` (nnodes, node_rank, master_addr, master_port): this is one node of
     several, each started the same way; they meet at master_addr:master_port (node 0).
     """
+    import signal
     import subprocess
     import sys
 
@@ -403,8 +404,19 @@ def relaunch(nproc: int, command: str, args: list[str], *, nodes: dict | None = 
         fd = out.fileno()
     except (AttributeError, OSError, ValueError):
         fd = None
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE if fd is None else fd)
+    try:
+        records, _ = proc.communicate()
+    except KeyboardInterrupt as e:
+        from mars_cli.errors import TERM_GRACE_S, Terminated
+
+        if isinstance(e, Terminated):  # the launcher passes it to every rank, which ends as on Ctrl-C
+            proc.send_signal(signal.SIGTERM)  # (Ctrl-C reached the whole process group already)
+        try:
+            proc.wait(timeout=TERM_GRACE_S - 5)  # a rank saving its last step
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        raise
     if fd is None:  # a captured stdout (tests): pass the records through
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE)
-        out.write(proc.stdout)
-        return proc.returncode
-    return subprocess.run(cmd, stdout=fd).returncode
+        out.write(records)
+    return proc.returncode

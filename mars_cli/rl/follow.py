@@ -35,6 +35,7 @@ after each push) or `policy.fingerprint` (of every checkpoint written or started
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -317,85 +318,86 @@ def follow(paths, cfg: U.UpdateConfig, fcfg: FollowConfig, *, emit: Callable[[di
         return str(path), fp, S.tree_bytes(path)
 
     stream = Stream(paths, skip_bad=skip_bad) if rank == 0 else None
-    stepping = False  # inside an optimizer step: the weights in memory may be half-updated
-    try:
-        for bid, size, located, waited in _shared_batches(trainer, batches(stream) if rank == 0 else None):
-            if to_skip.get(bid, 0) > 0:
-                to_skip[bid] -= 1
-                streams.warn(f"batch {bid} ({size} records) was trained before step {state.step}: skipped")
-                continue
-            t0 = time.perf_counter()
-            records = [rec for _, rec in located]
-            if not any(_has_policy_tokens(r) for r in records):
-                streams.warn(f"batch {bid} ({located[0][0]}…): no trajectory has policy tokens: no step")
-                continue
-            sampled_by = SampledBy()
-            examples, _ = trainable(U.read_examples(iter(located), session, sampled_by), session.vocab_size)
-            skipped = len(located) - len(examples)  # by trainable() or by batching.update_examples itself
-            if not examples:
-                streams.warn(f"batch {bid}: no trajectory with policy tokens: no step")
-                continue
-            lag = staleness(records, state.step, state.versions, state.fingerprints)
-            stepping = True  # until the step is recorded: `last` does not describe the weights meanwhile
-            metrics = U.train_step(session, examples)
-            metrics["sampled_by"] = sampled_by.report(parent_fp)
-            metrics["rewards"] = sampled_by.rewards()
-            state.step += 1
-            state.batches[bid] = state.batches.get(bid, 0) + 1
-            n = state.step
-            timing = {k: metrics.pop(k) for k in ("train_seconds", "train_cpu_seconds")}
-            ck, fp, written, t_save = None, None, 0, time.perf_counter()
-            final = _shared(trainer, (fcfg.max_steps is not None and taken + 1 >= fcfg.max_steps)
-                            or (stream is not None and stream.ended()))
-            if n % fcfg.save_every == 0 or final:
-                ck, fp, written = save(n, examples, metrics)
-                last = None
-            else:
-                last = {"n": n, "examples": examples, "metrics": dict(metrics)}
-            save_seconds = time.perf_counter() - t_save
-            record = {"kind": "update", "step": n, "out": ck, "fingerprint": fp, "batch": {"id": bid, "size": size},
-                      "skipped": skipped, "staleness": lag, **metrics}
-            if ck and rank == 0:
-                S.keep_unprinted(Path(ck), record)
-            push, stop = None, None
-            if fcfg.push:
-                t_push = time.perf_counter()
-                target, tfp = ck, fp
-                if target is None:  # weights only, replaced each step
-                    tfp = U.write_checkpoint(session, str(push_dir), examples, metrics, parent=parent_path,
-                                             parent_fingerprint=parent_fp, step=parent_meta_step + n, extra={"run_step": n})
-                    target = str(push_dir)
-                    written += S.tree_bytes(push_dir)
-                    state.fingerprints[tfp] = n
-                push, versions, stop = _push(session, fcfg, target, tfp)
-                for v in versions:
-                    state.versions[str(v)] = n
-                push["write_seconds"] = round(time.perf_counter() - t_push - push["seconds"], 3)
-            state.trim()
-            parent_path, parent_fp = (ck, fp) if ck else (parent_path, None)
-            taken += 1
-            if push is not None:
-                record["push"] = push
-            record.update(seconds=round(time.perf_counter() - t0, 3), wait_seconds=round(waited, 3), **timing,
-                          save_seconds=round(save_seconds, 3), bytes_written=written)
-            stepping = False
-            if rank == 0:
-                emit(record)
-                if ck:
-                    S.printed(Path(ck))
-            if stop:
-                raise MarsError(stop)  # after the record; the handler below saves an unsaved step
-            log.info(f"step {n}: batch {bid} ({size} records) loss {metrics['loss']:.4g} in {record['seconds']} s")
-            if fcfg.max_steps is not None and taken >= fcfg.max_steps:
-                break
-    except (MarsError, KeyboardInterrupt):
-        # Bad data or Ctrl-C between steps: the weights in memory are those of the last
-        # whole step, so a step not yet saved (--save-every) is saved before exiting.
-        if last is not None and not stepping:
+    with _rank0_decides(trainer):  # SIGTERM on the other ranks waits for rank 0's end of the stream
+        stepping = False  # inside an optimizer step: the weights in memory may be half-updated
+        try:
+            for bid, size, located, waited in _shared_batches(trainer, batches(stream) if rank == 0 else None):
+                if to_skip.get(bid, 0) > 0:
+                    to_skip[bid] -= 1
+                    streams.warn(f"batch {bid} ({size} records) was trained before step {state.step}: skipped")
+                    continue
+                t0 = time.perf_counter()
+                records = [rec for _, rec in located]
+                if not any(_has_policy_tokens(r) for r in records):
+                    streams.warn(f"batch {bid} ({located[0][0]}…): no trajectory has policy tokens: no step")
+                    continue
+                sampled_by = SampledBy()
+                examples, _ = trainable(U.read_examples(iter(located), session, sampled_by), session.vocab_size)
+                skipped = len(located) - len(examples)  # by trainable() or by batching.update_examples itself
+                if not examples:
+                    streams.warn(f"batch {bid}: no trajectory with policy tokens: no step")
+                    continue
+                lag = staleness(records, state.step, state.versions, state.fingerprints)
+                stepping = True  # until the step is recorded: `last` does not describe the weights meanwhile
+                metrics = U.train_step(session, examples)
+                metrics["sampled_by"] = sampled_by.report(parent_fp)
+                metrics["rewards"] = sampled_by.rewards()
+                state.step += 1
+                state.batches[bid] = state.batches.get(bid, 0) + 1
+                n = state.step
+                timing = {k: metrics.pop(k) for k in ("train_seconds", "train_cpu_seconds")}
+                ck, fp, written, t_save = None, None, 0, time.perf_counter()
+                final = _shared(trainer, (fcfg.max_steps is not None and taken + 1 >= fcfg.max_steps)
+                                or (stream is not None and stream.ended()))
+                if n % fcfg.save_every == 0 or final:
+                    ck, fp, written = save(n, examples, metrics)
+                    last = None
+                else:
+                    last = {"n": n, "examples": examples, "metrics": dict(metrics)}
+                save_seconds = time.perf_counter() - t_save
+                record = {"kind": "update", "step": n, "out": ck, "fingerprint": fp, "batch": {"id": bid, "size": size},
+                          "skipped": skipped, "staleness": lag, **metrics}
+                if ck and rank == 0:
+                    S.keep_unprinted(Path(ck), record)
+                push, stop = None, None
+                if fcfg.push:
+                    t_push = time.perf_counter()
+                    target, tfp = ck, fp
+                    if target is None:  # weights only, replaced each step
+                        tfp = U.write_checkpoint(session, str(push_dir), examples, metrics, parent=parent_path,
+                                                 parent_fingerprint=parent_fp, step=parent_meta_step + n, extra={"run_step": n})
+                        target = str(push_dir)
+                        written += S.tree_bytes(push_dir)
+                        state.fingerprints[tfp] = n
+                    push, versions, stop = _push(session, fcfg, target, tfp)
+                    for v in versions:
+                        state.versions[str(v)] = n
+                    push["write_seconds"] = round(time.perf_counter() - t_push - push["seconds"], 3)
+                state.trim()
+                parent_path, parent_fp = (ck, fp) if ck else (parent_path, None)
+                taken += 1
+                if push is not None:
+                    record["push"] = push
+                record.update(seconds=round(time.perf_counter() - t0, 3), wait_seconds=round(waited, 3), **timing,
+                              save_seconds=round(save_seconds, 3), bytes_written=written)
+                stepping = False
+                if rank == 0:
+                    emit(record)
+                    if ck:
+                        S.printed(Path(ck))
+                if stop:
+                    raise MarsError(stop)  # after the record; the handler below saves an unsaved step
+                log.info(f"step {n}: batch {bid} ({size} records) loss {metrics['loss']:.4g} in {record['seconds']} s")
+                if fcfg.max_steps is not None and taken >= fcfg.max_steps:
+                    break
+        except (MarsError, KeyboardInterrupt):
+            # Bad data or Ctrl-C between steps: the weights in memory are those of the last
+            # whole step, so a step not yet saved (--save-every) is saved before exiting.
+            if last is not None and not stepping:
+                save(last["n"], last["examples"], last["metrics"])
+            raise
+        if last is not None:  # the stream ended: the last step is always saved
             save(last["n"], last["examples"], last["metrics"])
-        raise
-    if last is not None:  # the stream ended: the last step is always saved
-        save(last["n"], last["examples"], last["metrics"])
     return taken
 
 
@@ -444,9 +446,9 @@ def run_command(paths, cfg: U.UpdateConfig, fcfg: FollowConfig, *, nproc: int, l
                 taken = follow(paths, cfg, fcfg, emit=emit, skip_bad=skip_bad)
             except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the last whole step saved, then say so
                 if rank0:
-                    from mars_cli.errors import Terminated
+                    from mars_cli.errors import stop_word
 
-                    _follow_summary(len(emitted), t0, "terminated" if isinstance(e, Terminated) else "interrupted")
+                    _follow_summary(len(emitted), t0, stop_word(e))
                 raise
         if rank0:
             why = "--max-steps reached" if fcfg.max_steps is not None and taken >= fcfg.max_steps else "the input ended"
@@ -473,6 +475,37 @@ def run_command(paths, cfg: U.UpdateConfig, fcfg: FollowConfig, *, nproc: int, l
     return 0
 
 
+@contextlib.contextmanager
+def _rank0_decides(trainer):
+    """On ranks other than 0 of a multi-rank run, SIGTERM is noted, not raised: rank 0 (which
+    gets it too, from the launcher) ends the shared stream, every rank saves the last step
+    together, and then this rank ends as terminated. Raised at once, it would interrupt the
+    rank's wait for the next batch and its collectives would no longer match rank 0's."""
+    import signal
+
+    from mars_cli.errors import TERM_GRACE_S, Terminated
+
+    if trainer.world == 1 or trainer.rank == 0 or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    noted = []
+
+    def on_term(signum, frame):
+        if not noted:  # a rank 0 that never ends the stream: ended after the grace
+            timer = threading.Timer(TERM_GRACE_S, os._exit, args=(143,))
+            timer.daemon = True
+            timer.start()
+        noted.append(signum)
+
+    before = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    if noted:
+        raise Terminated()
+
+
 def _follow_summary(taken: int, t0: float, why: str) -> None:
     from mars_cli.progress import duration
 
@@ -485,8 +518,16 @@ def _shared_batches(trainer, local):
         yield from local
         return
     while True:
-        item = next(local, None) if trainer.rank == 0 else None
-        item = _shared(trainer, item)
+        stop = None
+        item = None
+        if trainer.rank == 0:
+            try:
+                item = next(local, None)
+            except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM while reading: the other ranks,
+                stop = e                    # waiting for this batch, learn that the stream ended,
+        item = _shared(trainer, item)       # and save the last step together with this one
+        if stop is not None:
+            raise stop
         if item is None:
             return
         yield item
