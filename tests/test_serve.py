@@ -141,6 +141,24 @@ def test_push_loads_a_sibling_checkpoint_and_a_failed_load_keeps_the_old(models,
     assert not [t.name for t in set(threading.enumerate()) - threads if t.name.startswith(("mars-serve", "asyncio_"))]
 
 
+def test_a_load_after_the_served_folder_was_pruned(models, tmp_path):
+    """update --follow --keep-last 1 deletes step-1 once step-2 is saved, while the server
+    still serves step-1: the load of step-2 (then step-3) must not read the old folder."""
+    from mars_cli.models.load import fingerprint
+    from mars_cli.serve.push import push_checkpoint
+    from mars_cli.serve.run import in_thread
+
+    ck, ck2, _ = models
+    steps = [tmp_path / f"step-{i}" for i in (1, 2, 3)]
+    for step, src in zip(steps, (ck, ck2, ck)):
+        shutil.copytree(src, step)
+    with in_thread(hf_app(allow_load=str(tmp_path)), str(steps[0])) as url:
+        for i in (1, 2):
+            shutil.rmtree(steps[i - 1])  # pruned while served
+            (res,) = push_checkpoint([url], str(steps[i]))
+            assert res["weight_version"] == i + 1 and res["fingerprint"] == fingerprint(steps[i])
+
+
 def test_refusals(server, tmp_path):
     url, app = server
     outside = tmp_path / "elsewhere"

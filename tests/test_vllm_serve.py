@@ -169,6 +169,17 @@ def test_load_switches_tied_weights_exactly_and_back(server, models):
     assert_serves(server.url, models["a"], models["b"])
 
 
+def test_a_load_after_the_served_folder_was_pruned(server, models, root):
+    """update --follow --keep-last 1 deletes the served step's folder before the next push."""
+    import shutil
+
+    first, second = copy(models["b"], root / "pruned-1"), copy(models["a"], root / "pruned-2")
+    load(server.url, first)
+    shutil.rmtree(first)
+    load(server.url, second)
+    assert_serves(server.url, second, models["b"])
+
+
 def test_vllms_own_reload_serves_neither_checkpoint_and_the_probe_says_so(server, models):
     """Why `mars_reload_weights`: vLLM's in-place reload_weights (model_loader/reload/
     layerwise.py, finalize_layerwise_processing) skips process_weights_after_loading for a

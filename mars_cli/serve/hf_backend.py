@@ -58,6 +58,7 @@ class HFBackend(Backend):
         self.max_model_len = max_model_len
         self.seed = seed
         self.policy = None
+        self.model_type: str | None = None  # of the served model, as loaded
         self.serving: tuple = (0, None, None)  # (weight version, fingerprint, path), set on the worker
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="mars-serve-hf")
         self.max_image_pixels = max_image_pixels
@@ -84,6 +85,7 @@ class HFBackend(Backend):
         if real is not None:
             policy.path = real  # read through a descriptor (App._opened): named by where it really is
         old, self.policy = self.policy, policy
+        self.model_type = getattr(policy.model.config, "model_type", None)
         self.serving = (version, policy.fingerprint, policy.path)
         del old
         _free_memory(self.device)
@@ -121,8 +123,9 @@ class HFBackend(Backend):
         from mars_cli.models.load import read_config
 
         cfg = read_config(path)
-        if cfg.get("model_type") != read_config(self.policy.path).get("model_type"):
-            raise MarsError(f"model_type {cfg.get('model_type')!r} is not the served policy's")
+        # against the served model's type as loaded: its folder may be gone (update --keep-last)
+        if cfg.get("model_type") != self.model_type:
+            raise MarsError(f"model_type {cfg.get('model_type')!r} is not the served policy's {self.model_type!r}")
         try:
             p = await self._on_worker(self._load, path, version, real)
         except MarsError:

@@ -88,6 +88,7 @@ class VLLMBackend(Backend):
         self._client = None
         self._watch: asyncio.Task | None = None
         self.path = ""
+        self.config: dict = {}  # the served checkpoint's config.json: its folder may be gone (--keep-last)
 
     def argv(self, policy: str, port: int) -> list[str]:
         o = self.opts
@@ -168,7 +169,7 @@ class VLLMBackend(Backend):
                 raise MarsError(f"vllm serve did not become healthy within {self.startup_timeout:.0f} s")
             await asyncio.sleep(1.0)
         await self._call("POST", "/update_weight_version", json={"new_version": "1"})
-        self.path = policy
+        self.path, self.config = policy, cfg
         return {"path": policy, "fingerprint": fingerprint(policy)}
 
     async def _watch_child(self) -> None:
@@ -184,7 +185,7 @@ class VLLMBackend(Backend):
     async def load(self, path: str, version: int) -> dict:
         from mars_cli.models.load import fingerprint, read_config
 
-        new, old = read_config(path), read_config(self.path)
+        new, old = read_config(path), self.config
         for key in ("model_type", "architectures"):
             if new.get(key) != old.get(key):
                 raise MarsError(f"{key} {new.get(key)!r} is not the served policy's {old.get(key)!r}")
@@ -202,7 +203,7 @@ class VLLMBackend(Backend):
                     raise MarsError(self.failure) from None
                 raise MarsError(f"vllm could not load it: {reason}") from None
             await self._call("POST", "/update_weight_version", json={"new_version": str(version)})
-            self.path = path
+            self.path, self.config = path, new
         finally:
             if not self.failure:
                 await self._call("POST", "/resume")
