@@ -220,6 +220,10 @@ class Bench:
         err = proc.stderr.read()
         if proc.wait() != 0:
             raise RuntimeError(f"failed ({proc.returncode}): {cmd}\n{err[-3000:]}")
+        refused = [f"step {m.get('step')}: {m['push'].get('error')}" for m in records
+                   if isinstance(m.get("push"), dict) and not m["push"].get("ok")]
+        if refused:  # the servers kept sampling old weights: not the pipeline this measures
+            raise RuntimeError("pushes failed: " + "; ".join(refused)[-3000:])
         return records, [t_start, *stamps]
 
     def windows(self, records, stamps) -> list[dict]:

@@ -1,6 +1,6 @@
 """Benchmark vLLM's CPU build against the hf engine, side by side in one run.
 
-    .venv-vllm/bin/python bench/vllm_cpu.py [--requests 8] [--new-tokens 32] [--episodes 16] [--quick]
+    .venv-vllm/bin/python bench/vllm_cpu.py [--requests 32] [--new-tokens 128] [--episodes 16] [--quick]
 
 Needs .venv-vllm (scripts/vllm_cpu.sh). One tiny Qwen2.5-VL with attention heads of 32
 (`mars tiny-model --head-dim 32 --vocab 2048`, what vLLM's CPU attention runs), and a
@@ -118,8 +118,8 @@ def push(url: str, proc, a: Path, b: Path, tmp: Path, reps: int) -> tuple[dict, 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--requests", type=int, default=8)
-    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--requests", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--episodes", type=int, default=16)
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--loads", type=int, default=3)
