@@ -1,6 +1,6 @@
 """Benchmark the crop tool against decoding alone and a naive Pillow crop.
 
-    .venv/bin/python bench/crop.py [--reps 7] [--quick]
+    .venv/bin/python bench/crop.py [--reps 11] [--quick]
 
 Generates 3840x2160 and 8064x5241 JPEGs (quality 90; noise, gradients and shapes, so the
 entropy coder has realistic work), then, interleaved in one run so the ratios are side by
@@ -15,9 +15,11 @@ side, takes the median time of:
   floor       decode + encoding the crop: the work no one-shot crop can skip
 
 for a typical agent crop (a fifth of each side: 4% of the area) and a large one (half of
-each side: a quarter of the image). Targets: crop_cold <= 1.2x decode; crop_warm <= 10 ms
-on 4K. A large crop's JPEG encode alone is ~0.3x a decode, so crop_cold is also shown
-against the floor.
+each side: a quarter of the image). Targets: crop_cold <= 1.2x decode; crop_cold <= 1.1x
+the floor (CPU time); crop_warm <= 10 ms on 4K. A large crop's JPEG encode alone is
+0.25-0.35x a decode, so its floor is over 1.2x decode: for a quarter crop the first target
+is out of reach of any crop that writes a JPEG, and the second is the one that measures
+mars's own overhead.
 Wall-clock and CPU-time medians are both reported: on a busy shared machine the wall times
 of a half-second decode swing by 2-3x, CPU time (all of it single-threaded) much less.
 Prints a table on stderr and one JSON line of figures on stdout.
@@ -142,7 +144,7 @@ def bench(path: Path, box, out_dir: Path, reps: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--reps", type=int, default=11)
     ap.add_argument("--quick", action="store_true", help="4K only, 3 repetitions")
     args = ap.parse_args()
     sizes = {"4k": SIZES["4k"]} if args.quick else SIZES
@@ -169,6 +171,7 @@ def main() -> None:
     targets = {
         "cold_le_1.2x_decode": {c: r["cold_over_decode"] <= 1.2 for c, r in results.items()},
         "cold_le_1.2x_decode_cpu": {c: r["cpu"]["cold_over_decode"] <= 1.2 for c, r in results.items()},
+        "cold_le_1.1x_floor_cpu": {c: r["cpu"]["cold_over_floor"] <= 1.1 for c, r in results.items()},
         "warm_4k_le_10ms": {c: r["crop_warm"] <= 10.0 for c, r in results.items() if c.startswith("4k")},
     }
     print(json.dumps({"bench": "crop", "reps": reps, "load_avg_1min": round(os.getloadavg()[0], 2),

@@ -223,7 +223,7 @@ def _read(path: Path) -> bytes:
     limit = max_image_bytes()
     try:
         with open(path, "rb") as f:
-            data = f.read(limit + 1)  # bounded even if the file grows after the check
+            data = _read_bounded(f, limit)
     except FileNotFoundError:
         raise MarsError(f"{path}: no such file") from None
     except IsADirectoryError:
@@ -237,6 +237,26 @@ def _read(path: Path) -> bytes:
     if not data:
         raise MarsError(f"{path}: empty file, not an image")
     return data
+
+
+def _read_bounded(f, limit: int) -> bytes:
+    """At most limit + 1 bytes of an open file, in a buffer sized by the file, not the bound.
+
+    `f.read(limit + 1)` would allocate the whole bound (1 GiB by default) for every image:
+    slower by a page-table round trip, and a MemoryError under a virtual-memory limit
+    (`ulimit -v`, as batch schedulers set it). A file that grows after the size check is
+    read on in blocks, still bounded.
+    """
+    size = os.fstat(f.fileno()).st_size
+    data = f.read(min(size, limit) + 1)
+    if len(data) <= min(size, limit):
+        return data
+    blocks = [data]
+    total = len(data)
+    while total <= limit and (block := f.read(min(1 << 20, limit + 1 - total))):
+        blocks.append(block)
+        total += len(block)
+    return b"".join(blocks)
 
 
 def read_image_file(src: str | os.PathLike, *, max_image_pixels: int | None = None) -> tuple[bytes, str]:

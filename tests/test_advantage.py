@@ -343,3 +343,27 @@ def test_sampled_by_means_each_judged_reward_and_skips_what_is_not_a_number():
     assert [r for _, r in tally.tally((i, r) for i, r in enumerate(recs))] == recs
     assert tally.rewards() == {"accuracy": 0.5, "format": 1.0, "reward": 0.75}
     assert SampledBy().rewards() == {}
+
+
+def test_records_as_written_pass_through_byte_for_byte_and_any_spelling_gives_the_same_records():
+    # The stage adds its fields to each line as read instead of serializing the record again
+    # (a 2k-token trajectory costs a copy, not a dump); every other spelling is parsed and written.
+    recs = [judged("a", 0, 1.0), judged("a", 1, 0.0), judged("b", 0, 0.5), judged("b", 1, 0.0), judged("c", 0, 1.0)]
+    compact = lines(recs)
+    whole = Ran(["advantage"], input=compact)
+    assert whole.exit_code == 0, whole.stderr
+    want = parse(whole.stdout)
+    assert [{k: v for k, v in r.items() if k not in ("advantage", "advantage_stats", "batch")} for r in want] == recs
+    assert whole.stdout.splitlines()[0].startswith(compact.splitlines()[0][:-1] + ',"advantage":')
+    rerun = [{k: v for k, v in r.items() if k != "advantage"} for r in want]  # stale stats and batch: written whole
+    mixed = ("\ufeff" + json.dumps(recs[0], indent=None) + "\n"  # a byte-order mark and spaces
+             + json.dumps({k: v for k, v in recs[1].items() if k != "schema_version"}) + "\n"
+             + orjson.dumps(rerun[2]).decode() + "\n" + lines(recs[3:]))
+    res = Ran(["advantage"], input=mixed)
+    assert res.exit_code == 0, res.stderr
+    got = parse(res.stdout)
+    assert got == want  # the record without a schema version is written whole, and stamped
+    # and a second run over its own output leaves the records as they were
+    again = Ran(["advantage"], input=whole.stdout)
+    assert again.exit_code == 0, again.stderr
+    assert parse(again.stdout) == want

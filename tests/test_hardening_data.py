@@ -8,6 +8,9 @@ from __future__ import annotations
 import base64
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -143,6 +146,55 @@ def test_s1_image_file_size_is_bounded(tmp_path, monkeypatch):
     monkeypatch.setenv("MARS_MAX_IMAGE_BYTES", "50")
     with pytest.raises(MarsError, match="over the image file limit"):
         images.load_array(path)
+
+
+def test_s1_an_image_read_allocates_the_file_not_the_bound(tmp_path):
+    """Reading an image sized its buffer by the 1 GiB bound: 1 GiB per image, cheap only
+    while the kernel overcommits."""
+    import tracemalloc
+
+    from mars_cli import images
+
+    path = Path(_img(tmp_path / "a.png"))
+    tracemalloc.start()
+    try:
+        data = images._read(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert data == path.read_bytes()
+    assert peak < 10 * len(data) + (1 << 16), peak
+
+
+def test_s1_a_file_that_grows_while_read_stays_bounded(tmp_path, monkeypatch):
+    from mars_cli import images
+
+    path = tmp_path / "grows.bin"
+    path.write_bytes(b"x" * 5000)
+    real_fstat = os.fstat
+    monkeypatch.setattr(images.os, "fstat", lambda fd: os.stat_result((*real_fstat(fd)[:6], 100, *real_fstat(fd)[7:])))
+    with open(path, "rb") as f:
+        assert images._read_bounded(f, 4000) == b"x" * 4001  # over the bound: refused by the caller
+    with open(path, "rb") as f:
+        assert images._read_bounded(f, 1 << 20) == b"x" * 5000
+
+
+def test_s1_mars_crop_runs_under_a_virtual_memory_limit(tmp_path):
+    """`ulimit -v`, as batch schedulers set it: a read sized by the bound was a MemoryError."""
+    import resource
+
+    src = tmp_path / "a.jpg"
+    Image.new("RGB", (64, 48), "white").save(src)
+    limit = 2 << 30
+
+    def cap():
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+    p = subprocess.run([sys.executable, "-m", "mars_cli", "crop", str(src), "0.1", "0.1", "0.9", "0.9",
+                        "-o", str(tmp_path / "c.jpg")], capture_output=True, text=True, timeout=120,
+                       preexec_fn=cap, env={**os.environ, "MARS_MAX_IMAGE_BYTES": str(4 << 30)})
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert Image.open(tmp_path / "c.jpg").size == (52, 40)
 
 
 def test_s2_openai_engine_sends_only_real_images(tmp_path):

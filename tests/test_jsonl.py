@@ -56,6 +56,42 @@ def test_invalid_json_in_the_middle(tmp_path):
     assert e.value.line == 2 and "invalid JSON" in str(e.value)
 
 
+@pytest.mark.parametrize("pad", [0, 10_000])  # a short line and one past the vectorized count's threshold
+def test_a_record_too_deep_to_write_back_is_refused_where_it_is_read(tmp_path, pad):
+    # orjson reads 1024 levels but writes only 254: the stage would fail at its writer instead.
+    ok = {"x": "y" * pad, "a": orjson.loads("[" * 200 + "]" * 200), "many": [{} for _ in range(400)],
+          "brackets": "[{" * 400}
+    p = write(tmp_path, orjson.dumps(ok) + b"\n" + orjson.dumps({"x": "y" * pad}) + b"\n"
+              + b'{"x": "' + b"y" * pad + b'", "a": ' + b"[" * 300 + b"]" * 300 + b"}\n")
+    with pytest.raises(RecordError) as e:
+        list(jsonl.read_records([p]))
+    assert e.value.line == 3 and "nested too deeply to be written back" in str(e.value)
+    got = list(jsonl.read_records([p], skip_bad=True))
+    assert got[0] == ok and len(got) == 2
+
+
+def test_write_extended_is_write_byte_for_byte_on_a_record_mars_wrote(tmp_path):
+    rec = {"schema_version": 1, "id": "q/1", "messages": [{"role": "user", "content": "é ✓ \u2028"}],
+           "tokens": {"ids": [1, 2, 3], "logprobs": [-0.5, -1e-7, 0.0]}, "reward": 0.25, "meta": {}}
+    fields = {"advantage": -1.5, "advantage_stats": {"n": 3, "std": 0.1}, "batch": {"id": "b", "size": 2}}
+    src = write(tmp_path, jsonl.dumps(rec) + b"{}\n" + b' { "a" : 1 }  \n')
+    read = list(jsonl.read_located([src], with_text=True))
+    assert [r for _, r, _ in read] == [rec, {}, {"a": 1}]
+    for i, (_, r, text) in enumerate(read):
+        a, b = tmp_path / f"a{i}.jsonl", tmp_path / f"b{i}.jsonl"
+        with jsonl.RecordWriter(a) as w:
+            w.write({**r, **fields})
+        with jsonl.RecordWriter(b) as w:
+            w.write_extended(text, fields)
+        if i == 0:
+            assert a.read_bytes() == b.read_bytes()  # the line mars writes, nothing re-serialized
+        else:  # other spellings keep theirs (write also stamps the schema version)
+            assert orjson.loads(b.read_bytes()) == {**r, **fields}
+            assert orjson.loads(a.read_bytes()) == {"schema_version": 1, **r, **fields}
+    with jsonl.RecordWriter(tmp_path / "nan.jsonl") as w, pytest.raises(MarsError, match="non-finite.*advantage"):
+        w.write_extended(read[0][2], {"advantage": math.nan})
+
+
 def test_non_object_is_an_error(tmp_path):
     p = write(tmp_path, b'[1, 2]\n')
     with pytest.raises(RecordError, match="expected a JSON object, got list"):

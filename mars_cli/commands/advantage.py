@@ -58,11 +58,14 @@ def main(
 
     # periodic lines while it waits for its input; the summary line below ends the run
     bar = streams.progress(desc="advantage", unit="records", per_input=True, summary=False)
-    located = counting(read_located(files, skip_bad=skip_bad, skipped=skipped), bar)
+    located = counting(read_located(files, skip_bad=skip_bad, skipped=skipped, with_text=True), bar)
     signal = set()  # groups whose advantages are not all 0
     with RecordWriter(output) as w, bar:
-        for rec in advantage_records(located, cfg, batch_groups=batch_groups, group_size=group_size, drop_constant=drop_constant, strict=strict, stats=stats):
-            w.write(rec, fresh=FIELDS)
+        for rec, text in advantage_records(located, cfg, batch_groups=batch_groups, group_size=group_size, drop_constant=drop_constant, strict=strict, stats=stats):
+            if text is None:
+                w.write(rec, fresh=FIELDS)
+            else:
+                w.write_extended(text, {k: rec[k] for k in FIELDS})
             if rec["advantage"] != 0:
                 signal.add(rec["group"])
     skipped.report()

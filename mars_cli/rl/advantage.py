@@ -40,7 +40,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from mars_cli import streams
-from mars_cli.records import DuplicateCheck, validate
+from mars_cli.records import SCHEMA_VERSION, DuplicateCheck, validate
 
 FIELDS = ("advantage", "advantage_stats", "batch")
 
@@ -181,7 +181,7 @@ def batch_id(records: list, cfg: AdvantageConfig, drop_constant: bool) -> str:
 def _scope(items: list, cfg: AdvantageConfig, scope: str, *, drop_constant: bool, strict: bool, stats: AdvantageStats):
     """Compute one scope's advantages and yield its records (one batch) in input order."""
     null_at: dict = {}
-    for where, rec in items:
+    for where, rec, _ in items:
         if rec["reward"] is None:
             if strict:
                 raise where.error(f"null reward in group {rec['group']!r} (judge it again, or drop --strict to skip the group)")
@@ -193,24 +193,24 @@ def _scope(items: list, cfg: AdvantageConfig, scope: str, *, drop_constant: bool
         items = [it for it in items if it[1]["group"] not in null_at]
     if drop_constant and items:
         by_group: dict = {}
-        for _, rec in items:
+        for _, rec, _ in items:
             by_group.setdefault(rec["group"], set()).add(rec["reward"])
         flat = {k for k, v in by_group.items() if len(v) == 1}
         stats.dropped_constant += len(flat)
         items = [it for it in items if it[1]["group"] not in flat]
     if not items:
         return
-    adv, per = compute([rec["reward"] for _, rec in items], [rec["group"] for _, rec in items], cfg)
-    stamp = {"id": batch_id([rec for _, rec in items], cfg, drop_constant), "size": len(items)}
+    adv, per = compute([it[1]["reward"] for it in items], [it[1]["group"] for it in items], cfg)
+    stamp = {"id": batch_id([it[1] for it in items], cfg, drop_constant), "size": len(items)}
     stats.batches += 1
-    for (_, rec), a, st in zip(items, adv.tolist(), per):
+    for (_, rec, text), a, st in zip(items, adv.tolist(), per):
         st["scope"] = scope
         st["scope_size"] = len(items)
         rec["advantage"] = a
         rec["advantage_stats"] = st
         rec["batch"] = dict(stamp)
         stats.written += 1
-        yield rec
+        yield rec, text
 
 
 def advantage_records(
@@ -223,7 +223,15 @@ def advantage_records(
     strict: bool = False,
     stats: AdvantageStats | None = None,
 ) -> Iterator[dict]:
-    """Add `advantage`, `advantage_stats` and `batch` to judged (where, record) pairs.
+    """Add `advantage`, `advantage_stats` and `batch` to judged (where, record) pairs, or
+    to (where, record, text) triples from `read_located(with_text=True)`; yields (record, text).
+
+    text None: write the record whole (`RecordWriter.write`). Otherwise the record holds
+    only `group`, `sample`, `reward` and the new fields, and the line is `text` with the
+    new fields added (`RecordWriter.write_extended`): a buffered batch then keeps each
+    trajectory's JSON text (~4x smaller than its parsed token lists) and nothing is
+    serialized again. Records that are not at the current schema version, or already hold
+    one of the new fields (advantage run twice), are kept parsed and written whole.
 
     With `batch_groups` N a batch closes after N complete groups and is yielded at once. A
     group is complete when the next group starts, or, with `group_size` K, as soon as it
@@ -253,9 +261,15 @@ def _stream(located: Iterable, cfg: AdvantageConfig, batch_groups: int | None, g
     n_chunk = 0
     last = None
     duplicate = DuplicateCheck()
-    for where, rec in located:
+    for item in located:
+        where, rec = item[0], item[1]
         rec = validate(rec, "judged", where, only=("group", "reward"))
         duplicate(rec, where)  # a trajectory read twice would weigh twice in its group's statistics
+        text = item[2] if len(item) > 2 else None
+        if text is not None and rec.get("schema_version") == SCHEMA_VERSION and not any(k in rec for k in FIELDS):
+            rec = {"group": rec["group"], "sample": rec.get("sample"), "reward": rec["reward"]}
+        else:
+            text = None
         stats.records += 1
         key = rec["group"]
         if batch_groups is not None:
@@ -278,7 +292,7 @@ def _stream(located: Iterable, cfg: AdvantageConfig, batch_groups: int | None, g
                 if counts[key] == group_size:
                     complete += 1
             last = key
-        chunk.append((where, rec))
+        chunk.append((where, rec, text))
         if batch_groups is not None and group_size is not None and complete == batch_groups:
             yield from _scope(chunk, cfg, f"chunk:{n_chunk}", **kw)
             closed.update(counts)
