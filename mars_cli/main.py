@@ -96,6 +96,8 @@ class MarsGroup(TyperGroup):
             raise typer.Exit(stop_status(e)) from None
         except BrokenPipeError:
             # The reader went away (`| head -1`): that is how pipelines end, not an error.
+            if "mars_cli.pipes" in sys.modules:
+                sys.modules["mars_cli.pipes"].say_last_words()
             streams.silence_broken_pipe()
             raise typer.Exit(0) from None
         finally:

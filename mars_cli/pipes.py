@@ -5,8 +5,8 @@ reading their own input: they would learn that their reader is gone only at thei
 write, which may never come (a rollout held back by --max-staleness waits for weights
 the trainer will no longer push). A stage that writes records to a pipe therefore
 watches the pipe: Linux reports POLLERR on a pipe's write end once no reader is left,
-and the stage then ends at once, quietly, with status 0, as a write to a closed pipe ends
-it (a stage whose summary line is always printed, rollout's, prints it first).
+and the stage then ends at once with status 0, as a write to a closed pipe ends it, after
+its summary line ("…; its reader went away"): in a pipeline every stage says how it ended.
 
 A `tee` between two stages hides a reader that is gone until tee next writes, so this
 is not the only way a pipeline ends: a rollout waiting for weights also watches the
@@ -42,6 +42,8 @@ def exit_when_reader_gone(last_words: Callable[[], None] | None = None) -> bool:
         return False
     if not hasattr(select, "poll"):
         return False
+    global _last_words, _said
+    _last_words, _said = last_words, threading.Lock()
 
     def watch() -> None:
         poller = select.poll()
@@ -49,16 +51,35 @@ def exit_when_reader_gone(last_words: Callable[[], None] | None = None) -> bool:
         while True:
             for _, events in poller.poll():
                 if events & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
-                    _last(last_words)
+                    _last()
 
     threading.Thread(target=watch, name="reader-gone", daemon=True).start()
     return True
 
 
-def _last(last_words: Callable[[], None] | None) -> None:
+_last_words: Callable[[], None] | None = None
+_said = threading.Lock()
+
+
+def say_last_words() -> None:
+    """The watched stage's summary, once, however its end was noticed first: by the watch,
+    or by a write that met the closed pipe (BrokenPipeError, main.py)."""
+    if _last_words is not None and _said.acquire(blocking=False):
+        try:
+            _last_words()
+        except Exception:  # the summary must never turn a clean end into a traceback
+            pass
+
+
+def claim_last_words() -> bool:
+    """For a stage that prints its own summary when it ends: whether it should (False when
+    the summary was already said because its reader went away)."""
+    return _last_words is None or _said.acquire(blocking=False)
+
+
+def _last() -> None:
     try:
-        if last_words is not None:
-            last_words()
+        say_last_words()
         sys.stderr.flush()
     finally:
         os._exit(0)

@@ -212,7 +212,10 @@ def rollout(files, *, out: str | None, n: int, engine: dict, sampling: dict, lim
             eng.close()
         if bar is not None:
             bar.close()
-            _summary(counts, writer.kept, time.perf_counter() - t0)
+            from mars_cli.pipes import claim_last_words
+
+            if claim_last_words():
+                _summary(counts, writer.kept, time.perf_counter() - t0)
     _check_error_rate(counts, errors, max_error_rate)
     return counts
 

@@ -48,12 +48,18 @@ def main(
     if algo not in ESTIMATORS:
         raise UsageError(f"--algo must be one of {', '.join(ESTIMATORS)}, got {algo!r}")
     cfg = AdvantageConfig(algo=algo, ddof=ddof, eps=eps, batch_norm=batch_norm, batch_ddof=batch_ddof, batch_eps=batch_eps)
+    stats, skipped = AdvantageStats(), SkipCounter()
+    from mars_cli import streams
+
+    def _summary(end: str = "") -> None:
+        streams.summary(f"{stats.written} of {stats.records} records written in {stats.batches} batch(es); dropped "
+                        f"groups: {stats.dropped_null} with a null reward, {stats.dropped_constant} constant{end}")
+
     if output is None:
         from mars_cli.pipes import exit_when_reader_gone
 
-        exit_when_reader_gone()  # `update --follow --max-steps` ends the pipeline while this waits for input
-    stats, skipped = AdvantageStats(), SkipCounter()
-    from mars_cli import streams
+        # `update --follow --max-steps` ends the pipeline while this waits for input
+        exit_when_reader_gone(lambda: _summary("; its reader went away"))
     from mars_cli.progress import counting
 
     # periodic lines while it waits for its input; the summary line below ends the run
@@ -74,7 +80,4 @@ def main(
 
         warn(f"all {stats.written} advantages are 0: every group's rewards are equal, so an update on this batch "
              "learns nothing from it (sample more per task with -n, or check the judge)")
-    from mars_cli.streams import summary
-
-    summary(f"{stats.written} of {stats.records} records written in {stats.batches} batch(es); dropped groups: "
-            f"{stats.dropped_null} with a null reward, {stats.dropped_constant} constant")
+    _summary()

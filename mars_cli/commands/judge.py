@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import time
 from pathlib import Path
 from typing import List, Optional
 
@@ -48,7 +49,7 @@ def main(
     from mars_cli import streams
     from mars_cli.errors import MarsError, UsageError
     from mars_cli.jsonl import RecordWriter, SkipCounter, read_located
-    from mars_cli.progress import count_lines
+    from mars_cli.progress import count_lines, duration
     from mars_cli.records import SCORERS
     from mars_cli.rl.judge import FIELDS, JudgeConfig, JudgeStats, check_health, judge_records
     from mars_cli.rl.llm_judge import rubric_name
@@ -71,13 +72,17 @@ def main(
                       model=model, api_key=api_key, rubric=rubric, protocol=protocol, judge_image=judge_image, min_success=min_judge_success,
                       concurrency=concurrency,
                       timeout=timeout, retries=retries, cache_dir=str(cache) if cache else None)
+    stats, skipped = JudgeStats(), SkipCounter()
+    written, t0 = [], time.perf_counter()
     if output is None:
         from mars_cli.pipes import exit_when_reader_gone
 
-        exit_when_reader_gone()  # a reader that is gone ends this stage even while it waits for input
-    stats, skipped = JudgeStats(), SkipCounter()
+        # a reader that is gone ends this stage even while it waits for input, with its summary
+        exit_when_reader_gone(lambda: streams.summary(
+            f"{written[0].count if written else 0} records in {duration(time.perf_counter() - t0)}; its reader went away"))
     located = read_located(files, skip_bad=skip_bad, skipped=skipped)
     with RecordWriter(output) as w:
+        written.append(w)
         for rec in streams.progress(judge_records(located, cfg, stats), desc="judge", unit="records", total=count_lines(files),
                                    per_input=True):
             w.write(rec, fresh=FIELDS)

