@@ -106,7 +106,7 @@ def test_a_model_that_never_answers_stops_at_50_turns(tmp_path, monkeypatch):
         r = rollout(stub, tasks, out)
         assert r.exit_code == 0, r.stderr
     [rec] = [json.loads(x) for x in out.read_text().splitlines()]
-    # eval.py:2247 --max-turns 50; 1452 the loop runs every turn's call, the 50th too, then 1600 "max_turns"
+    # eval.py:2247 --max-turns 50; 1452 the loop runs every turn's call, the 50th too, then 1604 "max_turns"
     assert len(stub.requests) == 50 and rec["finish"] == "max_turns" and rec["turns"] == 50
     assert len(rec["tool_calls"]) == 50 and rec["messages"][-1]["role"] == "tool"
     # mars's training-loop profile stops at 10 turns and does not run the last call

@@ -3,7 +3,7 @@
 import string
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from mars_cli.rl import scorers
@@ -102,6 +102,9 @@ def test_rule_judge_fallback():
 
 @settings(max_examples=200, deadline=None)
 @given(st.text())
+@example("\U00020000\U0001e000")  # a mark the Han split leaves after a space
+@example("a\u3002\u0301")  # a mark the punctuation's removal leaves on a letter
+@example("\u2260")  # "≠" folds to "=", punctuation
 def test_normalize_is_idempotent(s):
     n = normalize_answer(s)
     assert normalize_answer(n) == n

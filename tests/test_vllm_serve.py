@@ -252,6 +252,29 @@ def test_pause_and_resume_under_load_lose_and_repeat_no_episode(server, models, 
     assert trajectories_gap(models["a"], recs) <= GAP_BOUND
 
 
+def test_a_push_under_load_loses_and_repeats_no_episode(server, models, tasks, root):
+    """A push while episodes are in flight: vLLM pauses (in-flight requests finish), reloads
+    and resumes; every episode comes back once, none fails, and the versions each episode saw
+    never go backwards. Episodes that straddle the push carry both versions."""
+    load(server.url, models["a"])
+    v0 = httpx.get(server.url + "/health").json()["weight_version"]
+    out = root / "pushed.jsonl"
+    p = rollout_in_background(server.url, tasks, out, "--max-turns", "2", "--max-new-tokens", "48", "--seed", "3",
+                              "--max-inflight", "3")
+    wait_for_episodes(out, 2)
+    assert p.poll() is None  # still rolling out: the push meets requests in flight
+    res = load(server.url, models["b"])  # proven by the probe (<= the bound)
+    assert res["weight_version"] == v0 + 1
+    recs = every_episode_once(p, out)
+    assert all(x["finish"] != "error" for x in recs), [x.get("error") for x in recs]
+    for x in recs:
+        seen = x["policy"].get("weight_versions") or [x["policy"]["weight_version"]]
+        assert seen == sorted(seen) and set(seen) <= {v0, v0 + 1}, seen
+    assert {x["policy"]["weight_version"] for x in recs} <= {v0, v0 + 1}
+    assert_serves(server.url, models["b"], models["a"])
+    load(server.url, models["a"])  # as the next tests expect
+
+
 def test_load_and_push_switch_untied_weights_exactly(untied, models, root):
     load(untied.url, models["ub"])
     assert_serves(untied.url, models["ub"], models["ua"])

@@ -74,19 +74,26 @@ def _fold_accents(text: str) -> str:
         if unicodedata.combining(c):
             if latin:
                 continue
-        else:
-            latin = ord(c) < _FOLD_BELOW
+        else:  # a mark after a space (one the Han split below put there) has no letter to fold
+            latin = ord(c) < _FOLD_BELOW and not c.isspace()
         out.append(c)
     return unicodedata.normalize("NFC", "".join(out))
+
+
+def _strip_punct(text: str) -> str:
+    text = text.translate(_punct_table())
+    return "".join(c for c in text if ord(c) < 0x10000 or not unicodedata.category(c).startswith("P"))
 
 
 def normalize_answer(text: str) -> str:
     """SQuAD normalization, Unicode-aware: NFKC, accents folded, case-folded, no
     punctuation, no articles, Han/kana characters one token each, single spaces."""
     if not text.isascii():
-        text = _fold_accents(unicodedata.normalize("NFKC", text))
-        text = "".join(c for c in text.translate(_punct_table()) if ord(c) < 0x10000 or not unicodedata.category(c).startswith("P"))
-        text = text.casefold().translate(_LETTERS)
+        # Punctuation goes before accents are folded (a mark it leaves behind meets its new
+        # base here, not in a second normalization) and after (folding "≠" leaves "="):
+        # normalizing twice changes nothing.
+        text = _fold_accents(_strip_punct(unicodedata.normalize("NFKC", text)))
+        text = _strip_punct(text).casefold().translate(_LETTERS)
         text = _CJK.sub(r" \1 ", text)
     else:
         text = text.lower().translate(_punct_table())
