@@ -237,3 +237,33 @@ def test_search_r1_protocol_topk_0_is_the_default_and_documents_carry_title_and_
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+def test_r7_ctrl_c_while_a_request_thread_starts_stops_the_server_and_frees_the_slot_once(index_dir, monkeypatch):
+    """A Ctrl-C that lands inside Thread.start (the request's thread already running) must
+    reach the serve loop as KeyboardInterrupt. Releasing the connection slot twice raised
+    ValueError there instead, which the server logged and kept serving (seen as a
+    `mars search --serve` that ignored Ctrl-C under load)."""
+    srv = RetrieverServer(TextIndex(index_dir), port=0, max_connections=2)
+    real_start = threading.Thread.start
+
+    def start_then_interrupted(self):
+        real_start(self)
+        if self.name.startswith("Thread") and threading.current_thread() is threading.main_thread():
+            self.join(5)  # the request's thread ran to its end and released its slot
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(threading.Thread, "start", start_then_interrupted)
+    try:
+        host, port = srv.server_address[:2]
+        client = socket.create_connection((host, port))
+        client.sendall(request("paris"))
+        client.shutdown(socket.SHUT_WR)  # one request: its thread ends when answered
+        with pytest.raises(KeyboardInterrupt):
+            srv.handle_request()
+        client.close()
+        # both slots free: a double release would have raised, a missing one would block
+        assert srv._slots.acquire(timeout=1) and srv._slots.acquire(timeout=1)
+    finally:
+        monkeypatch.undo()
+        srv.server_close()

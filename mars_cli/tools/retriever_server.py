@@ -192,6 +192,17 @@ def _check(req) -> str | None:
     return None
 
 
+
+class _Once:
+    """A call that takes effect once, whichever thread makes it first."""
+
+    def __init__(self, fn):
+        self._fn, self._lock = fn, threading.Lock()
+
+    def __call__(self) -> None:
+        if self._lock.acquire(blocking=False):
+            self._fn()
+
 class RetrieverServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = BACKLOG
@@ -204,6 +215,7 @@ class RetrieverServer(ThreadingHTTPServer):
         self.default_k = default_k
         self.request_timeout, self.idle_timeout = request_timeout, idle_timeout
         self._slots = threading.BoundedSemaphore(max_connections)
+        self._release: dict = {}  # request -> its slot's one release
         self._closing = threading.Event()
         try:
             super().__init__((host, port), _Handler)
@@ -227,17 +239,21 @@ class RetrieverServer(ThreadingHTTPServer):
             if self._closing.is_set():
                 self.shutdown_request(request)
                 return
+        # The slot is released once, by the request's thread or, if none started, here. A
+        # Ctrl-C can land after the thread started (inside Thread.start's wait): releasing
+        # twice raised ValueError, which replaced the KeyboardInterrupt and kept serving.
+        release = self._release[request] = _Once(self._slots.release)
         try:
             super().process_request(request, client_address)
         except BaseException:
-            self._slots.release()
+            self._release.pop(request, release)()
             raise
 
     def process_request_thread(self, request, client_address):
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self._slots.release()
+            self._release.pop(request, _Once(lambda: None))()
 
     def handle_error(self, request, client_address):
         """One line per failed connection (the default prints a traceback to stderr)."""
