@@ -133,11 +133,23 @@ def load_runs(paths: list[str], *, skip_bad: bool = False) -> list[Run]:
                 if kind == "sft" and _field(rec, "seconds") is not None:
                     rec = {**rec, "step_seconds": _per_step(rec, run.train)}  # sft: seconds per epoch
                 if _field(rec, "step") is not None:
-                    run.train.append(rec)
+                    _append_step(run.train, rec)
         runs.append(run)
     if not any(r.train or r.evals for r in runs):
         raise MarsError("no metrics records to plot (update/sft records with a step, or eval records with kind: metrics)")
     return runs
+
+
+def _append_step(train: list[dict], rec: dict) -> None:
+    """Add a training record; one whose step is not past its kind's last (a restarted run's
+    log appended to the first: `update --follow` resumed from an earlier save, or a step's
+    record printed again on resume, marked `recovered`) replaces that kind's records from its
+    step on, so each step has one point and the line follows the weights that were kept."""
+    kind, step = rec.get("kind"), _field(rec, "step")
+    same = [r for r in train if r.get("kind") == kind]
+    if same and _field(same[-1], "step") is not None and step <= _field(same[-1], "step"):
+        train[:] = [r for r in train if r.get("kind") != kind or _field(r, "step") < step]
+    train.append(rec)
 
 
 def _per_step(rec: dict, earlier: list[dict]) -> float | None:

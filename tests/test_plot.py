@@ -220,3 +220,19 @@ def test_sft_step_time_is_seconds_per_step(tmp_path):
                                           {"kind": "sft", "epoch": 2, "steps": 12, "seconds": 12.0, "train_nll": 1.5}])
     p = {p.title: p for p in panels(load_runs([str(f)]))}["step time (s)"]
     assert p.series == [("sft", [4.0, 12.0], [2.0, 1.5])]
+
+
+def test_a_resumed_runs_log_has_one_point_per_step_from_the_weights_kept(tmp_path):
+    """`update --follow` killed after step 3 (saved at 2), restarted with its log appended: the
+    restart prints step 2's record again (`recovered`) and retrains step 3; each step is drawn
+    once, with the values of the run whose weights were kept."""
+    from mars_cli.plot import load_runs, panels
+
+    f = _records(tmp_path / "m.jsonl", [
+        {"kind": "update", "step": 1, "loss": 1.0}, {"kind": "update", "step": 2, "loss": 0.9},
+        {"kind": "update", "step": 3, "loss": 0.8},
+        {"kind": "update", "step": 2, "loss": 0.9, "recovered": "printed on resume"},
+        {"kind": "update", "step": 3, "loss": 0.7}, {"kind": "update", "step": 4, "loss": 0.6},
+        {"kind": "sft", "epoch": 1, "steps": 2, "train_nll": 2.0}])
+    ps = {p.title: p for p in panels(load_runs([str(f)]))}
+    assert ps["loss"].series == [("m", [1.0, 2.0, 3.0, 4.0], [1.0, 0.9, 0.7, 0.6])]
