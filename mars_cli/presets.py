@@ -18,8 +18,8 @@ Training (`--preset` on `mars rollout`, `mars advantage` and `mars update`):
                      (ppo_mini_batch_size = batch size). Rollout: T 1, presence penalty
                      1.5, seed 3407, 10 turns, 16,384 prompt and 16,384 response tokens
                      within a 32,768-token context, so a turn gets at most
-                     min(16,384, 32,768 − the context so far) tokens (the sglang server's
-                     max_new_tokens, which also subtracts one).
+                     min(16,384, 32,768 − the context so far − 1) tokens (the sglang
+                     server's max_new_tokens): --max-total-tokens 32,767.
                      The paper describes BN-GSPO instead, which is mars's default.
 """
 
@@ -40,10 +40,11 @@ TRAINING: dict[str, dict[str, dict]] = {
                    "old_logprobs": "rollout", "mini_batch": None},
         # train_multi_node.sh: rollout.presence_penalty=1.5, rollout.seed=3407, temperature left at
         # verl's 1.0, multi_turn.max_assistant_turns=10, max_prompt_length = max_response_length
-        # = 16,384, max_model_len 32,768 (async_sglang_server: min(response_length, max_model_len − prompt − 1))
+        # = 16,384, max_model_len 32,768; async_sglang_server.py:237 gives a turn
+        # min(response_length, max_model_len − prompt − 1): the room of a 32,767 total
         "rollout": {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "presence_penalty": 1.5, "seed": 3407,
                     "max_turns": 10, "max_new_tokens": 16384, "max_prompt_tokens": 16384,
-                    "max_response_tokens": 16384, "max_total_tokens": 32768},
+                    "max_response_tokens": 16384, "max_total_tokens": 32767},
     },
 }
 SAMPLING_KEYS = ("temperature", "top_p", "top_k", "presence_penalty", "seed")

@@ -153,7 +153,7 @@ class Profile:
     needs_system_prompt: bool = False  # a task without a dataset system prompt is an error
     scoring: str = "mars"  # "mars": scorers.py on the prediction; "eval": sensenova_eval on the final reply
     judge: dict = field(default_factory=dict)  # LLM judge call: max_tokens, abort_on_failure
-    stop: tuple = ()  # specials that end a turn besides <|im_end|> (hf, vllm engines), by name
+    stop: tuple = ()  # specials that end a turn besides <|im_end|> and the checkpoint's own ends, by name
 
 
 _VERL_TEXTS = {"unknown_tool": sensenova.UNKNOWN_TOOL, "search_unavailable": sensenova.SEARCH_UNAVAILABLE}
@@ -172,8 +172,7 @@ PROFILES: dict[str, Profile] = {
                 "max_prompt_tokens": None, "max_response_tokens": None},
         last_call_runs=True, pixels=(sensenova.MIN_PIXELS, sensenova.MAX_PIXELS, 32), send_images="view",
         task_images=1, decode="stored", needs_system_prompt=True, scoring="eval",
-        judge={"max_tokens": sensenova_eval.JUDGE_MAX_TOKENS, "abort_on_failure": True},
-        stop=("pad",)),  # <|endoftext|>: vLLM's chat server, which eval.py talks to, stops on it too
+        judge={"max_tokens": sensenova_eval.JUDGE_MAX_TOKENS, "abort_on_failure": True}),
     "mars": Profile("mars", "observe", TOOL_SCHEMAS, "source",
                     "mars's prompt; crops from the full-resolution source; malformed calls get an error message"),
 }

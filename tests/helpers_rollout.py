@@ -199,3 +199,33 @@ class OpenAIStub:
     def __exit__(self, *exc):
         self.server.shutdown()
         self.server.server_close()
+
+
+def always_emits(src: Path, dst: Path, token: int) -> Path:
+    """A copy of checkpoint `src` whose every next token is `token`, in weights alone, so any
+    engine (transformers, vLLM) samples it: the last layer's attention adds a constant (its
+    value projection is a bias, whatever it attends to) far larger than the residual stream on
+    one hidden unit; the final norm keeps only that unit; `token`'s row (tied: embedding and
+    output) is large on it. Logit about 80 for `token` against under 1 for the rest."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    w = load_file(dst / "model.safetensors")
+    last = max(int(k.split("layers.")[1].split(".")[0]) for k in w if "layers." in k and "visual" not in k)
+    prefix = next(k for k in w if k.endswith(f"layers.{last}.self_attn.v_proj.weight")).rsplit("v_proj", 1)[0]
+    w[prefix + "v_proj.weight"].zero_()
+    w[prefix + "v_proj.bias"].fill_(1.0)
+    o = w[prefix + "o_proj.weight"]
+    o.zero_()
+    o[0, :] = 1000.0 / o.shape[1]  # attention output is all ones: unit 0 of the stream gains 1000
+    norm = next(k for k in w if k.endswith("norm.weight") and "layers." not in k and "visual" not in k)
+    w[norm].zero_()
+    w[norm][0] = 1.0
+    embed = next(k for k in w if k.endswith("embed_tokens.weight"))
+    w[embed][token, 0] = 10.0
+    if "lm_head.weight" in w:
+        w["lm_head.weight"][token, 0] = 10.0
+    save_file({k: v.contiguous() for k, v in w.items()}, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst  # rewritten weights: mars_model.json's recorded fingerprint no longer applies

@@ -217,7 +217,7 @@ def test_vllm_adapter_against_standin(standin_vllm, tiny_policy_dir, tmp_path):
     assert "multi_modal_data" not in prompts[1]
     p = params[0]
     assert p.logprobs == 0 and p.temperature == 0.7 and p.top_k == 5 and p.max_tokens == 50
-    assert p.stop_token_ids == [eng.special["im_end"]] and params[1].max_tokens == 7
+    assert p.stop_token_ids == [eng.special["im_end"], eng.special["pad"]] and params[1].max_tokens == 7  # generation_config
     assert p.logit_bias == {t: -100.0 for t in (eng.special["vision_start"], eng.special["vision_end"], eng.special["image_pad"])}
     a, b = res
     assert a.ids == tok_ids + [151645] and a.finish == "stop" and a.logprobs == [-0.25, -0.5, -0.75, -1.0]
@@ -253,30 +253,34 @@ def test_hf_qwen3_vl(tiny_qwen3_dir, tmp_path):
     assert lp[len(ids):].tolist() == pytest.approx(r.logprobs, abs=2e-3)
 
 
-def test_sensenova_eval_stops_on_endoftext_too(tiny_policy_dir, tmp_path):
-    """vLLM's chat server, which inference/eval.py talks to (eval.py:776-831), ends a reply at
-    <|endoftext|> as well as <|im_end|>; the profile's `stop` gives the hf engine the same rule."""
-    import torch
+def test_a_turn_ends_at_the_checkpoints_own_end_ids_as_in_vllm(tiny_policy_dir, tmp_path):
+    """vLLM (its chat server, which inference/eval.py talks to, and its token route: see the
+    vllm tier) and sglang (verl's rollout engine) end a reply at any end-of-sequence id of the
+    checkpoint's generation config, Qwen-VL's <|endoftext|> as well as <|im_end|>, whatever the
+    request's stop ids; so does the hf engine, under every profile. A checkpoint whose
+    generation config names <|im_end|> alone runs on."""
+    import json
 
-    from mars_cli import protocol
+    from helpers_rollout import always_emits
     from mars_cli.engines import cut_at_stop
-    from mars_cli.models.load import load_policy
+    from mars_cli.models.load import end_ids, load_policy
 
-    policy = load_policy(tiny_policy_dir)
-    eot = policy.special["pad"]
-    head = policy.model.lm_head
-    bias = torch.zeros(head.out_features)
-    bias[eot] = 30.0  # greedy decoding emits <|endoftext|> at once
-    head.bias = torch.nn.Parameter(bias, requires_grad=False)
-    try:
-        stops = protocol.get_profile("sensenova-eval").stop
-        eng = open_engine("hf", policy=None, sampling=Sampling(temperature=0), loaded=policy, stop_tokens=stops)
-        ids, _, images = prompt(eng, tmp_path)
-        r = eng.generate([GenRequest(ids=ids, images=images, max_new_tokens=8)])[0]
-        assert r.ids == [eot] and r.finish == "stop" and r.text == ""
-        plain = open_engine("hf", policy=None, sampling=Sampling(temperature=0), loaded=policy)
-        r = plain.generate([GenRequest(ids=ids, images=images, max_new_tokens=8)])[0]
-        assert r.ids == [eot] * 8 and r.finish == "length"  # the training profile runs on to its limit
-    finally:
-        head.bias = None
+    eot = 151643
+    ck = always_emits(tiny_policy_dir, tmp_path / "eot", eot)
+    assert end_ids(ck) == [151645, eot]  # config.json: <|im_end|>; generation_config.json: both
+    policy = load_policy(ck)
+    eng = open_engine("hf", policy=None, sampling=Sampling(temperature=0), loaded=policy)
+    ids, _, images = prompt(eng, tmp_path)
+    r = eng.generate([GenRequest(ids=ids, images=images, max_new_tokens=8)])[0]
+    assert r.ids == [eot] and r.finish == "stop" and r.text == ""
+    gen = json.loads((ck / "generation_config.json").read_text())
+    (ck / "generation_config.json").write_text(json.dumps({**gen, "eos_token_id": 151645}))
+    policy = load_policy(ck)
+    assert policy.end_ids == [151645]
+    plain = open_engine("hf", policy=None, sampling=Sampling(temperature=0), loaded=policy)
+    r = plain.generate([GenRequest(ids=ids, images=images, max_new_tokens=8)])[0]
+    assert r.ids == [eot] * 8 and r.finish == "length"
+    named = open_engine("hf", policy=None, sampling=Sampling(temperature=0), loaded=policy, stop_tokens=("pad",))
+    r = named.generate([GenRequest(ids=ids, images=images, max_new_tokens=8)])[0]
+    assert r.ids == [eot] and r.finish == "stop"  # a profile's named extra stop
     assert cut_at_stop([5, 7, 9, 7], [9]) == ([5, 7, 9], [5, 7]) and cut_at_stop([1, 2], [9]) == ([1, 2], [1, 2])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from mars_cli.main import app
@@ -72,5 +73,34 @@ def test_rollout_official_script_is_train_multi_node_sh(monkeypatch):
     assert res.exit_code == 0, res.output
     assert seen["sampling"] == {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "presence_penalty": 1.5, "seed": 3407}
     assert seen["limits"] == {"max_turns": 4, "max_prompt_tokens": 16384, "max_response_tokens": 16384,
-                              "max_total_tokens": 32768, "max_new_tokens": 16384}  # --max-turns: the flag wins
+                              "max_total_tokens": 32767, "max_new_tokens": 16384}  # --max-turns: the flag wins
     assert CliRunner().invoke(app, ["rollout", "--preset", "nope"], input="").exit_code == 2
+
+
+@pytest.mark.parametrize("prompt", [16383, 16384])
+def test_official_script_gives_a_turn_what_the_sglang_server_gives_it(tmp_path, prompt):
+    """async_sglang_server.py:237 (OpenSenseNova/SenseNova-MARS @ ce052d7): max_new_tokens =
+    min(response_length 16,384, max_model_len 32,768 − len(prompt_ids) − 1)."""
+    from helpers_rollout import ScriptedEngine, answer, turn_script
+    from mars_cli.agent.loop import AgentLoop, Limits
+    from mars_cli.agent.toolbox import Toolbox
+    from mars_cli.presets import TRAINING, split_sampling
+
+    asked = []
+
+    class Asked(ScriptedEngine):
+        def generate(self, requests):
+            asked.extend(r.max_new_tokens for r in requests)
+            return super().generate(requests)
+
+    _, limits = split_sampling(TRAINING["official-script"]["rollout"])
+
+    def first_turn(question):
+        loop = AgentLoop(Asked(turn_script([answer("a")])), Toolbox(tmp_path / "art"), limits=Limits(**limits))
+        [rec] = loop.run([{"schema_version": 1, "id": "t", "question": question, "answers": ["a"]}], n=1)
+        return rec
+
+    mask = first_turn("q")["tokens"]["mask"]
+    rec = first_turn("q" + "x" * (prompt - mask.index(1)))  # one token a byte
+    assert rec["tokens"]["mask"].index(1) == prompt and rec["finish"] == "answer"
+    assert asked[-1] == min(16384, 32768 - prompt - 1)

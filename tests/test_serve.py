@@ -315,3 +315,57 @@ def test_pause_keep_queues_requests_until_resume(server):
             assert (await c.get(url + "/health")).status_code == 200
 
     asyncio.run(go())
+
+
+def test_a_reply_ends_at_the_checkpoints_end_ids_and_the_stop_ids_asked(models, tmp_path):
+    """As vLLM's token route: a reply ends at <|im_end|>, at the checkpoint's own end ids
+    (Qwen-VL's generation config: <|endoftext|> too) and at the request's stop_token_ids.
+    `rollout --engine server` under either profile gets the same turn as in process."""
+    import json
+
+    from clirun import Ran
+    from helpers_rollout import always_emits
+    from mars_cli import protocol, sensenova
+    from mars_cli.jsonl import write_records
+    from mars_cli.records import make_task
+    from mars_cli.serve.app import App
+    from mars_cli.serve.hf_backend import HFBackend
+    from mars_cli.serve.push import push_checkpoint
+    from mars_cli.serve.run import in_thread
+
+    eot = 151643
+    ck = always_emits(models[0], tmp_path / "eot", eot)
+    plain = always_emits(models[0], tmp_path / "eot-plain", eot)  # its generation config ends at <|im_end|> only
+    gen = json.loads((plain / "generation_config.json").read_text())
+    (plain / "generation_config.json").write_text(json.dumps({**gen, "eos_token_id": 151645}))
+    img = make_image(tmp_path / "a.png", size=(120, 90))
+    tasks = tmp_path / "tasks.jsonl"
+    write_records([make_task("t", "Which? (A) x (B) y", images=[img], answers=["A"], scorer="mcq",
+                             meta={"system_prompt": sensenova.SYSTEM_PROMPT})], tasks)
+    lo, hi, _ = protocol.get_profile("sensenova-eval").pixels  # as `mars serve --min-pixels --max-pixels`
+    app = App(HFBackend(max_num_seqs=8, seed=0, min_pixels=lo, max_pixels=hi), allow_load=str(tmp_path),
+              max_images=4, max_image_bytes=1 << 20)
+
+    def ask(stops=None):
+        sp = {"max_tokens": 6, "logprobs": 0, **({"stop_token_ids": stops} if stops is not None else {})}
+        r = httpx.post(url + "/inference/v1/generate", json={"token_ids": [1, 2, 3], "sampling_params": sp})
+        return r.json()["choices"][0] if r.status_code == 200 else r
+
+    with in_thread(app, str(ck)) as url:
+        c = ask()
+        assert (c["token_ids"], c["finish_reason"], c["stop_reason"]) == ([eot], "stop", eot)
+        for prof in ("sensenova-eval", "sensenova"):
+            out = tmp_path / f"{prof}.jsonl"
+            r = Ran(["rollout", tasks, "--engine", "server", "--server", url, "--protocol", prof, "--max-turns", "1",
+                     "--max-new-tokens", "8", "-o", out, "-q"])
+            assert r.exit_code == 0, r.stderr
+            [rec] = [json.loads(x) for x in out.read_text().splitlines()]
+            t = rec["tokens"]
+            assert [i for i, m in zip(t["ids"], t["mask"]) if m] == [eot] and rec["finish"] != "error", prof
+        push_checkpoint([url], str(plain))
+        c = ask()
+        assert (c["token_ids"], c["finish_reason"], c["stop_reason"]) == ([eot] * 6, "length", None)
+        c = ask([eot])
+        assert (c["token_ids"], c["finish_reason"], c["stop_reason"]) == ([eot], "stop", eot)
+        r = ask([10 ** 9])
+        assert r.status_code == 400 and "stop_token_ids" in r.json()["error"]["message"]

@@ -73,7 +73,7 @@ def test_launches_vllm_serve_with_the_rl_endpoints_and_forwards_generation(vllm_
     sent = [c for c in calls(log) if c.get("path") == "/inference/v1/generate"][0]["body"]
     assert sent["token_ids"] == ids and sent["content_parts"][0]["url"].startswith("data:image/png;base64,")
     sp = sent["sampling_params"]
-    assert (sp["temperature"], sp["top_k"], sp["logprobs"], sp["stop_token_ids"]) == (0.8, -1, 0, [eng.special["im_end"]])
+    assert (sp["temperature"], sp["top_k"], sp["logprobs"], sp["stop_token_ids"]) == (0.8, -1, 0, [eng.special["im_end"], eng.special["pad"]])
     assert set(sp["logit_bias"]) == {str(eng.special[k]) for k in ("image_pad", "vision_start", "vision_end")}
 
 

@@ -169,6 +169,37 @@ def test_load_switches_tied_weights_exactly_and_back(server, models):
     assert_serves(server.url, models["a"], models["b"])
 
 
+def test_vllm_ends_a_reply_at_the_checkpoints_end_ids_whatever_the_request_asks(server, models, root):
+    """What mars's engines follow (engines.stop_ids, models.load.end_ids): vLLM ends a reply at
+    the checkpoint's generation-config end ids (Qwen-VL's <|endoftext|> as well as
+    <|im_end|>), in its chat server, which eval.py talks to, and in the token route, even when
+    the request's stop ids name <|im_end|> alone."""
+    import openai
+
+    from helpers_rollout import always_emits
+    from mars_cli.engines import Sampling, stop_ids
+    from mars_cli.engines.server import generate_body
+    from mars_cli.models.load import end_ids, load_tokenizer, special_ids
+
+    eot = always_emits(models["a"], root / "eot", 151643)
+    load(server.url, eot)
+    try:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+        [model] = client.models.list().data
+        r = client.chat.completions.create(model=model.id, messages=[{"role": "user", "content": "Hi"}],
+                                           max_tokens=6, temperature=0)
+        assert (r.choices[0].finish_reason, r.choices[0].message.content, r.usage.completion_tokens) == ("stop", "", 1)
+        tok = load_tokenizer(eot)
+        special = special_ids(tok, eot)
+        ids = tok.encode("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+        for stops in (None, stop_ids(special, (), end_ids(eot))):  # <|im_end|> alone; what mars's engines send
+            body = generate_body(ids, Sampling(temperature=1.0), 6, special, stops)
+            c = httpx.post(server.url + "/inference/v1/generate", json=body, timeout=120).json()["choices"][0]
+            assert (c["token_ids"], c["finish_reason"]) == ([151643], "stop"), stops
+    finally:
+        load(server.url, models["a"])
+
+
 def test_a_load_after_the_served_folder_was_pruned(server, models, root):
     """update --follow --keep-last 1 deletes the served step's folder before the next push."""
     import shutil

@@ -91,7 +91,7 @@ class ImageSearchNote:
 ENGINE_OPTS = {"hf": ("device", "dtype", "max_batch", "attn_implementation", "min_pixels", "max_pixels", "stop_tokens"),
                "vllm": ("tp", "gpu_memory_utilization", "dtype", "min_pixels", "max_pixels", "stop_tokens"),
                "openai": ("base_url", "model", "timeout", "max_retries", "image_view"),
-               "server": ("urls", "api_key", "timeout", "min_pixels", "max_pixels")}
+               "server": ("urls", "api_key", "timeout", "min_pixels", "max_pixels", "stop_tokens")}
 
 
 def apply_profile(protocol: str | None, engine: dict) -> dict:
@@ -101,7 +101,8 @@ def apply_profile(protocol: str | None, engine: dict) -> dict:
     the judge read images alike; the caller restores it (images.decode_mode() before). A profile with `pixels` (sensenova-eval) fills in
     --min-pixels/--max-pixels; with `send_images="view"` a chat engine sends each image
     resized to them (the factor is the profile's) instead of the file as stored. A profile's
-    extra stop tokens (sensenova-eval: <|endoftext|>) go to the in-process engines.
+    extra stop tokens (sensenova-eval: <|endoftext|>) go to the token engines (in process or
+    through a server, in each request).
     """
     from mars_cli import images
     from mars_cli import protocol as proto

@@ -102,7 +102,7 @@ class HFEngine(Engine):
         self.fingerprint = loaded.fingerprint
         self.sampling = sampling
         self.special = loaded.special
-        self.stop = stop_ids(self.special, stop_tokens)
+        self.stop = stop_ids(self.special, stop_tokens, loaded.end_ids)
         self.renderer = Renderer(loaded.tokenizer, loaded.special)
         self.max_batch = max(1, max_batch)
         size = getattr(loaded.image_processor, "size", None) or {}

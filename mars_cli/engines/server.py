@@ -28,7 +28,7 @@ from collections import OrderedDict
 from pathlib import Path
 from types import SimpleNamespace
 
-from mars_cli.engines import Engine, GenRequest, GenResult, Sampling, never_sampled, strip_eos
+from mars_cli.engines import Engine, GenRequest, GenResult, Sampling, never_sampled, stop_ids
 from mars_cli.errors import MarsError
 
 log = logging.getLogger("mars.engine")
@@ -58,12 +58,13 @@ def image_part(path: str) -> dict:
     return part
 
 
-def generate_body(ids, s: Sampling, max_tokens: int, special: dict) -> dict:
-    """The /inference/v1/generate body of one turn (images, if any, are added as content parts)."""
+def generate_body(ids, s: Sampling, max_tokens: int, special: dict, stops=None) -> dict:
+    """The /inference/v1/generate body of one turn (images, if any, are added as content parts);
+    `stops`: the ids that end it (engines.stop_ids), <|im_end|> alone by default."""
     return {"token_ids": list(ids),
             "sampling_params": {"temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k if s.top_k > 0 else -1,
                                 "presence_penalty": s.presence_penalty, "max_tokens": max_tokens,
-                                "logprobs": 0, "stop_token_ids": [special["im_end"]], "detokenize": False,
+                                "logprobs": 0, "stop_token_ids": list(stops or [special["im_end"]]), "detokenize": False,
                                 "skip_special_tokens": False,
                                 "logit_bias": {str(t): -100.0 for t in never_sampled(special)} or None}}
 
@@ -77,10 +78,11 @@ class ServerEngine(Engine):
     tokens = True
 
     def __init__(self, policy: str | None, *, sampling: Sampling, urls: list[str], api_key: str | None = None,
-                 timeout: float = 600.0, min_pixels: int | None = None, max_pixels: int | None = None, **_):
+                 timeout: float = 600.0, min_pixels: int | None = None, max_pixels: int | None = None,
+                 stop_tokens=(), **_):
         import httpx
 
-        from mars_cli.models.load import fingerprint, load_image_processor, load_tokenizer, special_ids
+        from mars_cli.models.load import end_ids, fingerprint, load_image_processor, load_tokenizer, special_ids
         from mars_cli.protocol import Renderer
         from mars_cli.urls import split_credentials
 
@@ -119,9 +121,12 @@ class ServerEngine(Engine):
         for flag, mine, theirs in (("--min-pixels", min_pixels, pixels.get("min")),
                                    ("--max-pixels", max_pixels, pixels.get("max"))):
             if mine is not None and theirs is not None and int(mine) != int(theirs):
-                raise MarsError(f"{flag} {mine} differs from the server's {theirs}: images would be counted wrong")
+                raise MarsError(f"{flag} {mine} differs from the server's {theirs}: images would be counted wrong; "
+                                f"start `mars serve` with {flag} {mine} (a --protocol with image limits, such as "
+                                "sensenova-eval, sets them here)")
         tokenizer = load_tokenizer(self.path)
         self.special = special_ids(tokenizer, self.path)
+        self.stop = stop_ids(self.special, stop_tokens, end_ids(self.path))  # sent in each request
         self.renderer = Renderer(tokenizer, self.special)
         proc = load_image_processor(self.path, min_pixels=pixels.get("min", min_pixels),
                                     max_pixels=pixels.get("max", max_pixels))
@@ -173,7 +178,7 @@ class ServerEngine(Engine):
     # ---------------------------------------------------------------- requests
 
     def _body(self, req: GenRequest) -> dict:
-        body = generate_body(req.ids, self.sampling, req.max_new_tokens, self.special)
+        body = generate_body(req.ids, self.sampling, req.max_new_tokens, self.special, self.stop)
         if req.images:
             body["content_parts"] = [image_part(p) for p in req.images]
         return body
@@ -252,8 +257,8 @@ class ServerEngine(Engine):
         if len(content) != len(ids):
             raise ValueError(f"{len(content)} log-probs for {len(ids)} tokens")
         lps = [float(x["logprob"]) for x in content]
-        eos = self.special["im_end"]
-        body, ended = strip_eos(ids, eos)
+        ended = bool(ids) and ids[-1] in self.stop
+        body = ids[:-1] if ended else ids
         finish = "length" if c.get("finish_reason") == "length" and not ended else "stop"
         mars = resp.get("mars") or {}
         spans = c.get("weight_versions") or []

@@ -41,6 +41,7 @@ class Policy:
     path: str
     fingerprint: str
     special: dict = field(default_factory=dict)
+    end_ids: list = field(default_factory=list)  # the checkpoint's own end-of-sequence ids (end_ids)
 
     @property
     def merge_size(self) -> int:
@@ -268,6 +269,25 @@ def special_ids(tokenizer, where: str | Path = "") -> dict[str, int]:
     return out
 
 
+def end_ids(path: str | Path) -> list[int]:
+    """The checkpoint's own end-of-sequence ids: config.json's (and its text config's) and
+    generation_config.json's `eos_token_id`, each an id or a list. vLLM and sglang end a reply
+    at any of them whatever the request's stop ids say (Qwen-VL's generation config lists
+    <|im_end|> and <|endoftext|>), and so does transformers' generate by default."""
+    out: list[int] = []
+    for name in ("config.json", "generation_config.json"):
+        try:
+            cfg = json.loads((Path(path) / name).read_text())
+        except (OSError, ValueError):
+            continue
+        for c in (cfg, cfg.get("text_config") if isinstance(cfg, dict) else None):
+            v = c.get("eos_token_id") if isinstance(c, dict) else None
+            for t in (v if isinstance(v, list) else [v]):
+                if isinstance(t, int) and not isinstance(t, bool) and t >= 0 and t not in out:
+                    out.append(t)
+    return out
+
+
 def context_length(model) -> int | None:
     """The model's context length (its text config's max_position_embeddings), or None."""
     cfg = getattr(model, "config", None)
@@ -315,4 +335,4 @@ def load_policy(path, *, device: str = "cpu", dtype=None, trainable: bool = Fals
     if not trainable:
         model.requires_grad_(False)
     return Policy(model=model, tokenizer=tokenizer, image_processor=image_processor, arch=arch,
-                  path=str(path), fingerprint=fingerprint(path), special=special)
+                  path=str(path), fingerprint=fingerprint(path), special=special, end_ids=end_ids(path))

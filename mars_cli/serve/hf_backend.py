@@ -152,9 +152,11 @@ class HFBackend(Backend):
         except (UsageError, TypeError, ValueError) as e:
             raise HTTPError(400, f"sampling_params: {e}") from None
         eos = self.policy.special["im_end"]
-        stops = set(sp.get("stop_token_ids") or [eos])  # app.check_sampling: a list of ints
-        if stops != {eos}:
-            raise HTTPError(400, f"sampling_params.stop_token_ids: the hf engine stops at <|im_end|> ({eos}) only")
+        # app.check_sampling: a list of ints; as in vLLM, the checkpoint's own end ids end it too
+        stops = {eos, *self.policy.end_ids, *(sp.get("stop_token_ids") or [])}
+        vocab = self.vocab_size
+        if any(not 0 <= t < vocab for t in stops):
+            raise HTTPError(400, f"sampling_params.stop_token_ids: ids run from 0 to {vocab - 1}")
         suppressed = set(never_sampled(self.policy.special))
         for k, v in (sp.get("logit_bias") or {}).items():  # app.check_sampling: {"digits": number}
             if int(k) not in suppressed or v > -100:
@@ -240,7 +242,8 @@ class HFBackend(Backend):
                 groups: dict[tuple, list[Pending]] = {}
                 for it in batch:
                     s = it.sampling
-                    groups.setdefault((s.temperature, s.top_p, s.top_k, s.presence_penalty), []).append(it)
+                    key = (s.temperature, s.top_p, s.top_k, s.presence_penalty, frozenset(it.stop_ids))
+                    groups.setdefault(key, []).append(it)
                 for items in groups.values():
                     items = [it for it in items if not it.future.done()]  # the client went away
                     if items:
@@ -272,7 +275,7 @@ class HFBackend(Backend):
             if t.error:
                 it.future.set_exception(HTTPError(500, f"generation failed: {t.error}", "InternalServerError"))
                 continue
-            choice = {"index": 0, "finish_reason": t.finish, "stop_reason": eos if t.finish == "stop" else None,
+            choice = {"index": 0, "finish_reason": t.finish, "stop_reason": t.ids[-1] if t.finish == "stop" else None,
                       "token_ids": t.ids, "weight_versions": [{"version": str(version), "start": 0, "end": len(t.ids)}],
                       "logprobs": ({"content": [{"token_id": tid, "logprob": lp, "rank": None, "top_logprobs": []}
                                                 for tid, lp in zip(t.ids, t.logprobs)]} if it.want_logprobs else None)}
@@ -292,6 +295,8 @@ class HFBackend(Backend):
             raise MarsError("the model is asleep")
         t0 = time.perf_counter()
         engine = HFEngine(None, sampling=items[0].sampling, loaded=self.policy, max_batch=len(items))
+        eos = self.policy.special["im_end"]
+        engine.stop = [eos, *sorted(items[0].stop_ids - {eos})]  # one stop set per batch (_batch_loop)
         # a row ends at once when its client left (its future is done) or the server closes
         results = engine.generate([GenRequest(ids=it.ids, images=it.images, max_new_tokens=it.max_tokens)
                                    for it in items], stop_rows=lambda: [self._closing or it.future.done() for it in items])
