@@ -174,12 +174,17 @@ def exact_match(prediction: str | None, golds) -> bool:
 
 
 def final_output(record: dict) -> str:
-    """The text eval.py scores for a trajectory: its last reply when it ended with one,
-    else nothing (a run cut at the turn limit ends on a tool result, eval.py:1586)."""
-    if record.get("finish") != "answer":
+    """The text eval.py scores for a trajectory: its last reply when the episode ended on a
+    reply eval.py would not have gone on from, else nothing (a run cut at the turn limit ends
+    on a tool result, eval.py:1586). A record rolled out under another profile (`mars judge
+    --protocol sensenova-eval`) ended `no_action` or `max_tokens` on a reply that eval.py
+    takes whole as the answer (eval.py:529), unless it holds a call eval.py would have run."""
+    msgs = record.get("messages") or []
+    finish = record.get("finish")
+    if finish in ("max_turns", "error") or not msgs or msgs[-1].get("role") != "assistant":
         return ""
-    for m in reversed(record.get("messages") or []):
-        if m.get("role") == "assistant":
-            c = m.get("content")
-            return c if isinstance(c, str) else "".join(p.get("text", "") for p in c or [])
-    return ""
+    c = msgs[-1].get("content")
+    text = c if isinstance(c, str) else "".join(p.get("text", "") for p in c or [] if isinstance(p, dict))
+    if finish != "answer" and find_call(text) is not None:
+        return ""
+    return text

@@ -171,3 +171,32 @@ def test_the_judge_call_is_eval_pys(tmp_path):
                   input=line)
         # eval.py:661-665: a judge call that fails after its retries stops the run
         assert res.exit_code == 1 and "official evaluation stops here" in res.stderr and not out.exists()
+
+
+def test_judge_protocol_flag_rescores_other_records_as_eval_py(monkeypatch):
+    """`mars judge --protocol sensenova-eval` (or MARS_PROTOCOL) scores records rolled out under
+    the training profile by eval.py's rules: the untagged final reply is read whole
+    (eval.py:529) and "answer is (A)" is correct for gold A (eval.py:1703-1706)."""
+    rec = {**task("t", []), "group": "t", "sample": 0, "protocol": "sensenova", "tool_calls": [], "tokens": None,
+           "messages": [{"role": "assistant", "content": "The answer is (A)."}], "prediction": None,
+           "finish": "no_action"}
+    line = json.dumps(rec) + "\n"
+    scored = {}
+    for how, args, env in (("record", [], None), ("flag", EVAL, None), ("env", [], "sensenova-eval")):
+        if env:
+            monkeypatch.setenv("MARS_PROTOCOL", env)
+        res = Ran(["judge", *args], input=line)
+        assert res.exit_code == 0, res.stderr
+        scored[how] = json.loads(res.stdout)
+    assert scored["record"]["rewards"]["accuracy"] == 0.0  # the training loop: no answer
+    for how in ("flag", "env"):
+        assert scored[how]["rewards"]["accuracy"] == 1.0 and scored[how]["judge"]["method"] == "eval:mcq", how
+    res = Ran(["judge", "--protocol", "nope"], input=line)
+    assert res.exit_code == 2 and "nope" in res.stderr
+    # a reply holding a call eval.py runs (eval.py:946-955 finds it inside thinking too), or a
+    # run cut at the turn limit (eval.py:1586), leaves eval.py no final reply: 0
+    call = '<thinking><tool_call>{"name": "x", "arguments": {}}</tool_call></thinking> The answer is (A).'
+    for finish, text in (("no_action", call), ("max_turns", "The answer is (A).")):
+        other = {**rec, "finish": finish, "messages": [{"role": "assistant", "content": text}]}
+        res = Ran(["judge", *EVAL], input=json.dumps(other) + "\n")
+        assert res.exit_code == 0 and json.loads(res.stdout)["rewards"]["accuracy"] == 0.0, finish
