@@ -171,3 +171,40 @@ def test_follow_push_proves_every_step_and_stops_on_a_server_serving_other_weigh
     # Step 1 was not due to be saved (--save-every 2): its weights went to OUT/.push, and the
     # stop saved it, optimizer included, so a restart resumes after it.
     assert (out / ".push" / "config.json").exists() and (out / "step-1" / "optimizer").is_dir()
+
+
+def test_refused_pushes_stall_the_lease_and_three_in_a_row_stop_the_trainer(models, tmp_path):
+    """A refused push leaves the servers on older weights: the trainer's lease says
+    "stalled" (a rollout held back by --max-staleness then goes ahead, so a next step can
+    push again), a push that works says "following" again, and 3 refused in a row stop it."""
+    from mars_cli.serve.app import App
+    from mars_cli.serve.hf_backend import HFBackend
+    from mars_cli.serve.lease import Heartbeat
+    from mars_cli.serve.run import in_thread
+
+    root, ck, other = models
+    elsewhere = tmp_path / "elsewhere"  # the servers load only from there: every push is refused
+    elsewhere.mkdir()
+    bs = [advantage(judged_file(ck, tmp_path / f"j{i}.jsonl", k, 2), tmp_path / f"b{i}.jsonl")
+          for i, k in enumerate("abc")]
+    app = App(HFBackend(seed=0), allow_load=str(elsewhere), max_images=4, max_image_bytes=1 << 20)
+    with in_thread(app, str(other)) as url:
+        def trainer():
+            return httpx.get(url + "/health").json()["trainer"]
+
+        hb = Heartbeat([url])
+        assert trainer()["state"] == "following"
+        hb.pushed(False)
+        assert trainer()["state"] == "stalled"
+        hb.pushed(True)
+        assert trainer()["state"] == "following"
+        hb.close()
+        assert trainer()["state"] == "done"
+        out = tmp_path / "out"
+        r = H.Ran(["update", "--follow", *bs, "--policy", ck, "--out", out, "--push", url, *COMMON])
+        assert r.exit_code == 1, r.stderr
+        assert "3 pushes in a row failed" in r.stderr and "stopping" in r.stderr
+        ms = [json.loads(x) for x in r.stdout.splitlines()]
+        assert [m["step"] for m in ms] == [1, 2, 3] and not any(m["push"]["ok"] for m in ms)
+        assert trainer()["state"] == "done" and httpx.get(url + "/health").json()["weight_version"] == 1
+    assert (out / "step-3" / "optimizer").is_dir()  # the last step saved: a restart resumes after it

@@ -142,6 +142,10 @@ def test_trainer_lease_reports_following_done_and_lost():
     assert lease.describe()["state"] == "following"
     now[0] += 1
     assert lease.describe() == {"id": "t1", "state": "lost", "seconds": 10.5}  # killed: no call within the lease
+    post({"id": "t1", "state": "stalled", "lease": 10})
+    assert lease.describe()["state"] == "stalled"  # its last push failed
+    now[0] += 11
+    assert lease.describe()["state"] == "lost"  # killed while stalled
     post({"id": "t1", "state": "following", "lease": 10})
     post({"id": "t1", "state": "done"})
     now[0] += 1000
@@ -150,3 +154,26 @@ def test_trainer_lease_reports_following_done_and_lost():
                 {"id": "x" * 65, "state": "done"}, {"id": "t", "state": "done", "lease": True}):
         with pytest.raises(HTTPError):
             post(bad)
+
+
+def test_gate_lets_a_batch_ahead_while_the_trainer_is_stalled():
+    """The trainer's last push failed: the weights waited for come only after it trains on
+    another batch, so the batch goes ahead, over --max-staleness, and says so."""
+    eng = VersionEngine()
+    eng.trainers = {"http://a": {"id": "t", "state": "following", "seconds": 0.1}}
+    gate = feed.StalenessGate(eng, batch_groups=1, max_staleness=0, poll=0.01)
+
+    async def scenario():
+        await gate(0)
+        waiter = asyncio.create_task(gate(1))
+        await asyncio.sleep(0.05)
+        assert not waiter.done()  # following: batch 1 waits for batch 0's weights
+        eng.trainers = {"http://a": {"id": "t", "state": "stalled", "seconds": 0.1}}
+        await asyncio.wait_for(waiter, 1)
+        assert gate.overrun == 1
+
+    asyncio.run(scenario())
+    # a rollout started while the trainer is stalled counts it as this run's trainer
+    gate = feed.StalenessGate(eng, batch_groups=1, max_staleness=0, poll=0.01)
+    asyncio.run(gate(0))
+    assert gate._stale == set()

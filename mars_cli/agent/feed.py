@@ -124,7 +124,9 @@ class StalenessGate:
     followed them is done or lost, no weights will come: the gate raises InputEnd, and
     the rollout ends instead of waiting forever (`update --follow --max-steps N`, with
     `tee` between the stages, or a trainer killed). A trainer that had already ended when
-    the rollout started is a previous run's, and is waited past.
+    the rollout started is a previous run's, and is waited past. While the trainer is
+    "stalled" (its last push failed), the weights waited for will not come until it trains
+    on another batch: the batch goes ahead, over --max-staleness, and says so.
     """
 
     def __init__(self, engine, batch_groups: int, max_staleness: int, poll: float = 1.0):
@@ -138,17 +140,22 @@ class StalenessGate:
         self.poll = poll
         self.base: int | None = None
         self.waits = 0
+        self.overrun = 0  # batches sent ahead of their weights while the trainer was stalled
         self._stale: set = set()  # ids of trainers that had ended before this run began
 
     def _ended(self) -> str | None:
         """Why no new weights will come, or None while a trainer follows (or none has yet)."""
         states = [t for t in (getattr(self.engine, "trainers", None) or {}).values()
                   if isinstance(t, dict) and t.get("id") not in self._stale]
-        if not states or any(t.get("state") == "following" for t in states):
+        if not states or any(t.get("state") in ("following", "stalled") for t in states):
             return None
         how = {"done": "ended", "lost": "stopped calling its servers (killed?)"}
         t = states[0]
         return f"the trainer {how.get(t.get('state'), t.get('state'))}: no new weights will come; ending"
+
+    def _stalled(self) -> bool:
+        return any(isinstance(t, dict) and t.get("state") == "stalled" and t.get("id") not in self._stale
+                   for t in (getattr(self.engine, "trainers", None) or {}).values())
 
     async def __call__(self, k: int) -> None:
         batch = k // self.batch_groups
@@ -157,7 +164,7 @@ class StalenessGate:
             if self.base is None:
                 raise MarsError("--batch-groups/--max-staleness need an engine whose weights change (--server)")
             self._stale = {t.get("id") for t in (getattr(self.engine, "trainers", None) or {}).values()
-                           if isinstance(t, dict) and t.get("state") != "following"}
+                           if isinstance(t, dict) and t.get("state") in ("done", "lost")}
         announced = False
         while True:
             v = await self.engine.apoll_weight_version()
@@ -165,6 +172,12 @@ class StalenessGate:
             if ended is not None:
                 raise InputEnd(ended)
             if v is not None and batch - (v - self.base) <= self.max_staleness:
+                return
+            if self._stalled():
+                self.overrun += 1
+                streams.warn(f"batch {batch} goes ahead on weight version {v}, over --max-staleness "
+                             f"{self.max_staleness}: the trainer's last push failed, and it pushes again "
+                             "only after training on another batch")
                 return
             if not announced:
                 self.waits += 1

@@ -53,6 +53,7 @@ from mars_cli.rl.sampled_by import SampledBy
 
 log = logging.getLogger("mars.update")
 
+PUSH_FAILURES = 3  # refused pushes in a row that stop `update --follow --push`
 DRAIN_SECONDS = 30.0  # after --max-steps: how long the input may take to end once the lease says "done"
 
 
@@ -269,8 +270,12 @@ def _probe_summary(results: list[dict]) -> dict:
 # --- the loop ------------------------------------------------------------------------------
 
 def follow(paths, cfg: U.UpdateConfig, fcfg: FollowConfig, *, emit: Callable[[dict], None],
-           skip_bad: bool = False) -> int:
-    """Train every batch of the stream as it completes; return the number of steps taken."""
+           skip_bad: bool = False, on_push: Callable[[bool], None] | None = None) -> int:
+    """Train every batch of the stream as it completes; return the number of steps taken.
+
+    `on_push(ok)` after each push (the lease: serve.lease.Heartbeat.pushed). PUSH_FAILURES
+    refused pushes in a row stop the run (exit 1, the step saved): the servers serve ever
+    older weights, and the rollouts that feed it would only drift further off-policy."""
     from mars_cli.models.load import fingerprint as dir_fingerprint
 
     U._check_flags(cfg)
@@ -303,6 +308,7 @@ def follow(paths, cfg: U.UpdateConfig, fcfg: FollowConfig, *, emit: Callable[[di
     parent_path, parent_fp = (str(resume.path), resume.fingerprint) if resume else (cfg.policy, session.policy.fingerprint)
     push_dir = Path(fcfg.push_dir) if fcfg.push_dir else out / ".push"
     taken = 0
+    failed_pushes = 0  # in a row
     last: dict | None = None  # the step to save if the stream ends before it was saved
 
     def save(n: int, examples, metrics: dict) -> tuple[str, str, int]:
@@ -372,6 +378,12 @@ def follow(paths, cfg: U.UpdateConfig, fcfg: FollowConfig, *, emit: Callable[[di
                     push, versions, stop = _push(session, fcfg, target, tfp)
                     for v in versions:
                         state.versions[str(v)] = n
+                    failed_pushes = 0 if push.get("ok") else failed_pushes + 1
+                    if failed_pushes >= PUSH_FAILURES and stop is None:
+                        stop = (f"{failed_pushes} pushes in a row failed (the last: {push.get('error')}); stopping: "
+                                "the servers would go on serving ever older weights")
+                    if on_push is not None and rank == 0:
+                        on_push(bool(push.get("ok")))
                     push["write_seconds"] = round(time.perf_counter() - t_push - push["seconds"], 3)
                 state.trim()
                 parent_path, parent_fp = (ck, fp) if ck else (parent_path, None)
@@ -443,7 +455,8 @@ def run_command(paths, cfg: U.UpdateConfig, fcfg: FollowConfig, *, nproc: int, l
 
             t0 = time.perf_counter()
             try:
-                taken = follow(paths, cfg, fcfg, emit=emit, skip_bad=skip_bad)
+                taken = follow(paths, cfg, fcfg, emit=emit, skip_bad=skip_bad,
+                               on_push=lease.pushed if lease is not None else None)
             except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: the last whole step saved, then say so
                 if rank0:
                     from mars_cli.errors import stop_word

@@ -1,14 +1,17 @@
 """The trainer's lease on its policy servers: how a rollout learns no new weights will come.
 
 `mars update --follow --push URL` holds a lease on each server while it runs (`Heartbeat`):
-every few seconds it POSTs /trainer {"id", "state": "following", "lease": S}, and once,
+every few seconds it POSTs /trainer {"id", "state": "following", "lease": S} ("stalled"
+while its last push failed: it needs another batch to train and push again), and once,
 when it ends in any way it can act on (--max-steps, the end of its input, bad data,
-Ctrl-C), {"id", "state": "done"}. The server keeps the last call (`TrainerLease`) and
-/health reports it as `trainer`: null until a trainer has called, then {"id", "state",
-"seconds"} where state is "following", "done", or "lost" (no call within the lease: the
-trainer was killed). A rollout that --max-staleness holds back for new weights ends when
-the trainer that was following ends (agent/feed.py), so a pipeline ends whatever sits
-between its stages (`tee` learns that its reader is gone only when it next writes).
+Ctrl-C, pushes failing again and again), {"id", "state": "done"}. The server keeps the
+last call (`TrainerLease`) and /health reports it as `trainer`: null until a trainer has
+called, then {"id", "state", "seconds"} where state is "following", "stalled", "done", or
+"lost" (no call within the lease: the trainer was killed). A rollout that --max-staleness
+holds back for new weights ends when the trainer that was following ends, and goes ahead
+while it is stalled (agent/feed.py), so a pipeline ends whatever sits between its stages
+(`tee` learns that its reader is gone only when it next writes) and never waits on a
+push that failed.
 
 Concurrency: the server's state is written by the /trainer route only, on its event loop;
 the heartbeat is one daemon thread of the trainer's rank 0, stopped by `close()`.
@@ -26,7 +29,7 @@ from mars_cli.serve.http import HTTPError, Request
 log = logging.getLogger("mars.serve")
 
 LEASE = 20.0  # seconds without a call before a following trainer counts as lost
-STATES = ("following", "done")
+STATES = ("following", "stalled", "done")
 
 
 class TrainerLease:
@@ -43,7 +46,7 @@ class TrainerLease:
         if self._id is None:
             return None
         age = self._clock() - self._seen
-        state = "lost" if self._state == "following" and age > self._lease else self._state
+        state = "lost" if self._state != "done" and age > self._lease else self._state
         return {"id": self._id, "state": state, "seconds": round(age, 3)}
 
     async def post(self, req: Request):
@@ -81,6 +84,7 @@ class Heartbeat:
         self._client = httpx.Client(headers=headers, timeout=httpx.Timeout(5.0))
         self._stop = threading.Event()
         self._lock = threading.Lock()
+        self.state = "following"
         self._beat("following")
         self._thread = threading.Thread(target=self._run, name="trainer-lease", daemon=True)
         self._thread.start()
@@ -97,7 +101,15 @@ class Heartbeat:
 
     def _run(self) -> None:
         while not self._stop.wait(self.lease / 8):
-            self._beat("following")
+            self._beat(self.state)
+
+    def pushed(self, ok: bool) -> None:
+        """After each push: "stalled" while the last one failed (a rollout waiting for those
+        weights goes ahead, so that a next step can push again), "following" once one worked."""
+        state = "following" if ok else "stalled"
+        if state != self.state and not self._stop.is_set():
+            self.state = state
+            self._beat(state)
 
     def close(self) -> None:
         """Say "done" to every server (once) and stop beating."""
