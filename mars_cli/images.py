@@ -21,7 +21,9 @@ Every image mars looks at (task images, crops, thumbnails) goes through `load_ar
   API as they are) follow the same rules;
 - decoded pixels are kept in an LRU cache keyed on (path, inode, size, mtime), bounded by
   total pixels (MARS_IMAGE_CACHE_PIXELS, default 150 MP ≈ 450 MB), so the ten crops an
-  episode takes of one 4K image decode it once. Cached arrays are shared and read-only.
+  episode takes of one 4K image decode it once. Cached arrays are shared and read-only;
+- decodes running at once, in every thread of the process, share a pixel budget
+  (MARS_DECODE_PIXELS, default 400 MP): many large images decode in turn, not together.
 """
 
 from __future__ import annotations
@@ -30,7 +32,9 @@ import io
 import math
 import os
 import stat
+import threading
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +47,7 @@ from mars_cli.settings import env_number
 DEFAULT_MAX_IMAGE_PIXELS = 200_000_000
 DEFAULT_CACHE_PIXELS = 150_000_000
 DEFAULT_MAX_IMAGE_BYTES = 1 << 30
+DEFAULT_DECODE_PIXELS = 400_000_000  # decoded at once, all threads: two images at the 200 MP limit
 JPEG_MAGIC = b"\xff\xd8\xff"
 # Output formats by file extension (what `mars crop -o NAME.EXT` writes).
 FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP", ".tif": "TIFF", ".tiff": "TIFF", ".bmp": "BMP"}
@@ -318,14 +323,58 @@ def _open_pillow(path: Path, data: bytes, limit: int) -> Image.Image:
     return im
 
 
+class _DecodeBudget:
+    """The pixels being decoded at once by every thread of the process (`mars serve`'s
+    request checks, a rollout's tools, a trainer's prefetch): a decode waits while the
+    others hold MARS_DECODE_PIXELS (400 MP), and runs when it is alone, however large
+    (it passed the per-image limit). A decode holds several bytes a pixel at its peak, so
+    this bounds the memory many large images take together, not their number."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self.held = 0
+
+    @contextmanager
+    def hold(self, pixels: int):
+        budget = env_number("MARS_DECODE_PIXELS", DEFAULT_DECODE_PIXELS)
+        with self._cond:
+            while self.held and self.held + pixels > budget:
+                self._cond.wait()
+            self.held += pixels
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.held -= pixels
+                self._cond.notify_all()
+
+
+_decoding = _DecodeBudget()
+
+
+def _header_pixels(data: bytes) -> int:
+    """The pixel count an image's header gives (0 when unreadable: its decode says why)."""
+    try:
+        if data.startswith(JPEG_MAGIC):
+            import simplejpeg
+
+            h, w, _, _ = simplejpeg.decode_jpeg_header(data)
+            return int(h) * int(w)
+        with Image.open(io.BytesIO(data)) as im:
+            return int(im.size[0]) * int(im.size[1])
+    except Exception:  # noqa: BLE001 — any header Pillow cannot read
+        return 0
+
+
 def _decode_file(path: Path, limit: int, mode: str = "display") -> np.ndarray:
     data = _read(path)
-    if mode == "stored":
-        arr = _decode_stored(path, data, limit)
-    else:
-        arr = _decode_jpeg_fast(path, data, limit) if data.startswith(JPEG_MAGIC) else None
-        if arr is None:
-            arr = _decode_pillow(path, data, limit)
+    with _decoding.hold(min(_header_pixels(data), limit)):
+        if mode == "stored":
+            arr = _decode_stored(path, data, limit)
+        else:
+            arr = _decode_jpeg_fast(path, data, limit) if data.startswith(JPEG_MAGIC) else None
+            if arr is None:
+                arr = _decode_pillow(path, data, limit)
     arr.flags.writeable = False
     return arr
 

@@ -273,3 +273,38 @@ def test_encode_and_format_for():
     assert images.format_for("x/y.JPEG") == "JPEG" and images.format_for("a.webp") == "WEBP"
     with pytest.raises(MarsError, match=r"crop\.xyz: unknown image extension"):
         images.format_for("crop.xyz")
+
+
+def test_decodes_share_a_pixel_budget_and_a_lone_large_image_still_decodes(tmp_path, monkeypatch):
+    """images._decode_file holds each image's header pixels against MARS_DECODE_PIXELS while
+    it decodes, in every thread: never more at once, except one image alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mars_cli import images
+
+    paths = []
+    for i in range(6):
+        p = tmp_path / f"{i}.png"
+        Image.new("RGB", (100, 50), (i, 0, 0)).save(p)
+        paths.append(p)
+    big = tmp_path / "big.png"
+    Image.new("RGB", (300, 300)).save(big)
+    monkeypatch.setenv("MARS_DECODE_PIXELS", "10000")  # two 5,000-px images at once
+    seen, lock = [], threading.Lock()
+    real = images._decode_pillow
+
+    def slow(*a, **kw):
+        with lock:
+            seen.append(images._decoding.held)
+        time.sleep(0.1)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(images, "_decode_pillow", slow)
+    with ThreadPoolExecutor(6) as pool:
+        arrs = list(pool.map(lambda p: images.load_array(p), paths))
+    assert [a.shape for a in arrs] == [(50, 100, 3)] * 6 and max(seen) == 10000 and images._decoding.held == 0
+    seen.clear()
+    assert images.load_array(big).shape == (300, 300, 3) and seen == [90000]  # alone: over the budget, it runs
+    monkeypatch.setenv("MARS_DECODE_PIXELS", "0")
+    with pytest.raises(MarsError, match="MARS_DECODE_PIXELS"):
+        images.load_array(tmp_path / "0.png", decode="stored")

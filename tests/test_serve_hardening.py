@@ -245,13 +245,15 @@ def test_r2_a_prompt_over_max_model_len_once_its_images_are_expanded_is_400(in_p
     one_line_400(httpx.post(url + GEN, json=_image_body(app, _png(400, 400)), timeout=60), "images expanded", "48")
 
 
-def test_r3_concurrent_decodes_are_bounded(in_proc, monkeypatch):
+def test_r3_concurrent_decodes_share_the_process_pixel_budget(in_proc, monkeypatch):
+    """The request checks decode through images._decode_file, whose pixel budget every
+    thread shares (MARS_DECODE_PIXELS): here 2,500 px, two of these 1,200-px images at once."""
     from mars_cli import images
-    from mars_cli.serve import hf_backend
 
     url, app = in_proc
+    monkeypatch.setenv("MARS_DECODE_PIXELS", "2500")
     live, peak, lock = [0], [0], threading.Lock()
-    real = images.load_array
+    real = images._decode_pillow
 
     def counting(*a, **kw):
         with lock:
@@ -264,15 +266,15 @@ def test_r3_concurrent_decodes_are_bounded(in_proc, monkeypatch):
             with lock:
                 live[0] -= 1
 
-    monkeypatch.setattr(images, "load_array", counting)
+    monkeypatch.setattr(images, "_decode_pillow", counting)
 
     async def many():
         async with httpx.AsyncClient(timeout=120) as c:
-            return await asyncio.gather(*(c.post(url + GEN, json=_image_body(app, _png(40, 30, seed=i)))
+            return await asyncio.gather(*(c.post(url + GEN, json=_image_body(app, _png(40, 30, seed=100 + i)))
                                           for i in range(8)))
 
     assert [r.status_code for r in asyncio.run(many())] == [200] * 8
-    assert peak[0] <= hf_backend.DECODE_SLOTS + 1  # the request checks' slots, plus the model's one worker
+    assert peak[0] == 2 and images._decoding.held == 0
 
 
 def test_r4_refused_images_leave_nothing_and_the_spool_is_bounded_in_bytes(in_proc):

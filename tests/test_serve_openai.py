@@ -109,3 +109,25 @@ def test_rollout_engine_openai_against_mars_serve(served, tmp_path, monkeypatch)
     recs = [json.loads(x) for x in r.stdout.splitlines()]
     assert len(recs) == 2 and all(x["finish"] != "error" for x in recs), [x.get("error") for x in recs]
     assert all(x["messages"][-1]["role"] == "assistant" for x in recs)
+
+
+def test_a_mars_serve_process_answers_the_official_client_behind_its_key(tiny_policy_dir):
+    """`MARS_SERVE_API_KEY=… mars serve` as a user starts it: the official client with the
+    key chats with the evaluation sampling (top-p, presence penalty) and completes a plain
+    prompt; the wrong key is refused; SIGTERM ends it cleanly."""
+    from test_serve_hardening import Served
+
+    s = Served(tiny_policy_dir, env={"MARS_SERVE_API_KEY": "sekret"})
+    try:
+        client = openai.OpenAI(base_url=s.url + "/v1", api_key="sekret", max_retries=0)
+        [model] = client.models.list().data
+        r = client.chat.completions.create(model=model.id, messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
+                                           temperature=0.7, top_p=0.8, presence_penalty=1.5)
+        assert r.choices[0].finish_reason in ("stop", "length") and 0 < r.usage.completion_tokens <= 4
+        c = client.completions.create(model=model.id, prompt="Hello", max_tokens=3, temperature=0)
+        assert c.object == "text_completion" and c.usage.completion_tokens <= 3
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=s.url + "/v1", api_key="wrong", max_retries=0).models.list()
+    finally:
+        assert s.stop() == 0
+    assert "Traceback" not in s.stderr, s.stderr

@@ -7,7 +7,7 @@ so a batch never sees half-swapped weights and each answer names the weights tha
 Images arrive as bytes; they are spooled under a content-hash name (mars_cli.spool: held
 until the request is answered, so eviction never removes an image a pending request needs)
 and decoded by mars's own image code (the code `update` uses), so the pixels are exactly
-what training sees. At most DECODE_SLOTS images are decoded at once outside the worker.
+what training sees. Decodes share the process's pixel budget (images.MARS_DECODE_PIXELS).
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import threading
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -30,7 +29,6 @@ log = logging.getLogger("mars.serve")
 IGNORED = {"detokenize", "skip_special_tokens", "spaces_between_special_tokens", "output_kind", "n"}
 SPOOL_FILES = 2048  # spooled images kept (a multi-turn episode resends the same images)
 SPOOL_BYTES = 2 << 30  # and their bytes at most (held images may exceed both for a while)
-DECODE_SLOTS = 2  # images decoded at once by the request checks (a 200 MP image is 600 MB decoded)
 
 
 @dataclass
@@ -64,7 +62,6 @@ class HFBackend(Backend):
         self.max_image_pixels = max_image_pixels
         self._spool_bytes = spool_bytes
         self._spool = None  # made by start(): a constructed backend leaves no folder behind
-        self._decodes = threading.BoundedSemaphore(DECODE_SLOTS)
         self._queue: asyncio.Queue | None = None
         self._running = asyncio.Event()
         self._busy = 0  # requests taken by the batcher and not answered yet
@@ -177,10 +174,9 @@ class HFBackend(Backend):
 
         path = self._spool.hold(data, ".img")
         try:
-            with self._decodes:
-                arr = images.load_array(str(path), max_image_pixels=self.max_image_pixels)
-                big = arr.size > 3 * 16_000_000
-                del arr
+            arr = images.load_array(str(path), max_image_pixels=self.max_image_pixels)
+            big = arr.size > 3 * 16_000_000
+            del arr
             if big:
                 _trim_heap()
         except MarsError as e:
