@@ -91,11 +91,11 @@ mars data synth --tasks "$TASKS" --seed "$SEED" --kinds "$KINDS" --names words -
     --test-fraction "$TEST_FRACTION" --val-fraction "$VAL_FRACTION" -o "$W/data" >/dev/null
 mars index text "$W/data/corpus.jsonl" --out "$W/index" >/dev/null
 
-evaluate() {  # policy label: EVAL_SAMPLES sampled episodes per held-out task (the policy RL samples from)
+evaluate() {  # policy label step: EVAL_SAMPLES sampled episodes per held-out task (the policy RL samples from)
     mars rollout --policy "$1" "${ROLL[@]}" -n "$EVAL_SAMPLES" --temperature 1 --seed 7 \
         -o "$W/eval-$2.jsonl" "$W/data/test/tasks.jsonl"
     mars judge "$W/eval-$2.jsonl" -o "$W/judged-$2.jsonl"
-    mars eval "$W/judged-$2.jsonl" --label "$2" -q >> "$W/metrics.jsonl"
+    mars eval "$W/judged-$2.jsonl" --label "$2" --step "$3" -q >> "$W/metrics.jsonl"   # step: plot's x axis
 }
 
 log "2. cold-start SFT on the reference trajectories of two thirds of the training tasks"
@@ -108,7 +108,7 @@ awk 'NR % 3 == 0' "$W/data/train/tasks.jsonl" > "$W/rl-tasks.jsonl"
 mars sft "$W/sft-references.jsonl" --policy "$W/policy-0" --out "$W/policy-sft" --no-eval \
     --epochs "$EPOCHS" --lr "$SFT_LR" --batch-size 4 --micro-batch-tokens 4096 --warmup 0.05 --min-lr-ratio 0.1 \
     --seed "$SEED" > "$W/sft-metrics.jsonl"
-evaluate "$W/policy-sft" sft
+evaluate "$W/policy-sft" sft 0
 
 log "3. reinforcement learning: $STEPS steps of BN-GSPO, $RL_TASKS tasks x $SAMPLES samples each, one resident pipeline"
 # The policy is served once; rollout streams episodes from it over the RL tasks
@@ -139,10 +139,10 @@ kill "${PIDS[-1]}" 2>/dev/null || true
 log "held-out evaluations of the RL checkpoints"
 if [ "$EVAL_EVERY" -gt 0 ]; then
     for step in $(seq "$EVAL_EVERY" "$EVAL_EVERY" "$(( STEPS - 1 ))"); do
-        evaluate "$W/rl/step-$step" "rl-$step"
+        evaluate "$W/rl/step-$step" "rl-$step" "$step"
     done
 fi
-evaluate "$W/rl/step-$STEPS" rl
+evaluate "$W/rl/step-$STEPS" rl "$STEPS"
 
 log "4. pages: $W/episodes.html, the RL curves $W/run.html and the SFT curves $W/sft.html"
 mars show "$W/judged-rl.jsonl" -o "$W/episodes.html" >/dev/null

@@ -35,6 +35,7 @@ def test_offline_demo_runs_the_whole_recipe(tmp_path):
     metrics = [json.loads(l) for l in (work / "metrics.jsonl").read_text().splitlines()]
     overall = [m for m in metrics if m.get("by") is None]
     assert [m["label"] for m in overall] == ["sft", "rl-1", "rl"] and metrics[-1]["label"] == "rl"
+    assert [m["step"] for m in overall] == [0, 1, 2]  # mars eval --step: evals stand on the training step
     assert len({m["benchmark"] for m in overall}) == 1
     test_tasks = (work / "data" / "test" / "tasks.jsonl").read_text().splitlines()
     assert all(m["episodes"] == len(test_tasks) for m in overall)

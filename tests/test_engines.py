@@ -254,11 +254,12 @@ def test_hf_qwen3_vl(tiny_qwen3_dir, tmp_path):
 
 
 def test_a_turn_ends_at_the_checkpoints_own_end_ids_as_in_vllm(tiny_policy_dir, tmp_path):
-    """vLLM (its chat server, which inference/eval.py talks to, and its token route: see the
-    vllm tier) and sglang (verl's rollout engine) end a reply at any end-of-sequence id of the
-    checkpoint's generation config, Qwen-VL's <|endoftext|> as well as <|im_end|>, whatever the
-    request's stop ids; so does the hf engine, under every profile. A checkpoint whose
-    generation config names <|im_end|> alone runs on."""
+    """vLLM (its chat server and its token route: see the vllm tier) and SGLang (verl's rollout
+    engine, and the chat server the official serve_model.sh starts for inference/eval.py)
+    end a reply at any end-of-sequence id of the checkpoint's config and generation config,
+    Qwen-VL's <|endoftext|> as well as <|im_end|>, whatever the request's stop ids; so does
+    the hf engine, under every profile. A checkpoint whose generation config names
+    <|im_end|> alone runs on."""
     import json
 
     from helpers_rollout import always_emits

@@ -213,6 +213,25 @@ def test_evals_stand_on_the_training_step_their_label_names(tmp_path):
     assert eval_step({"label": "base", "step": 0}) == 0.0
 
 
+def test_mars_eval_step_puts_the_demos_labels_on_the_training_step(tmp_path):
+    """sft / rl-16 / rl name no step between them; `mars eval --step` writes it in the record."""
+    from mars_cli.plot import load_runs, panels
+
+    rec = {"schema_version": 1, "id": "t", "question": "q", "answers": ["a"], "group": "t", "sample": 0,
+           "prediction": "a", "finish": "answer", "rewards": {"accuracy": 1.0, "format": 1.0}, "reward": 1.0,
+           "messages": [{"role": "assistant", "content": "<answer>a</answer>"}], "tool_calls": [], "tokens": None}
+    judged = _records(tmp_path / "judged.jsonl", [rec])
+    out = tmp_path / "metrics.jsonl"
+    for label, step in (("sft", 0), ("rl-16", 16), ("rl", 32)):
+        r = H.Ran(["eval", judged, "--label", label, "--step", step, "-q"])
+        assert r.exit_code == 0, r.stderr
+        with out.open("a") as f:
+            f.write(r.stdout)
+    assert [json.loads(x)["step"] for x in out.read_text().splitlines() if json.loads(x).get("by") is None] == [0, 16, 32]
+    ev = {p.title: p for p in panels(load_runs([str(out)]))}["eval pass@1"]
+    assert ev.xlabel == "training step" and ev.categories is None and ev.series[0][1] == [0.0, 16.0, 32.0]
+
+
 def test_sft_step_time_is_seconds_per_step(tmp_path):
     from mars_cli.plot import load_runs, panels
 

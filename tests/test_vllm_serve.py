@@ -172,8 +172,8 @@ def test_load_switches_tied_weights_exactly_and_back(server, models):
 def test_vllm_ends_a_reply_at_the_checkpoints_end_ids_whatever_the_request_asks(server, models, root):
     """What mars's engines follow (engines.stop_ids, models.load.end_ids): vLLM ends a reply at
     the checkpoint's generation-config end ids (Qwen-VL's <|endoftext|> as well as
-    <|im_end|>), in its chat server, which eval.py talks to, and in the token route, even when
-    the request's stop ids name <|im_end|> alone."""
+    <|im_end|>), in its chat server (what eval.py talks to, where vLLM serves the model) and
+    in the token route, even when the request's stop ids name <|im_end|> alone."""
     import openai
 
     from helpers_rollout import always_emits
@@ -262,6 +262,36 @@ def test_follow_pushes_two_steps_through_the_server(server, models, root):
     h = httpx.get(server.url + "/health").json()
     assert h["weight_version"] == version + 2 and h["policy"] == str(ck / "step-2")
     assert_serves(server.url, ck / "step-2", root / "c")
+
+
+def test_the_whole_loop_rolls_out_trains_and_pushes_through_vllm_then_ends(server, models, tasks, root):
+    """The README's pipeline on vLLM: rollout --server (looping, one group a batch, staleness
+    1) | judge | advantage | update --follow --push, --max-steps 2. Each push is proven,
+    step 1's batch (sampled by the starting weights) has the trainer's log-probs within the
+    bound, and every stage ends by itself once the trainer is done."""
+    load(server.url, models["a"])
+    version = httpx.get(server.url + "/health").json()["weight_version"]
+    d = root / "loop"
+    d.mkdir()
+    m = " ".join(map(str, MARS))
+    pipeline = (f"{m} rollout --server {server.url} {tasks} -n 2 --max-turns 1 --max-new-tokens 8 --group-order "
+                f"--loop --batch-groups 1 --max-staleness 1 | tee {d}/traj.jsonl | {m} judge | "
+                f"{m} advantage --batch-groups 1 --group-size 2 | {m} update --follow --policy {models['a']} "
+                f"--out {d}/ck --push {server.url} --max-steps 2 --lr 1e-3 --beta 0 --micro-batch-tokens 400 "
+                f"> {d}/updates.jsonl")
+    p = subprocess.run(["bash", "-euo", "pipefail", "-c", pipeline], capture_output=True, text=True, env=ENV,
+                       timeout=900, stdin=subprocess.DEVNULL)
+    try:
+        assert p.returncode == 0, p.stderr[-3000:]
+        ms = records(d / "updates.jsonl")
+        assert [x["step"] for x in ms] == [1, 2] and all(x["push"]["ok"] for x in ms)
+        assert all(x["push"]["probe"]["gap"] <= GAP_BOUND for x in ms)
+        assert ms[0]["logprob_gap"]["tokens"] > 0 and ms[0]["logprob_gap"]["max"] <= GAP_BOUND
+        assert httpx.get(server.url + "/health").json()["weight_version"] == version + 2
+        assert "the trainer ended: no new weights will come" in p.stderr
+        assert all(x["policy"]["engine"] == "server" for x in records(d / "traj.jsonl"))
+    finally:
+        load(server.url, models["a"])
 
 
 def test_pause_and_resume_under_load_lose_and_repeat_no_episode(server, models, tasks, root):

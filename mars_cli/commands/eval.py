@@ -17,7 +17,7 @@ def main(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No table on stderr."),
     report_to: str = typer.Option("none", "--report-to", envvar="MARS_REPORT_TO", help="Also log metrics to tensorboard or wandb (none: only the records)."),
     logging_dir: Optional[Path] = typer.Option(None, "--logging-dir", envvar="MARS_LOGGING_DIR", help="Where --report-to writes [default: under ./runs/, named by the command and the time]."),
-    step: Optional[int] = typer.Option(None, "--step", min=0, help="The training step of the evaluated checkpoint (x axis for --report-to) [default: 0]."),
+    step: Optional[int] = typer.Option(None, "--step", min=0, help="The training step of the evaluated checkpoint: written into each metrics record (mars plot's x axis) and the x axis for --report-to [default: none; 0 for trackers]."),
 ) -> None:
     """Score judged trajectories: Pass@1, Avg@k, Pass@k, tool use.
 
@@ -43,6 +43,8 @@ def main(
                      summary=False, disable=quiet)  # the table is the summary
     with open_tracker(report_to, logging_dir=logging_dir, command="eval", config=run_settings()) as t:
         records = compute_metrics(items, by=list(by or []), label=label)
+        if step is not None:
+            records = [{**r, "step": step} for r in records]
         warnings, fatal = problems(records)
         if fatal:
             raise MarsError(fatal)  # before writing: a metrics file without a score is no result
