@@ -186,3 +186,20 @@ def test_openai_routes_pass_through_to_vllm_after_the_layers_checks(vllm_server)
         client.chat.completions.create(model=str(ck), messages=[{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "http://169.254.169.254/x.png"}}]}])
     assert len([c for c in calls(log) if c.get("path") == "/v1/chat/completions"]) == 3
+
+
+def test_tied_modules_finds_the_embedding_and_the_head_that_share_a_weight(tiny_policy_dir):
+    """vllm_worker.retie re-derives what vLLM computed from these at load time; the tiny
+    model ties lm_head to embed_tokens as Qwen2.5-VL-3B does, and an untied model has none."""
+    import torch
+
+    from mars_cli.engines.vllm_worker import tied_modules
+    from mars_cli.models.load import load_policy
+
+    model = load_policy(tiny_policy_dir).model
+    assert sorted(name for name, _ in tied_modules(model)) == ["lm_head", "model.language_model.embed_tokens"]
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())  # untied
+    assert tied_modules(model) == []
+    shared = torch.nn.Linear(2, 2)
+    pair = torch.nn.ModuleDict({"a": shared, "b": torch.nn.Sequential(shared)})  # one module twice: no tie
+    assert tied_modules(pair) == []
