@@ -4,7 +4,7 @@ Every benchmark must run: a failure to run (an exception, no figures, a timeout)
 test. A missed target is only reported (a BenchTargetMissed warning in the summary): the
 figures are timings on whatever machine runs the suite. A benchmark whose packages are
 absent (the `bench` extra, see bench/run's NEEDS) is skipped with the install command.
-The quick sizes (bench/run's QUICK) keep the whole run near 4½ minutes on 2 cores; one
+The quick sizes (bench/run's QUICK) keep the whole run near 5½ minutes on 2 cores; one
 test per benchmark costs nothing extra (each benchmark is its own process in bench/run too),
 and says which one broke.
 """
