@@ -101,8 +101,8 @@ def apply_profile(protocol: str | None, engine: dict) -> dict:
     the judge read images alike; the caller restores it (images.decode_mode() before). A profile with `pixels` (sensenova-eval) fills in
     --min-pixels/--max-pixels; with `send_images="view"` a chat engine sends each image
     resized to them (the factor is the profile's) instead of the file as stored. A profile's
-    extra stop tokens (sensenova-eval: <|endoftext|>) go to the token engines (in process or
-    through a server, in each request).
+    extra stop tokens, if it names any, go to the token engines (in process or through a
+    server, in each request), beside the checkpoint's own end ids (engines.stop_ids).
     """
     from mars_cli import images
     from mars_cli import protocol as proto

@@ -150,10 +150,10 @@ class HFBackend(Backend):
             raise HTTPError(400, f"sampling_params: {e}") from None
         eos = self.policy.special["im_end"]
         # app.check_sampling: a list of ints; as in vLLM, the checkpoint's own end ids end it too
-        stops = {eos, *self.policy.end_ids, *(sp.get("stop_token_ids") or [])}
-        vocab = self.vocab_size
-        if any(not 0 <= t < vocab for t in stops):
-            raise HTTPError(400, f"sampling_params.stop_token_ids: ids run from 0 to {vocab - 1}")
+        asked = sp.get("stop_token_ids") or []
+        if any(not 0 <= t < self.vocab_size for t in asked):
+            raise HTTPError(400, f"sampling_params.stop_token_ids: ids run from 0 to {self.vocab_size - 1}")
+        stops = {eos, *self.policy.end_ids, *asked}
         suppressed = set(never_sampled(self.policy.special))
         for k, v in (sp.get("logit_bias") or {}).items():  # app.check_sampling: {"digits": number}
             if int(k) not in suppressed or v > -100:
@@ -267,7 +267,6 @@ class HFBackend(Backend):
         for it, t in zip(items, turns):
             if it.future.done():
                 continue
-            eos = self.policy.special["im_end"]
             if t.error:
                 it.future.set_exception(HTTPError(500, f"generation failed: {t.error}", "InternalServerError"))
                 continue
