@@ -51,6 +51,7 @@ ENV_DOCS = {
                       "(default: the current directory).",
     "MARS_MAX_IMAGE_PIXELS": "Images with more pixels are refused as decompression bombs (default 200000000).",
     "MARS_IMAGE_CACHE_PIXELS": "Decoded pixels kept in the in-process image cache (default 150000000, about 450 MB).",
+    "MARS_DECODE_PIXELS": "Pixels decoded at once by all of a process's threads; a decode waits while others hold them, and one image alone always runs (default 400000000).",
     "MARS_MAX_IMAGE_BYTES": "Image files larger than this are refused (default 1073741824); only regular files "
                             "are read as images.",
     "MARS_OPENAI_TIMEOUT": "Seconds per request of the openai engine (default 120; --request-timeout overrides).",
