@@ -153,7 +153,6 @@ class Profile:
     needs_system_prompt: bool = False  # a task without a dataset system prompt is an error
     scoring: str = "mars"  # "mars": scorers.py on the prediction; "eval": sensenova_eval on the final reply
     judge: dict = field(default_factory=dict)  # LLM judge call: max_tokens, abort_on_failure
-    stop: tuple = ()  # specials that end a turn besides <|im_end|> and the checkpoint's own ends, by name
 
 
 _VERL_TEXTS = {"unknown_tool": sensenova.UNKNOWN_TOOL, "search_unavailable": sensenova.SEARCH_UNAVAILABLE}

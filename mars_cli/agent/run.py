@@ -88,10 +88,10 @@ class ImageSearchNote:
             yield where, rec
 
 
-ENGINE_OPTS = {"hf": ("device", "dtype", "max_batch", "attn_implementation", "min_pixels", "max_pixels", "stop_tokens"),
-               "vllm": ("tp", "gpu_memory_utilization", "dtype", "min_pixels", "max_pixels", "stop_tokens"),
+ENGINE_OPTS = {"hf": ("device", "dtype", "max_batch", "attn_implementation", "min_pixels", "max_pixels"),
+               "vllm": ("tp", "gpu_memory_utilization", "dtype", "min_pixels", "max_pixels"),
                "openai": ("base_url", "model", "timeout", "max_retries", "image_view"),
-               "server": ("urls", "api_key", "timeout", "min_pixels", "max_pixels", "stop_tokens")}
+               "server": ("urls", "api_key", "timeout", "min_pixels", "max_pixels")}
 
 
 def apply_profile(protocol: str | None, engine: dict) -> dict:
@@ -100,9 +100,8 @@ def apply_profile(protocol: str | None, engine: dict) -> dict:
     Sets the process's image decode mode (protocol.Profile.decode), so crops, engines and
     the judge read images alike; the caller restores it (images.decode_mode() before). A profile with `pixels` (sensenova-eval) fills in
     --min-pixels/--max-pixels; with `send_images="view"` a chat engine sends each image
-    resized to them (the factor is the profile's) instead of the file as stored. A profile's
-    extra stop tokens, if it names any, go to the token engines (in process or through a
-    server, in each request), beside the checkpoint's own end ids (engines.stop_ids).
+    resized to them (the factor is the profile's) instead of the file as stored. Where a
+    reply ends is the same under every profile: engines.stop_ids.
     """
     from mars_cli import images
     from mars_cli import protocol as proto
@@ -110,8 +109,6 @@ def apply_profile(protocol: str | None, engine: dict) -> dict:
     prof = proto.get_profile(protocol)
     images.set_decode_mode(prof.decode)
     engine = dict(engine)
-    if prof.stop:
-        engine["stop_tokens"] = prof.stop
     if prof.pixels is not None:
         lo, hi, factor = prof.pixels
         engine["min_pixels"] = engine.get("min_pixels") or lo

@@ -229,14 +229,13 @@ def decode_ids(tokenizer, ids: list[int]) -> str:
     return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
-def stop_ids(special: dict, extra=(), ends=()) -> list[int]:
-    """The ids that end a turn: <|im_end|>; `ends`, the checkpoint's own end-of-sequence ids
-    (models.load.end_ids: Qwen-VL's <|endoftext|> too), where vLLM and sglang, the engines of
-    the official evaluation and training, end a reply whatever the request asks; then a
-    profile's extra specials by name."""
+def stop_ids(special: dict, ends=()) -> list[int]:
+    """The ids that end a turn: <|im_end|>, then `ends`, the checkpoint's own end-of-sequence
+    ids (models.load.end_ids: Qwen-VL's <|endoftext|> too), where vLLM and sglang, the
+    engines of the official evaluation and training, end a reply whatever the request asks."""
     out = [special["im_end"]]
-    for t in [*ends, *(special.get(n) for n in extra)]:
-        if t is not None and t not in out:
+    for t in ends:
+        if t not in out:
             out.append(int(t))
     return out
 

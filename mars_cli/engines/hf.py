@@ -88,7 +88,7 @@ class HFEngine(Engine):
 
     def __init__(self, policy, *, sampling: Sampling, device: str = "cpu", dtype=None, max_batch: int = 16,
                  min_pixels: int | None = None, max_pixels: int | None = None, loaded=None,
-                 attn_implementation: str | None = None, stop_tokens=()):
+                 attn_implementation: str | None = None):
         from mars_cli.models.load import load_policy
         from mars_cli.protocol import Renderer
 
@@ -102,7 +102,7 @@ class HFEngine(Engine):
         self.fingerprint = loaded.fingerprint
         self.sampling = sampling
         self.special = loaded.special
-        self.stop = stop_ids(self.special, stop_tokens, loaded.end_ids)
+        self.stop = stop_ids(self.special, loaded.end_ids)
         self.renderer = Renderer(loaded.tokenizer, loaded.special)
         self.max_batch = max(1, max_batch)
         size = getattr(loaded.image_processor, "size", None) or {}

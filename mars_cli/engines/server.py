@@ -78,8 +78,7 @@ class ServerEngine(Engine):
     tokens = True
 
     def __init__(self, policy: str | None, *, sampling: Sampling, urls: list[str], api_key: str | None = None,
-                 timeout: float = 600.0, min_pixels: int | None = None, max_pixels: int | None = None,
-                 stop_tokens=(), **_):
+                 timeout: float = 600.0, min_pixels: int | None = None, max_pixels: int | None = None, **_):
         import httpx
 
         from mars_cli.models.load import end_ids, fingerprint, load_image_processor, load_tokenizer, special_ids
@@ -126,7 +125,7 @@ class ServerEngine(Engine):
                                 "sensenova-eval, sets them here)")
         tokenizer = load_tokenizer(self.path)
         self.special = special_ids(tokenizer, self.path)
-        self.stop = stop_ids(self.special, stop_tokens, end_ids(self.path))  # sent in each request
+        self.stop = stop_ids(self.special, end_ids(self.path))  # sent in each request
         self.renderer = Renderer(tokenizer, self.special)
         proc = load_image_processor(self.path, min_pixels=pixels.get("min", min_pixels),
                                     max_pixels=pixels.get("max", max_pixels))

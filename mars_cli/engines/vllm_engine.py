@@ -29,7 +29,7 @@ class VLLMEngine(Engine):
 
     def __init__(self, policy, *, sampling: Sampling, tp: int = 1, gpu_memory_utilization: float = 0.85,
                  max_model_len: int | None = None, dtype: str = "auto", max_images: int = 32,
-                 min_pixels: int | None = None, max_pixels: int | None = None, llm=None, stop_tokens=(), **_):
+                 min_pixels: int | None = None, max_pixels: int | None = None, llm=None, **_):
         from mars_cli.models.load import end_ids, fingerprint, load_image_processor, load_tokenizer, special_ids
         from mars_cli.protocol import Renderer
 
@@ -39,7 +39,7 @@ class VLLMEngine(Engine):
         tokenizer = load_tokenizer(policy)
         self.special = special_ids(tokenizer, policy)
         self.renderer = Renderer(tokenizer, self.special)
-        self.stop = stop_ids(self.special, stop_tokens, end_ids(policy))
+        self.stop = stop_ids(self.special, end_ids(policy))
         self.image_processor = load_image_processor(policy, min_pixels=min_pixels, max_pixels=max_pixels)
         self.fingerprint = fingerprint(policy)
         self.sampling = sampling
